@@ -1,0 +1,83 @@
+"""LEGO checkpoints: weights in .safetensors, the model config in the file's metadata.
+
+No pickle anywhere: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lego_export.config import LegoConfig
+from lego_export.errors import LegoError
+from lego_export.model import LegoModel
+
+FORMAT = "lego-export/checkpoint"
+FORMAT_VERSION = "1"
+
+
+def atomic_path(path: Path) -> Path:
+    """A temporary sibling of path; write there, then os.replace() it onto path."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_checkpoint(path: str | Path, model: LegoModel, extra: dict | None = None) -> None:
+    """Write model weights and config atomically; extra is stored as JSON metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_json()}
+    if extra:
+        metadata["extra"] = json.dumps(extra, sort_keys=True)
+    tmp = atomic_path(path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | Path) -> tuple[LegoConfig, dict[str, torch.Tensor], dict]:
+    """Return (config, state dict, extra metadata); one-line LegoError for anything not a LEGO checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise LegoError(f"checkpoint not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise LegoError(f"{path} is a .safetensors file but not a LEGO checkpoint (no lego-export metadata)")
+    cfg = LegoConfig.from_json(metadata["config"])
+    extra = json.loads(metadata.get("extra", "{}"))
+    return cfg, state, extra
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LegoModel:
+    """Build the model a checkpoint describes and load its weights (strictly)."""
+    cfg, state, _ = read_checkpoint(path)
+    model = LegoModel(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise LegoError(f"{path}: weights do not match the config stored in the file ({first})") from None
+    return model.to(device).eval()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,171 @@
+"""Model configuration: plain dataclasses and one registry of presets.
+
+A LEGO model is a stack of bricks. Brick k cuts the canvas into r_k x r_k tiles
+(``size``), embeds each tile with p_k x p_k patches (``patch``) and runs ``depth``
+DiT blocks of ``width`` channels over the (r_k / p_k)^2 tokens of one tile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+
+from lego_export.errors import LegoError
+
+
+@dataclass(frozen=True)
+class BrickConfig:
+    size: int  # tile side r_k, in pixels
+    patch: int  # patch side p_k, in pixels
+    depth: int  # number of DiT blocks
+    width: int  # hidden size of the tokens
+    heads: int  # attention heads
+    mlp_ratio: float = 4.0
+
+    @property
+    def grid(self) -> int:
+        """Tokens per tile side."""
+        return self.size // self.patch
+
+    def validate(self) -> None:
+        if self.size % self.patch:
+            raise LegoError(f"brick size {self.size} is not a multiple of its patch size {self.patch}")
+        if self.width % self.heads:
+            raise LegoError(f"brick width {self.width} is not a multiple of its head count {self.heads}")
+        if self.width % 4:
+            raise LegoError(f"brick width {self.width} must be a multiple of 4 (2-D sin-cos position embedding)")
+        if min(self.size, self.patch, self.depth, self.width, self.heads) < 1:
+            raise LegoError(f"brick {self} has a non-positive field")
+
+
+@dataclass(frozen=True)
+class LegoConfig:
+    bricks: tuple[BrickConfig, ...]
+    img_channels: int = 1
+    img_resolution: int = 32  # side of the training canvas
+    num_classes: int = 10  # 0 = unconditional
+    cond_dim: int = 128  # size of the shared conditioning vector c
+    sigma_data: float = 0.5
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        # Accept lists of dicts (as read back from JSON) as well as BrickConfigs.
+        bricks = tuple(b if isinstance(b, BrickConfig) else BrickConfig(**b) for b in self.bricks)
+        object.__setattr__(self, "bricks", bricks)
+        if not bricks:
+            raise LegoError("a LEGO model needs at least one brick")
+        for b in bricks:
+            b.validate()
+        if self.img_resolution % self.canvas_multiple:
+            raise LegoError(
+                f"training resolution {self.img_resolution} is not a multiple of the brick sizes "
+                f"{[b.size for b in bricks]}"
+            )
+
+    @property
+    def canvas_multiple(self) -> int:
+        """Canvas sides must be multiples of this: every brick tiles the canvas exactly."""
+        return math.lcm(*(b.size for b in self.bricks))
+
+    def brick_in_channels(self, k: int) -> int:
+        """Input channels of brick k: [F_{k-1}], c_in * x_t and 2 coordinate channels."""
+        return (self.img_channels if k > 0 else 0) + self.img_channels + 2
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LegoConfig:
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as e:
+            raise LegoError(f"invalid LEGO model config: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Names are "<stack>-<size>": stacks pg (progressive growth: small bricks first),
+# pr (progressive refinement: large first), u (U-shape) and dit (one brick over the whole
+# canvas, the baseline). Sizes: tiny (tests), s (trainable on a 2-core CPU in hours), and the
+# published paper-S/L/XL geometries (DiT widths; brick patches 2 / 8 / 2), for GPU users.
+
+
+@dataclass(frozen=True)
+class _Width:
+    width: int
+    heads: int
+    cond_dim: int
+
+
+_WIDTHS = {
+    "tiny": _Width(32, 2, 32),
+    "s": _Width(128, 4, 128),
+    "paper-s": _Width(384, 6, 384),
+    "paper-l": _Width(1024, 16, 1024),
+    "paper-xl": _Width(1152, 16, 1152),
+}
+
+# stack -> size -> (brick sizes, patch sizes, depths, training resolution)
+_GEOMETRY: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]]] = {
+    "pg": {
+        "tiny": ((4, 8, 16), (2, 4, 4), (1, 1, 1), 16),
+        "s": ((4, 16, 32), (2, 4, 4), (1, 2, 4), 32),
+        "paper-s": ((4, 16, 64), (2, 8, 2), (2, 4, 6), 64),
+        "paper-l": ((4, 16, 32), (2, 8, 2), (4, 8, 12), 32),
+        "paper-xl": ((4, 16, 32), (2, 8, 2), (4, 12, 14), 32),
+    },
+    "pr": {
+        "tiny": ((16, 8, 4), (4, 4, 2), (1, 1, 1), 16),
+        "s": ((32, 16, 4), (4, 4, 2), (4, 2, 1), 32),
+        "paper-s": ((64, 16, 4), (2, 8, 2), (6, 4, 2), 64),
+        "paper-l": ((32, 16, 4), (2, 8, 2), (12, 8, 4), 32),
+        "paper-xl": ((32, 16, 4), (2, 8, 2), (14, 12, 4), 32),
+    },
+    "u": {
+        "tiny": ((16, 8, 4, 8, 16), (4, 4, 2, 4, 4), (1, 1, 1, 1, 1), 16),
+        "s": ((32, 16, 4, 16, 32), (4, 4, 2, 4, 4), (2, 1, 1, 1, 2), 32),
+        "paper-s": ((32, 16, 4, 16, 32), (2, 8, 2, 8, 2), (6, 4, 2, 4, 6), 32),
+        "paper-l": ((32, 16, 4, 16, 32), (2, 8, 2, 8, 2), (12, 8, 6, 8, 12), 32),
+        "paper-xl": ((32, 16, 4, 16, 32), (2, 8, 2, 8, 2), (14, 10, 4, 10, 14), 32),
+    },
+    # DiT-S/2, DiT-L/2, DiT-XL/2 (depths 12, 24, 28) as the one-brick baseline.
+    "dit": {
+        "tiny": ((16,), (4,), (3,), 16),
+        "s": ((32,), (4,), (7,), 32),
+        "paper-s": ((32,), (2,), (12,), 32),
+        "paper-l": ((32,), (2,), (24,), 32),
+        "paper-xl": ((32,), (2,), (28,), 32),
+    },
+}
+
+# Short names users type most.
+_ALIASES = {"tiny": "pg-tiny", "s": "pg-s", "pg": "pg-s", "pr": "pr-s", "u": "u-s", "dit": "dit-s"}
+
+
+def _build_presets() -> dict[str, LegoConfig]:
+    presets = {}
+    for stack, sizes in _GEOMETRY.items():
+        for size, (brick_sizes, patches, depths, resolution) in sizes.items():
+            w = _WIDTHS[size]
+            bricks = tuple(
+                BrickConfig(size=r, patch=p, depth=d, width=w.width, heads=w.heads)
+                for r, p, d in zip(brick_sizes, patches, depths, strict=True)
+            )
+            name = f"{stack}-{size}"
+            presets[name] = LegoConfig(bricks=bricks, img_resolution=resolution, cond_dim=w.cond_dim, name=name)
+    return presets
+
+
+PRESETS: dict[str, LegoConfig] = _build_presets()
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + sorted(_ALIASES)
+
+
+def get_preset(name: str, **overrides) -> LegoConfig:
+    """Return a preset by name, with fields (channels, resolution, classes...) overridden."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise LegoError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return replace(PRESETS[key], **overrides)

@@ -1,0 +1,42 @@
+"""Images in [-1, 1] to uint8, grids and PNG files (NumPy and Pillow only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
+    images = np.asarray(images, dtype=np.float32)
+    return np.clip(np.rint((images + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one (rows * (H + pad) + pad, ..., C) uint8 picture."""
+    pixels = to_uint8(images)
+    n, h, w, c = pixels.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y : y + h, x : x + w] = pixels[i]
+    return grid
+
+
+def save_png(pixels: np.ndarray, path: str | Path) -> None:
+    """Write an (H, W, C) uint8 picture atomically (no half-written PNG on interrupt)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

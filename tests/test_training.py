@@ -1,0 +1,132 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from lego_export.checkpoint import load_model
+from lego_export.config import get_preset
+from lego_export.model import LegoModel
+from training.cli import main as lego_train
+from training.data import load_dataset, to_model_range
+from training.loss import EDMLoss
+
+
+def fixed_loss(model, x, onehot):
+    torch.manual_seed(123)  # same sigmas and noise at every evaluation
+    with torch.no_grad():
+        return EDMLoss()(model, x, onehot)[0].item()
+
+
+def test_loss_falls_within_a_few_dozen_steps(tiny_npz):
+    data = load_dataset(str(tiny_npz))
+    torch.manual_seed(0)
+    model = LegoModel(get_preset("pg-tiny", num_classes=data.num_classes))
+    x = to_model_range(torch.from_numpy(data.images[:64]).float())
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(data.labels[:64]), data.num_classes).float()
+    before = fixed_loss(model, x, onehot)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(40):
+        loss, per_brick = EDMLoss()(model, x, onehot)
+        assert per_brick.shape == (3,)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss(model, x, onehot)
+    assert after < 0.7 * before, (before, after)
+
+
+def run_cli(args):
+    return CliRunner().invoke(lego_train, args, catch_exceptions=False)
+
+
+def test_lego_train_writes_a_loadable_checkpoint_and_resumes(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        [
+            "--data",
+            str(tiny_npz),
+            "--preset",
+            "tiny",
+            "--kimg",
+            "0.2",
+            "--batch",
+            "32",
+            "--out",
+            str(out),
+            "--snapshot-kimg",
+            "0.1",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    model = load_model(out / "model.safetensors")
+    assert model.cfg.num_classes == 4 and model.cfg.img_resolution == 16
+    assert (out / "samples.png").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["kimg"] >= 0.2 and len(log[-1]["brick_losses"]) == 3
+    state = torch.load(out / "train-state.pt", weights_only=True)
+    assert state["nimg"] == 224  # 7 batches of 32
+
+    # a second run into the same folder must be asked to resume
+    refused = run_cli(["--data", str(tiny_npz), "--preset", "tiny", "--kimg", "0.3", "--out", str(out)])
+    assert refused.exit_code != 0 and "--resume" in refused.output
+    resumed = run_cli(
+        ["--data", str(tiny_npz), "--kimg", "0.3", "--batch", "32", "--out", str(out), "--resume", str(out)]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.load(out / "train-state.pt", weights_only=True)["nimg"] == 320
+    assert not torch.equal(
+        load_model(out / "model.safetensors").bricks[0].final.linear.weight, model.bricks[0].final.linear.weight
+    )
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_npz):
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros((2, 16, 16), np.uint8))
+    cases = [
+        (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "data not found"),
+        (["--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o")], "no 'images' array"),
+        (["--data", str(tiny_npz), "--preset", "nope", "--out", str(tmp_path / "o")], "unknown preset 'nope'"),
+        (["--data", str(tiny_npz), "--preset", "pg-s", "--out", str(tmp_path / "o")], "not a multiple"),
+    ]
+    for args, message in cases:
+        result = run_cli(args)
+        assert result.exit_code != 0
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_torchrun_two_processes(tiny_npz, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.cli",
+        "--data",
+        str(tiny_npz),
+        "--preset",
+        "tiny",
+        "--kimg",
+        "0.128",
+        "--batch",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--snapshot-kimg",
+        "1",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    load_model(out / "model.safetensors")
+    assert torch.load(out / "train-state.pt", weights_only=True)["nimg"] == 128

@@ -1,0 +1,1 @@
+"""PyTorch training stack for LEGO models: data, EDM joint loss, training loop, lego-train."""

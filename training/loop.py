@@ -1,0 +1,266 @@
+"""The training loop: Adam with LR warm-up, EMA, DDP, resume, snapshots.
+
+A run folder holds:
+    model.safetensors   EMA weights + config (what export and sampling load)
+    train-state.pt      model, EMA and optimizer state for --resume (tensors only: weights_only=True)
+    samples.png         latest sample grid, one row per class
+    log.jsonl           one line of metrics per tick
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lego_export.checkpoint import atomic_path, save_checkpoint
+from lego_export.config import LegoConfig, get_preset
+from lego_export.errors import LegoError
+from lego_export.images import make_grid, save_png
+from lego_export.model import LegoModel
+from lego_export.preview import class_grid_labels, sample_images
+from training.data import load_dataset, to_model_range
+from training.loss import EDMLoss
+
+STATE_FILE = "train-state.pt"
+CHECKPOINT_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "pg-s"
+    batch: int = 64  # global batch, split across processes
+    kimg: float = 1000.0  # training duration in thousands of images
+    lr: float = 5e-4
+    warmup_kimg: float = 10.0
+    ema_halflife_kimg: float = 20.0
+    ema_rampup: float = 0.05  # EMA half-life at most this fraction of images seen so far
+    label_dropout: float = 0.1
+    cond: bool = True
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    snapshot_kimg: float = 25.0
+    tick_kimg: float = 2.0
+    grid_steps: int = 18
+    resume: str | None = None
+
+
+class Distributed:
+    """Rank and world size from torchrun's environment; a no-op in a single process."""
+
+    def __init__(self, device_kind: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise LegoError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise LegoError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def update_ema(ema: LegoModel, model: LegoModel, beta: float) -> None:
+    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+        p_ema.lerp_(p.detach(), 1 - beta)
+
+
+def find_state(resume: str) -> Path:
+    path = Path(resume)
+    path = path / STATE_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise LegoError(f"nothing to resume: {path} not found")
+    return path
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a LEGO model; returns the path of the EMA checkpoint."""
+    device_kind = resolve_device(cfg.device, 0).type
+    ddp = Distributed(device_kind)
+    try:
+        return _train(cfg, ddp, resolve_device(cfg.device, ddp.local_rank))
+    finally:
+        ddp.close()
+
+
+def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
+    out = Path(cfg.out)
+    if cfg.batch % ddp.world:
+        raise LegoError(f"--batch {cfg.batch} does not split evenly over {ddp.world} processes")
+    if cfg.resume is None and (out / STATE_FILE).exists():
+        raise LegoError(f"{out} already holds a run; pass --resume {out} to continue it, or choose another --out")
+
+    data = load_dataset(cfg.data)
+    height, width = data.resolution
+    if height != width:
+        raise LegoError(f"training images must be square for now, got {height}x{width}")
+    num_classes = data.num_classes if cfg.cond else 0
+    if cfg.cond and not num_classes:
+        raise LegoError(f"{cfg.data} has no labels; train with --no-cond")
+
+    state = None
+    if cfg.resume is not None:
+        state = torch.load(find_state(cfg.resume), map_location="cpu", weights_only=True)
+        model_cfg = LegoConfig.from_json(state["config"])
+    else:
+        model_cfg = get_preset(
+            cfg.preset, img_channels=data.images.shape[1], img_resolution=height, num_classes=num_classes
+        )
+
+    torch.manual_seed(cfg.seed * 1000 + ddp.rank + (state["nimg"] if state else 0))
+    model = LegoModel(model_cfg).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    nimg = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        nimg = int(state["nimg"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    loss_fn = EDMLoss()
+
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels) if num_classes else None
+    rng = np.random.default_rng([cfg.seed, nimg])  # same on every rank: ranks slice one global batch
+    order, cursor = rng.permutation(len(images)), 0
+    local_batch = cfg.batch // ddp.world
+    total = int(cfg.kimg * 1000)
+
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        param_count = model.num_parameters()
+        tqdm.write(
+            f"{model_cfg.name}: {param_count / 1e6:.2f}M parameters, {len(images)} images "
+            f"{height}x{width}x{data.images.shape[1]}, {num_classes} classes, {ddp.world} process(es) on {device}"
+        )
+    bar = tqdm(
+        total=total,
+        initial=min(nimg, total),
+        unit="img",
+        unit_scale=True,
+        disable=not ddp.main,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
+    tick_start, tick_nimg, tick_losses = time.perf_counter(), nimg, []
+    next_tick = nimg + cfg.tick_kimg * 1000
+    next_snapshot = nimg + cfg.snapshot_kimg * 1000
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+    while nimg < total:
+        if cursor + cfg.batch > len(order):
+            order, cursor = rng.permutation(len(images)), 0
+        idx = order[cursor + ddp.rank * local_batch : cursor + (ddp.rank + 1) * local_batch]
+        cursor += cfg.batch
+        x = to_model_range(images[idx].to(device).float())
+        onehot = None
+        if labels is not None:
+            onehot = torch.nn.functional.one_hot(labels[idx], num_classes).float().to(device)
+            keep = torch.rand(local_batch, 1, device=device) >= cfg.label_dropout
+            onehot = onehot * keep  # an all-zero row is the null label (for classifier-free guidance)
+
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_kimg * 1000, 1))
+        with autocast:
+            loss, per_brick = loss_fn(net, x, onehot)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        nimg += cfg.batch
+
+        ema_nimg = min(cfg.ema_halflife_kimg * 1000, nimg * cfg.ema_rampup)
+        update_ema(ema, model, 0.5 ** (cfg.batch / max(ema_nimg, 1e-8)))
+        tick_losses.append(per_brick.cpu())
+        bar.update(cfg.batch)
+
+        if nimg >= next_tick or nimg >= total:
+            brick_losses = torch.stack(tick_losses).mean(0)
+            if ddp.world > 1:
+                dist.all_reduce(brick_losses)
+                brick_losses /= ddp.world
+            seconds = time.perf_counter() - tick_start
+            record = {
+                "kimg": round(nimg / 1000, 3),
+                "loss": round(brick_losses.mean().item(), 5),
+                "brick_losses": [round(v, 5) for v in brick_losses.tolist()],
+                "img_per_s": round((nimg - tick_nimg) / seconds, 2),
+                "lr": optimizer.param_groups[0]["lr"],
+                "time": time.time(),
+            }
+            if not math.isfinite(record["loss"]):
+                raise LegoError(f"loss became {record['loss']} at {record['kimg']} kimg; lower --lr and --resume")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if ddp.main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            tick_start, tick_nimg, tick_losses = time.perf_counter(), nimg, []
+            next_tick += cfg.tick_kimg * 1000
+
+        if nimg >= next_snapshot or nimg >= total:
+            if ddp.main:
+                snapshot(out, model, ema, optimizer, nimg, cfg, data.class_names)
+                tqdm.write(f"snapshot at {nimg / 1000:.1f} kimg -> {out}")
+            ddp.barrier()
+            next_snapshot += cfg.snapshot_kimg * 1000
+    bar.close()
+    return out / CHECKPOINT_FILE
+
+
+def snapshot(
+    out: Path, model: LegoModel, ema: LegoModel, optimizer, nimg: int, cfg: TrainConfig, class_names: list[str]
+) -> None:
+    """Write the EMA checkpoint, the resumable state and a sample grid, each atomically."""
+    extra = {"kimg": nimg / 1000, "data": cfg.data, "class_names": class_names, "train": asdict(cfg)}
+    save_checkpoint(out / CHECKPOINT_FILE, ema, extra=extra)
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "nimg": nimg,
+        "config": model.cfg.to_json(),
+    }
+    tmp = atomic_path(out / STATE_FILE)
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+
+    per_class = 8
+    classes = ema.cfg.num_classes
+    labels = class_grid_labels(classes, per_class) if classes else None
+    num = classes * per_class if classes else per_class * per_class
+    device = next(ema.parameters()).device
+    samples = sample_images(ema, labels, num, steps=cfg.grid_steps, seed=0, device=device)
+    save_png(make_grid(samples, columns=per_class), out / "samples.png")
