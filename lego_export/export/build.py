@@ -1,0 +1,233 @@
+"""lego-export build: checkpoint -> one engine per brick + the embedder + manifest.json.
+
+Everything is built and verified in a staging folder beside the output; only a build whose every
+engine passes verification is moved into place, engine files first and the manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lego_export
+from lego_export.checkpoint import load_model
+from lego_export.config import LegoConfig
+from lego_export.errors import LegoError
+from lego_export.export import onnx as onnx_export
+from lego_export.export.verify import measure_error
+from lego_export.manifest import MANIFEST_FILE, EngineFile, EngineSpec, Manifest, TensorSpec, sha256_file
+from lego_export.model import LegoModel
+from lego_export.runtime.backends import OnnxRuntimeRunner
+
+EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "c_noise": "log(sigma) / 4"}
+
+
+@dataclass
+class BuildOptions:
+    ckpt: str
+    out: str = "engines"
+    fp16: bool = False
+    target: str = "onnx"  # "onnx" or "tensorrt"
+    max_batch: int = 64  # images per engine call (CFG doubles a batch); bricks see this x tiles per image
+    opt_batch: int = 32  # the batch TensorRT tunes for (16 images with guidance)
+    opset: int = onnx_export.DEFAULT_OPSET
+    verify: bool = True
+    fuse: bool = True  # also write the ONNX Runtime-fused brick graphs
+    force: bool = False
+
+
+@dataclass
+class EngineJob:
+    spec: EngineSpec
+    module: nn.Module  # what the engine must reproduce
+
+
+def engine_jobs(model: LegoModel, max_batch: int, opt_batch: int) -> list[EngineJob]:
+    """The embedder and every brick, with tensor names, shapes and batch ranges."""
+    cfg = model.cfg
+    opt_batch = min(opt_batch, max_batch)
+    inputs = [TensorSpec("c_noise", "float32", ["N"])]
+    if cfg.num_classes:
+        inputs.append(TensorSpec("class_onehot", "float32", ["N", cfg.num_classes]))
+    jobs = [
+        EngineJob(
+            EngineSpec(
+                "embedder",
+                "embedder",
+                None,
+                inputs,
+                [TensorSpec("cond", "float32", ["N", cfg.cond_dim])],
+                {"min": 1, "opt": opt_batch, "max": max_batch},
+                {},
+            ),
+            onnx_export.EmbedderGraph(model.embedder),
+        )
+    ]
+    for k, (brick, bcfg) in enumerate(zip(model.bricks, cfg.bricks, strict=True)):
+        r = bcfg.size
+        tiles = (cfg.img_resolution // r) ** 2  # per image at the training resolution
+        spec = EngineSpec(
+            f"brick{k}",
+            "brick",
+            k,
+            [
+                TensorSpec("tiles", "float32", ["N", cfg.brick_in_channels(k), r, r]),
+                TensorSpec("cond", "float32", ["N", cfg.cond_dim]),
+            ],
+            [TensorSpec("out", "float32", ["N", cfg.img_channels, r, r])],
+            {"min": 1, "opt": opt_batch * tiles, "max": max_batch * tiles},
+            {},
+        )
+        jobs.append(EngineJob(spec, brick))
+    return jobs
+
+
+def example_inputs(spec: EngineSpec, n: int = 2) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn([n if d == "N" else d for d in t.shape]) for t in spec.inputs)
+
+
+def record_file(staging: Path, name: str, precision: str, verification: dict | None, **build) -> EngineFile:
+    path = staging / name
+    return EngineFile(name, sha256_file(path), path.stat().st_size, precision, verification, build)
+
+
+def check_output_folder(out: Path, ckpt_sha: str, force: bool) -> Manifest | None:
+    """Refuse to overwrite engines of another checkpoint unless forced; return the old manifest."""
+    if not (out / MANIFEST_FILE).exists():
+        return None
+    try:
+        old = Manifest.read(out)
+    except LegoError:
+        if force:
+            return None
+        raise LegoError(f"{out} holds an unreadable {MANIFEST_FILE}; pass --force to overwrite it") from None
+    if old.source.get("sha256") != ckpt_sha and not force:
+        raise LegoError(
+            f"{out} holds engines of another checkpoint ({old.source.get('checkpoint')}); "
+            "pass --force to replace them or choose another --out"
+        )
+    return old
+
+
+def toolchain(opset: int) -> dict:
+    import onnx
+    import onnxruntime
+    import polygraphy
+
+    return {
+        "lego_export": lego_export.__version__,
+        "exporter": "torch.onnx.export (TorchScript tracer)",
+        "opset": opset,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "polygraphy": polygraphy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def publish(staging: Path, out: Path, manifest: Manifest, old: Manifest | None) -> None:
+    """Move engine files into out, then write the manifest; remove files only the old build listed."""
+    out.mkdir(parents=True, exist_ok=True)
+    new_files = {f.path for e in manifest.engines for f in e.files.values()}
+    for name in sorted(new_files):
+        os.replace(staging / name, out / name)
+    manifest.write(out)
+    if old is not None:
+        for f in (f for e in old.engines for f in e.files.values()):
+            if f.path not in new_files:
+                (out / f.path).unlink(missing_ok=True)
+
+
+def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: None) -> Manifest:
+    """Export, verify and publish every engine; returns the manifest written."""
+    if opts.target not in ("onnx", "tensorrt"):
+        raise LegoError(f"unknown target {opts.target!r}; use onnx or tensorrt")
+    if not 1 <= opts.max_batch <= 65536:
+        raise LegoError(f"--max-batch must be between 1 and 65536, got {opts.max_batch}")
+    onnx_export.check_opset(opts.opset)
+    ckpt = Path(opts.ckpt)
+    model = load_model(ckpt).float()
+    ckpt_sha = sha256_file(ckpt)
+    out = Path(opts.out)
+    old = check_output_folder(out, ckpt_sha, opts.force)
+
+    precision = "fp16" if opts.fp16 else "fp32"
+    staging = out.parent / f".{out.name}.build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        jobs = engine_jobs(model, opts.max_batch, opts.opt_batch)
+        for job in jobs:
+            spec = job.spec
+            start = time.perf_counter()
+            progress(f"{spec.name}: export")
+            # The embedder is a few small layers on N vectors: it always stays fp32.
+            engine_precision = precision if spec.role == "brick" else "fp32"
+            formats = {"onnx": (f"{spec.name}.onnx", engine_precision)}
+            _export_portable(job, staging / f"{spec.name}.onnx", opts)
+            if opts.fuse and not opts.fp16 and spec.role == "brick":
+                formats["onnx-ort"] = (f"{spec.name}.ort.onnx", "fp32")
+                progress(f"{spec.name}: ONNX Runtime fusions")
+                onnx_export.export_onnxruntime_fused(
+                    job.module, example_inputs(spec), staging / formats["onnx-ort"][0], opts.opset
+                )
+            for fmt, (name, prec) in formats.items():
+                verification = None
+                if opts.verify:
+                    progress(f"{spec.name}: verify {name}")
+                    verification = measure_error(job.module, OnnxRuntimeRunner(staging / name), spec, prec)
+                    if not verification["passed"]:
+                        raise LegoError(
+                            f"{name}: error {verification['relative_error']:.2e} of the output scale exceeds the "
+                            f"{prec} tolerance {verification['tolerance']:.0e}; nothing was written to {out}"
+                        )
+                spec.files[fmt] = record_file(staging, name, prec, verification)
+            spec.files["onnx"].build["export_seconds"] = round(time.perf_counter() - start, 2)
+
+        manifest = Manifest(
+            model=_config_dict(model.cfg),
+            edm={"sigma_data": model.cfg.sigma_data, **EDM_DEFAULTS},
+            num_classes=model.cfg.num_classes,
+            source={"checkpoint": ckpt.name, "sha256": ckpt_sha},
+            toolchain=toolchain(opts.opset),
+            engines=[job.spec for job in jobs],
+        )
+        trt_error = None
+        if opts.target == "tensorrt":
+            from lego_export.export import tensorrt
+
+            try:
+                tensorrt.add_plans(manifest, staging, progress=progress)
+            except LegoError as e:
+                trt_error = e  # keep the ONNX engines, then report
+        publish(staging, out, manifest, old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if trt_error is not None:
+        raise LegoError(f"{trt_error} (the ONNX engines and manifest were written to {out})")
+    return manifest
+
+
+def _export_portable(job: EngineJob, path: Path, opts: BuildOptions) -> None:
+    spec = job.spec
+    names_in = [t.name for t in spec.inputs]
+    names_out = [t.name for t in spec.outputs]
+    onnx_export.export_module(job.module, example_inputs(spec), names_in, names_out, path, opts.opset)
+    onnx_export.clean_graph(path)
+    if opts.fp16 and spec.role == "brick":
+        onnx_export.convert_fp16(path, path)
+
+
+def _config_dict(cfg: LegoConfig) -> dict:
+    import json
+
+    return json.loads(cfg.to_json())

@@ -1,0 +1,150 @@
+"""TensorRT plans from the portable ONNX engines (TensorRT 10 / 11 Python API).
+
+Not executed on the machines this project is developed on (no TensorRT, no GPU there): written
+against the TensorRT Python API documentation, and refused cleanly where TensorRT or a GPU is
+missing. Precision comes from the ONNX file (strongly typed network): TensorRT 11 has no FP16
+builder flag, so an fp16 plan is built from the fp16 ONNX export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from lego_export.errors import LegoError
+from lego_export.manifest import EngineFile, EngineSpec, Manifest, sha256_file
+
+TIMING_CACHE = "timing.cache"
+
+
+def tensorrt_environment() -> tuple[object, str]:
+    """(tensorrt module, compute capability 'major.minor'); LegoError naming what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise LegoError("TensorRT is not installed (pip install 'lego-export[gpu]' on an NVIDIA GPU machine)") from None
+    capability = gpu_compute_capability()
+    if capability is None:
+        raise LegoError("TensorRT is installed but no NVIDIA GPU is visible to build plans on")
+    return trt, capability
+
+
+def gpu_compute_capability() -> str | None:
+    """'9.0' for an H100, or None without a CUDA GPU. Uses torch if present, else cuda-python."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}"
+        return None
+    except ImportError:
+        pass
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    return f"{props.major}.{props.minor}" if int(err) == 0 else None
+
+
+def profile_shapes(spec: EngineSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """min / opt / max shape of every input: only N varies."""
+    shapes = {}
+    for t in spec.inputs:
+        shapes[t.name] = tuple(
+            tuple(spec.batch[key] if d == "N" else d for d in t.shape) for key in ("min", "opt", "max")
+        )
+    return shapes
+
+
+def build_plan(
+    onnx_path: Path,
+    plan_path: Path,
+    spec: EngineSpec,
+    cache_path: Path,
+    version_compatible: bool = False,
+    hardware_compatible: bool = False,
+    workspace_gib: float = 4.0,
+) -> None:
+    """Parse ONNX into a strongly typed network, one optimisation profile over N, timing cache."""
+    trt, _ = tensorrt_environment()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise LegoError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(spec).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if hardware_compatible:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise LegoError(f"TensorRT failed to build a plan for {onnx_path.name} (see the messages above)")
+    plan_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def add_plans(
+    manifest: Manifest,
+    folder: Path,
+    progress: Callable[[str], None] = lambda _m: None,
+    version_compatible: bool = False,
+    hardware_compatible: bool = False,
+) -> None:
+    """Build a plan beside every engine's portable ONNX file in folder and record it in the manifest."""
+    trt, capability = tensorrt_environment()
+    for spec in manifest.engines:
+        source = spec.files["onnx"]
+        plan_name = Path(source.path).with_suffix(".plan").name
+        progress(f"{spec.name}: TensorRT plan")
+        build_plan(
+            folder / source.path,
+            folder / plan_name,
+            spec,
+            folder / TIMING_CACHE,
+            version_compatible,
+            hardware_compatible,
+        )
+        spec.files["tensorrt"] = EngineFile(
+            plan_name,
+            sha256_file(folder / plan_name),
+            (folder / plan_name).stat().st_size,
+            source.precision,
+            None,
+            {
+                "tensorrt": trt.__version__,
+                "compute_capability": capability,
+                "version_compatible": version_compatible,
+                "hardware_compatible": hardware_compatible,
+            },
+        )
+    manifest.toolchain["tensorrt"] = trt.__version__
+
+
+def check_plan_compatible(file: EngineFile) -> None:
+    """Refuse a plan built for another GPU architecture or TensorRT version, saying how to rebuild."""
+    trt, capability = tensorrt_environment()
+    built = file.build
+    rebuild = "rebuild on this machine with: lego-export build --from-onnx ENGINES --target tensorrt"
+    if built.get("tensorrt") != trt.__version__ and not built.get("version_compatible"):
+        raise LegoError(
+            f"{file.path} was built with TensorRT {built.get('tensorrt')}, this is {trt.__version__}; {rebuild}"
+        )
+    if built.get("compute_capability") != capability and not built.get("hardware_compatible"):
+        raise LegoError(
+            f"{file.path} was built for GPU compute capability {built.get('compute_capability')}, "
+            f"this GPU is {capability}; {rebuild}"
+        )
