@@ -147,7 +147,7 @@ def build(
     finally:
         progress.close()
     click.echo(_manifest_table(manifest, Path(out)))
-    click.echo(f"built {len(manifest.engines)} engines into {out}/ in {time.perf_counter() - start:.1f} s")
+    click.echo(f"built {len(manifest.engines)} engines into {Path(out)} in {time.perf_counter() - start:.1f} s")
 
 
 def _brick_count(ckpt: str) -> int:

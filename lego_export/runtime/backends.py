@@ -26,6 +26,9 @@ class OnnxRuntimeRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Bricks run one after another, each in its own session: a session whose threads keep
+        # spinning after a call steals the cores from the next brick's session.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
