@@ -50,7 +50,7 @@ def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, json_o
         for fmt in ("onnx", "onnx-ort"):
             if fmt in spec.files:
                 runner = OnnxRuntimeRunner(Path(engines) / spec.files[fmt].path, threads=threads)
-                variants[fmt] = lambda r=runner: r.infer(feeds)
+                variants[fmt] = lambda r=runner, f=feeds: r.infer(f)
         times = {k: [] for k in variants}
         with torch.no_grad():
             for fn in variants.values():  # warm-up
