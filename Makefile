@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo  (sample from the shipped model)  and  make test.
+# Two commands on a fresh machine:  make demo  (export the shipped model, sample from its engines)  and  make test.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lego_export.preview --ckpt $(CKPT) --out demo/grid.png
+	$(BIN)/lego-export build --ckpt $(CKPT) --out engines --force
+	$(BIN)/lego-run --engines engines --steps 50 --skip-late-bricks --backend onnxruntime \
+		--num 80 --columns 8 --out demo/grid.png --timing-json demo/timing.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""Command-line entry points of the library: lego-export (build, inspect, verify) and lego-run."""
+"""lego-export: build, inspect and verify brick engines (lego-run lives in lego_export/runtime/cli.py)."""
 
 from __future__ import annotations
 
@@ -251,10 +251,3 @@ def _verify_parity(manifest, folder: Path, ckpt: str) -> None:
             )
     if failed:
         raise LegoError(f"{failed} engine file(s) fail parity with {ckpt}")
-
-
-@click.command(context_settings=CONTEXT)
-def run_main() -> None:
-    """Sample images from exported engines (not implemented yet; for now use
-    `python -m lego_export.preview --ckpt CKPT` for PyTorch sampling)."""
-    raise click.ClickException("lego-run is not implemented yet; use python -m lego_export.preview --ckpt CKPT")

@@ -1,0 +1,310 @@
+"""lego-run: sample images from a folder of brick engines (a thin layer over LegoPipeline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from lego_export.errors import LegoError
+from lego_export.runtime.backends import BACKENDS
+from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def parse_resolution(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise LegoError(f"--resolution {text!r}: write HxW, e.g. 32x96") from None
+    return h, w
+
+
+def plan_table(pipe: LegoPipeline, plan) -> str:
+    names = [f"brick{k}({s})" for k, s in enumerate(pipe.brick_sizes)]
+    lines = [f"{'step':>4} {'sigma':>9}  {'shift':>8}  bricks run"]
+    for p in plan:
+        lines.append(f"{p.step:>4} {p.sigma:>9.4f}  {str(p.shift):>8}  {' > '.join(names[: p.bricks])}")
+    skipped = sum(len(names) - p.bricks for p in plan)
+    lines.append(
+        f"{skipped} of {len(plan) * len(names)} brick runs skipped; {pipe.flops_saved(plan):.1%} of brick FLOPs saved"
+    )
+    return "\n".join(lines)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world
+
+
+def _gather(result, indices, rank: int, world: int):
+    """Merge every rank's images on rank 0, in index order."""
+    if world == 1:
+        return result.images, result.labels
+    import torch.distributed as dist
+
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object((indices, result.images, result.labels), parts, dst=0)
+    if rank != 0:
+        return None, None
+    order = np.argsort(np.concatenate([p[0] for p in parts]))
+    images = np.concatenate([p[1] for p in parts])[order]
+    labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])[order]
+    return images, labels
+
+
+def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz: str | None, columns: int) -> None:
+    from lego_export.images import make_grid, save_png, to_uint8
+
+    if save_npz:
+        path = Path(save_npz)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        try:
+            arrays = {"images": images}
+            if labels is not None:
+                arrays["labels"] = labels
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if out_dir:
+        pixels = to_uint8(images)
+        for i, p in enumerate(pixels):
+            save_png(p, Path(out_dir) / f"{i:06d}.png")
+    if out:
+        save_png(make_grid(images, columns=columns), out)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
+@click.option("--steps", default=50, show_default=True, help="Sampling steps (Karras sigma schedule, 80 -> 0.002).")
+@click.option(
+    "--sampler",
+    type=click.Choice(["heun", "euler"]),
+    default="heun",
+    show_default=True,
+    help="EDM Heun (2 evaluations per step but the last) or Euler (1).",
+)
+@click.option(
+    "--skip-late-bricks",
+    is_flag=True,
+    help="Drop the last brick where the LEGO design allows: a PG/U stack's global brick at low noise, "
+    "a PR stack's local brick at high noise.",
+)
+@click.option(
+    "--t-break",
+    default=DEFAULT_T_BREAK,
+    show_default=True,
+    help="With --skip-late-bricks: fraction of the trajectory without the last brick.",
+)
+@click.option(
+    "--skip-policy",
+    default=None,
+    help="Explicit per-brick sigma windows, 'BRICK@LO:HI,...'; e.g. '2@0.5:' runs brick 2 only for "
+    "sigma >= 0.5. A skipped brick skips all later ones (chaining).",
+)
+@click.option("--resolution", default=None, help="Canvas HxW, multiples of the largest brick (default: training size).")
+@click.option(
+    "--num",
+    "-n",
+    "--images",
+    "num",
+    default=64,
+    show_default=True,
+    help="Number of images. Under torchrun write -n or --images: torchrun's own parser takes --num "
+    "for its --numa-binding.",
+)
+@click.option("--batch", default=16, show_default=True, help="Images per denoiser call (guidance doubles it).")
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    type=int,
+    help="Class label(s), cycled over the images (repeat the option); default: every class in turn.",
+)
+@click.option("--cfg", default=1.0, show_default=True, help="Classifier-free guidance scale (1 = none).")
+@click.option("--seed", default=0, show_default=True, help="Image i's noise depends only on (seed, i).")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="auto: TensorRT plans when built and usable, else ONNX Runtime. torch: the PyTorch reference (needs --ckpt).",
+)
+@click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Device of the torch backend.",
+)
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0 = all cores).")
+@click.option("--out", default="grid.png", show_default=True, help="PNG grid of all images.")
+@click.option("--out-dir", default=None, help="Also write one PNG per image here.")
+@click.option("--save-npz", default=None, help="Also write images (float32 N x C x H x W in [-1, 1]) and labels.")
+@click.option("--columns", default=8, show_default=True, help="Grid columns.")
+@click.option(
+    "--tile-shift/--no-tile-shift",
+    default=None,
+    help="Move the tile grid between steps so content crosses tile borders "
+    "[default: on for canvases larger than the training size].",
+)
+@click.option("--plan", "plan_only", is_flag=True, help="Print the per-step brick plan and FLOPs saved; run nothing.")
+@click.option("--timing-json", default=None, help="Write the timing summary as JSON here.")
+def main(
+    engines,
+    steps,
+    sampler,
+    skip_late_bricks,
+    t_break,
+    skip_policy,
+    resolution,
+    num,
+    batch,
+    classes,
+    cfg,
+    seed,
+    backend,
+    ckpt,
+    device,
+    threads,
+    out,
+    out_dir,
+    save_npz,
+    columns,
+    tile_shift,
+    plan_only,
+    timing_json,
+) -> None:
+    """Sample images from LEGO brick engines, chaining or skipping bricks per step.
+
+    \b
+    lego-run --engines engines/ --steps 50 --skip-late-bricks
+    lego-run --engines engines/ --resolution 32x96 --class 7 --num 8 --out wide.png
+    lego-run --engines engines/ --steps 50 --skip-late-bricks --plan
+    """
+    try:
+        _run(
+            engines,
+            steps,
+            sampler,
+            skip_late_bricks,
+            t_break,
+            skip_policy,
+            resolution,
+            num,
+            batch,
+            classes,
+            cfg,
+            seed,
+            backend,
+            ckpt,
+            device,
+            threads,
+            out,
+            out_dir,
+            save_npz,
+            columns,
+            tile_shift,
+            plan_only,
+            timing_json,
+        )
+    except LegoError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; no output files were written") from None
+
+
+def _run(
+    engines,
+    steps,
+    sampler,
+    skip_late_bricks,
+    t_break,
+    skip_policy,
+    resolution,
+    num,
+    batch,
+    classes,
+    cfg,
+    seed,
+    backend,
+    ckpt,
+    device,
+    threads,
+    out,
+    out_dir,
+    save_npz,
+    columns,
+    tile_shift,
+    plan_only,
+    timing_json,
+):
+    from lego_export.manifest import Manifest
+
+    if skip_late_bricks and skip_policy:
+        raise LegoError("use either --skip-late-bricks or --skip-policy, not both")
+    skip = "late" if skip_late_bricks else skip_policy
+    hw = parse_resolution(resolution)
+    if plan_only:
+        planner = LegoPipeline(Manifest.read(engines))
+        plan = planner.plan(steps, skip, t_break, hw, tile_shift, seed)
+        click.echo(f"skip policy: {planner.skip_policy(skip, t_break).description}")
+        click.echo(plan_table(planner, plan))
+        return
+
+    pipe = LegoPipeline.from_engines(engines, backend, ckpt=ckpt, device=device, threads=threads)
+    rank, world = _distributed()
+    indices = list(range(rank, num, world))
+    from tqdm import tqdm
+
+    evaluations = -(-len(indices) // batch) * steps
+    with tqdm(total=evaluations, unit="step", disable=rank != 0 or None, file=sys.stderr, leave=False) as bar:
+        result = pipe(
+            num=num,
+            steps=steps,
+            sampler=sampler,
+            skip=skip,
+            t_break=t_break,
+            resolution=hw,
+            classes=classes or None,
+            guidance=cfg,
+            seed=seed,
+            batch=batch,
+            tile_shift=tile_shift,
+            indices=indices,
+            progress=lambda _i: bar.update(1),
+        )
+    images, labels = _gather(result, indices, rank, world)
+    if rank != 0:
+        return
+    write_outputs(images, labels, out, out_dir, save_npz, columns)
+    summary = result.timing.summary()
+    click.echo(
+        f"skip policy: {pipe.skip_policy(skip, t_break).description}; backend {pipe.backend.name}; "
+        f"canvas {images.shape[2]}x{images.shape[3]}; {world} process(es)"
+    )
+    click.echo(result.timing.table())
+    if timing_json:
+        Path(timing_json).write_text(json.dumps(summary, indent=2))
+    written = [p for p in (out, out_dir, save_npz) if p]
+    click.echo(f"wrote {', '.join(written)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The LEGO sampling pipeline over brick engines: the Python API behind lego-run.
+
+    from lego_export.runtime import LegoPipeline
+    pipe = LegoPipeline.from_engines("engines/")                 # ONNX Runtime on the CPU
+    result = pipe(num=16, steps=50, classes=[3], skip="late", resolution=(32, 96), seed=0)
+    result.images        # (16, C, 32, 96) float32 in [-1, 1]
+    result.timing        # per-brick milliseconds, images/s, bricks skipped, ...
+
+Everything between engine calls lives here, once, for every backend: tiling, coordinates, chaining
+of brick outputs, EDM preconditioning, classifier-free guidance, skipping, tile-grid shifts and the
+sampler. NumPy only: no torch unless the torch or TensorRT backend is chosen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lego_export.errors import LegoError
+from lego_export.flops import model_brick_flops
+from lego_export.manifest import Manifest
+from lego_export.runtime.backends import Runner, make_backend
+from lego_export.runtime.sampler import karras_sigmas, sample
+from lego_export.runtime.schedule import (
+    SkipPolicy,
+    StepPlan,
+    flop_fraction_saved,
+    late_brick_policy,
+    make_plan,
+    parse_policy,
+)
+from lego_export.tiling import canvas_coords, check_canvas, tile, untile
+
+DEFAULT_T_BREAK = 0.3  # PG: skip the global brick for the last 30% of the trajectory (paper's best FID)
+
+
+@dataclass
+class Timing:
+    """Where the time went in one call; engine times are summed over all calls of that engine."""
+
+    engine_ms: dict[str, float] = field(default_factory=dict)
+    engine_calls: dict[str, int] = field(default_factory=dict)
+    total_s: float = 0.0
+    steps: int = 0
+    images: int = 0
+    brick_evaluations: int = 0  # brick calls on one batch (one per brick per denoiser evaluation)
+    bricks_skipped: int = 0
+    flops_saved: float = 0.0  # fraction of brick FLOPs the plan skipped
+
+    def add(self, name: str, seconds: float) -> None:
+        self.engine_ms[name] = self.engine_ms.get(name, 0.0) + seconds * 1e3
+        self.engine_calls[name] = self.engine_calls.get(name, 0) + 1
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of the wall time spent outside engine calls (tiling, concatenation, sampler)."""
+        total_ms = self.total_s * 1e3
+        return max(0.0, 1.0 - sum(self.engine_ms.values()) / total_ms) if total_ms else 0.0
+
+    def summary(self) -> dict:
+        per_step = {k: v / max(self.steps, 1) for k, v in self.engine_ms.items()}
+        return {
+            "total_s": self.total_s,
+            "images": self.images,
+            "images_per_s": self.images / self.total_s if self.total_s else 0.0,
+            "s_per_image": self.total_s / self.images if self.images else 0.0,
+            "steps": self.steps,
+            "ms_per_step": self.total_s * 1e3 / max(self.steps, 1),
+            "engine_ms_per_step": per_step,
+            "engine_calls": dict(self.engine_calls),
+            "overhead_fraction": self.overhead_fraction,
+            "brick_evaluations": self.brick_evaluations,
+            "bricks_skipped": self.bricks_skipped,
+            "flops_saved": self.flops_saved,
+        }
+
+    def table(self) -> str:
+        s = self.summary()
+        lines = [f"{'engine':10} {'ms/step':>10} {'calls':>7}"]
+        for name, ms in s["engine_ms_per_step"].items():
+            lines.append(f"{name:10} {ms:>10.2f} {s['engine_calls'][name]:>7}")
+        lines.append(
+            f"total {s['total_s']:.2f} s for {s['images']} images over {s['steps']} steps: "
+            f"{s['ms_per_step']:.1f} ms/step, {s['s_per_image']:.3f} s/image, {s['images_per_s']:.2f} images/s; "
+            f"bricks skipped {s['bricks_skipped']}/{s['brick_evaluations']} ({s['flops_saved']:.1%} of brick FLOPs); "
+            f"runtime overhead {s['overhead_fraction']:.1%}"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class SampleResult:
+    images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
+    labels: np.ndarray | None  # (N,) class per image, -1 for unconditional
+    plan: list[StepPlan]
+    timing: Timing
+
+
+class _Timed:
+    """Wraps a runner: times every call and splits batches larger than the engine's N range."""
+
+    def __init__(self, name: str, runner: Runner, max_n: int, timing_ref: Callable[[], Timing]):
+        self.name, self.runner, self.max_n, self.timing_ref = name, runner, max_n, timing_ref
+
+    def infer(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+        n = next(iter(feeds.values())).shape[0]
+        parts = []
+        for start in range(0, n, self.max_n):
+            chunk = {k: np.ascontiguousarray(v[start : start + self.max_n]) for k, v in feeds.items()}
+            t0 = time.perf_counter()
+            parts.append(self.runner.infer(chunk)[output])
+            self.timing_ref().add(self.name, time.perf_counter() - t0)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class LegoPipeline:
+    """Sampling from a folder of brick engines with one backend."""
+
+    def __init__(self, manifest: Manifest, backend=None):
+        """backend=None gives a pipeline that can only plan (see :meth:`plan`)."""
+        self.manifest = manifest
+        self.backend = backend
+        model = manifest.model
+        self.channels = model["img_channels"]
+        self.resolution = model["img_resolution"]
+        self.num_classes = manifest.num_classes
+        self.sigma_data = manifest.edm["sigma_data"]
+        self.brick_sizes = [b["size"] for b in model["bricks"]]
+        self.canvas_multiple = int(np.lcm.reduce(self.brick_sizes))
+        self.brick_flops = model_brick_flops(model)
+        self._timing = Timing()
+        if backend is None:  # planning only
+            return
+        timing_ref = lambda: self._timing  # noqa: E731 - runners report into the current call's Timing
+        self.embedder = _Timed(
+            "embedder", backend.runner(manifest.embedder), manifest.embedder.batch["max"], timing_ref
+        )
+        self.bricks = [_Timed(s.name, backend.runner(s), s.batch["max"], timing_ref) for s in manifest.bricks]
+
+    @classmethod
+    def from_engines(
+        cls,
+        folder: str | Path,
+        backend: str = "onnxruntime",
+        ckpt: str | None = None,
+        device: str = "cpu",
+        threads: int = 0,
+    ) -> LegoPipeline:
+        """Load manifest.json, check every engine file's sha256, and open the chosen backend."""
+        folder = Path(folder)
+        manifest = Manifest.read(folder)
+        if backend != "torch":
+            problems = manifest.check_files(folder, formats=_formats_for(backend))
+            if problems:
+                raise LegoError(f"refusing to run: {problems[0]}; rebuild with lego-export build --force")
+        return cls(manifest, make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads))
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def skip_policy(self, skip: str | SkipPolicy | None, t_break: float = DEFAULT_T_BREAK) -> SkipPolicy:
+        """None: full chain; "late": drop the last brick (see schedule.py); else an explicit SPEC."""
+        if isinstance(skip, SkipPolicy):
+            return skip
+        if skip is None or skip == "none":
+            return SkipPolicy()
+        if skip == "late":
+            return late_brick_policy(self.brick_sizes, t_break)
+        return parse_policy(skip, len(self.brick_sizes))
+
+    def plan(
+        self,
+        steps: int,
+        skip: str | SkipPolicy | None = None,
+        t_break: float = DEFAULT_T_BREAK,
+        resolution: tuple[int, int] | None = None,
+        tile_shift: bool | None = None,
+        seed: int = 0,
+    ) -> list[StepPlan]:
+        """The per-step table of bricks run and tile-grid offsets, without running anything."""
+        if steps < 1:
+            raise LegoError(f"--steps must be at least 1, got {steps}")
+        h, w = resolution or (self.resolution, self.resolution)
+        check_canvas(h, w, self.canvas_multiple)
+        if tile_shift is None:  # on by default for canvases larger than the training size
+            tile_shift = h > self.resolution or w > self.resolution
+        period = max(self.brick_sizes) if tile_shift else None
+        sigmas = karras_sigmas(
+            steps, self.manifest.edm["sigma_min"], self.manifest.edm["sigma_max"], self.manifest.edm["rho"]
+        )
+        return make_plan(sigmas, len(self.brick_sizes), self.skip_policy(skip, t_break), period, seed)
+
+    def flops_saved(self, plan: list[StepPlan]) -> float:
+        return flop_fraction_saved(plan, self.brick_flops)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def labels_for(self, num: int, classes: Sequence[int] | None, indices: Sequence[int]) -> np.ndarray | None:
+        if not self.num_classes:
+            if classes:
+                raise LegoError("this model is unconditional: --class cannot be used")
+            return None
+        classes = list(classes) if classes else list(range(self.num_classes))
+        bad = [c for c in classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise LegoError(f"class {bad[0]} is out of range: this model has classes 0 to {self.num_classes - 1}")
+        return np.array([classes[i % len(classes)] for i in indices], dtype=np.int64)
+
+    def __call__(
+        self,
+        num: int = 16,
+        steps: int = 50,
+        sampler: str = "heun",
+        skip: str | SkipPolicy | None = None,
+        t_break: float = DEFAULT_T_BREAK,
+        resolution: tuple[int, int] | None = None,
+        classes: Sequence[int] | None = None,
+        guidance: float = 1.0,
+        seed: int = 0,
+        batch: int = 16,
+        tile_shift: bool | None = None,
+        indices: Sequence[int] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> SampleResult:
+        """Generate images. indices (default 0..num-1) pick each image's noise and class, so any
+        split of the indices (batches, processes) yields the same images for the same seed."""
+        if sampler not in ("heun", "euler"):
+            raise LegoError(f"unknown sampler {sampler!r}; use heun or euler")
+        if guidance != 1.0 and not self.num_classes:
+            raise LegoError("classifier-free guidance (--cfg) needs a class-conditional model; this one is not")
+        if batch < 1 or num < 1:
+            raise LegoError("--num and --batch must be at least 1")
+        h, w = resolution or (self.resolution, self.resolution)
+        plan = self.plan(steps, skip, t_break, (h, w), tile_shift, seed)
+        indices = list(range(num)) if indices is None else list(indices)
+        labels = self.labels_for(len(indices), classes, indices)
+        sigmas = karras_sigmas(
+            steps, self.manifest.edm["sigma_min"], self.manifest.edm["sigma_max"], self.manifest.edm["rho"]
+        )
+
+        self._timing = timing = Timing()
+        start = time.perf_counter()
+        images = []
+        for lo in range(0, len(indices), batch):
+            chunk = indices[lo : lo + batch]
+            noise = np.stack(
+                [np.random.default_rng([seed, i]).standard_normal((self.channels, h, w)) for i in chunk]
+            ).astype(np.float32)
+            onehot = None if labels is None else np.eye(self.num_classes, dtype=np.float32)[labels[lo : lo + batch]]
+
+            def denoise(x, sigma, step, onehot=onehot):
+                return self.denoise(x, sigma, plan[step], onehot, guidance)
+
+            images.append(sample(denoise, noise, sigmas, heun=sampler == "heun", on_step=progress))
+        timing.total_s = time.perf_counter() - start
+        timing.steps = steps
+        timing.images = len(indices)
+        timing.flops_saved = self.flops_saved(plan)
+        out = np.clip(np.concatenate(images), -1, 1).astype(np.float32)
+        return SampleResult(out, labels, plan, timing)
+
+    def denoise(
+        self, x: np.ndarray, sigma: float, step: StepPlan, onehot: np.ndarray | None, guidance: float = 1.0
+    ) -> np.ndarray:
+        """D(x; sigma) from the first step.bricks bricks; guided when guidance != 1.
+
+        Guidance runs the conditional and unconditional (null-label) halves as one batch through the
+        same prefix of bricks: skipping holds under guidance.
+        """
+        b, _, h, w = x.shape
+        guided = guidance != 1.0 and onehot is not None
+        if guided:
+            x = np.concatenate([x, x])
+            onehot = np.concatenate([onehot, np.zeros_like(onehot)])
+        n = x.shape[0]
+        s2 = sigma**2 + self.sigma_data**2
+        c_skip, c_out, c_in = self.sigma_data**2 / s2, sigma * self.sigma_data / np.sqrt(s2), 1 / np.sqrt(s2)
+
+        feeds = {"c_noise": np.full(n, np.log(sigma) / 4, dtype=np.float32)}
+        if self.num_classes:
+            feeds["class_onehot"] = onehot if onehot is not None else np.zeros((n, self.num_classes), np.float32)
+        cond = self.embedder.infer(feeds, "cond")
+
+        coords = np.broadcast_to(canvas_coords(h, w), (n, 2, h, w))
+        x_in = np.concatenate([(c_in * x).astype(np.float32), coords], axis=1)
+        if step.shift != (0, 0):
+            x_in = np.roll(x_in, step.shift, axis=(2, 3))
+        feature = None
+        timing = self._timing
+        for k in range(step.bricks):
+            inp = x_in if feature is None else np.concatenate([feature, x_in], axis=1)
+            tiles = tile(inp, self.brick_sizes[k])
+            per_image = tiles.shape[0] // n
+            out = self.bricks[k].infer({"tiles": tiles, "cond": np.repeat(cond, per_image, axis=0)}, "out")
+            feature = untile(out, n, h, w)
+        timing.brick_evaluations += len(self.brick_sizes)
+        timing.bricks_skipped += len(self.brick_sizes) - step.bricks
+        if step.shift != (0, 0):
+            feature = np.roll(feature, (-step.shift[0], -step.shift[1]), axis=(2, 3))
+        denoised = c_skip * x + c_out * feature
+        if guided:
+            cond_half, uncond_half = denoised[:b], denoised[b:]
+            denoised = uncond_half + guidance * (cond_half - uncond_half)
+        return denoised.astype(np.float32)
+
+
+def _formats_for(backend: str) -> tuple[str, ...]:
+    return ("tensorrt",) if backend == "tensorrt" else ("onnx", "onnx-ort")

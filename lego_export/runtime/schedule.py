@@ -1,0 +1,138 @@
+"""Which bricks run at each sampling step, and where the tile grid sits.
+
+A step always runs a *prefix* of the brick chain: brick k reads brick k-1's output, so a brick can
+only be skipped together with every brick after it. Skip rules are stated in sigma, not in step
+indices, so one policy means the same thing at 18 steps or 250.
+
+Policies:
+  - ``skip-late-bricks`` (``--t-break F``): drop the last brick for a fraction F of the sampling
+    trajectory. In a PG or U stack the last brick is the global one (the largest tiles): it is
+    dropped at low noise, the last F of the trajectory. In a PR stack the last brick is the most
+    local one: it is dropped at high noise, the first F of the trajectory.
+  - an explicit SPEC ``"k@lo:hi,..."``: brick k (0-based) runs only while lo <= sigma <= hi
+    (either bound may be left out), e.g. ``2@0.5:`` keeps brick 2 for sigma >= 0.5 only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lego_export.errors import LegoError
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigma_at(t: float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> float:
+    """The Karras schedule as a continuous function: t = 0 gives sigma_max, t = 1 sigma_min."""
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + t * (b - a)) ** rho
+
+
+@dataclass(frozen=True)
+class BrickWindow:
+    """Brick ``index`` runs while lo <= sigma <= hi."""
+
+    index: int
+    lo: float = 0.0
+    hi: float = math.inf
+
+    def allows(self, sigma: float) -> bool:
+        return self.lo <= sigma <= self.hi
+
+
+@dataclass(frozen=True)
+class SkipPolicy:
+    windows: tuple[BrickWindow, ...] = ()
+    description: str = "full chain"
+
+    def bricks_at(self, sigma: float, num_bricks: int) -> int:
+        """Length of the prefix of bricks to run at this noise level (at least 1)."""
+        for k in range(1, num_bricks):
+            if any(w.index == k and not w.allows(sigma) for w in self.windows):
+                return k
+        return num_bricks
+
+
+def late_brick_policy(brick_sizes: list[int], t_break: float) -> SkipPolicy:
+    """Drop the last brick over a fraction t_break of the trajectory (see the module docstring)."""
+    if not 0.0 <= t_break <= 1.0:
+        raise LegoError(f"--t-break must be between 0 and 1, got {t_break}")
+    if len(brick_sizes) < 2:
+        raise LegoError("this model has a single brick: there is no brick to skip")
+    last = len(brick_sizes) - 1
+    if t_break == 0:
+        return SkipPolicy((), "full chain (t-break 0)")
+    if brick_sizes[-1] >= brick_sizes[0]:  # PG / U: global brick last, skip at low noise
+        threshold = karras_sigma_at(1.0 - t_break)
+        return SkipPolicy(
+            (BrickWindow(last, lo=threshold),),
+            f"skip brick {last} (global) for sigma < {threshold:.3g} (last {t_break:.0%} of the trajectory)",
+        )
+    threshold = karras_sigma_at(t_break)  # PR: local brick last, skip at high noise
+    return SkipPolicy(
+        (BrickWindow(last, hi=threshold),),
+        f"skip brick {last} (local) for sigma > {threshold:.3g} (first {t_break:.0%} of the trajectory)",
+    )
+
+
+def parse_policy(spec: str, num_bricks: int) -> SkipPolicy:
+    """Parse ``"k@lo:hi,..."`` (see the module docstring)."""
+    windows = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            index_text, bounds = part.split("@")
+            lo_text, hi_text = bounds.split(":")
+            window = BrickWindow(
+                int(index_text), float(lo_text) if lo_text else 0.0, float(hi_text) if hi_text else math.inf
+            )
+        except ValueError:
+            raise LegoError(f"cannot read skip rule {part!r}; write BRICK@LO:HI, e.g. 2@0.5: or 2@:1.5") from None
+        if not 0 <= window.index < num_bricks:
+            raise LegoError(f"skip rule {part!r}: brick index must be 0 to {num_bricks - 1}")
+        if window.index == 0:
+            raise LegoError(f"skip rule {part!r}: brick 0 always runs (every step needs an estimate)")
+        if window.lo > window.hi:
+            raise LegoError(f"skip rule {part!r}: lower bound above upper bound")
+        windows.append(window)
+    return SkipPolicy(tuple(windows), f"rules {spec}")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    sigma: float
+    bricks: int  # run bricks 0 .. bricks-1
+    shift: tuple[int, int]  # tile-grid offset (dy, dx) for this step
+
+
+def tile_shift(step: int, period: int, seed: int = 0) -> tuple[int, int]:
+    """A reproducible pseudo-random offset of the tile grid for one step (0 <= offset < period)."""
+    rng = np.random.default_rng([seed, step, 0x5EED])
+    dy, dx = rng.integers(0, period, size=2)
+    return int(dy), int(dx)
+
+
+def make_plan(
+    sigmas: np.ndarray,
+    num_bricks: int,
+    policy: SkipPolicy,
+    shift_period: int | None = None,
+    seed: int = 0,
+) -> list[StepPlan]:
+    """One StepPlan per step; Heun's second evaluation at sigmas[i + 1] uses step i's plan."""
+    plans = []
+    for i in range(len(sigmas) - 1):
+        sigma = float(sigmas[i])
+        shift = tile_shift(i, shift_period, seed) if shift_period else (0, 0)
+        plans.append(StepPlan(i, sigma, policy.bricks_at(sigma, num_bricks), shift))
+    return plans
+
+
+def flop_fraction_saved(plans: list[StepPlan], brick_flops: list[float]) -> float:
+    """Fraction of brick FLOPs a plan skips relative to running every brick at every step."""
+    full = len(plans) * sum(brick_flops)
+    run = sum(sum(brick_flops[: p.bricks]) for p in plans)
+    return 1.0 - run / full if full else 0.0

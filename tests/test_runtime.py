@@ -1,0 +1,280 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lego_export.checkpoint import save_checkpoint
+from lego_export.config import get_preset
+from lego_export.export.build import BuildOptions, build
+from lego_export.model import LegoModel
+from lego_export.runtime.cli import main as lego_run
+from lego_export.runtime.pipeline import LegoPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def export(root: Path, preset: str, **overrides) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    model = LegoModel(get_preset(preset, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    name = preset + ("-uncond" if overrides.get("num_classes") == 0 else "")
+    ckpt = root / f"{name}.safetensors"
+    save_checkpoint(ckpt, model)
+    engines = root / f"engines-{name}"
+    build(BuildOptions(ckpt=str(ckpt), out=str(engines), max_batch=8, opt_batch=4))
+    return ckpt, engines
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    return {
+        "pg": export(root, "pg-tiny"),
+        "pr": export(root, "pr-tiny"),
+        "uncond": export(root, "pg-tiny", num_classes=0),
+    }
+
+
+class CallCounter:
+    """Wraps a runner and counts calls (one per chunk of tiles)."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, 0
+
+    def infer(self, feeds):
+        self.calls += 1
+        return self.runner.infer(feeds)
+
+
+def count_calls(pipe):
+    counters = [CallCounter(b.runner) for b in pipe.bricks]
+    for b, c in zip(pipe.bricks, counters, strict=True):
+        b.runner = c
+    return counters
+
+
+@pytest.mark.parametrize("stack", ["pg", "pr"])
+@pytest.mark.parametrize("resolution", [(16, 16), (16, 48)])
+def test_onnxruntime_matches_pytorch(models, stack, resolution):
+    ckpt, engines = models[stack]
+    ort = LegoPipeline.from_engines(engines, "onnxruntime")
+    ref = LegoPipeline.from_engines(engines, "torch", ckpt=str(ckpt))
+    kwargs = dict(num=3, steps=4, batch=2, resolution=resolution, skip="late", guidance=1.5, seed=3)
+    a, b = ort(**kwargs).images, ref(**kwargs).images
+    assert a.shape == (3, 1, *resolution)
+    assert np.abs(a).max() > 0.1
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_plan_runs_exactly_the_bricks_it_lists(models):
+    _, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines)
+    counters = count_calls(pipe)
+    steps = 10
+    result = pipe(num=2, steps=steps, batch=2, skip="2@0.5:,1@:20", sampler="heun")
+    evaluations = [2] * (steps - 1) + [1]  # Heun: no correction on the last step
+    for k, counter in enumerate(counters):
+        expected = sum(e for p, e in zip(result.plan, evaluations, strict=True) if p.bricks > k)
+        assert counter.calls == expected, (k, counter.calls, expected)
+    assert counters[0].calls == sum(evaluations)  # the first brick always runs
+    assert 0 < counters[2].calls < counters[0].calls and 0 < counters[1].calls < counters[0].calls
+    assert result.timing.bricks_skipped == sum(
+        (3 - p.bricks) * e for p, e in zip(result.plan, evaluations, strict=True)
+    )
+
+
+def test_skipping_changes_the_images_and_holds_under_guidance(models):
+    _, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines)
+    base = dict(num=2, steps=8, batch=2, seed=1)
+    full = pipe(**base).images
+    assert np.array_equal(full, pipe(**base, skip="late", t_break=0.0).images)  # t-break 0 = full chain
+    skipped = pipe(**base, skip="late", t_break=0.5).images
+    assert np.abs(full - skipped).max() > 1e-3
+
+    counters = count_calls(pipe)
+    guided = pipe(**base, skip="late", t_break=0.5, guidance=3.0)
+    plain_calls = [c.calls for c in counters]
+    assert plain_calls[2] < plain_calls[0]  # the top brick was skipped with guidance on
+    assert guided.timing.bricks_skipped > 0
+    assert np.abs(guided.images - skipped).max() > 1e-3  # and guidance itself changed the images
+
+
+def test_non_square_canvases_and_tile_shift(models):
+    _, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines)
+    for hw in [(16, 48), (48, 16), (32, 32)]:
+        assert pipe(num=1, steps=2, resolution=hw).images.shape == (1, 1, *hw)
+    plan_default = pipe.plan(4, resolution=(16, 48))
+    assert any(p.shift != (0, 0) for p in plan_default)  # on by default above the training size
+    assert all(p.shift == (0, 0) for p in pipe.plan(4, resolution=(16, 16)))
+    shifted = pipe(num=1, steps=4, resolution=(16, 48), tile_shift=True).images
+    unshifted = pipe(num=1, steps=4, resolution=(16, 48), tile_shift=False).images
+    assert np.abs(shifted - unshifted).max() > 1e-3
+
+
+def test_images_depend_only_on_seed_and_index(models):
+    _, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines)
+    whole = pipe(num=4, steps=3, batch=4).images
+    split = pipe(num=4, steps=3, batch=1, indices=[2, 3]).images
+    np.testing.assert_allclose(whole[2:], split, atol=1e-5)
+
+
+def run_cli(args):
+    return CliRunner().invoke(lego_run, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_writes_grid_npz_and_timing(models, tmp_path):
+    _, engines = models["pg"]
+    result = run_cli(
+        [
+            "--engines",
+            engines,
+            "--steps",
+            3,
+            "--num",
+            5,
+            "--batch",
+            2,
+            "--class",
+            1,
+            "--class",
+            3,
+            "--skip-late-bricks",
+            "--out",
+            tmp_path / "g.png",
+            "--save-npz",
+            tmp_path / "s.npz",
+            "--out-dir",
+            tmp_path / "each",
+            "--timing-json",
+            tmp_path / "t.json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    data = np.load(tmp_path / "s.npz")
+    assert data["images"].shape == (5, 1, 16, 16) and data["images"].dtype == np.float32
+    assert data["images"].min() >= -1 and data["images"].max() <= 1
+    assert list(data["labels"]) == [1, 3, 1, 3, 1]
+    assert (tmp_path / "g.png").is_file() and len(list((tmp_path / "each").glob("*.png"))) == 5
+    timing = json.loads((tmp_path / "t.json").read_text())
+    assert (
+        timing["images"] == 5
+        and timing["bricks_skipped"] > 0
+        and set(timing["engine_ms_per_step"]) == {"embedder", "brick0", "brick1", "brick2"}
+    )
+    assert "ms/step" in result.output and "images/s" in result.output
+
+
+def test_cli_plan(models):
+    _, engines = models["pr"]
+    result = run_cli(["--engines", engines, "--steps", 10, "--skip-late-bricks", "--plan"])
+    assert result.exit_code == 0
+    assert "skip brick 2 (local) for sigma >" in result.output and "brick FLOPs saved" in result.output
+
+
+def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
+    _, engines = models["pg"]
+    _, uncond = models["uncond"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{oops")
+    out = tmp_path / "never.png"
+    cases = [
+        (["--engines", tmp_path / "nothing"], "no engines found"),
+        (["--engines", broken], "not valid JSON"),
+        (["--engines", engines, "--resolution", "16x20"], "not a multiple of the largest brick size 16"),
+        (["--engines", engines, "--resolution", "big"], "write HxW"),
+        (["--engines", engines, "--class", 12], "class 12 is out of range"),
+        (["--engines", uncond, "--cfg", 2], "needs a class-conditional model"),
+        (["--engines", engines, "--backend", "tensorrt"], "TensorRT is not installed"),
+        (["--engines", engines, "--backend", "torch"], "needs --ckpt"),
+        (["--engines", engines, "--skip-policy", "9@1:"], "brick index must be 0 to 2"),
+        (["--engines", engines, "--skip-late-bricks", "--skip-policy", "2@1:"], "not both"),
+    ]
+    for args, message in cases:
+        result = run_cli([*args, "--steps", 2, "--num", 1, "--out", out])
+        assert result.exit_code != 0, args
+        assert message in result.output and "Traceback" not in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+
+
+def test_tampered_engine_is_refused(models, tmp_path):
+    import shutil
+
+    _, engines = models["pg"]
+    copy = tmp_path / "e"
+    shutil.copytree(engines, copy)
+    with open(copy / "brick0.ort.onnx", "ab") as f:
+        f.write(b"\0")
+    result = run_cli(["--engines", copy, "--steps", 2, "--num", 1, "--out", tmp_path / "x.png"])
+    assert result.exit_code != 0 and "brick0.ort.onnx: sha256 differs" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_leaves_no_output(models, tmp_path, monkeypatch):
+    _, engines = models["pg"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LegoPipeline, "__call__", interrupted)
+    result = run_cli(["--engines", engines, "--out", tmp_path / "g.png", "--save-npz", tmp_path / "s.npz"])
+    assert result.exit_code != 0 and "interrupted" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_runtime_works_without_torch(models, tmp_path):
+    """ONNX Runtime sampling and the CLI in a process where importing torch fails."""
+    _, engines = models["pg"]
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any 'import torch' now raises ImportError
+from lego_export.runtime import LegoPipeline
+images = LegoPipeline.from_engines({str(engines)!r})(num=2, steps=2, skip="late").images
+assert images.shape == (2, 1, 16, 16), images.shape
+from lego_export.runtime.cli import main
+main(["--engines", {str(engines)!r}, "--steps", "2", "--num", "2", "--out", {str(tmp_path / "g.png")!r}])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch" not in proc.stderr and (tmp_path / "g.png").is_file()
+
+
+def test_torchrun_splits_seeds(models, tmp_path):
+    _, engines = models["pg"]
+    args = ["--engines", str(engines), "--steps", "3", "-n", "5", "--batch", "2"]
+    single = tmp_path / "one.npz"
+    assert run_cli([*args, "--out", tmp_path / "one.png", "--save-npz", single]).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lego_export.runtime.cli",
+        *args,
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "two.png"),
+        "--save-npz",
+        str(tmp_path / "two.npz"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 process(es)" in proc.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "two.npz")["images"], np.load(single)["images"], atol=1e-5)

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from lego_export.errors import LegoError
+from lego_export.runtime.sampler import karras_sigmas
+from lego_export.runtime.schedule import (
+    karras_sigma_at,
+    late_brick_policy,
+    make_plan,
+    parse_policy,
+    tile_shift,
+)
+
+
+def test_continuous_schedule_matches_the_discrete_one():
+    sigmas = karras_sigmas(11)
+    for i, s in enumerate(sigmas[:-1]):
+        assert karras_sigma_at(i / 10) == pytest.approx(s)
+
+
+def test_pg_skips_the_global_brick_late_and_pr_the_local_brick_early():
+    pg = late_brick_policy([4, 16, 32], 0.3)
+    pr = late_brick_policy([32, 16, 4], 0.3)
+    assert pg.bricks_at(80.0, 3) == 3 and pg.bricks_at(0.01, 3) == 2
+    assert pr.bricks_at(80.0, 3) == 2 and pr.bricks_at(0.01, 3) == 3
+
+
+@pytest.mark.parametrize("steps", [20, 50, 200])
+@pytest.mark.parametrize("t_break", [0.3, 0.5])
+def test_t_break_is_a_fraction_of_steps_at_any_step_count(steps, t_break):
+    plan = make_plan(karras_sigmas(steps), 3, late_brick_policy([4, 16, 32], t_break))
+    skipped = sum(p.bricks == 2 for p in plan)
+    assert abs(skipped / steps - t_break) <= 1.5 / steps
+    # a prefix: every skipping step comes after every full step
+    assert all(p.bricks == 3 for p in plan[: steps - skipped])
+
+
+def test_explicit_spec():
+    policy = parse_policy("2@0.5:, 1@:40", 3)
+    assert policy.bricks_at(60.0, 3) == 1  # brick 1 not allowed above 40 -> brick 2 cannot run either
+    assert policy.bricks_at(10.0, 3) == 3
+    assert policy.bricks_at(0.1, 3) == 2
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("2-0.5", "cannot read skip rule"),
+        ("5@0.1:", "brick index must be 0 to 2"),
+        ("0@1:", "brick 0 always runs"),
+        ("2@3:1", "lower bound above upper bound"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(LegoError, match=message):
+        parse_policy(spec, 3)
+
+
+def test_bad_t_break_and_single_brick():
+    with pytest.raises(LegoError, match="between 0 and 1"):
+        late_brick_policy([4, 16, 32], 1.5)
+    with pytest.raises(LegoError, match="single brick"):
+        late_brick_policy([32], 0.3)
+
+
+def test_tile_shifts_are_reproducible_and_vary():
+    shifts = [tile_shift(i, 32) for i in range(20)]
+    assert shifts == [tile_shift(i, 32) for i in range(20)]
+    assert len(set(shifts)) > 10 and all(0 <= d < 32 for s in shifts for d in s)
+    assert all(p.shift == (0, 0) for p in make_plan(np.array([80.0, 1.0, 0.0]), 3, late_brick_policy([4, 8], 0)))
