@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CKPT   := checkpoints/fmnist-pg-s.safetensors
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench clean
 
 # torch first, pinned to the CPU build on local disk, so no dependency pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -25,6 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Latency and quality benchmarks (results under benchmarks/results/); needs make demo's engines/.
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) demo

@@ -5,14 +5,12 @@ No pickle anywhere: loading a checkpoint never runs code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from lego_export.config import LegoConfig
 from lego_export.errors import LegoError
@@ -35,6 +33,8 @@ def save_checkpoint(path: str | Path, model: LegoModel, extra: dict | None = Non
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra, sort_keys=True)
+    from safetensors.torch import save_file
+
     tmp = atomic_path(path)
     try:
         save_file(state, str(tmp), metadata=metadata)
@@ -43,24 +43,42 @@ def save_checkpoint(path: str | Path, model: LegoModel, extra: dict | None = Non
         tmp.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | Path) -> tuple[LegoConfig, dict[str, torch.Tensor], dict]:
-    """Return (config, state dict, extra metadata); one-line LegoError for anything not a LEGO checkpoint."""
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a LEGO .safetensors file, read from its JSON header alone (no weights loaded)."""
     path = Path(path)
     if not path.is_file():
         raise LegoError(f"checkpoint not found: {path}")
     try:
-        from safetensors import safe_open
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000 or length > path.stat().st_size - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
+    metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise LegoError(f"{path} is a .safetensors file but not a LEGO checkpoint (no lego-export metadata)")
+    return metadata
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+
+def read_config(path: str | Path) -> LegoConfig:
+    """The model config stored in a checkpoint, without loading its weights."""
+    return LegoConfig.from_json(read_metadata(path)["config"])
+
+
+def read_checkpoint(path: str | Path) -> tuple[LegoConfig, dict[str, torch.Tensor], dict]:
+    """Return (config, state dict, extra metadata); one-line LegoError for anything not a LEGO checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
-    if metadata.get("format") != FORMAT or "config" not in metadata:
-        raise LegoError(f"{path} is a .safetensors file but not a LEGO checkpoint (no lego-export metadata)")
     cfg = LegoConfig.from_json(metadata["config"])
-    extra = json.loads(metadata.get("extra", "{}"))
-    return cfg, state, extra
+    return cfg, state, json.loads(metadata.get("extra", "{}"))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LegoModel:
@@ -73,11 +91,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LegoMode
         first = str(e).strip().splitlines()[0]
         raise LegoError(f"{path}: weights do not match the config stored in the file ({first})") from None
     return model.to(device).eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

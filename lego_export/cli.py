@@ -151,9 +151,9 @@ def build(
 
 
 def _brick_count(ckpt: str) -> int:
-    from lego_export.checkpoint import read_checkpoint
+    from lego_export.checkpoint import read_config
 
-    return len(read_checkpoint(ckpt)[0].bricks)
+    return len(read_config(ckpt).bricks)
 
 
 def _plans_from_onnx(folder: Path, out: Path, target: str, version_compatible: bool, hardware_compatible: bool):

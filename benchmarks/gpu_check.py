@@ -1,0 +1,208 @@
+"""GPU latency check: PyTorch CUDA fp32 / fp16 / bf16 / CUDA graphs, full and skipped chain,
+plus ONNX Runtime on this machine's CPU cores for scale. Run through benchmarks/gpu_check.sh.
+
+Needs only torch (with CUDA) and numpy; onnx and onnxruntime for the CPU row. Weights come from the
+checkpoint when safetensors is installed, else the model is randomly initialised from the
+checkpoint's config (latency does not depend on weight values; the output says which).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lego_export.checkpoint import read_config  # noqa: E402
+from lego_export.model import LegoModel  # noqa: E402
+
+HEUN_EVALS = 99  # a 50-step Heun sample makes 99 denoiser evaluations
+
+
+def load(ckpt: str) -> tuple[LegoModel, str]:
+    cfg = read_config(ckpt)
+    model = LegoModel(cfg)
+    try:
+        from lego_export.checkpoint import load_model
+
+        return load_model(ckpt), "checkpoint weights"
+    except ImportError:
+        return model.eval(), "random weights (safetensors not installed)"
+
+
+def gpu_time(fn, reps: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of fn on the GPU (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def cuda_rows(model: LegoModel, batches, canvases) -> list[dict]:
+    model = model.cuda()
+    k_all = len(model.bricks)
+    rows = []
+    for h, w in canvases:
+        for b in batches:
+            x = torch.randn(b, model.cfg.img_channels, h, w, device="cuda")
+            onehot = torch.nn.functional.one_hot(
+                torch.arange(b, device="cuda") % max(model.cfg.num_classes, 1), max(model.cfg.num_classes, 1)
+            ).float()
+            onehot = onehot if model.cfg.num_classes else None
+            sigma = torch.ones(b, device="cuda")
+            for k, chain in ((k_all, "full"), (k_all - 1, "skip last")):
+                if k < 1:
+                    continue
+                for mode in ("fp32", "fp16", "bf16", "fp16+graph"):
+                    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp16+graph": torch.float16}.get(mode)
+
+                    def step(k=k, dtype=dtype):
+                        with (
+                            torch.inference_mode(),
+                            torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),
+                        ):
+                            return model(x, sigma, onehot, num_bricks=k)
+
+                    fn = step
+                    if mode.endswith("graph"):
+                        fn = _graphed(step)
+                    ms = gpu_time(fn)
+                    rows.append(
+                        {
+                            "device": "cuda",
+                            "mode": mode,
+                            "canvas": f"{h}x{w}",
+                            "batch": b,
+                            "chain": chain,
+                            "ms_per_step": ms,
+                            "images_per_s": b / (ms * HEUN_EVALS / 1e3),
+                        }
+                    )
+    return rows
+
+
+def _graphed(step):
+    """Capture one denoiser evaluation in a CUDA graph; replaying it skips kernel-launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def ort_cpu_rows(model: LegoModel, batches) -> list[dict]:
+    """The same model exported to ONNX (no clean-up) and run by the runtime on the CPU."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from lego_export.export.build import Manifest, engine_jobs
+        from lego_export.export.onnx import export_module
+        from lego_export.manifest import EngineFile, sha256_file
+        from lego_export.runtime.pipeline import LegoPipeline
+        from lego_export.runtime.schedule import StepPlan
+    except ImportError as e:
+        print(f"ONNX Runtime row skipped: {e}")
+        return []
+    model = model.float().cpu()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        jobs = engine_jobs(model, max(batches), 16)
+        for job in jobs:
+            path = folder / f"{job.spec.name}.onnx"
+            example = tuple(torch.randn([2 if d == "N" else d for d in t.shape]) for t in job.spec.inputs)
+            export_module(
+                job.module, example, [t.name for t in job.spec.inputs], [t.name for t in job.spec.outputs], path
+            )
+            job.spec.files["onnx"] = EngineFile(path.name, sha256_file(path), path.stat().st_size, "fp32")
+        cfg = json.loads(model.cfg.to_json())
+        manifest = Manifest(
+            cfg,
+            {"sigma_data": model.cfg.sigma_data, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+            model.cfg.num_classes,
+            {"checkpoint": "-", "sha256": "-"},
+            {},
+            [j.spec for j in jobs],
+        )
+        manifest.write(folder)
+        pipe = LegoPipeline.from_engines(folder, "onnxruntime")
+        res = model.cfg.img_resolution
+        for b in batches:
+            x = np.random.default_rng(0).standard_normal((b, model.cfg.img_channels, res, res)).astype(np.float32)
+            onehot = np.eye(model.cfg.num_classes, dtype=np.float32)[np.arange(b) % model.cfg.num_classes]
+            for k, chain in ((len(jobs) - 1, "full"), (len(jobs) - 2, "skip last")):
+                plan = StepPlan(0, 1.0, k, (0, 0))
+                pipe.denoise(x, 1.0, plan, onehot)
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    pipe.denoise(x, 1.0, plan, onehot)
+                    times.append((time.perf_counter() - start) * 1e3)
+                ms = float(np.median(times))
+                rows.append(
+                    {
+                        "device": "cpu",
+                        "mode": "onnxruntime fp32",
+                        "canvas": f"{res}x{res}",
+                        "batch": b,
+                        "chain": chain,
+                        "ms_per_step": ms,
+                        "images_per_s": b / (ms * HEUN_EVALS / 1e3),
+                    }
+                )
+    return rows
+
+
+def main() -> int:
+    ckpt = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "checkpoints" / "fmnist-pg-s.safetensors")
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU visible to PyTorch; nothing to measure here (run it on an NVIDIA GPU machine)")
+        return 0
+    model, weights = load(ckpt)
+    print(
+        f"gpu_check: {torch.cuda.get_device_name()} (torch {torch.__version__}), model {model.cfg.name} with {weights}"
+    )
+    res = model.cfg.img_resolution
+    rows = cuda_rows(model, [1, 64], [(res, res), (2 * res, 2 * res)])
+    rows += ort_cpu_rows(model, [1, 64])
+    print(f"{'device':6} {'mode':18} {'canvas':8} {'batch':>5} {'chain':10} {'ms/step':>9} {'images/s*':>10}")
+    for r in rows:
+        print(
+            f"{r['device']:6} {r['mode']:18} {r['canvas']:8} {r['batch']:>5} {r['chain']:10} "
+            f"{r['ms_per_step']:>9.3f} {r['images_per_s']:>10.1f}"
+        )
+    print(f"* images/s of a 50-step Heun sample ({HEUN_EVALS} evaluations) at that batch")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(
+            json.dumps(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": weights, "rows": rows},
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Latency of LEGO brick engines and of whole sampling runs, backends side by side in one run.
+
+    python benchmarks/latency.py                 # full run, a few minutes on 2 cores
+    python benchmarks/latency.py --quick         # under 2 minutes
+
+Measures, on this machine, in one process:
+  - the fp32 matmul peak (NumPy and torch, best of both);
+  - every brick engine by N (median / p90 / p99): FLOPs per call, GFLOP/s, fraction of peak,
+    ONNX Runtime against the same brick in PyTorch eager;
+  - one diffusion step with every prefix of the chain (each skip plan), canvases 32x32, 64x64,
+    32x96 and batches 1, 16, 64, ONNX Runtime against PyTorch eager, and the runtime overhead
+    (share of the ONNX Runtime step spent outside engine calls);
+  - whole samples with and without --skip-late-bricks: wall-time saving against the FLOP fraction.
+Writes benchmarks/results/latency.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, matmul_peak_gflops, time_calls, write_json  # noqa: E402
+
+from lego_export.checkpoint import load_model  # noqa: E402
+from lego_export.export.verify import example_feeds  # noqa: E402
+from lego_export.flops import brick_flops_per_tile  # noqa: E402
+from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.runtime.sampler import karras_sigmas, sample  # noqa: E402
+from lego_export.runtime.schedule import StepPlan  # noqa: E402
+
+
+def brick_rows(pipe: LegoPipeline, model, batches, reps, peak) -> list[dict]:
+    """Each brick engine alone, ONNX Runtime vs PyTorch eager, by N."""
+    rows = []
+    m = pipe.manifest.model
+    for spec, timed in zip(pipe.manifest.bricks, pipe.bricks, strict=True):
+        brick_cfg = m["bricks"][spec.index]
+        per_tile = brick_flops_per_tile(brick_cfg, spec.inputs[0].shape[1], m["img_channels"], m["cond_dim"])
+        tiles = (m["img_resolution"] // brick_cfg["size"]) ** 2
+        for b in batches:
+            n = b * tiles
+            feeds = example_feeds(spec, n, np.random.default_rng(0))
+            args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
+            module = model.bricks[spec.index]
+            with torch.inference_mode():
+                t_torch = time_calls(lambda mod=module, a=args: mod(*a), reps)
+            t_ort = time_calls(lambda r=timed.runner, f=feeds: r.infer(f), reps)
+            gflops = per_tile * n / t_ort["median_ms"] / 1e6
+            rows.append(
+                {
+                    "brick": spec.name,
+                    "size": brick_cfg["size"],
+                    "images": b,
+                    "N": n,
+                    "gflop_per_call": per_tile * n / 1e9,
+                    "ort_ms": t_ort["median_ms"],
+                    "ort_p90_ms": t_ort["p90_ms"],
+                    "ort_p99_ms": t_ort["p99_ms"],
+                    "torch_ms": t_torch["median_ms"],
+                    "torch_p90_ms": t_torch["p90_ms"],
+                    "torch_p99_ms": t_torch["p99_ms"],
+                    "ort_over_torch": t_ort["median_ms"] / t_torch["median_ms"],
+                    "ort_gflops": gflops,
+                    "fraction_of_peak": gflops / peak,
+                }
+            )
+    return rows
+
+
+def step_rows(pipe: LegoPipeline, model, canvases, batches, reps) -> list[dict]:
+    """One denoiser evaluation at sigma = 1 with each prefix of the chain."""
+    rows = []
+    k_all = len(pipe.brick_sizes)
+    for h, w in canvases:
+        for b in batches:
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((b, pipe.channels, h, w)).astype(np.float32)
+            onehot = np.eye(pipe.num_classes, dtype=np.float32)[np.arange(b) % pipe.num_classes]
+            tx, toh = torch.from_numpy(x), torch.from_numpy(onehot)
+            for k in range(k_all, 0, -1):
+                plan = StepPlan(0, 1.0, k, (0, 0))
+                pipe._timing = timing = type(pipe._timing)()
+                start = time.perf_counter()
+                t_ort = time_calls(lambda p=plan: pipe.denoise(x, 1.0, p, onehot), reps)
+                wall = time.perf_counter() - start
+                engine_s = sum(timing.engine_ms.values()) / 1e3
+                with torch.inference_mode():
+                    t_torch = time_calls(lambda kk=k: model(tx, 1.0, toh, num_bricks=kk), reps)
+                rows.append(
+                    {
+                        "canvas": f"{h}x{w}",
+                        "batch": b,
+                        "bricks": k,
+                        "ort_ms": t_ort["median_ms"],
+                        "ort_p90_ms": t_ort["p90_ms"],
+                        "torch_ms": t_torch["median_ms"],
+                        "torch_p90_ms": t_torch["p90_ms"],
+                        "ort_over_torch": t_ort["median_ms"] / t_torch["median_ms"],
+                        "overhead_fraction": max(0.0, 1 - engine_s / wall),
+                    }
+                )
+    return rows
+
+
+def sample_rows(pipe: LegoPipeline, model, steps: int, batch: int) -> list[dict]:
+    """Whole samples (batch images, all steps), full chain and --skip-late-bricks, both backends."""
+    rows = []
+    onehot = torch.eye(pipe.num_classes)[torch.arange(batch) % pipe.num_classes]
+    sigmas = karras_sigmas(steps)
+    for skip in (None, "late"):
+        plan = pipe.plan(steps, skip)
+        start = time.perf_counter()
+        pipe(num=batch, steps=steps, batch=batch, skip=skip)
+        t_ort = time.perf_counter() - start
+        noise = torch.randn(batch, pipe.channels, pipe.resolution, pipe.resolution)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            sample(lambda x, s, i: model(x, s, onehot, num_bricks=plan[i].bricks), noise, sigmas)
+        t_torch = time.perf_counter() - start
+        rows.append(
+            {
+                "skip": skip or "none",
+                "steps": steps,
+                "batch": batch,
+                "flops_saved": pipe.flops_saved(plan),
+                "ort_s_per_image": t_ort / batch,
+                "torch_s_per_image": t_torch / batch,
+                "ort_over_torch": t_ort / t_torch,
+            }
+        )
+    full, skipped = rows
+    for backend in ("ort", "torch"):
+        saved = 1 - skipped[f"{backend}_s_per_image"] / full[f"{backend}_s_per_image"]
+        skipped[f"{backend}_time_saved"] = saved
+        skipped[f"{backend}_saving_vs_flops"] = saved / skipped["flops_saved"] if skipped["flops_saved"] else None
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bricks = results["bricks"]
+    for name in sorted({r["brick"] for r in bricks}):
+        rs = [r for r in bricks if r["brick"] == name]
+        axes[0].plot([r["N"] for r in rs], [r["ort_gflops"] for r in rs], "o-", label=f"{name} ONNX Runtime")
+        axes[0].plot(
+            [r["N"] for r in rs], [r["gflop_per_call"] / r["torch_ms"] * 1e3 for r in rs], "x--", label=f"{name} torch"
+        )
+    axes[0].axhline(results["peak_gflops"]["peak"], color="k", lw=0.8, label="matmul peak")
+    axes[0].set(xscale="log", xlabel="tiles per call (N)", ylabel="GFLOP/s", title="brick engines")
+    axes[0].legend(fontsize=7)
+    steps = [r for r in results["steps"] if r["canvas"] == "32x32"]
+    for b in sorted({r["batch"] for r in steps}):
+        rs = sorted((r for r in steps if r["batch"] == b), key=lambda r: r["bricks"])
+        axes[1].plot([r["bricks"] for r in rs], [r["ort_ms"] / b for r in rs], "o-", label=f"ORT batch {b}")
+        axes[1].plot([r["bricks"] for r in rs], [r["torch_ms"] / b for r in rs], "x--", label=f"torch batch {b}")
+    axes[1].set(
+        xlabel="bricks run (prefix length)", ylabel="ms per image per step", yscale="log", title="one step, 32x32"
+    )
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(results: dict) -> str:
+    lines = [
+        f"# Latency ({results['machine']['cpu']}, {results['threads']} threads)",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Measured fp32 matmul peak: {results['peak_gflops']['peak']:.1f} GFLOP/s "
+        f"(NumPy {results['peak_gflops']['numpy']:.1f}, torch {results['peak_gflops'].get('torch', 0):.1f}).",
+        "",
+        "## Brick engines",
+        "",
+    ]
+    lines.append(
+        markdown_table(
+            results["bricks"],
+            [
+                ("brick", "brick", "s"),
+                ("size", "tile", "d"),
+                ("images", "images", "d"),
+                ("N", "N", "d"),
+                ("gflop_per_call", "GFLOP/call", ".3f"),
+                ("ort_ms", "ORT ms", ".2f"),
+                ("ort_p90_ms", "p90", ".2f"),
+                ("ort_p99_ms", "p99", ".2f"),
+                ("torch_ms", "torch ms", ".2f"),
+                ("ort_over_torch", "ORT/torch", ".2f"),
+                ("ort_gflops", "GFLOP/s", ".1f"),
+                ("fraction_of_peak", "of peak", ".0%"),
+            ],
+        )
+    )
+    lines += ["", "## One step (sigma = 1), each prefix of the chain", ""]
+    lines.append(
+        markdown_table(
+            results["steps"],
+            [
+                ("canvas", "canvas", "s"),
+                ("batch", "batch", "d"),
+                ("bricks", "bricks run", "d"),
+                ("ort_ms", "ORT ms", ".1f"),
+                ("ort_p90_ms", "p90", ".1f"),
+                ("torch_ms", "torch ms", ".1f"),
+                ("ort_over_torch", "ORT/torch", ".2f"),
+                ("overhead_fraction", "runtime overhead", ".1%"),
+            ],
+        )
+    )
+    lines += ["", "## Whole samples", ""]
+    lines.append(
+        markdown_table(
+            results["samples"],
+            [
+                ("skip", "skip", "s"),
+                ("steps", "steps", "d"),
+                ("batch", "batch", "d"),
+                ("flops_saved", "FLOPs saved", ".1%"),
+                ("ort_s_per_image", "ORT s/image", ".3f"),
+                ("torch_s_per_image", "torch s/image", ".3f"),
+                ("ort_time_saved", "ORT time saved", ".1%"),
+                ("ort_saving_vs_flops", "saved/FLOPs", ".2f"),
+                ("torch_time_saved", "torch time saved", ".1%"),
+            ],
+        )
+    )
+    lines += ["", "## Targets (batch 16, 32x32)", ""]
+    lines.append(
+        markdown_table(results["targets"], [("target", "target", "s"), ("value", "measured", "s"), ("met", "met", "s")])
+    )
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: dict) -> list[dict]:
+    step = {r["bricks"]: r for r in results["steps"] if r["canvas"] == "32x32" and r["batch"] == 16}
+    k = max(step)
+    largest = max((r for r in results["bricks"] if r["images"] == 16), key=lambda r: r["size"])
+    skipped = results["samples"][1]
+    rows = [
+        (
+            "ONNX Runtime step <= 0.6x PyTorch eager",
+            step[k]["ort_over_torch"],
+            step[k]["ort_over_torch"] <= 0.6,
+            "{:.2f}x",
+        ),
+        (
+            "skip saves >= 90% of the FLOP fraction (wall time)",
+            skipped["ort_saving_vs_flops"],
+            (skipped["ort_saving_vs_flops"] or 0) >= 0.9,
+            "{:.0%}",
+        ),
+        (
+            "runtime overhead <= 5% of step time",
+            step[k]["overhead_fraction"],
+            step[k]["overhead_fraction"] <= 0.05,
+            "{:.1%}",
+        ),
+        (
+            "largest brick >= 40% of matmul peak",
+            largest["fraction_of_peak"],
+            largest["fraction_of_peak"] >= 0.4,
+            "{:.0%}",
+        ),
+    ]
+    return [{"target": t, "value": f.format(v), "met": "yes" if ok else "no"} for t, v, ok, f in rows]
+
+
+@click.command()
+@click.option("--engines", default="engines", show_default=True)
+@click.option("--ckpt", default="checkpoints/fmnist-pg-s.safetensors", show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer sizes and repetitions: under 2 minutes.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--out", default="benchmarks/results", show_default=True)
+def main(engines: str, ckpt: str, quick: bool, threads: int, out: str) -> None:
+    torch.set_num_threads(threads)
+    pipe = LegoPipeline.from_engines(engines, "onnxruntime", threads=threads)
+    model = load_model(ckpt)
+    if quick:
+        batches, canvases, reps, steps = [16], [(32, 32)], 5, 10
+    else:
+        batches, canvases, reps, steps = [1, 16, 64], [(32, 32), (64, 64), (32, 96)], 10, 50
+    results = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine(),
+        "threads": threads,
+        "peak_gflops": matmul_peak_gflops(threads),
+    }
+    peak = results["peak_gflops"]["peak"]
+    click.echo(f"matmul peak {peak:.1f} GFLOP/s", err=True)
+    results["bricks"] = brick_rows(pipe, model, batches, 3 * reps, peak)
+    click.echo("bricks done", err=True)
+    results["steps"] = step_rows(pipe, model, canvases, batches if not quick else [16], reps)
+    click.echo("steps done", err=True)
+    results["samples"] = sample_rows(pipe, model, steps, 16)
+    results["targets"] = targets(results)
+    name = "latency-quick" if quick else "latency"
+    out_dir = Path(out)
+    write_json(out_dir / f"{name}.json", results)
+    text = report(results)
+    (out_dir / f"{name}.md").write_text(text)
+    try:
+        plot(results, out_dir / f"{name}.png")
+    except ImportError:
+        click.echo("matplotlib not installed: no plot (pip install matplotlib)", err=True)
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The measuring sticks of benchmarks/: they must tell apart what differs and agree on what does not."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import markdown_table, time_calls  # noqa: E402
+from quality import fid, kid  # noqa: E402
+
+from lego_export.flops import brick_flops_per_tile  # noqa: E402
+
+
+def test_fid_and_kid_separate_distributions():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3000, 16)), rng.standard_normal((3000, 16))
+    shifted = b + 0.5
+    assert fid(a, b) < 0.05 and fid(a, shifted) > 16 * 0.25 * 0.9
+    assert abs(kid(a, b, subsets=10, size=500)) < 0.01 < kid(a, shifted, subsets=10, size=500)
+    # FID of a Gaussian with scaled covariance: d * (s - 1)^2 for s = sqrt(variance ratio)
+    assert abs(fid(a, 2 * b) - 16 * (2 - 1) ** 2) < 1.0
+
+
+def test_flops_match_a_hand_count():
+    brick = {"size": 4, "patch": 2, "depth": 1, "width": 8, "mlp_ratio": 4.0}
+    tokens, w, d = 4, 8, 8
+    expected = 2 * (
+        tokens * 3 * 4 * w  # patch embedding: 3 channels x 2 x 2 pixels -> w
+        + tokens * 4 * w * w
+        + 2 * tokens * tokens * w
+        + tokens * 2 * w * 4 * w
+        + d * 6 * w
+        + tokens * w * 4 * 1
+        + d * 2 * w
+    )
+    assert brick_flops_per_tile(brick, 3, 1, d) == expected
+
+
+def test_timing_statistics_and_table():
+    stats = time_calls(lambda: sum(range(1000)), reps=20)
+    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+    table = markdown_table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "d")])
+    assert table.splitlines()[2] == "| 1.2 | - |"
+
+
+def test_gpu_check_exits_cleanly_without_a_gpu():
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stdout
