@@ -71,7 +71,7 @@ def cuda_rows(model: LegoModel, batches, canvases) -> list[dict]:
                 for mode in ("fp32", "fp16", "bf16", "fp16+graph"):
                     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp16+graph": torch.float16}.get(mode)
 
-                    def step(k=k, dtype=dtype):
+                    def step(k=k, dtype=dtype, x=x, sigma=sigma, onehot=onehot):
                         with (
                             torch.inference_mode(),
                             torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),

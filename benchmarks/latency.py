@@ -87,11 +87,11 @@ def step_rows(pipe: LegoPipeline, model, canvases, batches, reps) -> list[dict]:
                 plan = StepPlan(0, 1.0, k, (0, 0))
                 pipe._timing = timing = type(pipe._timing)()
                 start = time.perf_counter()
-                t_ort = time_calls(lambda p=plan: pipe.denoise(x, 1.0, p, onehot), reps)
+                t_ort = time_calls(lambda p=plan, x=x, oh=onehot: pipe.denoise(x, 1.0, p, oh), reps)
                 wall = time.perf_counter() - start
                 engine_s = sum(timing.engine_ms.values()) / 1e3
                 with torch.inference_mode():
-                    t_torch = time_calls(lambda kk=k: model(tx, 1.0, toh, num_bricks=kk), reps)
+                    t_torch = time_calls(lambda kk=k, tx=tx, toh=toh: model(tx, 1.0, toh, num_bricks=kk), reps)
                 rows.append(
                     {
                         "canvas": f"{h}x{w}",
@@ -121,7 +121,7 @@ def sample_rows(pipe: LegoPipeline, model, steps: int, batch: int) -> list[dict]
         noise = torch.randn(batch, pipe.channels, pipe.resolution, pipe.resolution)
         start = time.perf_counter()
         with torch.inference_mode():
-            sample(lambda x, s, i: model(x, s, onehot, num_bricks=plan[i].bricks), noise, sigmas)
+            sample(lambda x, s, i, plan=plan: model(x, s, onehot, num_bricks=plan[i].bricks), noise, sigmas)
         t_torch = time.perf_counter() - start
         rows.append(
             {
