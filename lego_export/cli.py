@@ -14,19 +14,22 @@ from lego_export.errors import LegoError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def one_line_errors(fn):
+def one_line_errors(interrupted: str = "interrupted; nothing partial was left behind"):
     """Turn LegoError and Ctrl-C into a one-line message and a non-zero exit, never a traceback."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LegoError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing partial was left behind") from None
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except LegoError as e:
+                raise click.ClickException(str(e)) from None
+            except KeyboardInterrupt:
+                raise click.ClickException(interrupted) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 @click.group(context_settings=CONTEXT)
@@ -97,7 +100,7 @@ class _Progress:
 @click.option("--version-compatible", is_flag=True, help="TensorRT: plans that load in later TensorRT versions.")
 @click.option("--hardware-compatible", is_flag=True, help="TensorRT: plans that run on any Ampere-or-newer GPU.")
 @click.option("--force", is_flag=True, help="Replace engines of another checkpoint in --out.")
-@one_line_errors
+@one_line_errors()
 def build(
     ckpt,
     from_onnx,
@@ -197,7 +200,7 @@ def _manifest_table(manifest, folder: Path) -> str:
 
 @export_main.command()
 @click.argument("engines", default="engines", type=click.Path())
-@one_line_errors
+@one_line_errors()
 def inspect(engines: str) -> None:
     """Print the manifest of an engines folder as a table."""
     from lego_export.manifest import Manifest
@@ -208,7 +211,7 @@ def inspect(engines: str) -> None:
 @export_main.command()
 @click.argument("engines", default="engines", type=click.Path())
 @click.option("--ckpt", type=click.Path(dir_okay=False), help="Also re-check parity against this checkpoint.")
-@one_line_errors
+@one_line_errors()
 def verify(engines: str, ckpt: str | None) -> None:
     """Re-check every engine file's sha256 (and, given --ckpt, its parity with PyTorch)."""
     from lego_export.manifest import Manifest, sha256_file

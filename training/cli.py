@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lego_export.cli import one_line_errors
 from lego_export.config import preset_names
-from lego_export.errors import LegoError
 from training.loop import TrainConfig, train
 
 
@@ -64,6 +64,7 @@ from training.loop import TrainConfig, train
     show_default=True,
     help="Write checkpoint, resumable state and sample grid every this many thousand images.",
 )
+@one_line_errors(interrupted="interrupted; the last snapshot can be resumed with --resume")
 def main(**kwargs) -> None:
     """Train a LEGO diffusion model.
 
@@ -72,12 +73,7 @@ def main(**kwargs) -> None:
     Several:       torchrun --nproc_per_node 2 -m training.cli --data ... --out ...
     Continue:      lego-train --data fashion-mnist --out runs/pg-s --resume runs/pg-s --kimg 2000
     """
-    try:
-        path = train(TrainConfig(**kwargs))
-    except LegoError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; the last snapshot can be resumed with --resume") from None
+    path = train(TrainConfig(**kwargs))
     click.echo(f"done: {path}")
 
 

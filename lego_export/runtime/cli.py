@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from lego_export.cli import one_line_errors
 from lego_export.errors import LegoError
 from lego_export.runtime.backends import BACKENDS
 from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline
@@ -166,6 +167,7 @@ def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz
 )
 @click.option("--plan", "plan_only", is_flag=True, help="Print the per-step brick plan and FLOPs saved; run nothing.")
 @click.option("--timing-json", default=None, help="Write the timing summary as JSON here.")
+@one_line_errors()
 def main(
     engines,
     steps,
@@ -198,63 +200,6 @@ def main(
     lego-run --engines engines/ --resolution 32x96 --class 7 --num 8 --out wide.png
     lego-run --engines engines/ --steps 50 --skip-late-bricks --plan
     """
-    try:
-        _run(
-            engines,
-            steps,
-            sampler,
-            skip_late_bricks,
-            t_break,
-            skip_policy,
-            resolution,
-            num,
-            batch,
-            classes,
-            cfg,
-            seed,
-            backend,
-            ckpt,
-            device,
-            threads,
-            out,
-            out_dir,
-            save_npz,
-            columns,
-            tile_shift,
-            plan_only,
-            timing_json,
-        )
-    except LegoError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; no output files were written") from None
-
-
-def _run(
-    engines,
-    steps,
-    sampler,
-    skip_late_bricks,
-    t_break,
-    skip_policy,
-    resolution,
-    num,
-    batch,
-    classes,
-    cfg,
-    seed,
-    backend,
-    ckpt,
-    device,
-    threads,
-    out,
-    out_dir,
-    save_npz,
-    columns,
-    tile_shift,
-    plan_only,
-    timing_json,
-):
     from lego_export.manifest import Manifest
 
     if skip_late_bricks and skip_policy:
