@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,3 +22,21 @@ def tiny_npz(tmp_path):
     path = tmp_path / "squares.npz"
     np.savez(path, images=images, labels=labels)
     return path
+
+
+def run_torchrun(module: str, args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """python -m torch.distributed.run --standalone ... -m module args, one thread per process."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        module,
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)

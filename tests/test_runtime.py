@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from lego_export.export.build import BuildOptions, build
 from lego_export.model import LegoModel
 from lego_export.runtime.cli import main as lego_run
 from lego_export.runtime.pipeline import LegoPipeline
+from tests.conftest import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,25 +256,10 @@ def test_torchrun_splits_seeds(models, tmp_path):
     args = ["--engines", str(engines), "--steps", "3", "-n", "5", "--batch", "2"]
     single = tmp_path / "one.npz"
     assert run_cli([*args, "--out", tmp_path / "one.png", "--save-npz", single]).exit_code == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
+    proc = run_torchrun(
         "lego_export.runtime.cli",
-        *args,
-        "--threads",
-        "1",
-        "--out",
-        str(tmp_path / "two.png"),
-        "--save-npz",
-        str(tmp_path / "two.npz"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        [*args, "--threads", "1", "--out", str(tmp_path / "two.png"), "--save-npz", str(tmp_path / "two.npz")],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout
     np.testing.assert_allclose(np.load(tmp_path / "two.npz")["images"], np.load(single)["images"], atol=1e-5)

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
@@ -10,6 +7,7 @@ from click.testing import CliRunner
 from lego_export.checkpoint import load_model
 from lego_export.config import get_preset
 from lego_export.model import LegoModel
+from tests.conftest import run_torchrun
 from training.cli import main as lego_train
 from training.data import load_dataset, to_model_range
 from training.loss import EDMLoss
@@ -100,32 +98,25 @@ def test_user_errors_are_one_line(tmp_path, tiny_npz):
 
 def test_torchrun_two_processes(tiny_npz, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
+    proc = run_torchrun(
         "training.cli",
-        "--data",
-        str(tiny_npz),
-        "--preset",
-        "tiny",
-        "--kimg",
-        "0.128",
-        "--batch",
-        "32",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--snapshot-kimg",
-        "1",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        [
+            "--data",
+            str(tiny_npz),
+            "--preset",
+            "tiny",
+            "--kimg",
+            "0.128",
+            "--batch",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--snapshot-kimg",
+            "1",
+        ],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stderr + proc.stdout
     load_model(out / "model.safetensors")
