@@ -263,3 +263,11 @@ def test_torchrun_splits_seeds(models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout
     np.testing.assert_allclose(np.load(tmp_path / "two.npz")["images"], np.load(single)["images"], atol=1e-5)
+
+
+def test_default_labels_give_one_grid_row_per_class(models):
+    _, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines)
+    labels = pipe.labels_for(80, None, range(80))
+    assert labels.reshape(10, 8).tolist() == [[k] * 8 for k in range(10)]
+    assert pipe.labels_for(4, [3, 5], range(4)).tolist() == [3, 5, 3, 5]

@@ -135,7 +135,8 @@ def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz
     "classes",
     multiple=True,
     type=int,
-    help="Class label(s), cycled over the images (repeat the option); default: every class in turn.",
+    help="Class label(s), cycled over the images (repeat the option); default: every class in equal "
+    "consecutive blocks, one grid row per class when --num is classes x --columns.",
 )
 @click.option("--cfg", default=1.0, show_default=True, help="Classifier-free guidance scale (1 = none).")
 @click.option("--seed", default=0, show_default=True, help="Image i's noise depends only on (seed, i).")

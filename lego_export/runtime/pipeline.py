@@ -199,11 +199,14 @@ class LegoPipeline:
     # -- sampling -------------------------------------------------------------------------------
 
     def labels_for(self, num: int, classes: Sequence[int] | None, indices: Sequence[int]) -> np.ndarray | None:
+        """Class of each image index: the given classes in turn, or by default every class in equal
+        consecutive blocks of the num images (so a grid with num / classes columns has a row per class)."""
         if not self.num_classes:
             if classes:
                 raise LegoError("this model is unconditional: --class cannot be used")
             return None
-        classes = list(classes) if classes else list(range(self.num_classes))
+        if not classes:
+            return np.array([i * self.num_classes // num for i in indices], dtype=np.int64)
         bad = [c for c in classes if not 0 <= c < self.num_classes]
         if bad:
             raise LegoError(f"class {bad[0]} is out of range: this model has classes 0 to {self.num_classes - 1}")
@@ -236,7 +239,7 @@ class LegoPipeline:
         h, w = resolution or (self.resolution, self.resolution)
         plan = self.plan(steps, skip, t_break, (h, w), tile_shift, seed)
         indices = list(range(num)) if indices is None else list(indices)
-        labels = self.labels_for(len(indices), classes, indices)
+        labels = self.labels_for(num, classes, indices)
         sigmas = karras_sigmas(
             steps, self.manifest.edm["sigma_min"], self.manifest.edm["sigma_max"], self.manifest.edm["rho"]
         )
