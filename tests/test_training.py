@@ -76,6 +76,8 @@ def test_lego_train_writes_a_loadable_checkpoint_and_resumes(tiny_npz, tmp_path)
     )
     assert resumed.exit_code == 0, resumed.output
     assert torch.load(out / "train-state.pt", weights_only=True)["nimg"] == 320
+    mismatch = run_cli(["--data", str(tiny_npz), "--no-cond", "--kimg", "0.4", "--out", str(out), "--resume", str(out)])
+    assert mismatch.exit_code != 0 and "the run being resumed was trained on" in mismatch.output
     assert not torch.equal(
         load_model(out / "model.safetensors").bricks[0].final.linear.weight, model.bricks[0].final.linear.weight
     )

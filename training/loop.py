@@ -135,6 +135,13 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
     if cfg.resume is not None:
         state = torch.load(find_state(cfg.resume), map_location="cpu", weights_only=True)
         model_cfg = LegoConfig.from_json(state["config"])
+        found = (data.images.shape[1], height, num_classes)
+        expected = (model_cfg.img_channels, model_cfg.img_resolution, model_cfg.num_classes)
+        if found != expected:
+            raise LegoError(
+                f"--data gives (channels, resolution, classes) = {found} but the run being resumed was trained "
+                f"on {expected}"
+            )
     else:
         model_cfg = get_preset(
             cfg.preset, img_channels=data.images.shape[1], img_resolution=height, num_classes=num_classes
