@@ -85,7 +85,7 @@ def step_rows(pipe: LegoPipeline, model, canvases, batches, reps) -> list[dict]:
             tx, toh = torch.from_numpy(x), torch.from_numpy(onehot)
             for k in range(k_all, 0, -1):
                 plan = StepPlan(0, 1.0, k, (0, 0))
-                pipe._timing = timing = type(pipe._timing)()
+                timing = pipe.reset_timing()
                 start = time.perf_counter()
                 t_ort = time_calls(lambda p=plan, x=x, oh=onehot: pipe.denoise(x, 1.0, p, oh), reps)
                 wall = time.perf_counter() - start

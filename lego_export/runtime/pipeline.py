@@ -95,7 +95,7 @@ class Timing:
 @dataclass
 class SampleResult:
     images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
-    labels: np.ndarray | None  # (N,) class per image, -1 for unconditional
+    labels: np.ndarray | None  # (N,) class per image; None for an unconditional model
     plan: list[StepPlan]
     timing: Timing
 
@@ -158,6 +158,11 @@ class LegoPipeline:
             if problems:
                 raise LegoError(f"refusing to run: {problems[0]}; rebuild with lego-export build --force")
         return cls(manifest, make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads))
+
+    def reset_timing(self) -> Timing:
+        """Start a fresh Timing that the engine runners report into (done by every __call__)."""
+        self._timing = Timing()
+        return self._timing
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -244,7 +249,7 @@ class LegoPipeline:
             steps, self.manifest.edm["sigma_min"], self.manifest.edm["sigma_max"], self.manifest.edm["rho"]
         )
 
-        self._timing = timing = Timing()
+        timing = self.reset_timing()
         start = time.perf_counter()
         images = []
         for lo in range(0, len(indices), batch):
