@@ -27,14 +27,12 @@ HEUN_EVALS = 99  # a 50-step Heun sample makes 99 denoiser evaluations
 
 
 def load(ckpt: str) -> tuple[LegoModel, str]:
-    cfg = read_config(ckpt)
-    model = LegoModel(cfg)
     try:
         from lego_export.checkpoint import load_model
 
         return load_model(ckpt), "checkpoint weights"
     except ImportError:
-        return model.eval(), "random weights (safetensors not installed)"
+        return LegoModel(read_config(ckpt)).eval(), "random weights (safetensors not installed)"
 
 
 def gpu_time(fn, reps: int = 30, warmup: int = 5) -> float:

@@ -6,12 +6,12 @@ No pickle anywhere: loading a checkpoint never runs code.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
+from lego_export.atomic import atomic_write
 from lego_export.config import LegoConfig
 from lego_export.errors import LegoError
 from lego_export.model import LegoModel
@@ -20,27 +20,16 @@ FORMAT = "lego-export/checkpoint"
 FORMAT_VERSION = "1"
 
 
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of path; write there, then os.replace() it onto path."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_checkpoint(path: str | Path, model: LegoModel, extra: dict | None = None) -> None:
     """Write model weights and config atomically; extra is stored as JSON metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra, sort_keys=True)
     from safetensors.torch import save_file
 
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from lego_export.atomic import atomic_write
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -31,12 +32,6 @@ def save_png(pixels: np.ndarray, path: str | Path) -> None:
     """Write an (H, W, C) uint8 picture atomically (no half-written PNG on interrupt)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

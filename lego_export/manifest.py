@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lego_export.atomic import atomic_write
 from lego_export.errors import LegoError
 
 SCHEMA_VERSION = 1
@@ -89,12 +89,8 @@ class Manifest:
     def write(self, folder: str | Path) -> Path:
         """Write manifest.json atomically."""
         path = Path(folder) / MANIFEST_FILE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_write(path) as tmp:
             tmp.write_text(self.to_json())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lego_export.checkpoint import atomic_path, save_checkpoint
+from lego_export.atomic import atomic_write
+from lego_export.checkpoint import save_checkpoint
 from lego_export.config import LegoConfig, get_preset
 from lego_export.errors import LegoError
 from lego_export.images import make_grid, save_png
@@ -260,9 +261,8 @@ def snapshot(
         "nimg": nimg,
         "config": model.cfg.to_json(),
     }
-    tmp = atomic_path(out / STATE_FILE)
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+    with atomic_write(out / STATE_FILE) as tmp:
+        torch.save(state, tmp)
 
     per_class = 8
     classes = ema.cfg.num_classes

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from lego_export.atomic import atomic_write
 from lego_export.cli import one_line_errors
 from lego_export.errors import LegoError
 from lego_export.runtime.backends import BACKENDS
@@ -71,17 +72,9 @@ def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz
     from lego_export.images import make_grid, save_png, to_uint8
 
     if save_npz:
-        path = Path(save_npz)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        try:
-            arrays = {"images": images}
-            if labels is not None:
-                arrays["labels"] = labels
+        arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+        with atomic_write(save_npz) as tmp:
             np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     if out_dir:
         pixels = to_uint8(images)
         for i, p in enumerate(pixels):

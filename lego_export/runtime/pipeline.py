@@ -193,10 +193,13 @@ class LegoPipeline:
         if tile_shift is None:  # on by default for canvases larger than the training size
             tile_shift = h > self.resolution or w > self.resolution
         period = max(self.brick_sizes) if tile_shift else None
-        sigmas = karras_sigmas(
-            steps, self.manifest.edm["sigma_min"], self.manifest.edm["sigma_max"], self.manifest.edm["rho"]
-        )
+        sigmas = self.sigmas(steps)
         return make_plan(sigmas, len(self.brick_sizes), self.skip_policy(skip, t_break), period, seed)
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """The Karras schedule with the manifest's EDM constants."""
+        edm = self.manifest.edm
+        return karras_sigmas(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
 
     def flops_saved(self, plan: list[StepPlan]) -> float:
         return flop_fraction_saved(plan, self.brick_flops)
@@ -245,9 +248,7 @@ class LegoPipeline:
         plan = self.plan(steps, skip, t_break, (h, w), tile_shift, seed)
         indices = list(range(num)) if indices is None else list(indices)
         labels = self.labels_for(num, classes, indices)
-        sigmas = karras_sigmas(
-            steps, self.manifest.edm["sigma_min"], self.manifest.edm["sigma_max"], self.manifest.edm["rho"]
-        )
+        sigmas = self.sigmas(steps)
 
         timing = self.reset_timing()
         start = time.perf_counter()
