@@ -193,12 +193,15 @@ class LegoModel(nn.Module):
         num_bricks: int | None = None,
         return_all: bool = False,
         shift: tuple[int, int] = (0, 0),
+        coords: Tensor | None = None,
     ) -> Tensor | list[Tensor]:
         """Denoise x (B, C, H, W) at noise level sigma (scalar or (B,)).
 
         class_onehot: (B, num_classes) one-hot rows; all-zero rows (or None) mean the null label.
         num_bricks: run only the first k bricks. return_all: return [D_1, ..., D_k] instead of D_k.
         shift: roll the canvas by (dy, dx) before the bricks and back after, moving the tile grid.
+        coords: (B, 2, H, W) coordinate channels to use instead of the whole canvas's; training
+        passes those of windows cut from larger canvases (see training/crops.py).
         """
         b, _, h, w = x.shape
         check_canvas(h, w, self.cfg.canvas_multiple)
@@ -208,7 +211,8 @@ class LegoModel(nn.Module):
         c_skip, c_out, c_in, c_noise = (s.reshape(b, 1, 1, 1) for s in edm_scalings(sigma, self.cfg.sigma_data))
         c = self.embedder(c_noise.reshape(b), class_onehot)
 
-        coords = torch.from_numpy(canvas_coords(h, w)).to(x.device, x.dtype).expand(b, 2, h, w)
+        if coords is None:
+            coords = torch.from_numpy(canvas_coords(h, w)).to(x.device, x.dtype).expand(b, 2, h, w)
         x_in = torch.cat([c_in * x, coords], dim=1)
         if shift != (0, 0):
             x_in = torch.roll(x_in, shifts=shift, dims=(2, 3))

@@ -90,6 +90,7 @@ def test_user_errors_are_one_line(tmp_path, tiny_npz):
         (["--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o")], "no 'images' array"),
         (["--data", str(tiny_npz), "--preset", "nope", "--out", str(tmp_path / "o")], "unknown preset 'nope'"),
         (["--data", str(tiny_npz), "--preset", "pg-s", "--out", str(tmp_path / "o")], "not a multiple"),
+        (["--data", str(tiny_npz), "--canvas-windows", "2", "--out", str(tmp_path / "o")], "must be in [0, 1]"),
     ]
     for args, message in cases:
         result = run_cli(args)

@@ -51,6 +51,20 @@ from training.loop import TrainConfig, train
     help="Class-conditional (labels dropped 10% of the time, for classifier-free guidance) or not.",
 )
 @click.option(
+    "--canvas-windows",
+    default=0.5,
+    show_default=True,
+    help="Fraction of each batch cut as windows from larger canvases of same-class images (with their "
+    "true coordinates), so the model learns to generate at resolutions above the training size. 0 trains "
+    "on whole images only.",
+)
+@click.option(
+    "--canvas-max-tiles",
+    default=4,
+    show_default=True,
+    help="Those canvases are 1 to this many training images high and wide (4: up to 4x the training size).",
+)
+@click.option(
     "--device",
     default="auto",
     show_default=True,

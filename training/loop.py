@@ -29,6 +29,8 @@ from lego_export.errors import LegoError
 from lego_export.images import make_grid, save_png
 from lego_export.model import LegoModel
 from lego_export.preview import class_grid_labels, sample_images
+from lego_export.tiling import canvas_coords
+from training.crops import CanvasWindows
 from training.data import load_dataset, to_model_range
 from training.loss import EDMLoss
 
@@ -48,6 +50,8 @@ class TrainConfig:
     ema_halflife_kimg: float = 20.0
     ema_rampup: float = 0.05  # EMA half-life at most this fraction of images seen so far
     label_dropout: float = 0.1
+    canvas_windows: float = 0.5  # fraction of each batch cut from larger virtual canvases (crops.py)
+    canvas_max_tiles: int = 4  # those canvases are up to this many training images high and wide
     cond: bool = True
     seed: int = 0
     device: str = "auto"
@@ -119,6 +123,8 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
     out = Path(cfg.out)
+    if not 0 <= cfg.canvas_windows <= 1 or cfg.canvas_max_tiles < 1:
+        raise LegoError("--canvas-windows must be in [0, 1] and --canvas-max-tiles at least 1")
     if cfg.batch % ddp.world:
         raise LegoError(f"--batch {cfg.batch} does not split evenly over {ddp.world} processes")
     if cfg.resume is None and (out / STATE_FILE).exists():
@@ -166,6 +172,9 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
     rng = np.random.default_rng([cfg.seed, nimg])  # same on every rank: ranks slice one global batch
     order, cursor = rng.permutation(len(images)), 0
     local_batch = cfg.batch // ddp.world
+    windows = CanvasWindows(images, labels, cfg.canvas_max_tiles)
+    window_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + nimg * 7 + ddp.rank)
+    full_coords = torch.from_numpy(canvas_coords(height, width)).expand(local_batch, 2, height, width)
     total = int(cfg.kimg * 1000)
 
     if ddp.main:
@@ -194,7 +203,11 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
             order, cursor = rng.permutation(len(images)), 0
         idx = order[cursor + ddp.rank * local_batch : cursor + (ddp.rank + 1) * local_batch]
         cursor += cfg.batch
-        x = to_model_range(images[idx].to(device).float())
+        pixels, coords = images[idx], full_coords.clone()
+        windowed = torch.nonzero(torch.rand(local_batch, generator=window_rng) < cfg.canvas_windows).flatten()
+        if len(windowed):
+            pixels[windowed], coords[windowed] = windows(torch.from_numpy(idx)[windowed], window_rng)
+        x, coords = to_model_range(pixels.to(device).float()), coords.to(device)
         onehot = None
         if labels is not None:
             onehot = torch.nn.functional.one_hot(labels[idx], num_classes).float().to(device)
@@ -204,7 +217,7 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_kimg * 1000, 1))
         with autocast:
-            loss, per_brick = loss_fn(net, x, onehot)
+            loss, per_brick = loss_fn(net, x, onehot, coords)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
