@@ -1,13 +1,15 @@
 """Backends: one small interface over ONNX Runtime, TensorRT and PyTorch.
 
-A *runner* executes one engine and maps named numpy inputs to named numpy outputs (in the spirit of
+A *runner* executes one engine and maps named inputs to named outputs (in the spirit of
 Polygraphy's runners)::
 
     runner = OnnxRuntimeRunner("engines/brick0.onnx")
     outputs = runner.infer({"tiles": tiles, "cond": cond})
 
-A *backend* makes the runner for each engine of a manifest. Only the chosen backend's library is
-imported: the ONNX Runtime backend works where PyTorch is not installed.
+A *backend* makes the runner for each engine of a manifest and says, through ``arrays``, what its
+runners take and return: NumPy arrays on the host, or torch tensors on the backend's device (see
+arrays.py). Only the chosen backend's library is imported: the ONNX Runtime backend on the CPU
+works where PyTorch is not installed.
 """
 
 from __future__ import annotations
@@ -19,19 +21,31 @@ from typing import Protocol
 import numpy as np
 
 from lego_export.errors import LegoError
-from lego_export.manifest import EngineSpec, Manifest
+from lego_export.manifest import EngineSpec, Manifest, TensorSpec
+from lego_export.runtime.arrays import NumpyArrays, TorchArrays
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 class Runner(Protocol):
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def infer(self, feeds: dict) -> dict: ...
 
 
 class OnnxRuntimeRunner:
-    """ONNX Runtime session over one .onnx file; CPU provider unless told otherwise."""
+    """ONNX Runtime session over one .onnx file; CPU provider unless told otherwise.
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0):
+    NumPy feeds go through ``session.run``. torch tensor feeds (on the CPU or a CUDA device) are
+    bound in place with I/O binding, and the outputs are written into torch tensors on the same
+    device: with the CUDA provider nothing is copied through the host.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        outputs: list[TensorSpec] | None = None,
+    ):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -48,10 +62,34 @@ class OnnxRuntimeRunner:
             raise LegoError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_specs = outputs
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
-        return dict(zip(self.output_names, outputs, strict=True))
+    def infer(self, feeds: dict) -> dict:
+        if all(isinstance(feeds[k], np.ndarray) for k in self.input_names):
+            outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
+            return dict(zip(self.output_names, outputs, strict=True))
+        return self._infer_bound(feeds)
+
+    def _infer_bound(self, feeds: dict) -> dict:
+        """I/O binding on torch tensors: ORT reads the inputs and writes the outputs in place."""
+        import torch
+
+        if self.output_specs is None:
+            raise LegoError("binding torch tensors needs the engine's output specs (from the manifest)")
+        binding = self.session.io_binding()
+        first = feeds[self.input_names[0]]
+        device_type, device_id = first.device.type, first.device.index or 0
+        for name in self.input_names:
+            x = feeds[name].contiguous()
+            binding.bind_input(name, device_type, device_id, np.float32, tuple(x.shape), x.data_ptr())
+        outputs = {}
+        for spec in self.output_specs:
+            shape = tuple(first.shape[0] if d == "N" else d for d in spec.shape)
+            y = torch.empty(shape, dtype=torch.float32, device=first.device)
+            binding.bind_output(spec.name, device_type, device_id, np.float32, shape, y.data_ptr())
+            outputs[spec.name] = y
+        self.session.run_with_iobinding(binding)
+        return outputs
 
 
 class OnnxRuntimeBackend:
@@ -74,10 +112,14 @@ class OnnxRuntimeBackend:
         self.folder, self.manifest, self.threads = folder, manifest, threads
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.formats = ("onnx-ort", "onnx") if self.device == "cpu" else ("onnx",)
+        # On a GPU the canvas stays in CUDA memory between bricks (I/O binding on torch tensors);
+        # without torch, every call copies through the host.
+        on_gpu = self.device == "cuda" and importlib.util.find_spec("torch") is not None
+        self.arrays = TorchArrays("cuda") if on_gpu else NumpyArrays()
 
     def runner(self, spec: EngineSpec) -> Runner:
         fmt = next(f for f in self.formats if f in spec.files)
-        return OnnxRuntimeRunner(self.folder / spec.files[fmt].path, self.providers, self.threads)
+        return OnnxRuntimeRunner(self.folder / spec.files[fmt].path, self.providers, self.threads, spec.outputs)
 
 
 class TorchBackend:
@@ -99,6 +141,7 @@ class TorchBackend:
             raise LegoError("--backend torch on cuda asked for, but PyTorch sees no CUDA GPU")
         self.torch, self.device = torch, device
         self.model = load_model(ckpt, device)
+        self.arrays = TorchArrays(device)
 
     def runner(self, spec: EngineSpec) -> Runner:
         module = self.model.embedder if spec.role == "embedder" else self.model.bricks[spec.index]
@@ -106,20 +149,22 @@ class TorchBackend:
 
 
 class _TorchRunner:
+    """Runs one module on torch tensors already on the backend's device."""
+
     def __init__(self, module, spec: EngineSpec, torch, device: str):
         self.module, self.torch, self.device = module, torch, device
         self.inputs = [t.name for t in spec.inputs]
         self.output = spec.outputs[0].name
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict) -> dict:
         with self.torch.inference_mode():
-            args = [self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.inputs]
-            return {self.output: self.module(*args).float().cpu().numpy()}
+            return {self.output: self.module(*(feeds[n] for n in self.inputs)).float()}
 
 
 class TensorRTBackend:
-    """Native TensorRT plans. Torch CUDA tensors are the buffers; all engines share one activation
-    memory block (they run one after another on one stream).
+    """Native TensorRT plans on torch CUDA tensors: the canvas never leaves the GPU, all engines share
+    one activation memory block (they run one after another on one stream), and with cuda_graphs
+    each (engine, N) is captured once as a CUDA graph and replayed.
 
     Written against the TensorRT 10 Python API; not executed where this project is developed
     (no TensorRT, no GPU there).
@@ -127,17 +172,18 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, folder: Path, manifest: Manifest):
+    def __init__(self, folder: Path, manifest: Manifest, cuda_graphs: bool = False):
         from lego_export.export.tensorrt import check_plan_compatible, tensorrt_environment
 
         trt, _ = tensorrt_environment()
         import torch
 
-        self.trt, self.torch = trt, torch
+        self.trt, self.torch, self.cuda_graphs = trt, torch, cuda_graphs
         self.folder, self.manifest = folder, manifest
+        self.arrays = TorchArrays("cuda")
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream()  # TensorRT advises against enqueueing on the default stream
         self.engines = {}
         for spec in manifest.engines:
             if "tensorrt" not in spec.files:
@@ -157,35 +203,76 @@ class TensorRTBackend:
     def runner(self, spec: EngineSpec) -> Runner:
         engine = self.engines[spec.name]
         context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        context.device_memory = self.scratch.data_ptr()  # shared: engines run one at a time
-        return _TensorRTRunner(context, spec, self.torch, self.stream)
+        context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())  # shared: one engine at a time
+        return _TensorRTRunner(context, spec, self.torch, self.stream, self.cuda_graphs)
 
 
 class _TensorRTRunner:
-    def __init__(self, context, spec: EngineSpec, torch, stream):
+    def __init__(self, context, spec: EngineSpec, torch, stream, cuda_graphs: bool):
         self.context, self.spec, self.torch, self.stream = context, spec, torch, stream
+        self.cuda_graphs = cuda_graphs
+        self.graphs = {}  # N -> (graph, static inputs, static outputs)
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch, ctx = self.torch, self.context
-        keep = []
-        for t in self.spec.inputs:
-            x = torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to("cuda", non_blocking=True)
-            ctx.set_input_shape(t.name, tuple(x.shape))
-            ctx.set_tensor_address(t.name, x.data_ptr())
-            keep.append(x)
+    def _bind(self, inputs: dict, n: int) -> dict:
+        """Point the context at the input tensors and at new output tensors for batch n."""
+        ctx = self.context
+        for name, x in inputs.items():
+            ctx.set_input_shape(name, tuple(x.shape))
+            ctx.set_tensor_address(name, x.data_ptr())
         outputs = {}
         for t in self.spec.outputs:
-            y = torch.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=torch.float32, device="cuda")
-            ctx.set_tensor_address(t.name, y.data_ptr())
-            outputs[t.name] = y
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            shape = tuple(n if d == "N" else d for d in t.shape)
+            outputs[t.name] = self.torch.empty(shape, dtype=self.torch.float32, device="cuda")
+            ctx.set_tensor_address(t.name, outputs[t.name].data_ptr())
+        return outputs
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise LegoError(f"TensorRT failed to run {self.spec.name}")
+
+    def infer(self, feeds: dict) -> dict:
+        torch = self.torch
+        inputs = {t.name: feeds[t.name].contiguous() for t in self.spec.inputs}
+        n = next(iter(inputs.values())).shape[0]
+        self.stream.wait_stream(torch.cuda.current_stream())  # inputs were made on torch's stream
+        with torch.cuda.stream(self.stream):
+            if not self.cuda_graphs:
+                outputs = self._bind(inputs, n)
+                self._execute()
+            else:
+                if n not in self.graphs:
+                    self.graphs[n] = self._capture(inputs, n)
+                graph, static_inputs, static_outputs = self.graphs[n]
+                for name, x in inputs.items():
+                    static_inputs[name].copy_(x)
+                graph.replay()
+                outputs = {k: v.clone() for k, v in static_outputs.items()}  # the next replay overwrites
+        torch.cuda.current_stream().wait_stream(self.stream)
+        for x in inputs.values():
+            x.record_stream(self.stream)
+        return outputs
+
+    def _capture(self, inputs: dict, n: int):
+        """Capture one execution at batch n with static buffers (after one ordinary run, as TensorRT
+        requires after a shape change)."""
+        static_inputs = {name: x.clone() for name, x in inputs.items()}
+        static_outputs = self._bind(static_inputs, n)
+        self._execute()
         self.stream.synchronize()
-        return {k: v.cpu().numpy() for k, v in outputs.items()}
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.cuda.graph(graph, stream=self.stream):
+            self._execute()
+        return graph, static_inputs, static_outputs
 
 
 def make_backend(
-    name: str, folder: Path, manifest: Manifest, ckpt: str | None = None, device: str = "cpu", threads: int = 0
+    name: str,
+    folder: Path,
+    manifest: Manifest,
+    ckpt: str | None = None,
+    device: str = "cpu",
+    threads: int = 0,
+    cuda_graphs: bool = False,
 ):
     """The backend asked for; 'auto' picks TensorRT plans on a GPU if built, else ONNX Runtime."""
     if name not in BACKENDS:
@@ -200,7 +287,7 @@ def make_backend(
             raise LegoError("--backend torch needs PyTorch, which is not installed")
         return TorchBackend(manifest, ckpt, device)
     if name == "tensorrt":
-        return TensorRTBackend(folder, manifest)
+        return TensorRTBackend(folder, manifest, cuda_graphs)
     if importlib.util.find_spec("onnxruntime") is None:
         raise LegoError("--backend onnxruntime needs the onnxruntime package, which is not installed")
     return OnnxRuntimeBackend(folder, manifest, threads=threads)

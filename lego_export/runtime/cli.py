@@ -149,6 +149,9 @@ def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz
     help="Device of the torch backend.",
 )
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0 = all cores).")
+@click.option(
+    "--cuda-graphs", is_flag=True, help="TensorRT backend: capture each engine once per batch size and replay it."
+)
 @click.option("--out", default="grid.png", show_default=True, help="PNG grid of all images.")
 @click.option("--out-dir", default=None, help="Also write one PNG per image here.")
 @click.option("--save-npz", default=None, help="Also write images (float32 N x C x H x W in [-1, 1]) and labels.")
@@ -179,6 +182,7 @@ def main(
     ckpt,
     device,
     threads,
+    cuda_graphs,
     out,
     out_dir,
     save_npz,
@@ -207,7 +211,11 @@ def main(
         click.echo(plan_table(planner, plan))
         return
 
-    pipe = LegoPipeline.from_engines(engines, backend, ckpt=ckpt, device=device, threads=threads)
+    if cuda_graphs and backend not in ("tensorrt", "auto"):
+        raise LegoError("--cuda-graphs applies to the TensorRT backend only")
+    pipe = LegoPipeline.from_engines(
+        engines, backend, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs
+    )
     rank, world = _distributed()
     indices = list(range(rank, num, world))
     from tqdm import tqdm

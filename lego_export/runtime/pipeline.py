@@ -8,7 +8,9 @@
 
 Everything between engine calls lives here, once, for every backend: tiling, coordinates, chaining
 of brick outputs, EDM preconditioning, classifier-free guidance, skipping, tile-grid shifts and the
-sampler. NumPy only: no torch unless the torch or TensorRT backend is chosen.
+sampler. The arrays are the backend's (runtime/arrays.py): NumPy on the host for ONNX Runtime on
+the CPU (no torch needed), torch tensors on the GPU for GPU backends, so nothing goes through host
+memory between engine calls.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
+from lego_export.runtime.arrays import NumpyArrays
 from lego_export.runtime.backends import Runner, make_backend
 from lego_export.runtime.sampler import karras_sigmas, sample
 from lego_export.runtime.schedule import (
@@ -103,18 +106,19 @@ class SampleResult:
 class _Timed:
     """Wraps a runner: times every call and splits batches larger than the engine's N range."""
 
-    def __init__(self, name: str, runner: Runner, max_n: int, timing_ref: Callable[[], Timing]):
-        self.name, self.runner, self.max_n, self.timing_ref = name, runner, max_n, timing_ref
+    def __init__(self, name: str, runner: Runner, max_n: int, timing_ref: Callable[[], Timing], arrays):
+        self.name, self.runner, self.max_n, self.timing_ref, self.arrays = name, runner, max_n, timing_ref, arrays
 
-    def infer(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+    def infer(self, feeds: dict, output: str):
         n = next(iter(feeds.values())).shape[0]
         parts = []
         for start in range(0, n, self.max_n):
-            chunk = {k: np.ascontiguousarray(v[start : start + self.max_n]) for k, v in feeds.items()}
+            chunk = {k: self.arrays.contiguous(v[start : start + self.max_n]) for k, v in feeds.items()}
             t0 = time.perf_counter()
             parts.append(self.runner.infer(chunk)[output])
+            self.arrays.synchronize()  # GPU calls return before the work is done
             self.timing_ref().add(self.name, time.perf_counter() - t0)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else self.arrays.concat(parts)
 
 
 class LegoPipeline:
@@ -133,13 +137,17 @@ class LegoPipeline:
         self.canvas_multiple = int(np.lcm.reduce(self.brick_sizes))
         self.brick_flops = model_brick_flops(model)
         self._timing = Timing()
+        self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
+        self._coords_cache = {}
         if backend is None:  # planning only
             return
         timing_ref = lambda: self._timing  # noqa: E731 - runners report into the current call's Timing
-        self.embedder = _Timed(
-            "embedder", backend.runner(manifest.embedder), manifest.embedder.batch["max"], timing_ref
-        )
-        self.bricks = [_Timed(s.name, backend.runner(s), s.batch["max"], timing_ref) for s in manifest.bricks]
+
+        def timed(spec):
+            return _Timed(spec.name, backend.runner(spec), spec.batch["max"], timing_ref, self.arrays)
+
+        self.embedder = timed(manifest.embedder)
+        self.bricks = [timed(s) for s in manifest.bricks]
 
     @classmethod
     def from_engines(
@@ -149,15 +157,22 @@ class LegoPipeline:
         ckpt: str | None = None,
         device: str = "cpu",
         threads: int = 0,
+        cuda_graphs: bool = False,
     ) -> LegoPipeline:
-        """Load manifest.json, check every engine file's sha256, and open the chosen backend."""
+        """Load manifest.json, check every engine file's sha256, and open the chosen backend.
+
+        device is the torch backend's; threads ONNX Runtime's; cuda_graphs TensorRT's.
+        """
         folder = Path(folder)
         manifest = Manifest.read(folder)
         if backend != "torch":
             problems = manifest.check_files(folder, formats=_formats_for(backend))
             if problems:
                 raise LegoError(f"refusing to run: {problems[0]}; rebuild with lego-export build --force")
-        return cls(manifest, make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads))
+        return cls(
+            manifest,
+            make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs),
+        )
 
     def reset_timing(self) -> Timing:
         """Start a fresh Timing that the engine runners report into (done by every __call__)."""
@@ -259,11 +274,15 @@ class LegoPipeline:
                 [np.random.default_rng([seed, i]).standard_normal((self.channels, h, w)) for i in chunk]
             ).astype(np.float32)
             onehot = None if labels is None else np.eye(self.num_classes, dtype=np.float32)[labels[lo : lo + batch]]
+            noise = self.arrays.from_numpy(noise)
+            onehot = None if onehot is None else self.arrays.from_numpy(onehot)
 
             def denoise(x, sigma, step, onehot=onehot):
                 return self.denoise(x, sigma, plan[step], onehot, guidance)
 
-            images.append(sample(denoise, noise, sigmas, heun=sampler == "heun", on_step=progress))
+            images.append(
+                self.arrays.to_numpy(sample(denoise, noise, sigmas, heun=sampler == "heun", on_step=progress))
+            )
         timing.total_s = time.perf_counter() - start
         timing.steps = steps
         timing.images = len(indices)
@@ -271,49 +290,57 @@ class LegoPipeline:
         out = np.clip(np.concatenate(images), -1, 1).astype(np.float32)
         return SampleResult(out, labels, plan, timing)
 
-    def denoise(
-        self, x: np.ndarray, sigma: float, step: StepPlan, onehot: np.ndarray | None, guidance: float = 1.0
-    ) -> np.ndarray:
+    def denoise(self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0):
         """D(x; sigma) from the first step.bricks bricks; guided when guidance != 1.
 
-        Guidance runs the conditional and unconditional (null-label) halves as one batch through the
-        same prefix of bricks: skipping holds under guidance.
+        x and onehot are arrays of this pipeline's kind (``self.arrays``). Guidance runs the
+        conditional and unconditional (null-label) halves as one batch through the same prefix of
+        bricks: skipping holds under guidance.
         """
+        a = self.arrays
         b, _, h, w = x.shape
         guided = guidance != 1.0 and onehot is not None
         if guided:
-            x = np.concatenate([x, x])
-            onehot = np.concatenate([onehot, np.zeros_like(onehot)])
+            x = a.concat([x, x])
+            onehot = a.concat([onehot, onehot * 0])
         n = x.shape[0]
         s2 = sigma**2 + self.sigma_data**2
-        c_skip, c_out, c_in = self.sigma_data**2 / s2, sigma * self.sigma_data / np.sqrt(s2), 1 / np.sqrt(s2)
+        c_skip, c_out, c_in = self.sigma_data**2 / s2, sigma * self.sigma_data / s2**0.5, 1 / s2**0.5
 
-        feeds = {"c_noise": np.full(n, np.log(sigma) / 4, dtype=np.float32)}
+        feeds = {"c_noise": a.from_numpy(np.full(n, np.log(sigma) / 4, dtype=np.float32))}
         if self.num_classes:
-            feeds["class_onehot"] = onehot if onehot is not None else np.zeros((n, self.num_classes), np.float32)
+            feeds["class_onehot"] = (
+                onehot if onehot is not None else a.from_numpy(np.zeros((n, self.num_classes), np.float32))
+            )
         cond = self.embedder.infer(feeds, "cond")
 
-        coords = np.broadcast_to(canvas_coords(h, w), (n, 2, h, w))
-        x_in = np.concatenate([(c_in * x).astype(np.float32), coords], axis=1)
+        x_in = a.concat([c_in * x, self._coords(h, w, n)], axis=1)
         if step.shift != (0, 0):
-            x_in = np.roll(x_in, step.shift, axis=(2, 3))
+            x_in = a.roll(x_in, step.shift, (2, 3))
         feature = None
         timing = self._timing
         for k in range(step.bricks):
-            inp = x_in if feature is None else np.concatenate([feature, x_in], axis=1)
+            inp = x_in if feature is None else a.concat([feature, x_in], axis=1)
             tiles = tile(inp, self.brick_sizes[k])
             per_image = tiles.shape[0] // n
-            out = self.bricks[k].infer({"tiles": tiles, "cond": np.repeat(cond, per_image, axis=0)}, "out")
+            out = self.bricks[k].infer({"tiles": tiles, "cond": a.repeat(cond, per_image)}, "out")
             feature = untile(out, n, h, w)
         timing.brick_evaluations += len(self.brick_sizes)
         timing.bricks_skipped += len(self.brick_sizes) - step.bricks
         if step.shift != (0, 0):
-            feature = np.roll(feature, (-step.shift[0], -step.shift[1]), axis=(2, 3))
+            feature = a.roll(feature, (-step.shift[0], -step.shift[1]), (2, 3))
         denoised = c_skip * x + c_out * feature
         if guided:
             cond_half, uncond_half = denoised[:b], denoised[b:]
             denoised = uncond_half + guidance * (cond_half - uncond_half)
-        return denoised.astype(np.float32)
+        return denoised
+
+    def _coords(self, h: int, w: int, n: int):
+        """Coordinate channels for n canvases of h x w, made once per shape on the backend's device."""
+        key = (h, w, n)
+        if key not in self._coords_cache:
+            self._coords_cache[key] = self.arrays.from_numpy(np.broadcast_to(canvas_coords(h, w), (n, 2, h, w)))
+        return self._coords_cache[key]
 
 
 def _formats_for(backend: str) -> tuple[str, ...]:
