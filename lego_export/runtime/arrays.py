@@ -16,8 +16,6 @@ import numpy as np
 class NumpyArrays:
     """Host arrays (the ONNX Runtime CPU path; no torch needed)."""
 
-    device = "cpu"
-
     def from_numpy(self, a: np.ndarray) -> np.ndarray:
         return a
 

@@ -88,7 +88,9 @@ class OnnxRuntimeRunner:
             y = torch.empty(shape, dtype=torch.float32, device=first.device)
             binding.bind_output(spec.name, device_type, device_id, np.float32, shape, y.data_ptr())
             outputs[spec.name] = y
-        self.session.run_with_iobinding(binding)
+        if device_type == "cuda":
+            torch.cuda.current_stream().synchronize()  # ORT runs on its own stream: inputs must be ready
+        self.session.run_with_iobinding(binding)  # returns once the outputs are written
         return outputs
 
 
@@ -145,14 +147,14 @@ class TorchBackend:
 
     def runner(self, spec: EngineSpec) -> Runner:
         module = self.model.embedder if spec.role == "embedder" else self.model.bricks[spec.index]
-        return _TorchRunner(module, spec, self.torch, self.device)
+        return _TorchRunner(module, spec, self.torch)
 
 
 class _TorchRunner:
     """Runs one module on torch tensors already on the backend's device."""
 
-    def __init__(self, module, spec: EngineSpec, torch, device: str):
-        self.module, self.torch, self.device = module, torch, device
+    def __init__(self, module, spec: EngineSpec, torch):
+        self.module, self.torch = module, torch
         self.inputs = [t.name for t in spec.inputs]
         self.output = spec.outputs[0].name
 
