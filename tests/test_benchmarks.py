@@ -57,3 +57,19 @@ def test_gpu_check_exits_cleanly_without_a_gpu():
     )
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA GPU" in proc.stdout
+
+
+def test_wide_canvas_cells_and_seam_ratio():
+    from wide import cells, seam_ratio
+
+    rng = np.random.default_rng(0)
+    canvas = rng.standard_normal((2, 1, 8, 24)).astype(np.float32)
+    parts = cells(canvas, 8)
+    assert parts.shape == (6, 1, 8, 8)
+    np.testing.assert_array_equal(parts[4], canvas[1, :, :, 8:16])
+    # smooth ramps everywhere: borders look like everything else
+    ramp = np.broadcast_to(np.arange(24, dtype=np.float32), (1, 1, 8, 24))
+    assert abs(seam_ratio(ramp, 8) - 1) < 1e-6
+    # a step at every cell border stands out
+    steps = ramp + 10 * (np.arange(24) // 8)
+    assert seam_ratio(steps, 8) > 5
