@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(BIN)/lego-export build --ckpt $(CKPT) --out engines --force
 	$(BIN)/lego-run --engines engines --steps 50 --skip-late-bricks --backend onnxruntime \
 		--num 80 --columns 8 --out demo/grid.png --timing-json demo/timing.json
+	$(BIN)/lego-run --engines engines --steps 50 --skip-late-bricks --backend onnxruntime \
+		--resolution 32x96 --num 10 --columns 2 --out demo/wide-32x96.png
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/wide.py
 
 clean:
 	rm -rf $(VENV) demo
