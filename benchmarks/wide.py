@@ -29,14 +29,8 @@ from common import machine, markdown_table, write_json  # noqa: E402
 from quality import features_and_logits, fid, load_classifier, to_input  # noqa: E402
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.tiling import tile  # noqa: E402
 from training.data import load_idx_dir  # noqa: E402
-
-
-def cells(images: np.ndarray, size: int) -> np.ndarray:
-    """(B, C, H, W) -> (B * H/size * W/size, C, size, size), cells of each image in row order."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // size, size, w // size, size).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(-1, c, size, size)
 
 
 def seam_ratio(images: np.ndarray, size: int) -> float:
@@ -77,7 +71,7 @@ def main(engines, num, steps, canvases, batch, out) -> None:
         start = time.perf_counter()
         result = pipe(num=num, steps=steps, batch=batch, resolution=(h, w), tile_shift=shift, seed=0)
         seconds = time.perf_counter() - start
-        parts = cells(result.images, size)
+        parts = tile(result.images, size)  # the cells of each image, in row order
         per_image = parts.shape[0] // num
         feats, logits = features_and_logits(classifier, torch.from_numpy(parts))
         wanted = np.repeat(result.labels, per_image)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lego_export.tiling import canvas_coords
+from lego_export.tiling import canvas_coords, untile
 
 
 def canvas_window(canvas: Tensor, top: int, left: int, size: int) -> tuple[Tensor, Tensor]:
@@ -56,7 +56,7 @@ class CanvasWindows:
             rows, cols = torch.randint(1, self.max_tiles + 1, (2,), generator=generator).tolist()
             pool = self.pools[int(self.labels[k])] if self.pools is not None else self.everything
             cells = pool[torch.randint(0, len(pool), (rows * cols,), generator=generator)]
-            canvas = images[cells].reshape(rows, cols, c, r, r).permute(2, 0, 3, 1, 4).reshape(c, rows * r, cols * r)
+            canvas = untile(images[cells], 1, rows * r, cols * r)[0]  # cells in row order
             top = int(torch.randint(0, rows * r, (1,), generator=generator))
             left = int(torch.randint(0, cols * r, (1,), generator=generator))
             windows[i], coords[i] = canvas_window(canvas, top, left, r)
