@@ -20,25 +20,33 @@ def test_a_window_is_what_the_bricks_see_of_the_shifted_canvas():
         assert (window - model(pixels[None], sigma, onehot)).abs().max() > 1e-3
 
 
-def test_windows_come_from_same_class_canvases_with_their_coordinates():
-    labels = torch.arange(200) % 5
-    images = (labels * 40 + 10).to(torch.uint8).reshape(-1, 1, 1, 1).expand(200, 1, 8, 8).contiguous()
-    windows = CanvasWindows(images, labels, max_tiles=3)
-    index = torch.arange(60)
-    pixels, coords = windows(index, torch.Generator().manual_seed(0))
-    assert pixels.shape == (60, 1, 8, 8) and coords.shape == (60, 2, 8, 8)
-    assert torch.equal(pixels, images[index])  # every pixel from an image of the requested class
-    widths = set()
-    for c in coords:
-        for axis, line in ((0, c[0, 0]), (1, c[1, :, 0])):
-            assert torch.equal(c[axis], line[None].expand(8, 8) if axis == 0 else line[:, None].expand(8, 8))
-            steps = torch.diff(line)
-            size = round(2 / steps.max().item()) + 1  # canvas side, from the coordinate step
-            assert size in (8, 16, 24)
-            widths.add(size)
-            # a wrapped linspace over the canvas: steps of 2 / (size - 1), at most one jump back
-            assert (steps > 0).sum() >= 6 and (steps < 0).sum() <= 1
-            expected = canvas_coords(1, size)[0, 0]
-            position = int(np.argmin(np.abs(expected - line[0].item())))
-            np.testing.assert_allclose(line.numpy(), np.roll(expected, -position)[:8], atol=1e-6)
-    assert widths == {8, 16, 24}  # every canvas size is drawn
+def test_windows_are_wrapped_cuts_of_same_class_canvases_with_their_coordinates():
+    # Every pixel value names its source: image id * 64 + y * 8 + x, on 8 x 8 images of 5 classes.
+    r, n = 8, 5000
+    labels = torch.arange(n) % 5
+    yx = torch.arange(r)[:, None] * r + torch.arange(r)
+    images = (torch.arange(n)[:, None, None] * r * r + yx).reshape(n, 1, r, r)
+    index = torch.arange(300) * 7
+    pixels, coords = CanvasWindows(images, labels, max_tiles=3)(index, torch.Generator().manual_seed(0))
+    assert pixels.shape == (300, 1, r, r) and coords.shape == (300, 2, r, r) and coords.dtype == torch.float32
+    shapes, shared = set(), 0
+    for window, c, k in zip(pixels[:, 0], coords, labels[index], strict=True):
+        source, y, x = window // (r * r), window % (r * r) // r, window % r
+        assert (labels[source] == k).all()  # every pixel from an image of the requested class
+        # the coordinate step gives the canvas size; the coordinates give each pixel's canvas position
+        height, width = (round(2 / torch.diff(line).max().item()) + 1 for line in (c[1, :, 0], c[0, 0]))
+        assert height % r == 0 and width % r == 0
+        cy = torch.round((c[1] + 1) / 2 * (height - 1)).long()
+        cx = torch.round((c[0] + 1) / 2 * (width - 1)).long()
+        for row in range(r):  # coordinates are canvas_coords of that canvas, shifted and wrapped
+            expected = canvas_coords(height, width)[:, cy[row, 0], cx[row]]
+            np.testing.assert_allclose(c[:, row].numpy(), expected, atol=1e-6)
+        # a pixel shows its canvas position within its cell, and one cell is one image
+        assert torch.equal(y, cy % r) and torch.equal(x, cx % r)
+        cell = (cy // r) * (width // r) + cx // r
+        per_cell = [source[cell == i].unique() for i in cell.unique()]
+        assert all(len(s) == 1 for s in per_cell)
+        shared += len(torch.cat(per_cell).unique()) < len(per_cell)  # two cells, one image
+        shapes.add((height // r, width // r))
+    assert shared <= 3  # drawing from 1000 images per class, one image rarely fills two cells
+    assert shapes == {(a, b) for a in (1, 2, 3) for b in (1, 2, 3)}  # every canvas shape is drawn

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lego_export.tiling import canvas_coords, untile
+from lego_export.tiling import canvas_coords
 
 
 def canvas_window(canvas: Tensor, top: int, left: int, size: int) -> tuple[Tensor, Tensor]:
@@ -38,26 +38,38 @@ class CanvasWindows:
 
     images: (N, C, r, r); labels: (N,) or None (then any images share a canvas). Each canvas is
     rows x cols images, rows and cols uniform in 1..max_tiles; its window (r x r) sits at a uniform
-    random position, wrapping around the edges.
+    random position, wrapping around the edges. The canvases are never built: each window pixel is
+    gathered straight from the image and pixel it shows (the same values ``canvas_window`` gives).
     """
 
     def __init__(self, images: Tensor, labels: Tensor | None, max_tiles: int = 4):
-        self.images, self.labels, self.max_tiles = images, labels, max_tiles
-        self.everything = torch.arange(len(images))
-        self.pools = None if labels is None else {int(k): torch.nonzero(labels == k).flatten() for k in labels.unique()}
+        self.images, self.max_tiles = images, max_tiles
+        # the images of each class as one contiguous run of `order`: class k is order[start[k]:][:count[k]]
+        labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels.long()
+        self.labels, self.order = labels, torch.argsort(labels, stable=True)
+        self.count = torch.bincount(labels)
+        self.start = torch.cumsum(self.count, 0) - self.count
 
     def __call__(self, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Windows (B, C, r, r) in the dtype of images, and their coordinates (B, 2, r, r) float32,
         one per entry of index: each from a canvas of images of the class of images[index[i]]."""
-        images = self.images
-        b, (c, r) = len(index), images.shape[1:3]
-        windows, coords = torch.empty(b, c, r, r, dtype=images.dtype), torch.empty(b, 2, r, r)
-        for i, k in enumerate(index.tolist()):
-            rows, cols = torch.randint(1, self.max_tiles + 1, (2,), generator=generator).tolist()
-            pool = self.pools[int(self.labels[k])] if self.pools is not None else self.everything
-            cells = pool[torch.randint(0, len(pool), (rows * cols,), generator=generator)]
-            canvas = untile(images[cells], 1, rows * r, cols * r)[0]  # cells in row order
-            top = int(torch.randint(0, rows * r, (1,), generator=generator))
-            left = int(torch.randint(0, cols * r, (1,), generator=generator))
-            windows[i], coords[i] = canvas_window(canvas, top, left, r)
-        return windows, coords
+        b, r, m = len(index), self.images.shape[-1], self.max_tiles
+        rows, cols = torch.randint(1, m + 1, (2, b), generator=generator)
+        height, width = rows * r, cols * r
+        top = (torch.rand(b, generator=generator) * height).long()
+        left = (torch.rand(b, generator=generator) * width).long()
+        # canvas pixel of every window row / column, wrapping around the canvas
+        ys = (top[:, None] + torch.arange(r)) % height[:, None]  # (B, r)
+        xs = (left[:, None] + torch.arange(r)) % width[:, None]
+        # the rows x cols cells of each canvas (m x m drawn, the first rows * cols used), same class
+        k = self.labels[index]
+        draw = (torch.rand(b, m * m, generator=generator) * self.count[k][:, None]).long()
+        cells = self.order[self.start[k][:, None] + draw]  # (B, m * m) image indices
+        cell = (ys // r)[:, :, None] * cols[:, None, None] + (xs // r)[:, None, :]  # (B, r, r)
+        source = torch.gather(cells, 1, cell.flatten(1)).view(b, r, r)
+        windows = self.images[source, :, (ys % r)[:, :, None], (xs % r)[:, None, :]]  # (B, r, r, C)
+        # canvas_coords' linspace(-1, 1) over each canvas, at the window's pixels
+        x = (-1 + 2 * xs / (width - 1)[:, None]).float()
+        y = (-1 + 2 * ys / (height - 1)[:, None]).float()
+        coords = torch.stack([x[:, None, :].expand(b, r, r), y[:, :, None].expand(b, r, r)], 1)
+        return windows.permute(0, 3, 1, 2).contiguous(), coords
