@@ -71,11 +71,16 @@ def test_lego_train_writes_a_loadable_checkpoint_and_resumes(tiny_npz, tmp_path)
     # a second run into the same folder must be asked to resume
     refused = run_cli(["--data", str(tiny_npz), "--preset", "tiny", "--kimg", "0.3", "--out", str(out)])
     assert refused.exit_code != 0 and "--resume" in refused.output
+    # as if the first run had logged up to 0.4 kimg, past its last snapshot (0.224), before it was stopped
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({**log[-1], "kimg": 0.4}) + "\n")
     resumed = run_cli(
         ["--data", str(tiny_npz), "--kimg", "0.3", "--batch", "32", "--out", str(out), "--resume", str(out)]
     )
     assert resumed.exit_code == 0, resumed.output
     assert torch.load(out / "train-state.pt", weights_only=True)["nimg"] == 320
+    kimgs = [json.loads(line)["kimg"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert kimgs == sorted(set(kimgs)) and kimgs[-1] >= 0.3  # the lines past the snapshot were dropped
     mismatch = run_cli(["--data", str(tiny_npz), "--no-cond", "--kimg", "0.4", "--out", str(out), "--resume", str(out)])
     assert mismatch.exit_code != 0 and "the run being resumed was trained on" in mismatch.output
     assert not torch.equal(

@@ -164,6 +164,8 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         nimg = int(state["nimg"])
+        if ddp.main:
+            trim_log(out / "log.jsonl", nimg / 1000)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     loss_fn = EDMLoss()
 
@@ -259,6 +261,14 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
             next_snapshot += cfg.snapshot_kimg * 1000
     bar.close()
     return out / CHECKPOINT_FILE
+
+
+def trim_log(path: Path, kimg: float) -> None:
+    """Drop the log lines past kimg: a run stopped between snapshots resumes from its last snapshot
+    and would otherwise log those images twice."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["kimg"] <= kimg))
 
 
 def snapshot(
