@@ -40,7 +40,7 @@ from lego_export.tiling import canvas_coords, check_canvas, tile, untile
 
 # PG: skip the global brick for the last 20% of the trajectory. Chosen by measurement
 # (benchmarks/results/quality.md): on the shipped model 0.2 keeps FID within 1% of the full chain,
-# while the paper's best ImageNet point, 0.3, costs 13% here.
+# while the paper's best ImageNet point, 0.3, costs 13-17% here.
 DEFAULT_T_BREAK = 0.2
 
 
