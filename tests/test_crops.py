@@ -3,7 +3,17 @@ import torch
 
 from lego_export.tiling import canvas_coords
 from tests.test_model import inputs, make
-from training.crops import CanvasWindows, canvas_window
+from training.crops import CanvasWindows
+
+
+def canvas_window(canvas: torch.Tensor, top: int, left: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for what CanvasWindows cuts: the size x size window at (top, left) of a (C, H, W)
+    canvas, wrapping around its edges, and its coordinate channels (2, size, size), i.e. the values
+    the runtime gives those pixels when it rolls the whole canvas by (-top, -left)."""
+    _, h, w = canvas.shape
+    coords = torch.from_numpy(canvas_coords(h, w))
+    window = torch.roll(canvas, (-top, -left), dims=(1, 2))[:, :size, :size]
+    return window, torch.roll(coords, (-top, -left), dims=(1, 2))[:, :size, :size]
 
 
 def test_a_window_is_what_the_bricks_see_of_the_shifted_canvas():

@@ -21,29 +21,24 @@ from torch import Tensor
 from lego_export.tiling import canvas_coords
 
 
-def canvas_window(canvas: Tensor, top: int, left: int, size: int) -> tuple[Tensor, Tensor]:
-    """The size x size window at (top, left) of a (C, H, W) canvas, wrapping around its edges.
-
-    Returns the pixels (C, size, size) and their coordinate channels (2, size, size): the values
-    the runtime gives those pixels when it rolls the whole canvas by (-top, -left).
-    """
-    _, h, w = canvas.shape
-    coords = torch.from_numpy(canvas_coords(h, w))
-    window = torch.roll(canvas, (-top, -left), dims=(1, 2))[:, :size, :size]
-    return window, torch.roll(coords, (-top, -left), dims=(1, 2))[:, :size, :size]
-
-
 class CanvasWindows:
     """Draws windows of random same-class canvases built from a training set.
 
     images: (N, C, r, r); labels: (N,) or None (then any images share a canvas). Each canvas is
     rows x cols images, rows and cols uniform in 1..max_tiles; its window (r x r) sits at a uniform
-    random position, wrapping around the edges. The canvases are never built: each window pixel is
-    gathered straight from the image and pixel it shows (the same values ``canvas_window`` gives).
+    random position, wrapping around the edges, with the coordinates ``canvas_coords`` gives its
+    pixels on that canvas. The canvases are never built: each window pixel is gathered straight from
+    the image and pixel it shows.
     """
 
     def __init__(self, images: Tensor, labels: Tensor | None, max_tiles: int = 4):
         self.images, self.max_tiles = images, max_tiles
+        # coordinate lines of every canvas side n * r, n = 1..max_tiles, zero-padded to one table
+        r = images.shape[-1]
+        self.x_lines, self.y_lines = torch.zeros(2, max_tiles, max_tiles * r)
+        for n in range(1, max_tiles + 1):
+            xy = torch.from_numpy(canvas_coords(n * r, n * r))
+            self.x_lines[n - 1, : n * r], self.y_lines[n - 1, : n * r] = xy[0, 0], xy[1, :, 0]
         # the images of each class as one contiguous run of `order`: class k is order[start[k]:][:count[k]]
         labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels.long()
         self.labels, self.order = labels, torch.argsort(labels, stable=True)
@@ -68,8 +63,7 @@ class CanvasWindows:
         cell = (ys // r)[:, :, None] * cols[:, None, None] + (xs // r)[:, None, :]  # (B, r, r)
         source = torch.gather(cells, 1, cell.flatten(1)).view(b, r, r)
         windows = self.images[source, :, (ys % r)[:, :, None], (xs % r)[:, None, :]]  # (B, r, r, C)
-        # canvas_coords' linspace(-1, 1) over each canvas, at the window's pixels
-        x = (-1 + 2 * xs / (width - 1)[:, None]).float()
-        y = (-1 + 2 * ys / (height - 1)[:, None]).float()
+        x = self.x_lines[(cols - 1)[:, None], xs]  # (B, r): the coordinates of those canvas columns
+        y = self.y_lines[(rows - 1)[:, None], ys]
         coords = torch.stack([x[:, None, :].expand(b, r, r), y[:, :, None].expand(b, r, r)], 1)
         return windows.permute(0, 3, 1, 2).contiguous(), coords
