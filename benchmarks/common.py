@@ -12,6 +12,22 @@ from pathlib import Path
 import numpy as np
 
 
+def random_feeds(spec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs of an engine's shapes for timing (values do not change the work): unit Gaussians,
+    c_noise over the sampling range, one-hot labels."""
+    feeds = {}
+    for t in spec.inputs:
+        shape = [n if d == "N" else d for d in t.shape]
+        if t.name == "c_noise":
+            value = np.log(rng.uniform(0.002, 80.0, size=shape)) / 4
+        elif t.name == "class_onehot":
+            value = np.eye(shape[1])[rng.integers(0, shape[1], size=n)]
+        else:
+            value = rng.standard_normal(shape)
+        feeds[t.name] = value.astype(np.float32)
+    return feeds
+
+
 def time_calls(fn: Callable[[], object], reps: int, warmup: int = 2) -> dict[str, float]:
     """Median / p90 / p99 / min of reps calls, in milliseconds, after warm-up calls."""
     for _ in range(warmup):

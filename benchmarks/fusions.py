@@ -9,6 +9,7 @@ Each brick runs on the tiles of --images images; the variants are timed in inter
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import click
 import numpy as np
 import torch
 
-from lego_export.checkpoint import load_model
-from lego_export.export.verify import example_feeds
-from lego_export.manifest import Manifest
-from lego_export.runtime.backends import OnnxRuntimeRunner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import random_feeds  # noqa: E402
+
+from lego_export.checkpoint import load_model  # noqa: E402
+from lego_export.manifest import Manifest  # noqa: E402
+from lego_export.runtime.backends import OnnxRuntimeRunner  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -39,11 +42,11 @@ def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, json_o
     torch.set_num_threads(threads)
     manifest = Manifest.read(engines)
     model = load_model(ckpt)
-    res = manifest.model["img_resolution"]
+    res = manifest.model.img_resolution
     rows = []
     for spec in manifest.bricks:
-        n = images * (res // manifest.model["bricks"][spec.index]["size"]) ** 2
-        feeds = example_feeds(spec, n, np.random.default_rng(0))
+        n = images * (res // manifest.model.bricks[spec.index].size) ** 2
+        feeds = random_feeds(spec, n, np.random.default_rng(0))
         tensors = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
         brick = model.bricks[spec.index]
         variants = {"torch": lambda b=brick, t=tensors: b(*t)}

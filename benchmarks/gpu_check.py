@@ -133,11 +133,8 @@ def ort_cpu_rows(model: LegoModel, batches) -> list[dict]:
                 job.module, example, [t.name for t in job.spec.inputs], [t.name for t in job.spec.outputs], path
             )
             job.spec.files["onnx"] = EngineFile(path.name, sha256_file(path), path.stat().st_size, "fp32")
-        cfg = json.loads(model.cfg.to_json())
         manifest = Manifest(
-            cfg,
-            {"sigma_data": model.cfg.sigma_data, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
-            model.cfg.num_classes,
+            model.cfg,
             {"checkpoint": "-", "sha256": "-"},
             {},
             [j.spec for j in jobs],

@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, matmul_peak_gflops, time_calls, write_json  # noqa: E402
+from common import machine, markdown_table, matmul_peak_gflops, random_feeds, time_calls, write_json  # noqa: E402
 
 from lego_export.checkpoint import load_model  # noqa: E402
-from lego_export.export.verify import example_feeds  # noqa: E402
+from lego_export.edm import sample  # noqa: E402
 from lego_export.flops import brick_flops_per_tile  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
-from lego_export.runtime.sampler import karras_sigmas, sample  # noqa: E402
 from lego_export.runtime.schedule import StepPlan  # noqa: E402
 
 
@@ -40,12 +39,12 @@ def brick_rows(pipe: LegoPipeline, model, batches, reps, peak) -> list[dict]:
     rows = []
     m = pipe.manifest.model
     for spec, timed in zip(pipe.manifest.bricks, pipe.bricks, strict=True):
-        brick_cfg = m["bricks"][spec.index]
-        per_tile = brick_flops_per_tile(brick_cfg, spec.inputs[0].shape[1], m["img_channels"], m["cond_dim"])
-        tiles = (m["img_resolution"] // brick_cfg["size"]) ** 2
+        brick_cfg = m.bricks[spec.index]
+        per_tile = brick_flops_per_tile(brick_cfg, spec.inputs[0].shape[1], m.img_channels, m.cond_dim)
+        tiles = (m.img_resolution // brick_cfg.size) ** 2
         for b in batches:
             n = b * tiles
-            feeds = example_feeds(spec, n, np.random.default_rng(0))
+            feeds = random_feeds(spec, n, np.random.default_rng(0))
             args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
             module = model.bricks[spec.index]
             with torch.inference_mode():
@@ -55,7 +54,7 @@ def brick_rows(pipe: LegoPipeline, model, batches, reps, peak) -> list[dict]:
             rows.append(
                 {
                     "brick": spec.name,
-                    "size": brick_cfg["size"],
+                    "size": brick_cfg.size,
                     "images": b,
                     "N": n,
                     "gflop_per_call": per_tile * n / 1e9,
@@ -137,7 +136,7 @@ def sample_rows(pipe: LegoPipeline, model, steps: int, batch: int) -> list[dict]
     """Whole samples (batch images, all steps), full chain and --skip-late-bricks, both backends."""
     rows = []
     onehot = torch.eye(pipe.num_classes)[torch.arange(batch) % pipe.num_classes]
-    sigmas = karras_sigmas(steps)
+    sigmas = pipe.sigmas(steps)
     for skip in (None, "late"):
         plan = pipe.plan(steps, skip)
         start = time.perf_counter()

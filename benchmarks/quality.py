@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_json  # noqa: E402
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
-from training.data import load_dataset, load_idx_dir  # noqa: E402
+from lego_train.data import load_dataset, load_idx_dir  # noqa: E402
 
 CLASSIFIER = Path(__file__).resolve().parent / "classifier" / "fmnist-cnn.safetensors"
 

@@ -30,7 +30,7 @@ from quality import features_and_logits, fid, load_classifier, to_input  # noqa:
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.tiling import tile  # noqa: E402
-from training.data import load_idx_dir  # noqa: E402
+from lego_train.data import load_idx_dir  # noqa: E402
 
 
 def seam_ratio(images: np.ndarray, size: int) -> float:

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.errors import LegoError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def one_line_errors(interrupted: str = "interrupted; nothing partial was left behind"):
-    """Turn LegoError and Ctrl-C into a one-line message and a non-zero exit, never a traceback."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except LegoError as e:
-                raise click.ClickException(str(e)) from None
-            except KeyboardInterrupt:
-                raise click.ClickException(interrupted) from None
-
-        return wrapper
-
-    return decorate
 
 
 @click.group(context_settings=CONTEXT)
@@ -160,19 +140,15 @@ def _brick_count(ckpt: str) -> int:
 
 
 def _plans_from_onnx(folder: Path, out: Path, target: str, version_compatible: bool, hardware_compatible: bool):
-    from lego_export.export import tensorrt
-    from lego_export.manifest import Manifest
+    from lego_export.export.build import add_tensorrt_plans
 
     if target != "tensorrt":
         raise LegoError("--from-onnx builds TensorRT plans: add --target tensorrt")
-    manifest = Manifest.read(folder)
-    problems = manifest.check_files(folder, formats=("onnx",))
-    if problems:
-        raise LegoError(f"{folder}: {problems[0]}")
     if out != folder:
         raise LegoError("--from-onnx writes the plans beside the ONNX files; leave out --out")
-    tensorrt.add_plans(manifest, folder, version_compatible=version_compatible, hardware_compatible=hardware_compatible)
-    manifest.write(folder)
+    manifest = add_tensorrt_plans(
+        folder, version_compatible=version_compatible, hardware_compatible=hardware_compatible
+    )
     click.echo(_manifest_table(manifest, folder))
 
 
@@ -188,10 +164,10 @@ def _manifest_table(manifest, folder: Path) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     m = manifest.model
-    bricks = " | ".join(f"r{b['size']}/p{b['patch']}/d{b['depth']}/w{b['width']}" for b in m["bricks"])
+    bricks = " | ".join(f"r{b.size}/p{b.patch}/d{b.depth}/w{b.width}" for b in m.bricks)
     head = (
-        f"{folder}: model {m['name']} ({bricks}), {m['img_channels']} channel(s), trained at "
-        f"{m['img_resolution']}x{m['img_resolution']}, {manifest.num_classes} classes; "
+        f"{folder}: model {m.name} ({bricks}), {m.img_channels} channel(s), trained at "
+        f"{m.img_resolution}x{m.img_resolution}, {m.num_classes} classes; "
         f"source {manifest.source['checkpoint']} sha256 {manifest.source['sha256'][:12]}; "
         f"opset {manifest.toolchain.get('opset')}"
     )
@@ -234,18 +210,20 @@ def verify(engines: str, ckpt: str | None) -> None:
 def _verify_parity(manifest, folder: Path, ckpt: str) -> None:
     from lego_export.checkpoint import load_model
     from lego_export.export.build import engine_jobs
-    from lego_export.export.verify import measure_error
+    from lego_export.export.verify import measure_error, record_engine_inputs
     from lego_export.runtime.backends import OnnxRuntimeRunner
 
     model = load_model(ckpt)
     jobs = {j.spec.name: j for j in engine_jobs(model, 1, 1)}
+    recorded = record_engine_inputs(model, manifest.embedder.batch["max"])
     failed = 0
     for spec in manifest.engines:
         for fmt, f in spec.files.items():
             if fmt == "tensorrt":
                 click.echo(f"skip {f.path}: TensorRT plans are checked by the runtime on their GPU")
                 continue
-            result = measure_error(jobs[spec.name].module, OnnxRuntimeRunner(folder / f.path), spec, f.precision)
+            runner = OnnxRuntimeRunner(folder / f.path)
+            result = measure_error(jobs[spec.name].module, runner, spec, f.precision, recorded)
             failed += not result["passed"]
             status = "ok  " if result["passed"] else "FAIL"
             click.echo(

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 
+from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
 
 
@@ -46,17 +47,23 @@ class LegoConfig:
     img_resolution: int = 32  # side of the training canvas
     num_classes: int = 10  # 0 = unconditional
     cond_dim: int = 128  # size of the shared conditioning vector c
-    sigma_data: float = 0.5
+    edm: EDMConfig = EDMConfig()
+    label_dropout: float = 0.1  # training: share of null labels, which classifier-free guidance needs
     name: str = "custom"
 
     def __post_init__(self) -> None:
         # Accept lists of dicts (as read back from JSON) as well as BrickConfigs.
         bricks = tuple(b if isinstance(b, BrickConfig) else BrickConfig(**b) for b in self.bricks)
         object.__setattr__(self, "bricks", bricks)
+        if isinstance(self.edm, dict):
+            object.__setattr__(self, "edm", EDMConfig(**self.edm))
         if not bricks:
             raise LegoError("a LEGO model needs at least one brick")
         for b in bricks:
             b.validate()
+        self.edm.validate()
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise LegoError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.img_resolution % self.canvas_multiple:
             raise LegoError(
                 f"training resolution {self.img_resolution} is not a multiple of the brick sizes "
@@ -72,15 +79,32 @@ class LegoConfig:
         """Input channels of brick k: [F_{k-1}], c_in * x_t and 2 coordinate channels."""
         return (self.img_channels if k > 0 else 0) + self.img_channels + 2
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LegoConfig:
+        """The config from its JSON form; one-line LegoError for anything else."""
+        try:
+            data = dict(data)
+            if "sigma_data" in data:  # written before the EDM constants had their own entry
+                data["edm"] = {"sigma_data": data.pop("sigma_data")}
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise LegoError(f"invalid LEGO model config: {e}") from None
 
     @classmethod
     def from_json(cls, text: str) -> LegoConfig:
         try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError) as e:
+            data = json.loads(text)
+        except ValueError as e:
             raise LegoError(f"invalid LEGO model config: {e}") from None
+        if not isinstance(data, dict):
+            raise LegoError("invalid LEGO model config: not a JSON object")
+        return cls.from_dict(data)
 
 
 # ---------------------------------------------------------------------------------------------

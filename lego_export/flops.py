@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from lego_export.config import BrickConfig, LegoConfig
 
-def brick_flops_per_tile(brick: dict, in_channels: int, out_channels: int, cond_dim: int) -> float:
+
+def brick_flops_per_tile(brick: BrickConfig, in_channels: int, out_channels: int, cond_dim: int) -> float:
     """Multiply-adds x 2 for one r x r tile through one brick: patch embedding, blocks, final layer."""
-    w, p = brick["width"], brick["patch"]
-    tokens = (brick["size"] // p) ** 2
-    hidden = int(w * brick.get("mlp_ratio", 4.0))
+    w, p = brick.width, brick.patch
+    tokens = brick.grid**2
+    hidden = int(w * brick.mlp_ratio)
     patch_embed = tokens * (in_channels * p * p) * w
     per_block = (
         tokens * (3 * w * w + w * w)  # qkv and output projection
@@ -16,15 +18,13 @@ def brick_flops_per_tile(brick: dict, in_channels: int, out_channels: int, cond_
         + cond_dim * 6 * w  # adaLN modulation
     )
     final = tokens * w * p * p * out_channels + cond_dim * 2 * w
-    return 2.0 * (patch_embed + brick["depth"] * per_block + final)
+    return 2.0 * (patch_embed + brick.depth * per_block + final)
 
 
-def model_brick_flops(model: dict) -> list[float]:
-    """FLOPs per image at the training resolution, for each brick of a manifest's model dict."""
-    c, res, d = model["img_channels"], model["img_resolution"], model["cond_dim"]
+def model_brick_flops(cfg: LegoConfig) -> list[float]:
+    """FLOPs per image at the training resolution, for each brick of the model."""
     flops = []
-    for k, brick in enumerate(model["bricks"]):
-        in_channels = (c if k else 0) + c + 2
-        tiles = (res // brick["size"]) ** 2
-        flops.append(tiles * brick_flops_per_tile(brick, in_channels, c, d))
+    for k, brick in enumerate(cfg.bricks):
+        tiles = (cfg.img_resolution // brick.size) ** 2
+        flops.append(tiles * brick_flops_per_tile(brick, cfg.brick_in_channels(k), cfg.img_channels, cfg.cond_dim))
     return flops

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lego_export.atomic import atomic_write
+from lego_export.config import LegoConfig
 from lego_export.errors import LegoError
 
-SCHEMA_VERSION = 1
+# 2: the model entry is the full model config, EDM constants included (1 had a separate "edm").
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 
 # Formats an engine may come in. "onnx" is the portable graph (TensorRT and any ORT provider);
@@ -58,16 +60,20 @@ class EngineSpec:
 
 @dataclass
 class Manifest:
-    model: dict  # LegoConfig as a dict: bricks in order (size, patch, depth, width, heads), channels...
-    edm: dict  # sigma_data and the default sampler constants
-    num_classes: int
+    model: LegoConfig  # bricks in order (size, patch, depth, width, heads), channels, classes, EDM constants
     source: dict  # checkpoint file name and sha256
     toolchain: dict  # exporter, opset and library versions
     engines: list[EngineSpec]
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = LegoConfig.from_dict(self.model)
         self.engines = [e if isinstance(e, EngineSpec) else EngineSpec(**e) for e in self.engines]
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
 
     @property
     def bricks(self) -> list[EngineSpec]:
@@ -106,16 +112,20 @@ class Manifest:
             raise LegoError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else None
-            raise LegoError(f"{path}: unsupported manifest schema {found!r} (this version reads {SCHEMA_VERSION})")
+            raise LegoError(
+                f"{path}: unsupported manifest schema {found!r} (this version reads {SCHEMA_VERSION}); "
+                "rebuild the engines with lego-export build --force"
+            )
         try:
             manifest = cls(**data)
             manifest.embedder  # noqa: B018 - must exist
         except (TypeError, KeyError, StopIteration) as e:
             raise LegoError(f"{path} is not a valid LEGO manifest ({type(e).__name__}: {e})") from None
-        if len(manifest.bricks) != len(manifest.model.get("bricks", [])):
+        except LegoError as e:
+            raise LegoError(f"{path}: {e}") from None
+        if len(manifest.bricks) != len(manifest.model.bricks):
             raise LegoError(
-                f"{path}: lists {len(manifest.bricks)} brick engines for a model of "
-                f"{len(manifest.model.get('bricks', []))} bricks"
+                f"{path}: lists {len(manifest.bricks)} brick engines for a model of {len(manifest.model.bricks)} bricks"
             )
         return manifest
 

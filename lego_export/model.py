@@ -2,8 +2,8 @@
 
 Shared by training, export and the PyTorch runtime backend. A :class:`Brick` is a pure function
 on a batch of fixed-size tiles, exactly what the exporter turns into one engine; everything that
-touches the whole canvas (tiling, coordinates, chaining, preconditioning) lives in
-:class:`LegoModel`.
+touches the whole canvas (tiling, coordinates, chaining, preconditioning, guidance) is the one
+outer denoiser of denoiser.py, which :class:`LegoModel` calls with its modules.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lego_export.config import BrickConfig, LegoConfig
-from lego_export.errors import LegoError
-from lego_export.tiling import canvas_coords, check_canvas, tile, untile
+from lego_export.denoiser import denoise
 
 
 def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -73,8 +73,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, w = x.shape
         q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        weights = (q @ k.transpose(-2, -1)) * (w // self.heads) ** -0.5
-        x = weights.softmax(dim=-1) @ v
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head width)) v, fused
         return self.proj(x.transpose(1, 2).reshape(n, t, w))
 
 
@@ -136,15 +135,6 @@ class Brick(nn.Module):
         return x.reshape(n, ch, g * p, g * p)
 
 
-def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EDM preconditioning (Karras et al. 2022): c_skip, c_out, c_in, c_noise for each sigma."""
-    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
-
-
 class LegoModel(nn.Module):
     """A stack of bricks. Brick 1 sees [c_in x, coords]; brick k > 1 sees [F_{k-1}, c_in x, coords].
 
@@ -193,43 +183,34 @@ class LegoModel(nn.Module):
         num_bricks: int | None = None,
         return_all: bool = False,
         shift: tuple[int, int] = (0, 0),
+        guidance: float = 1.0,
         coords: Tensor | None = None,
     ) -> Tensor | list[Tensor]:
-        """Denoise x (B, C, H, W) at noise level sigma (scalar or (B,)).
+        """Denoise x (B, C, H, W) at noise level sigma (a float, or a tensor of one or B levels).
 
         class_onehot: (B, num_classes) one-hot rows; all-zero rows (or None) mean the null label.
         num_bricks: run only the first k bricks. return_all: return [D_1, ..., D_k] instead of D_k.
         shift: roll the canvas by (dy, dx) before the bricks and back after, moving the tile grid.
+        guidance: classifier-free guidance scale (1 = none).
         coords: (B, 2, H, W) coordinate channels to use instead of the whole canvas's; training
         passes those of windows cut from larger canvases (see training/crops.py).
         """
-        b, _, h, w = x.shape
-        check_canvas(h, w, self.cfg.canvas_multiple)
-        if num_bricks is not None and not 1 <= num_bricks <= len(self.bricks):
-            raise LegoError(f"num_bricks must be between 1 and {len(self.bricks)}, got {num_bricks}")
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-        c_skip, c_out, c_in, c_noise = (s.reshape(b, 1, 1, 1) for s in edm_scalings(sigma, self.cfg.sigma_data))
-        c = self.embedder(c_noise.reshape(b), class_onehot)
-
-        if coords is None:
-            coords = torch.from_numpy(canvas_coords(h, w)).to(x.device, x.dtype).expand(b, 2, h, w)
-        x_in = torch.cat([c_in * x, coords], dim=1)
-        if shift != (0, 0):
-            x_in = torch.roll(x_in, shifts=shift, dims=(2, 3))
-
-        outputs, feature = [], None
-        for brick in self.bricks[:num_bricks]:
-            inp = x_in if feature is None else torch.cat([feature, x_in], dim=1)
-            tiles = tile(inp, brick.cfg.size)
-            per_image = tiles.shape[0] // b
-            feature = untile(brick(tiles, c.repeat_interleave(per_image, dim=0)), b, h, w)
-            if return_all:
-                outputs.append(feature)
-        outputs = outputs if return_all else [feature]
-        if shift != (0, 0):
-            outputs = [torch.roll(f, shifts=(-shift[0], -shift[1]), dims=(2, 3)) for f in outputs]
-        denoised = [c_skip * x + c_out * f.to(x.dtype) for f in outputs]
-        return denoised if return_all else denoised[0]
+        if isinstance(sigma, Tensor):
+            sigma = sigma.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
+        return denoise(
+            x,
+            sigma,
+            class_onehot,
+            embed=self.embedder,
+            bricks=self.bricks,
+            brick_sizes=[b.size for b in self.cfg.bricks],
+            edm=self.cfg.edm,
+            num_bricks=num_bricks,
+            shift=shift,
+            guidance=guidance,
+            coords=coords,
+            return_all=return_all,
+        )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

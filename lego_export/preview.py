@@ -11,10 +11,10 @@ import click
 import numpy as np
 import torch
 
+from lego_export.edm import initial_noise, sample
 from lego_export.errors import LegoError
 from lego_export.images import make_grid, save_png
 from lego_export.model import LegoModel
-from lego_export.runtime.sampler import karras_sigmas, sample
 
 
 @torch.no_grad()
@@ -26,19 +26,22 @@ def sample_images(
     heun: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    guidance: float = 1.0,
 ) -> np.ndarray:
-    """Generate num images (N, C, H, W) in [-1, 1] at the training resolution."""
+    """Generate num images (N, C, H, W) in [-1, 1] at the training resolution, full chain.
+
+    Image i starts from the same noise as image i of lego-run / LegoPipeline with the same seed."""
     cfg = model.cfg
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num, cfg.img_channels, cfg.img_resolution, cfg.img_resolution, generator=gen).to(device)
+    shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+    noise = torch.from_numpy(initial_noise(seed, range(num), shape)).to(device)
     onehot = None
     if cfg.num_classes and labels is not None:
         onehot = torch.nn.functional.one_hot(torch.as_tensor(labels), cfg.num_classes).float().to(device)
 
     def denoise(x, sigma, _step):
-        return model(x, sigma, onehot)
+        return model(x, sigma, onehot, guidance=guidance)
 
-    x = sample(denoise, noise, karras_sigmas(steps), heun=heun)
+    x = sample(denoise, noise, cfg.edm.sigmas(steps), heun=heun)
     return x.clamp(-1, 1).float().cpu().numpy()
 
 

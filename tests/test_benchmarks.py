@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import markdown_table, time_calls  # noqa: E402
 from quality import fid, kid  # noqa: E402
 
+from lego_export.config import BrickConfig  # noqa: E402
 from lego_export.flops import brick_flops_per_tile  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def test_fid_and_kid_separate_distributions():
 
 
 def test_flops_match_a_hand_count():
-    brick = {"size": 4, "patch": 2, "depth": 1, "width": 8, "mlp_ratio": 4.0}
+    brick = BrickConfig(size=4, patch=2, depth=1, width=8, heads=2, mlp_ratio=4.0)
     tokens, w, d = 4, 8, 8
     expected = 2 * (
         tokens * 3 * 4 * w  # patch embedding: 3 channels x 2 x 2 pixels -> w

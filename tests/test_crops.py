@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from lego_export.tiling import canvas_coords
+from lego_train.crops import CanvasWindows
 from tests.test_model import inputs, make
-from training.crops import CanvasWindows
 
 
 def canvas_window(canvas: torch.Tensor, top: int, left: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

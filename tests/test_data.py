@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from lego_export.errors import LegoError
-from training.data import load_dataset
+from lego_train.data import load_dataset
 
 
 def write_idx(path, array):

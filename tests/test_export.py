@@ -10,12 +10,28 @@ from safetensors.torch import save_file
 from lego_export.checkpoint import load_model, save_checkpoint
 from lego_export.cli import export_main
 from lego_export.config import get_preset
-from lego_export.export.verify import example_feeds
+from lego_export.export.verify import measure_error, record_engine_inputs
 from lego_export.manifest import SCHEMA_VERSION, Manifest
 from lego_export.model import LegoModel
 from lego_export.runtime.backends import OnnxRuntimeRunner
+from lego_export.tiling import tile, untile
 
 PRESETS = ["pg-tiny", "pr-tiny", "u-tiny", "dit-tiny"]
+
+
+def random_feeds(spec, n, rng):
+    """Unit-scale inputs of an engine's shapes (c_noise over the sampling range, some null labels)."""
+    feeds = {}
+    for t in spec.inputs:
+        shape = [n if d == "N" else d for d in t.shape]
+        if t.name == "c_noise":
+            value = np.log(rng.uniform(0.002, 80.0, size=shape)) / 4
+        elif t.name == "class_onehot":
+            value = np.eye(shape[1])[rng.integers(0, shape[1], size=n)] * (rng.random((n, 1)) > 0.2)
+        else:
+            value = rng.standard_normal(shape)
+        feeds[t.name] = value.astype(np.float32)
+    return feeds
 
 
 def random_checkpoint(path, preset):
@@ -52,9 +68,8 @@ def test_manifest_lists_every_engine_verified(built, preset):
     manifest = Manifest.read(engines)
     cfg = get_preset(preset)
     assert manifest.schema_version == SCHEMA_VERSION
-    assert [b["size"] for b in manifest.model["bricks"]] == [b.size for b in cfg.bricks]
+    assert manifest.model == cfg  # the typed config, EDM constants included, read back unchanged
     assert [e.name for e in manifest.bricks] == [f"brick{k}" for k in range(len(cfg.bricks))]
-    assert manifest.num_classes == cfg.num_classes and manifest.edm["sigma_data"] == 0.5
     assert len(manifest.source["sha256"]) == 64 and manifest.toolchain["opset"] == 17
     for e in manifest.engines:
         assert set(e.files) == ({"onnx", "onnx-ort"} if e.role == "brick" else {"onnx"})
@@ -80,14 +95,14 @@ def test_engines_match_pytorch_at_several_batch_sizes(built, preset):
         for fmt, f in spec.files.items():
             runner = OnnxRuntimeRunner(engines / f.path)
             for n in (1, 2, 7, spec.batch["max"]):
-                feeds = example_feeds(spec, n, rng)
+                feeds = random_feeds(spec, n, rng)
                 with torch.no_grad():
                     ref = brick(torch.from_numpy(feeds["tiles"]), torch.from_numpy(feeds["cond"])).numpy()
                 out = runner.infer(feeds)["out"]
                 assert np.abs(ref).max() > 0.1  # a real signal, not zeros
                 assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), (fmt, n)
     emb = OnnxRuntimeRunner(engines / manifest.embedder.files["onnx"].path)
-    feeds = example_feeds(manifest.embedder, 5, rng)
+    feeds = random_feeds(manifest.embedder, 5, rng)
     with torch.no_grad():
         ref = model.embedder(torch.from_numpy(feeds["c_noise"]), torch.from_numpy(feeds["class_onehot"])).numpy()
     np.testing.assert_allclose(emb.infer(feeds)["cond"], ref, atol=1e-5 * np.abs(ref).max())
@@ -196,8 +211,47 @@ def test_tensorrt_target_without_tensorrt_keeps_onnx(built, tmp_path):
 def test_manifest_is_plain_json(built):
     _, engines = built["dit-tiny"]
     data = json.loads((engines / "manifest.json").read_text())
-    assert {"schema_version", "model", "edm", "num_classes", "source", "toolchain", "engines"} <= set(data)
+    assert {"schema_version", "model", "source", "toolchain", "engines"} == set(data)
+    assert data["model"]["edm"]["sigma_max"] == 80.0
     (engines / "manifest.json").write_text("{broken")
     with pytest.raises(Exception, match="not valid JSON"):
         Manifest.read(engines)
     (engines / "manifest.json").write_text(json.dumps(data))
+
+
+def test_verification_feeds_what_the_runtime_sees(built):
+    """Brick k > 0 is verified on tiles that hold brick k-1's real output, with the embedder's real
+    conditioning, at noise levels along the sampling schedule."""
+    ckpt, _ = built["pg-tiny"]
+    model = load_model(ckpt)
+    cfg = model.cfg
+    recorded = record_engine_inputs(model, images=3)
+    c_noise = recorded["embedder"]["c_noise"]
+    assert c_noise.shape == (3,) and np.all(
+        (np.log(0.002) / 4 - 1e-6 <= c_noise) & (c_noise <= np.log(80.0) / 4 + 1e-6)
+    )
+    res = cfg.img_resolution
+    with torch.no_grad():
+        cond = model.embedder(torch.from_numpy(c_noise), torch.from_numpy(recorded["embedder"]["class_onehot"]))
+        for k in range(1, len(cfg.bricks)):
+            prev, now = recorded[f"brick{k - 1}"], recorded[f"brick{k}"]
+            np.testing.assert_allclose(now["cond"][:: (res // cfg.bricks[k].size) ** 2], cond.numpy(), atol=1e-6)
+            out = model.bricks[k - 1](torch.from_numpy(prev["tiles"]), torch.from_numpy(prev["cond"]))
+            expected = tile(untile(out, 3, res, res), cfg.bricks[k].size).numpy()
+            np.testing.assert_allclose(now["tiles"][:, : cfg.img_channels], expected, atol=1e-6)
+
+
+def test_an_engine_returning_nan_fails_verification(built):
+    ckpt, engines = built["pg-tiny"]
+    model = load_model(ckpt)
+    spec = Manifest.read(engines).bricks[0]
+    recorded = record_engine_inputs(model, images=4)
+
+    class NaNRunner:
+        def infer(self, feeds):
+            out = model.bricks[0](*(torch.from_numpy(feeds[t.name]) for t in spec.inputs)).detach().numpy()
+            out[0, 0, 0, 0] = np.nan
+            return {"out": out}
+
+    result = measure_error(model.bricks[0], NaNRunner(), spec, "fp32", recorded)
+    assert not result["passed"] and result["relative_error"] == float("inf")

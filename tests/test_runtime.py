@@ -74,11 +74,52 @@ def test_onnxruntime_matches_pytorch(models, stack, resolution):
     assert np.abs(a - b).max() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize(
+    "bricks,shift,guidance", [(3, (0, 0), 1.0), (2, (5, 9), 1.0), (3, (7, 2), 2.5), (1, (0, 3), 1.5)]
+)
+def test_pipeline_denoiser_matches_the_model(models, backend, bricks, shift, guidance):
+    """The pipeline's evaluation, on any backend, is LegoModel.forward on the same inputs."""
+    from lego_export.checkpoint import load_model
+    from lego_export.runtime.schedule import StepPlan
+
+    ckpt, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines, backend, ckpt=str(ckpt))
+    model = load_model(ckpt)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 1, 16, 32)) * 2).astype(np.float32)
+    onehot = np.eye(10, dtype=np.float32)[[0, 3, 9]]
+    a = pipe.arrays
+    got = a.to_numpy(
+        pipe.denoise(a.from_numpy(x), 0.7, StepPlan(0, 0.7, bricks, shift), a.from_numpy(onehot), guidance)
+    )
+    with torch.no_grad():
+        ref = model(
+            torch.from_numpy(x), 0.7, torch.from_numpy(onehot), num_bricks=bricks, shift=shift, guidance=guidance
+        )
+    assert np.abs(ref.numpy()).max() > 0.1
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-6 if backend == "torch" else 2e-5)
+
+
+def test_preview_sampler_matches_the_pipeline(models):
+    """The PyTorch preview (training's sample grids) and lego-run start from the same noise and agree."""
+    from lego_export.checkpoint import load_model
+    from lego_export.preview import sample_images
+
+    ckpt, engines = models["pg"]
+    labels = [2, 2, 5, 5]
+    preview = sample_images(load_model(ckpt), labels, num=4, steps=5, seed=7, guidance=1.5)
+    pipe = LegoPipeline.from_engines(engines)
+    images = pipe(num=4, steps=5, seed=7, classes=labels, guidance=1.5, batch=3).images
+    assert np.abs(images).max() > 0.1
+    np.testing.assert_allclose(images, preview, atol=1e-4)
+
+
 def test_io_binding_on_torch_tensors_matches_numpy_feeds(models):
     # The GPU path keeps the canvas in torch tensors and binds them to ONNX Runtime in place; run the
     # same code on the CPU provider and check it against the NumPy path.
+    from lego_export.arrays import TorchArrays
     from lego_export.manifest import Manifest
-    from lego_export.runtime.arrays import TorchArrays
     from lego_export.runtime.backends import OnnxRuntimeBackend
 
     _, engines = models["pg"]
@@ -93,6 +134,28 @@ def test_io_binding_on_torch_tensors_matches_numpy_feeds(models):
     a, b = bound(**kwargs).images, LegoPipeline.from_engines(engines)(**kwargs).images
     assert seen and set(seen) == {torch.Tensor}
     assert np.abs(a - b).max() < 1e-5
+
+
+def test_engine_times_only_when_they_cost_no_device_wait(models):
+    """On an asynchronous device the pipeline counts engine calls without timing each one (a wait per
+    call), unless asked to profile; the images do not change."""
+    from lego_export.manifest import Manifest
+    from lego_export.runtime.backends import OnnxRuntimeBackend
+
+    _, engines = models["pg"]
+    manifest = Manifest.read(engines)
+    pipe = LegoPipeline(manifest, OnnxRuntimeBackend(engines, manifest))
+    waits = []
+    pipe.arrays.synchronize = lambda: waits.append(1)
+    timed = pipe(num=2, steps=3, batch=2)
+    assert waits and set(timed.timing.engine_ms) == {"embedder", "brick0", "brick1", "brick2"}
+    pipe.per_engine_timing = False  # what a CUDA backend gets without profile=True
+    waits.clear()
+    untimed = pipe(num=2, steps=3, batch=2)
+    assert not waits and untimed.timing.engine_ms == {} and untimed.timing.overhead_fraction is None
+    assert untimed.timing.engine_calls == timed.timing.engine_calls
+    assert "not measured" in untimed.timing.table()
+    np.testing.assert_array_equal(untimed.images, timed.images)
 
 
 def test_plan_runs_exactly_the_bricks_it_lists(models):

@@ -1,26 +1,42 @@
 import numpy as np
 import pytest
 
+from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
-from lego_export.runtime.sampler import karras_sigmas
 from lego_export.runtime.schedule import (
-    karras_sigma_at,
     late_brick_policy,
     make_plan,
     parse_policy,
     tile_shift,
 )
 
+EDM = EDMConfig()
+
 
 def test_continuous_schedule_matches_the_discrete_one():
-    sigmas = karras_sigmas(11)
+    sigmas = EDM.sigmas(11)
+    assert sigmas[0] == pytest.approx(80.0) and sigmas[-2] == pytest.approx(0.002) and sigmas[-1] == 0
     for i, s in enumerate(sigmas[:-1]):
-        assert karras_sigma_at(i / 10) == pytest.approx(s)
+        assert EDM.sigma_at(i / 10) == pytest.approx(s)
+
+
+def test_late_brick_threshold_follows_the_models_sigma_range():
+    narrow = EDMConfig(sigma_min=0.01, sigma_max=10.0)
+    for edm in (EDM, narrow):
+        policy = late_brick_policy([4, 16, 32], 0.5, edm)
+        threshold = policy.windows[0].lo
+        assert threshold == pytest.approx(edm.sigma_at(0.5))
+        plan = make_plan(edm.sigmas(20), 3, policy)
+        assert sum(p.bricks == 2 for p in plan) == 10
+    assert (
+        late_brick_policy([4, 16, 32], 0.5, narrow).windows[0].lo
+        < late_brick_policy([4, 16, 32], 0.5, EDM).windows[0].lo
+    )
 
 
 def test_pg_skips_the_global_brick_late_and_pr_the_local_brick_early():
-    pg = late_brick_policy([4, 16, 32], 0.3)
-    pr = late_brick_policy([32, 16, 4], 0.3)
+    pg = late_brick_policy([4, 16, 32], 0.3, EDM)
+    pr = late_brick_policy([32, 16, 4], 0.3, EDM)
     assert pg.bricks_at(80.0, 3) == 3 and pg.bricks_at(0.01, 3) == 2
     assert pr.bricks_at(80.0, 3) == 2 and pr.bricks_at(0.01, 3) == 3
 
@@ -28,7 +44,7 @@ def test_pg_skips_the_global_brick_late_and_pr_the_local_brick_early():
 @pytest.mark.parametrize("steps", [20, 50, 200])
 @pytest.mark.parametrize("t_break", [0.3, 0.5])
 def test_t_break_is_a_fraction_of_steps_at_any_step_count(steps, t_break):
-    plan = make_plan(karras_sigmas(steps), 3, late_brick_policy([4, 16, 32], t_break))
+    plan = make_plan(EDM.sigmas(steps), 3, late_brick_policy([4, 16, 32], t_break, EDM))
     skipped = sum(p.bricks == 2 for p in plan)
     assert abs(skipped / steps - t_break) <= 1.5 / steps
     # a prefix: every skipping step comes after every full step
@@ -58,13 +74,13 @@ def test_bad_specs(spec, message):
 
 def test_bad_t_break_and_single_brick():
     with pytest.raises(LegoError, match="between 0 and 1"):
-        late_brick_policy([4, 16, 32], 1.5)
+        late_brick_policy([4, 16, 32], 1.5, EDM)
     with pytest.raises(LegoError, match="single brick"):
-        late_brick_policy([32], 0.3)
+        late_brick_policy([32], 0.3, EDM)
 
 
 def test_tile_shifts_are_reproducible_and_vary():
     shifts = [tile_shift(i, 32) for i in range(20)]
     assert shifts == [tile_shift(i, 32) for i in range(20)]
     assert len(set(shifts)) > 10 and all(0 <= d < 32 for s in shifts for d in s)
-    assert all(p.shift == (0, 0) for p in make_plan(np.array([80.0, 1.0, 0.0]), 3, late_brick_policy([4, 8], 0)))
+    assert all(p.shift == (0, 0) for p in make_plan(np.array([80.0, 1.0, 0.0]), 3, late_brick_policy([4, 8], 0, EDM)))

@@ -7,16 +7,16 @@ from click.testing import CliRunner
 from lego_export.checkpoint import load_model
 from lego_export.config import get_preset
 from lego_export.model import LegoModel
+from lego_train.cli import main as lego_train
+from lego_train.data import load_dataset, to_model_range
+from lego_train.loss import edm_loss
 from tests.conftest import run_torchrun
-from training.cli import main as lego_train
-from training.data import load_dataset, to_model_range
-from training.loss import EDMLoss
 
 
 def fixed_loss(model, x, onehot):
     torch.manual_seed(123)  # same sigmas and noise at every evaluation
     with torch.no_grad():
-        return EDMLoss()(model, x, onehot)[0].item()
+        return edm_loss(model, x, onehot)[0].item()
 
 
 def test_loss_falls_within_a_few_dozen_steps(tiny_npz):
@@ -28,7 +28,7 @@ def test_loss_falls_within_a_few_dozen_steps(tiny_npz):
     before = fixed_loss(model, x, onehot)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(40):
-        loss, per_brick = EDMLoss()(model, x, onehot)
+        loss, per_brick = edm_loss(model, x, onehot)
         assert per_brick.shape == (3,)
         opt.zero_grad()
         loss.backward()
@@ -107,7 +107,7 @@ def test_user_errors_are_one_line(tmp_path, tiny_npz):
 def test_torchrun_two_processes(tiny_npz, tmp_path):
     out = tmp_path / "ddp"
     proc = run_torchrun(
-        "training.cli",
+        "lego_train.cli",
         [
             "--data",
             str(tiny_npz),

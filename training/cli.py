@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from lego_export.cli import one_line_errors
+from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.config import preset_names
-from training.loop import TrainConfig, train
+from lego_train.loop import TrainConfig, train
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option(
     "--data",
     required=True,

@@ -30,9 +30,9 @@ from lego_export.images import make_grid, save_png
 from lego_export.model import LegoModel
 from lego_export.preview import class_grid_labels, sample_images
 from lego_export.tiling import canvas_coords
-from training.crops import CanvasWindows
-from training.data import load_dataset, to_model_range
-from training.loss import EDMLoss
+from lego_train.crops import CanvasWindows
+from lego_train.data import load_dataset, to_model_range
+from lego_train.loss import edm_loss
 
 STATE_FILE = "train-state.pt"
 CHECKPOINT_FILE = "model.safetensors"
@@ -49,7 +49,6 @@ class TrainConfig:
     warmup_kimg: float = 10.0
     ema_halflife_kimg: float = 20.0
     ema_rampup: float = 0.05  # EMA half-life at most this fraction of images seen so far
-    label_dropout: float = 0.1
     canvas_windows: float = 0.5  # fraction of each batch cut from larger virtual canvases (crops.py)
     canvas_max_tiles: int = 4  # those canvases are up to this many training images high and wide
     cond: bool = True
@@ -167,7 +166,6 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
         if ddp.main:
             trim_log(out / "log.jsonl", nimg / 1000)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    loss_fn = EDMLoss()
 
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels) if num_classes else None
@@ -213,13 +211,13 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
         onehot = None
         if labels is not None:
             onehot = torch.nn.functional.one_hot(labels[idx], num_classes).float().to(device)
-            keep = torch.rand(local_batch, 1, device=device) >= cfg.label_dropout
+            keep = torch.rand(local_batch, 1, device=device) >= model_cfg.label_dropout
             onehot = onehot * keep  # an all-zero row is the null label (for classifier-free guidance)
 
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_kimg * 1000, 1))
         with autocast:
-            loss, per_brick = loss_fn(net, x, onehot, coords)
+            loss, per_brick = edm_loss(net, x, onehot, coords)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -6,11 +6,12 @@ engine passes verification is moved into place, engine files first and the manif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +19,14 @@ import torch
 from torch import nn
 
 import lego_export
+from lego_export import contract
 from lego_export.checkpoint import load_model
-from lego_export.config import LegoConfig
 from lego_export.errors import LegoError
 from lego_export.export import onnx as onnx_export
-from lego_export.export.verify import measure_error
-from lego_export.manifest import MANIFEST_FILE, EngineFile, EngineSpec, Manifest, TensorSpec, sha256_file
+from lego_export.export.verify import measure_error, record_engine_inputs
+from lego_export.manifest import MANIFEST_FILE, EngineFile, EngineSpec, Manifest, sha256_file
 from lego_export.model import LegoModel
-from lego_export.runtime.backends import OnnxRuntimeRunner
-
-EDM_DEFAULTS = {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "c_noise": "log(sigma) / 4"}
+from lego_export.runtime.backends import OnnxRuntimeRunner  # the public runner, for verification only
 
 
 @dataclass
@@ -51,42 +50,20 @@ class EngineJob:
 
 
 def engine_jobs(model: LegoModel, max_batch: int, opt_batch: int) -> list[EngineJob]:
-    """The embedder and every brick, with tensor names, shapes and batch ranges."""
+    """The embedder and every brick, with the contract's tensors and their batch ranges."""
     cfg = model.cfg
     opt_batch = min(opt_batch, max_batch)
-    inputs = [TensorSpec("c_noise", "float32", ["N"])]
-    if cfg.num_classes:
-        inputs.append(TensorSpec("class_onehot", "float32", ["N", cfg.num_classes]))
+    images = {"min": 1, "opt": opt_batch, "max": max_batch}
     jobs = [
         EngineJob(
-            EngineSpec(
-                "embedder",
-                "embedder",
-                None,
-                inputs,
-                [TensorSpec("cond", "float32", ["N", cfg.cond_dim])],
-                {"min": 1, "opt": opt_batch, "max": max_batch},
-                {},
-            ),
+            EngineSpec("embedder", "embedder", None, *contract.embedder_tensors(cfg), images, {}),
             onnx_export.EmbedderGraph(model.embedder),
         )
     ]
-    for k, (brick, bcfg) in enumerate(zip(model.bricks, cfg.bricks, strict=True)):
-        r = bcfg.size
-        tiles = (cfg.img_resolution // r) ** 2  # per image at the training resolution
-        spec = EngineSpec(
-            f"brick{k}",
-            "brick",
-            k,
-            [
-                TensorSpec("tiles", "float32", ["N", cfg.brick_in_channels(k), r, r]),
-                TensorSpec("cond", "float32", ["N", cfg.cond_dim]),
-            ],
-            [TensorSpec("out", "float32", ["N", cfg.img_channels, r, r])],
-            {"min": 1, "opt": opt_batch * tiles, "max": max_batch * tiles},
-            {},
-        )
-        jobs.append(EngineJob(spec, brick))
+    for k, brick in enumerate(model.bricks):
+        tiles = (cfg.img_resolution // cfg.bricks[k].size) ** 2  # per image at the training resolution
+        batch = {"min": 1, "opt": opt_batch * tiles, "max": max_batch * tiles}
+        jobs.append(EngineJob(EngineSpec(f"brick{k}", "brick", k, *contract.brick_tensors(cfg, k), batch, {}), brick))
     return jobs
 
 
@@ -135,16 +112,51 @@ def toolchain(opset: int) -> dict:
 
 
 def publish(staging: Path, out: Path, manifest: Manifest, old: Manifest | None) -> None:
-    """Move engine files into out, then write the manifest; remove files only the old build listed."""
+    """Move the manifest's files that this build wrote into staging to out, then write the manifest;
+    remove files only the old build listed."""
     out.mkdir(parents=True, exist_ok=True)
     new_files = {f.path for e in manifest.engines for f in e.files.values()}
     for name in sorted(new_files):
-        os.replace(staging / name, out / name)
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)
     manifest.write(out)
     if old is not None:
         for f in (f for e in old.engines for f in e.files.values()):
             if f.path not in new_files:
                 (out / f.path).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A private folder beside out to build into; removed afterwards, whatever happens."""
+    staging = out.parent / f".{out.name}.build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def add_tensorrt_plans(
+    folder: Path,
+    progress: Callable[[str], None] = lambda _msg: None,
+    version_compatible: bool = False,
+    hardware_compatible: bool = False,
+) -> Manifest:
+    """lego-export build --from-onnx: TensorRT plans for an engines folder exported elsewhere, built in
+    staging and published beside its ONNX files like any build."""
+    from lego_export.export import tensorrt
+
+    old = Manifest.read(folder)
+    problems = old.check_files(folder, formats=("onnx",))
+    if problems:
+        raise LegoError(f"{folder}: {problems[0]}")
+    manifest = Manifest.read(folder)
+    with staging_folder(folder) as staging:
+        tensorrt.add_plans(manifest, folder, staging, progress, version_compatible, hardware_compatible)
+        publish(staging, folder, manifest, old)
+    return manifest
 
 
 def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: None) -> Manifest:
@@ -161,10 +173,8 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     old = check_output_folder(out, ckpt_sha, opts.force)
 
     precision = "fp16" if opts.fp16 else "fp32"
-    staging = out.parent / f".{out.name}.build-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    recorded = record_engine_inputs(model, opts.max_batch) if opts.verify else {}
+    with staging_folder(out) as staging:
         jobs = engine_jobs(model, opts.max_batch, opts.opt_batch)
         for job in jobs:
             spec = job.spec
@@ -184,7 +194,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                 verification = None
                 if opts.verify:
                     progress(f"{spec.name}: verify {name}")
-                    verification = measure_error(job.module, OnnxRuntimeRunner(staging / name), spec, prec)
+                    verification = measure_error(job.module, OnnxRuntimeRunner(staging / name), spec, prec, recorded)
                     if not verification["passed"]:
                         raise LegoError(
                             f"{name}: error {verification['relative_error']:.2e} of the output scale exceeds the "
@@ -194,9 +204,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
             spec.files["onnx"].build["export_seconds"] = round(time.perf_counter() - start, 2)
 
         manifest = Manifest(
-            model=_config_dict(model.cfg),
-            edm={"sigma_data": model.cfg.sigma_data, **EDM_DEFAULTS},
-            num_classes=model.cfg.num_classes,
+            model=model.cfg,
             source={"checkpoint": ckpt.name, "sha256": ckpt_sha},
             toolchain=toolchain(opts.opset),
             engines=[job.spec for job in jobs],
@@ -206,12 +214,10 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
             from lego_export.export import tensorrt
 
             try:
-                tensorrt.add_plans(manifest, staging, progress=progress)
+                tensorrt.add_plans(manifest, staging, staging, progress=progress)
             except LegoError as e:
                 trt_error = e  # keep the ONNX engines, then report
         publish(staging, out, manifest, old)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if trt_error is not None:
         raise LegoError(f"{trt_error} (the ONNX engines and manifest were written to {out})")
     return manifest
@@ -225,9 +231,3 @@ def _export_portable(job: EngineJob, path: Path, opts: BuildOptions) -> None:
     onnx_export.clean_graph(path)
     if opts.fp16 and spec.role == "brick":
         onnx_export.convert_fp16(path, path)
-
-
-def _config_dict(cfg: LegoConfig) -> dict:
-    import json
-
-    return json.loads(cfg.to_json())

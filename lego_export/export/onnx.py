@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from lego_export import contract
 from lego_export.errors import LegoError
 from lego_export.model import Attention, Brick, ConditionEmbedder
 
@@ -135,7 +136,7 @@ def export_onnxruntime_fused(brick: Brick, example: tuple[Tensor, ...], path: Pa
     from onnxruntime.transformers.optimizer import optimize_model
 
     with onnxruntime_attention():
-        export_module(brick, example, ["tiles", "cond"], ["out"], path, opset)
+        export_module(brick, example, [contract.TILES, contract.COND], [contract.OUT], path, opset)
     clean_graph(path)
     with quiet_exporter():
         # opt_level=0: pattern fusions only, no provider-specific graph rewrites, so the file stays

@@ -8,13 +8,20 @@ builder flag, so an fp16 plan is built from the fp16 ONNX export.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+from lego_export.atomic import atomic_write
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineFile, EngineSpec, Manifest, sha256_file
 
-TIMING_CACHE = "timing.cache"
+
+def timing_cache_path(trt_version: str, capability: str) -> Path:
+    """Where builds on this machine keep TensorRT's kernel timings, one file per TensorRT version and
+    GPU architecture: a later build (any checkpoint, any output folder) starts from them."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lego-export"
+    return root / f"tensorrt-{trt_version}-sm{capability.replace('.', '')}.timing-cache"
 
 
 def tensorrt_environment() -> tuple[object, str]:
@@ -94,34 +101,38 @@ def build_plan(
     if serialized is None:
         raise LegoError(f"TensorRT failed to build a plan for {onnx_path.name} (see the messages above)")
     plan_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    with atomic_write(cache_path) as tmp:  # builds may run side by side
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
 def add_plans(
     manifest: Manifest,
-    folder: Path,
+    onnx_folder: Path,
+    plan_folder: Path,
     progress: Callable[[str], None] = lambda _m: None,
     version_compatible: bool = False,
     hardware_compatible: bool = False,
 ) -> None:
-    """Build a plan beside every engine's portable ONNX file in folder and record it in the manifest."""
+    """Build a plan from every engine's portable ONNX file (in onnx_folder) into plan_folder, and
+    record it in the manifest."""
     trt, capability = tensorrt_environment()
+    cache = timing_cache_path(trt.__version__, capability)
     for spec in manifest.engines:
         source = spec.files["onnx"]
         plan_name = Path(source.path).with_suffix(".plan").name
         progress(f"{spec.name}: TensorRT plan")
         build_plan(
-            folder / source.path,
-            folder / plan_name,
+            onnx_folder / source.path,
+            plan_folder / plan_name,
             spec,
-            folder / TIMING_CACHE,
+            cache,
             version_compatible,
             hardware_compatible,
         )
         spec.files["tensorrt"] = EngineFile(
             plan_name,
-            sha256_file(folder / plan_name),
-            (folder / plan_name).stat().st_size,
+            sha256_file(plan_folder / plan_name),
+            (plan_folder / plan_name).stat().st_size,
             source.precision,
             None,
             {

@@ -20,9 +20,9 @@ from typing import Protocol
 
 import numpy as np
 
+from lego_export.arrays import NumpyArrays, TorchArrays
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec, Manifest, TensorSpec
-from lego_export.runtime.arrays import NumpyArrays, TorchArrays
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 

@@ -11,12 +11,10 @@ import click
 import numpy as np
 
 from lego_export.atomic import atomic_write
-from lego_export.cli import one_line_errors
+from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.errors import LegoError
 from lego_export.runtime.backends import BACKENDS
 from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def parse_resolution(text: str | None) -> tuple[int, int] | None:
@@ -164,6 +162,12 @@ def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz
 )
 @click.option("--plan", "plan_only", is_flag=True, help="Print the per-step brick plan and FLOPs saved; run nothing.")
 @click.option("--timing-json", default=None, help="Write the timing summary as JSON here.")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Time every engine call on GPU backends too (waits for the GPU after each call, which slows "
+    "sampling; engine times are always taken on the CPU).",
+)
 @one_line_errors()
 def main(
     engines,
@@ -190,6 +194,7 @@ def main(
     tile_shift,
     plan_only,
     timing_json,
+    profile,
 ) -> None:
     """Sample images from LEGO brick engines, chaining or skipping bricks per step.
 
@@ -214,7 +219,7 @@ def main(
     if cuda_graphs and backend not in ("tensorrt", "auto"):
         raise LegoError("--cuda-graphs applies to the TensorRT backend only")
     pipe = LegoPipeline.from_engines(
-        engines, backend, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs
+        engines, backend, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs, profile=profile
     )
     rank, world = _distributed()
     indices = list(range(rank, num, world))

@@ -6,15 +6,17 @@
     result.images        # (16, C, 32, 96) float32 in [-1, 1]
     result.timing        # per-brick milliseconds, images/s, bricks skipped, ...
 
-Everything between engine calls lives here, once, for every backend: tiling, coordinates, chaining
-of brick outputs, EDM preconditioning, classifier-free guidance, skipping, tile-grid shifts and the
-sampler. The arrays are the backend's (runtime/arrays.py): NumPy on the host for ONNX Runtime on
-the CPU (no torch needed), torch tensors on the GPU for GPU backends, so nothing goes through host
-memory between engine calls.
+The pipeline turns a request into per-step plans (which bricks run, where the tile grid sits),
+runs the sampler, and hands each evaluation to the one outer denoiser (lego_export/denoiser.py,
+the same function the PyTorch model calls) with the backend's engine runners as its brick calls.
+The arrays are the backend's (lego_export/arrays.py): NumPy on the host for ONNX Runtime on the CPU
+(no torch needed), torch tensors on the GPU for GPU backends, so nothing goes through host memory
+between engine calls.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lego_export import contract
+from lego_export.arrays import NumpyArrays
+from lego_export.denoiser import denoise
+from lego_export.edm import initial_noise, sample
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
-from lego_export.runtime.arrays import NumpyArrays
 from lego_export.runtime.backends import Runner, make_backend
-from lego_export.runtime.sampler import karras_sigmas, sample
 from lego_export.runtime.schedule import (
     SkipPolicy,
     StepPlan,
@@ -36,7 +40,7 @@ from lego_export.runtime.schedule import (
     make_plan,
     parse_policy,
 )
-from lego_export.tiling import canvas_coords, check_canvas, tile, untile
+from lego_export.tiling import check_canvas
 
 # PG: skip the global brick for the last 20% of the trajectory. Chosen by measurement
 # (benchmarks/results/quality.md): on the shipped model 0.2 keeps FID within 1% of the full chain,
@@ -56,15 +60,18 @@ class Timing:
     brick_evaluations: int = 0  # brick calls on one batch (one per brick per denoiser evaluation)
     bricks_skipped: int = 0
     flops_saved: float = 0.0  # fraction of brick FLOPs the plan skipped
+    per_engine: bool = True  # False on an asynchronous device unless profiling: engine_ms stays empty
 
     def add(self, name: str, seconds: float) -> None:
         self.engine_ms[name] = self.engine_ms.get(name, 0.0) + seconds * 1e3
         self.engine_calls[name] = self.engine_calls.get(name, 0) + 1
 
     @property
-    def overhead_fraction(self) -> float:
+    def overhead_fraction(self) -> float | None:
         """Share of the wall time spent outside engine calls (tiling, concatenation, sampler)."""
         total_ms = self.total_s * 1e3
+        if not self.per_engine:
+            return None
         return max(0.0, 1.0 - sum(self.engine_ms.values()) / total_ms) if total_ms else 0.0
 
     def summary(self) -> dict:
@@ -87,13 +94,15 @@ class Timing:
     def table(self) -> str:
         s = self.summary()
         lines = [f"{'engine':10} {'ms/step':>10} {'calls':>7}"]
-        for name, ms in s["engine_ms_per_step"].items():
-            lines.append(f"{name:10} {ms:>10.2f} {s['engine_calls'][name]:>7}")
+        for name, calls in s["engine_calls"].items():
+            ms = f"{s['engine_ms_per_step'][name]:>10.2f}" if self.per_engine else f"{'-':>10}"
+            lines.append(f"{name:10} {ms} {calls:>7}")
+        overhead = "not measured (--profile)" if not self.per_engine else f"{s['overhead_fraction']:.1%}"
         lines.append(
             f"total {s['total_s']:.2f} s for {s['images']} images over {s['steps']} steps: "
             f"{s['ms_per_step']:.1f} ms/step, {s['s_per_image']:.3f} s/image, {s['images_per_s']:.2f} images/s; "
             f"bricks skipped {s['bricks_skipped']}/{s['brick_evaluations']} ({s['flops_saved']:.1%} of brick FLOPs); "
-            f"runtime overhead {s['overhead_fraction']:.1%}"
+            f"runtime overhead {overhead}"
         )
         return "\n".join(lines)
 
@@ -107,41 +116,49 @@ class SampleResult:
 
 
 class _Timed:
-    """Wraps a runner: times every call and splits batches larger than the engine's N range."""
+    """Wraps a runner: counts (and, where it costs nothing, times) every call, and splits batches
+    larger than the engine's N range."""
 
     def __init__(self, name: str, runner: Runner, max_n: int, timing_ref: Callable[[], Timing], arrays):
         self.name, self.runner, self.max_n, self.timing_ref, self.arrays = name, runner, max_n, timing_ref, arrays
 
     def infer(self, feeds: dict, output: str):
         n = next(iter(feeds.values())).shape[0]
+        timing = self.timing_ref()
         parts = []
         for start in range(0, n, self.max_n):
             chunk = {k: self.arrays.contiguous(v[start : start + self.max_n]) for k, v in feeds.items()}
             t0 = time.perf_counter()
             parts.append(self.runner.infer(chunk)[output])
-            self.arrays.synchronize()  # GPU calls return before the work is done
-            self.timing_ref().add(self.name, time.perf_counter() - t0)
+            if timing.per_engine:
+                # GPU calls return before the work is done: per-engine times need a wait, which is
+                # why they are taken there only when profiling.
+                self.arrays.synchronize()
+                timing.add(self.name, time.perf_counter() - t0)
+            else:
+                timing.engine_calls[self.name] = timing.engine_calls.get(self.name, 0) + 1
         return parts[0] if len(parts) == 1 else self.arrays.concat(parts)
 
 
 class LegoPipeline:
     """Sampling from a folder of brick engines with one backend."""
 
-    def __init__(self, manifest: Manifest, backend=None):
-        """backend=None gives a pipeline that can only plan (see :meth:`plan`)."""
+    def __init__(self, manifest: Manifest, backend=None, profile: bool = False):
+        """backend=None gives a pipeline that can only plan (see :meth:`plan`). profile: time every
+        engine call on GPU backends too (a device wait after each call; always done on the CPU)."""
         self.manifest = manifest
         self.backend = backend
-        model = manifest.model
-        self.channels = model["img_channels"]
-        self.resolution = model["img_resolution"]
-        self.num_classes = manifest.num_classes
-        self.sigma_data = manifest.edm["sigma_data"]
-        self.brick_sizes = [b["size"] for b in model["bricks"]]
-        self.canvas_multiple = int(np.lcm.reduce(self.brick_sizes))
-        self.brick_flops = model_brick_flops(model)
-        self._timing = Timing()
+        self.cfg = cfg = manifest.model
+        self.channels = cfg.img_channels
+        self.resolution = cfg.img_resolution
+        self.num_classes = cfg.num_classes
+        self.edm = cfg.edm
+        self.brick_sizes = [b.size for b in cfg.bricks]
+        self.canvas_multiple = cfg.canvas_multiple
+        self.brick_flops = model_brick_flops(cfg)
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
-        self._coords_cache = {}
+        self.per_engine_timing = profile or not getattr(self.arrays, "device", "cpu").startswith("cuda")
+        self._timing = Timing(per_engine=self.per_engine_timing)
         if backend is None:  # planning only
             return
         timing_ref = lambda: self._timing  # noqa: E731 - runners report into the current call's Timing
@@ -161,10 +178,12 @@ class LegoPipeline:
         device: str = "cpu",
         threads: int = 0,
         cuda_graphs: bool = False,
+        profile: bool = False,
     ) -> LegoPipeline:
         """Load manifest.json, check every engine file's sha256, and open the chosen backend.
 
-        device is the torch backend's; threads ONNX Runtime's; cuda_graphs TensorRT's.
+        device is the torch backend's; threads ONNX Runtime's; cuda_graphs TensorRT's; profile as in
+        the constructor.
         """
         folder = Path(folder)
         manifest = Manifest.read(folder)
@@ -175,11 +194,12 @@ class LegoPipeline:
         return cls(
             manifest,
             make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs),
+            profile,
         )
 
     def reset_timing(self) -> Timing:
         """Start a fresh Timing that the engine runners report into (done by every __call__)."""
-        self._timing = Timing()
+        self._timing = Timing(per_engine=self.per_engine_timing)
         return self._timing
 
     # -- planning -------------------------------------------------------------------------------
@@ -191,7 +211,7 @@ class LegoPipeline:
         if skip is None or skip == "none":
             return SkipPolicy()
         if skip == "late":
-            return late_brick_policy(self.brick_sizes, t_break)
+            return late_brick_policy(self.brick_sizes, t_break, self.edm)
         return parse_policy(skip, len(self.brick_sizes))
 
     def plan(
@@ -215,9 +235,8 @@ class LegoPipeline:
         return make_plan(sigmas, len(self.brick_sizes), self.skip_policy(skip, t_break), period, seed)
 
     def sigmas(self, steps: int) -> np.ndarray:
-        """The Karras schedule with the manifest's EDM constants."""
-        edm = self.manifest.edm
-        return karras_sigmas(steps, edm["sigma_min"], edm["sigma_max"], edm["rho"])
+        """The Karras schedule with the model's EDM constants."""
+        return self.edm.sigmas(steps)
 
     def flops_saved(self, plan: list[StepPlan]) -> float:
         return flop_fraction_saved(plan, self.brick_flops)
@@ -273,9 +292,7 @@ class LegoPipeline:
         images = []
         for lo in range(0, len(indices), batch):
             chunk = indices[lo : lo + batch]
-            noise = np.stack(
-                [np.random.default_rng([seed, i]).standard_normal((self.channels, h, w)) for i in chunk]
-            ).astype(np.float32)
+            noise = initial_noise(seed, chunk, (self.channels, h, w))
             onehot = None if labels is None else np.eye(self.num_classes, dtype=np.float32)[labels[lo : lo + batch]]
             noise = self.arrays.from_numpy(noise)
             onehot = None if onehot is None else self.arrays.from_numpy(onehot)
@@ -294,56 +311,36 @@ class LegoPipeline:
         return SampleResult(out, labels, plan, timing)
 
     def denoise(self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0):
-        """D(x; sigma) from the first step.bricks bricks; guided when guidance != 1.
+        """D(x; sigma) from the first step.bricks bricks with step.shift; guided when guidance != 1.
 
-        x and onehot are arrays of this pipeline's kind (``self.arrays``). Guidance runs the
-        conditional and unconditional (null-label) halves as one batch through the same prefix of
-        bricks: skipping holds under guidance.
+        x and onehot are arrays of this pipeline's kind (``self.arrays``).
         """
-        a = self.arrays
-        b, _, h, w = x.shape
-        guided = guidance != 1.0 and onehot is not None
-        if guided:
-            x = a.concat([x, x])
-            onehot = a.concat([onehot, onehot * 0])
-        n = x.shape[0]
-        s2 = sigma**2 + self.sigma_data**2
-        c_skip, c_out, c_in = self.sigma_data**2 / s2, sigma * self.sigma_data / s2**0.5, 1 / s2**0.5
-
-        feeds = {"c_noise": a.from_numpy(np.full(n, np.log(sigma) / 4, dtype=np.float32))}
-        if self.num_classes:
-            feeds["class_onehot"] = (
-                onehot if onehot is not None else a.from_numpy(np.zeros((n, self.num_classes), np.float32))
-            )
-        cond = self.embedder.infer(feeds, "cond")
-
-        x_in = a.concat([c_in * x, self._coords(h, w, n)], axis=1)
-        if step.shift != (0, 0):
-            x_in = a.roll(x_in, step.shift, (2, 3))
-        feature = None
         timing = self._timing
-        for k in range(step.bricks):
-            inp = x_in if feature is None else a.concat([feature, x_in], axis=1)
-            tiles = tile(inp, self.brick_sizes[k])
-            per_image = tiles.shape[0] // n
-            out = self.bricks[k].infer({"tiles": tiles, "cond": a.repeat(cond, per_image)}, "out")
-            feature = untile(out, n, h, w)
         timing.brick_evaluations += len(self.brick_sizes)
         timing.bricks_skipped += len(self.brick_sizes) - step.bricks
-        if step.shift != (0, 0):
-            feature = a.roll(feature, (-step.shift[0], -step.shift[1]), (2, 3))
-        denoised = c_skip * x + c_out * feature
-        if guided:
-            cond_half, uncond_half = denoised[:b], denoised[b:]
-            denoised = uncond_half + guidance * (cond_half - uncond_half)
-        return denoised
+        return denoise(
+            x,
+            sigma,
+            onehot,
+            embed=self._embed,
+            bricks=[functools.partial(self._brick, k) for k in range(len(self.bricks))],
+            brick_sizes=self.brick_sizes,
+            edm=self.edm,
+            num_bricks=step.bricks,
+            shift=step.shift,
+            guidance=guidance,
+            arrays=self.arrays,
+        )
 
-    def _coords(self, h: int, w: int, n: int):
-        """Coordinate channels for n canvases of h x w, made once per shape on the backend's device."""
-        key = (h, w, n)
-        if key not in self._coords_cache:
-            self._coords_cache[key] = self.arrays.from_numpy(np.broadcast_to(canvas_coords(h, w), (n, 2, h, w)))
-        return self._coords_cache[key]
+    def _embed(self, c_noise, onehot):
+        feeds = {contract.C_NOISE: c_noise}
+        if self.num_classes:  # the engine takes a one-hot always: all zeros is the null label
+            zeros = np.zeros((c_noise.shape[0], self.num_classes), np.float32)
+            feeds[contract.CLASS_ONEHOT] = onehot if onehot is not None else self.arrays.from_numpy(zeros)
+        return self.embedder.infer(feeds, contract.COND)
+
+    def _brick(self, k: int, tiles, cond):
+        return self.bricks[k].infer({contract.TILES: tiles, contract.COND: cond}, contract.OUT)
 
 
 def _formats_for(backend: str) -> tuple[str, ...]:

@@ -20,15 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
-
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
-
-
-def karras_sigma_at(t: float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> float:
-    """The Karras schedule as a continuous function: t = 0 gives sigma_max, t = 1 sigma_min."""
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (a + t * (b - a)) ** rho
 
 
 @dataclass(frozen=True)
@@ -56,8 +49,9 @@ class SkipPolicy:
         return num_bricks
 
 
-def late_brick_policy(brick_sizes: list[int], t_break: float) -> SkipPolicy:
-    """Drop the last brick over a fraction t_break of the trajectory (see the module docstring)."""
+def late_brick_policy(brick_sizes: list[int], t_break: float, edm: EDMConfig) -> SkipPolicy:
+    """Drop the last brick over a fraction t_break of the trajectory (see the module docstring);
+    the trajectory is the model's Karras schedule, so the threshold follows its sigma_min / sigma_max."""
     if not 0.0 <= t_break <= 1.0:
         raise LegoError(f"--t-break must be between 0 and 1, got {t_break}")
     if len(brick_sizes) < 2:
@@ -66,12 +60,12 @@ def late_brick_policy(brick_sizes: list[int], t_break: float) -> SkipPolicy:
     if t_break == 0:
         return SkipPolicy((), "full chain (t-break 0)")
     if brick_sizes[-1] >= brick_sizes[0]:  # PG / U: global brick last, skip at low noise
-        threshold = karras_sigma_at(1.0 - t_break)
+        threshold = edm.sigma_at(1.0 - t_break)
         return SkipPolicy(
             (BrickWindow(last, lo=threshold),),
             f"skip brick {last} (global) for sigma < {threshold:.3g} (last {t_break:.0%} of the trajectory)",
         )
-    threshold = karras_sigma_at(t_break)  # PR: local brick last, skip at high noise
+    threshold = edm.sigma_at(t_break)  # PR: local brick last, skip at high noise
     return SkipPolicy(
         (BrickWindow(last, hi=threshold),),
         f"skip brick {last} (local) for sigma > {threshold:.3g} (first {t_break:.0%} of the trajectory)",

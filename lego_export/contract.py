@@ -1,0 +1,36 @@
+"""The engine contract: the tensors every engine takes and returns, named once.
+
+The exporter traces with these names and records these shapes in the manifest, the verifier feeds
+them, and the runtime's brick calls use them. "N" is the only dynamic dimension.
+
+    embedder:  c_noise (N,), class_onehot (N, K) [conditional models only]  ->  cond (N, D)
+    brick k:   tiles (N, C_in_k, r_k, r_k), cond (N, D)                       ->  out (N, C, r_k, r_k)
+
+C_in_k is [previous brick's output (C, k > 0), c_in x (C), x and y coordinates (2)], in that order.
+"""
+
+from __future__ import annotations
+
+from lego_export.config import LegoConfig
+from lego_export.manifest import TensorSpec
+
+C_NOISE, CLASS_ONEHOT, COND = "c_noise", "class_onehot", "cond"
+TILES, OUT = "tiles", "out"
+
+
+def embedder_tensors(cfg: LegoConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of the conditioning embedder engine."""
+    inputs = [TensorSpec(C_NOISE, "float32", ["N"])]
+    if cfg.num_classes:
+        inputs.append(TensorSpec(CLASS_ONEHOT, "float32", ["N", cfg.num_classes]))
+    return inputs, [TensorSpec(COND, "float32", ["N", cfg.cond_dim])]
+
+
+def brick_tensors(cfg: LegoConfig, k: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of brick k's engine."""
+    r = cfg.bricks[k].size
+    inputs = [
+        TensorSpec(TILES, "float32", ["N", cfg.brick_in_channels(k), r, r]),
+        TensorSpec(COND, "float32", ["N", cfg.cond_dim]),
+    ]
+    return inputs, [TensorSpec(OUT, "float32", ["N", cfg.img_channels, r, r])]

@@ -1,0 +1,94 @@
+"""EDM (Karras et al. 2022): the noise constants, preconditioning, the sigma schedule and samplers.
+
+One module for training, the PyTorch preview, export verification and every runtime backend.
+Written for NumPy arrays and torch tensors alike; imports neither torch nor a runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lego_export.errors import LegoError
+
+
+@dataclass(frozen=True)
+class EDMConfig:
+    """The noise constants a model is trained and sampled with; carried by the model config into
+    checkpoints and the engines manifest, so every reader uses the same numbers."""
+
+    sigma_data: float = 0.5  # standard deviation of the data
+    sigma_min: float = 0.002  # sampling schedule: lowest noise level before the final 0
+    sigma_max: float = 80.0  # sampling schedule: starting noise level
+    rho: float = 7.0  # Karras schedule curvature
+    p_mean: float = -1.2  # training: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+
+    def validate(self) -> None:
+        values = {k: getattr(self, k) for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std")}
+        bad = [k for k, v in values.items() if not (isinstance(v, int | float) and math.isfinite(v) and v > 0)]
+        if bad or not (isinstance(self.p_mean, int | float) and math.isfinite(self.p_mean)):
+            raise LegoError(f"EDM constant {(bad or ['p_mean'])[0]} must be a finite positive number")
+        if self.sigma_min >= self.sigma_max:
+            raise LegoError(f"EDM sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
+
+    # -- preconditioning ------------------------------------------------------------------------
+
+    def scalings(self, sigma):
+        """c_skip, c_out, c_in of D(x) = c_skip x + c_out F(c_in x; c_noise), for a float or an array."""
+        sd2 = self.sigma_data**2
+        norm = (sigma**2 + sd2) ** 0.5
+        return sd2 / norm**2, sigma * self.sigma_data / norm, 1 / norm
+
+    @staticmethod
+    def c_noise(sigma: float) -> float:
+        """The network's noise input: ln(sigma) / 4."""
+        return math.log(sigma) / 4
+
+    def loss_weight(self, sigma):
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2: unit loss at every noise level."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def sigma_at(self, t: float) -> float:
+        """The Karras schedule as a continuous function: t = 0 gives sigma_max, t = 1 sigma_min."""
+        a, b = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
+        return (a + t * (b - a)) ** self.rho
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """steps + 1 noise levels: the schedule at steps evenly spaced t, then a final 0."""
+        if steps < 1:
+            raise LegoError(f"steps must be at least 1, got {steps}")
+        ts = np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
+        return np.append([self.sigma_at(t) for t in ts], 0.0)
+
+
+def initial_noise(seed: int, indices, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise (len(indices), *shape) float32; image i's depends only on (seed, i), so
+    any split of the indices (batches, processes, requests) gives the same images."""
+    return np.stack([np.random.default_rng([seed, i]).standard_normal(shape) for i in indices]).astype(np.float32)
+
+
+def sample(denoise: Callable, noise, sigmas: np.ndarray, heun: bool = True, on_step: Callable | None = None):
+    """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigmas[0] to 0.
+
+    denoise(x, sigma, step) -> D(x; sigma); the step index lets a runtime change which bricks run.
+    noise: a standard normal array/tensor; it is scaled by sigmas[0]. Heun adds a second-order
+    correction on every step but the last (EDM Algorithm 1 without churn); Euler does not.
+    """
+    x = noise * float(sigmas[0])
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = (x - denoise(x, s, i)) / s
+        x_next = x + (s_next - s) * d
+        if heun and s_next > 0:
+            d_next = (x_next - denoise(x_next, s_next, i)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        x = x_next
+        if on_step is not None:
+            on_step(i)
+    return x
