@@ -50,6 +50,9 @@ class NumpyArrays:
     def contiguous(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x)
 
+    def all_finite(self, x: np.ndarray) -> bool:
+        return bool(np.isfinite(x).all())
+
     def synchronize(self) -> None:
         pass
 
@@ -95,6 +98,10 @@ class TorchArrays:
 
     def contiguous(self, x):
         return x.contiguous()
+
+    def all_finite(self, x):
+        """A 0-d device tensor: reading it waits for the device, so callers read it only when needed."""
+        return self.torch.isfinite(x).all()
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):

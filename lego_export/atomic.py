@@ -1,24 +1,167 @@
-"""Atomic file writes: no half-written output on error or Ctrl-C (torch-free)."""
+"""Safe output: every file the tools write appears whole or not at all (torch-free).
+
+- :func:`atomic_write` creates an unpredictable temporary file exclusively in the target's folder
+  (``O_EXCL | O_NOFOLLOW``: a symlink planted there is never followed), hands the writer that open
+  file, fsyncs it and renames it onto the target.
+- :func:`staging_dir` is the same for a set of files: a private folder published in one move.
+- Both carry the writing process's id in their names; :func:`clean_stale` removes those whose
+  process has died (``kill -9``, power loss), and runs before every new write into that folder.
+- :func:`check_output` refuses an output path that cannot be written, before any work starts.
+- :func:`folder_lock` keeps two processes from writing one output folder at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+from lego_export.errors import LegoError
+
+_TEMP, _STAGING = ".lego-tmp", ".lego-staging"
+_OURS = re.compile(rf"^\..+\.(\d+)\.[^.]+({re.escape(_TEMP)}|{re.escape(_STAGING)})$")
+LOCK_FILE = ".lego-lock"
 
 
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of path to write; rename it onto path on success, delete it otherwise.
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
-    The temporary name keeps path's suffix, so writers that append one (np.savez) leave it alone.
+
+def clean_stale(folder: str | Path) -> list[Path]:
+    """Remove temporary files and staging folders left in folder by processes that no longer run."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            match = _OURS.match(entry.name)
+            if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file to write; on success it replaces path whole, otherwise it is removed.
+
+    A symlink at path itself is replaced, never written through.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    clean_stale(path.parent)
+    # mkstemp opens with O_CREAT | O_EXCL (and O_NOFOLLOW where the OS has it) under a random name.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP)
     try:
-        yield tmp
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | Path) -> Iterator[Path]:
+    """A private, empty folder beside target to write a set of files into; removed afterwards unless
+    the caller moved it into place (see :func:`publish_dir`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=_STAGING))
+    try:
+        yield staging
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Move a staging folder's files to target: in one rename when target is new or empty, else file by
+    file (each file whole)."""
+    with contextlib.suppress(OSError):
+        target.rmdir()  # only succeeds when empty
+    if not target.exists():
+        os.replace(staging, target)
+        staging.mkdir()  # staging_dir removes it on exit
+    else:
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, target / entry.name)
+    _fsync_dir(target.parent)
+
+
+def check_output(path: str | Path | None, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: an empty name, a directory where a
+    file is wanted (or the reverse), or a parent folder that is not a writable folder."""
+    if path is None:
+        return
+    if str(path).strip() == "":
+        raise LegoError(f"{option} is empty: name a {'folder' if folder else 'file'} to write")
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise LegoError(f"{option} {path} is {kind}; give a {'folder' if folder else 'file'} path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LegoError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LegoError(f"{option} {path}: cannot write in {parent} (permission denied)")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder (a lock file inside it) for as long as we write it;
+    refuse at once, in one line, if another process holds it."""
+    import fcntl
+
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise LegoError(f"cannot lock {folder} for writing ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise LegoError(
+                    f"another {what} is writing to {folder}; wait for it or choose another folder"
+                ) from None
+            raise
+        yield
+    finally:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:  # nothing was written: leave no trace
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        os.close(fd)

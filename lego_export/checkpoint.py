@@ -26,14 +26,14 @@ def save_checkpoint(path: str | Path, model: LegoModel, extra: dict | None = Non
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra, sort_keys=True)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(save(state, metadata=metadata))
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a LEGO .safetensors file, read from its JSON header alone (no weights loaded)."""
+def read_header(path: str | Path) -> dict:
+    """The JSON header of a .safetensors file: tensor names, dtypes, shapes, offsets, and metadata."""
     path = Path(path)
     if not path.is_file():
         raise LegoError(f"checkpoint not found: {path}")
@@ -45,10 +45,44 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
         raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
-    metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
-    if metadata.get("format") != FORMAT or "config" not in metadata:
+    if not isinstance(header, dict):
+        raise LegoError(f"{path} is not a readable .safetensors file (header is not an object)")
+    return header
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a LEGO .safetensors file, read from its JSON header alone (no weights loaded)."""
+    metadata = read_header(path).get("__metadata__") or {}
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or "config" not in metadata:
         raise LegoError(f"{path} is a .safetensors file but not a LEGO checkpoint (no lego-export metadata)")
     return metadata
+
+
+# Far above any published LEGO geometry; a config past these is refused before anything is built.
+MAX_FIELD = 1 << 16
+MAX_TOTAL_DEPTH = 4096
+
+
+def check_weights_match(path: str | Path, cfg: LegoConfig) -> None:
+    """Refuse, before any allocation, a checkpoint whose tensors are not the ones its config implies.
+
+    A file's config could claim any size: the model it describes is built on the meta device (shapes
+    only, no memory) and compared with the tensors the file's header lists.
+    """
+    fields = [cfg.img_channels, cfg.img_resolution, cfg.num_classes, cfg.cond_dim]
+    fields += [v for b in cfg.bricks for v in (b.size, b.patch, b.depth, b.width, b.heads)]
+    if max(fields) > MAX_FIELD or sum(b.depth for b in cfg.bricks) > MAX_TOTAL_DEPTH:
+        raise LegoError(f"{path}: the model config is beyond this tool's limits (a field above {MAX_FIELD})")
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in LegoModel(cfg).state_dict().items()}
+    header = read_header(path)
+    found = {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else f"shape of {wrong[0]}"
+        raise LegoError(f"{path}: weights do not match the config stored in the file ({detail})")
 
 
 def read_config(path: str | Path) -> LegoConfig:
@@ -62,11 +96,12 @@ def read_checkpoint(path: str | Path) -> tuple[LegoConfig, dict[str, torch.Tenso
     from safetensors.torch import load_file
 
     metadata = read_metadata(path)
+    cfg = LegoConfig.from_json(metadata["config"])
+    check_weights_match(path, cfg)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
-    cfg = LegoConfig.from_json(metadata["config"])
     return cfg, state, json.loads(metadata.get("extra", "{}"))
 
 

@@ -222,7 +222,7 @@ def _verify_parity(manifest, folder: Path, ckpt: str) -> None:
             if fmt == "tensorrt":
                 click.echo(f"skip {f.path}: TensorRT plans are checked by the runtime on their GPU")
                 continue
-            runner = OnnxRuntimeRunner(folder / f.path)
+            runner = OnnxRuntimeRunner(manifest.read_engine_file(folder, f), name=f.path)
             result = measure_error(jobs[spec.name].module, runner, spec, f.precision, recorded)
             failed += not result["passed"]
             status = "ok  " if result["passed"] else "FAIL"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 
 import click
 
@@ -11,18 +13,30 @@ from lego_export.errors import LegoError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary files and staging folders go
+
+
 def one_line_errors(interrupted: str = "interrupted; nothing partial was left behind"):
-    """Turn LegoError and Ctrl-C into a one-line message and a non-zero exit, never a traceback."""
+    """Turn LegoError, Ctrl-C and SIGTERM into a one-line message and exit status 1, never a traceback.
+
+    (Usage errors that click itself detects, such as an unknown option, exit with status 2.)
+    """
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
             try:
                 return fn(*args, **kwargs)
             except LegoError as e:
                 raise click.ClickException(str(e)) from None
             except KeyboardInterrupt:
                 raise click.ClickException(interrupted) from None
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGTERM, previous)
 
         return wrapper
 

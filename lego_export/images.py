@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from lego_export.atomic import atomic_write
+from lego_export.errors import LegoError
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -28,10 +29,23 @@ def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(pixels: np.ndarray, path: str | Path) -> None:
-    """Write an (H, W, C) uint8 picture atomically (no half-written PNG on interrupt)."""
+# Picture formats by file suffix; anything else is refused rather than written under a false name.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def image_format(path: str | Path, option: str = "--out") -> str:
+    """The Pillow format a file name asks for; one-line LegoError for any other suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise LegoError(f"{option} {path}: write a picture as .png or .jpg (got {suffix or 'no suffix'!r})")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(pixels: np.ndarray, path: str | Path) -> None:
+    """Write an (H, W, C) uint8 picture atomically, as PNG or JPEG by the file's suffix."""
     from PIL import Image
 
     picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    with atomic_write(path) as tmp:
-        picture.save(tmp, format="PNG")
+    fmt = image_format(path)
+    with atomic_write(path) as f:
+        picture.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))

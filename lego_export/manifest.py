@@ -6,8 +6,13 @@ Torch-free on purpose.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
+import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,11 +71,6 @@ class Manifest:
     engines: list[EngineSpec]
     schema_version: int = SCHEMA_VERSION
 
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = LegoConfig.from_dict(self.model)
-        self.engines = [e if isinstance(e, EngineSpec) else EngineSpec(**e) for e in self.engines]
-
     @property
     def num_classes(self) -> int:
         return self.model.num_classes
@@ -95,20 +95,22 @@ class Manifest:
     def write(self, folder: str | Path) -> Path:
         """Write manifest.json atomically."""
         path = Path(folder) / MANIFEST_FILE
-        with atomic_write(path) as tmp:
-            tmp.write_text(self.to_json())
+        with atomic_write(path) as f:
+            f.write(self.to_json().encode())
         return path
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        """Load and validate folder/manifest.json; one-line LegoError when missing or corrupt."""
+        """Load and validate folder/manifest.json; one-line LegoError naming the bad field."""
         folder = Path(folder)
         path = folder / MANIFEST_FILE if folder.is_dir() or not folder.suffix else folder
         if not path.is_file():
             raise LegoError(f"no engines found: {path} does not exist (build them with lego-export build)")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise LegoError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a manifest")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = json.loads(path.read_text(), parse_constant=_no_constant)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
             raise LegoError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else None
@@ -116,31 +118,41 @@ class Manifest:
                 f"{path}: unsupported manifest schema {found!r} (this version reads {SCHEMA_VERSION}); "
                 "rebuild the engines with lego-export build --force"
             )
+        return parse_manifest(data, str(path))
+
+    def read_engine_file(self, folder: str | Path, file: EngineFile) -> bytes:
+        """The bytes of one engine file, read once and checked against the manifest's size and sha256.
+
+        Backends load these bytes, never the path again, so what runs is what was checked. A symlink
+        is refused: the file must be the folder's own.
+        """
+        path = Path(folder) / file.path  # a plain name: checked by parse_manifest
         try:
-            manifest = cls(**data)
-            manifest.embedder  # noqa: B018 - must exist
-        except (TypeError, KeyError, StopIteration) as e:
-            raise LegoError(f"{path} is not a valid LEGO manifest ({type(e).__name__}: {e})") from None
-        except LegoError as e:
-            raise LegoError(f"{path}: {e}") from None
-        if len(manifest.bricks) != len(manifest.model.bricks):
-            raise LegoError(
-                f"{path}: lists {len(manifest.bricks)} brick engines for a model of {len(manifest.model.bricks)} bricks"
-            )
-        return manifest
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise LegoError(f"{file.path}: missing") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LegoError(f"{file.path}: is a symbolic link; engine files must be plain files") from None
+            raise LegoError(f"{file.path}: cannot be read ({e.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise LegoError(f"{file.path}: not a regular file")
+            data = f.read(file.bytes + 1)  # never more than the manifest announced
+        if len(data) != file.bytes or hashlib.sha256(data).hexdigest() != file.sha256:
+            raise LegoError(f"{file.path}: sha256 differs from the manifest (modified or corrupt file)")
+        return data
 
     def check_files(self, folder: str | Path, formats: tuple[str, ...] = FORMATS) -> list[str]:
-        """Problems with the engine files on disk (missing, or hash differs from the manifest)."""
+        """Problems with the engine files on disk (missing, not a plain file, hash differs)."""
         problems = []
         for engine in self.engines:
             for fmt, f in engine.files.items():
-                if fmt not in formats:
-                    continue
-                path = Path(folder) / f.path
-                if not path.is_file():
-                    problems.append(f"{f.path}: missing")
-                elif sha256_file(path) != f.sha256:
-                    problems.append(f"{f.path}: sha256 differs from the manifest (modified or corrupt file)")
+                if fmt in formats:
+                    try:
+                        self.read_engine_file(folder, f)
+                    except LegoError as e:
+                        problems.append(str(e))
         return problems
 
 
@@ -150,3 +162,166 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: every field's type and range, checked before anything is used. Errors name the field.
+
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_ENGINE_BYTES = 64 << 30
+MAX_BATCH = 1 << 24  # tiles per engine call
+MAX_DIM = 1 << 16
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")  # no separators, no "..", not hidden
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines"}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _obj(value, where: str, keys: set[str] | None = None, required: set[str] | None = None) -> dict:
+    if not isinstance(value, dict):
+        raise LegoError(f"{where}: expected an object, got {type(value).__name__}")
+    if keys is not None and set(value) - keys:
+        raise LegoError(f"{where}: unknown field {sorted(set(value) - keys)[0]!r}")
+    missing = (required if required is not None else keys or set()) - set(value)
+    if missing:
+        raise LegoError(f"{where}: missing field {sorted(missing)[0]!r}")
+    return value
+
+
+def _int(value, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise LegoError(f"{where}: expected an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _str(value, where: str, pattern: re.Pattern | None = None, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or (pattern and not pattern.match(value)) or (choices and value not in choices):
+        expected = (
+            f"one of {', '.join(choices)}"
+            if choices
+            else "a plain file name in the engines folder"
+            if (pattern is _PLAIN_NAME)
+            else "a sha256 hex digest"
+            if pattern is _SHA256
+            else "a string"
+        )
+        raise LegoError(f"{where}: expected {expected}, got {value!r}")
+    return value
+
+
+def _finite_tree(value, where: str) -> None:
+    """Free-form fields (toolchain, build, verification) hold only plain JSON with finite numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LegoError(f"{where}: not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_tree(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_tree(v, f"{where}[{i}]")
+
+
+def _tensor(value, where: str) -> TensorSpec:
+    t = _obj(value, where, {"name", "dtype", "shape"})
+    shape = t["shape"]
+    if not isinstance(shape, list) or not shape or shape[0] != "N":
+        raise LegoError(f'{where}.shape: expected a list starting with the dynamic dimension "N"')
+    for i, d in enumerate(shape[1:], 1):
+        _int(d, f"{where}.shape[{i}]", 1, MAX_DIM)
+    return TensorSpec(
+        _str(t["name"], f"{where}.name", _PLAIN_NAME), _str(t["dtype"], f"{where}.dtype", None, ("float32",)), shape
+    )
+
+
+def _file(value, where: str) -> EngineFile:
+    f = _obj(
+        value,
+        where,
+        {"path", "sha256", "bytes", "precision", "verification", "build"},
+        {"path", "sha256", "bytes", "precision"},
+    )
+    verification, build = f.get("verification"), f.get("build", {})
+    if verification is not None:
+        _obj(verification, f"{where}.verification")
+    _obj(build, f"{where}.build")
+    _finite_tree(verification, f"{where}.verification")
+    _finite_tree(build, f"{where}.build")
+    return EngineFile(
+        _str(f["path"], f"{where}.path", _PLAIN_NAME),
+        _str(f["sha256"], f"{where}.sha256", _SHA256),
+        _int(f["bytes"], f"{where}.bytes", 1, MAX_ENGINE_BYTES),
+        _str(f["precision"], f"{where}.precision", None, ("fp32", "fp16")),
+        verification,
+        build,
+    )
+
+
+def _engine(value, where: str, num_bricks: int) -> EngineSpec:
+    e = _obj(value, where, {"name", "role", "index", "inputs", "outputs", "batch", "files"})
+    role = _str(e["role"], f"{where}.role", None, ("embedder", "brick"))
+    index = None if role == "embedder" else _int(e["index"], f"{where}.index", 0, max(num_bricks - 1, 0))
+    if role == "embedder" and e["index"] is not None:
+        raise LegoError(f"{where}.index: the embedder has no brick index")
+    batch = _obj(e["batch"], f"{where}.batch", {"min", "opt", "max"})
+    lo, opt, hi = (_int(batch[k], f"{where}.batch.{k}", 1, MAX_BATCH) for k in ("min", "opt", "max"))
+    if not lo <= opt <= hi:
+        raise LegoError(f"{where}.batch: expected min <= opt <= max, got {lo}, {opt}, {hi}")
+    files = _obj(e["files"], f"{where}.files")
+    if not files:
+        raise LegoError(f"{where}.files: lists no file")
+    for fmt in files:
+        _str(fmt, f"{where}.files key", None, FORMATS)
+    for key in ("inputs", "outputs"):
+        if not isinstance(e[key], list) or not e[key]:
+            raise LegoError(f"{where}.{key}: expected a non-empty list")
+    return EngineSpec(
+        _str(e["name"], f"{where}.name", _PLAIN_NAME),
+        role,
+        index,
+        [_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(e["inputs"])],
+        [_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(e["outputs"])],
+        {"min": lo, "opt": opt, "max": hi},
+        {fmt: _file(f, f"{where}.files.{fmt}") for fmt, f in files.items()},
+    )
+
+
+def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
+    """A Manifest from its JSON form, every field checked; one-line LegoError naming the first bad one."""
+    from lego_export import contract  # contract builds on TensorSpec above
+
+    d = _obj(data, where, _TOP_FIELDS)
+    _int(d["schema_version"], f"{where}: schema_version", SCHEMA_VERSION, SCHEMA_VERSION)
+    model = _obj(d["model"], f"{where}: model")
+    _finite_tree(model, f"{where}: model")
+    try:
+        cfg = LegoConfig.from_dict(model)
+    except LegoError as e:
+        raise LegoError(f"{where}: model: {e}") from None
+    source = _obj(d["source"], f"{where}: source", {"checkpoint", "sha256"})
+    _str(source["checkpoint"], f"{where}: source.checkpoint")
+    _str(source["sha256"], f"{where}: source.sha256", _SHA256)
+    _obj(d["toolchain"], f"{where}: toolchain")
+    _finite_tree(d["toolchain"], f"{where}: toolchain")
+    if not isinstance(d["engines"], list):
+        raise LegoError(f"{where}: engines: expected a list")
+    engines = [_engine(e, f"{where}: engines[{i}]", len(cfg.bricks)) for i, e in enumerate(d["engines"])]
+
+    # The engines must be the model's: one embedder and each brick once, with the contract's tensors.
+    expected = {"embedder": contract.embedder_tensors(cfg)}
+    expected.update({f"brick{k}": contract.brick_tensors(cfg, k) for k in range(len(cfg.bricks))})
+    names = [e.name for e in engines]
+    if sorted(names) != sorted(expected):
+        raise LegoError(f"{where}: engines: expected {', '.join(expected)}, found {', '.join(names) or 'none'}")
+    for e in engines:
+        role, index = ("embedder", None) if e.name == "embedder" else ("brick", int(e.name[5:]))
+        if (e.role, e.index) != (role, index) or (e.inputs, e.outputs) != tuple(list(t) for t in expected[e.name]):
+            raise LegoError(
+                f"{where}: engines.{e.name}: role, index or tensors differ from the model's engine contract"
+            )
+    paths = [f.path for e in engines for f in e.files.values()]
+    if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
+        raise LegoError(f"{where}: engines: two entries name the same file")
+    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION)

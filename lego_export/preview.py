@@ -13,7 +13,7 @@ import torch
 
 from lego_export.edm import initial_noise, sample
 from lego_export.errors import LegoError
-from lego_export.images import make_grid, save_png
+from lego_export.images import make_grid, save_image
 from lego_export.model import LegoModel
 
 
@@ -69,7 +69,7 @@ def main(ckpt: str, out: str, per_class: int, steps: int, seed: int) -> None:
     num = classes * per_class if classes else per_class * per_class
     start = time.perf_counter()
     images = sample_images(model, labels, num, steps=steps, seed=seed)
-    save_png(make_grid(images, columns=per_class), out)
+    save_image(make_grid(images, columns=per_class), out)
     click.echo(f"wrote {out}: {num} images, {steps} Heun steps, {time.perf_counter() - start:.1f} s")
 
 

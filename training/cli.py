@@ -84,7 +84,7 @@ def main(**kwargs) -> None:
 
     \b
     One process:   lego-train --data fashion-mnist --preset pg-s --out runs/pg-s
-    Several:       torchrun --nproc_per_node 2 -m training.cli --data ... --out ...
+    Several:       torchrun --nproc_per_node 2 -m lego_train.cli --data ... --out ...
     Continue:      lego-train --data fashion-mnist --out runs/pg-s --resume runs/pg-s --kimg 2000
     """
     path = train(TrainConfig(**kwargs))

@@ -6,6 +6,7 @@ Every source gives a uint8 array (N, C, H, W) and optional int64 labels (N,).
 from __future__ import annotations
 
 import gzip
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,22 +66,32 @@ def load_idx_dir(folder: Path, split: str = "train") -> Dataset:
     return Dataset(images[:, None], labels, 10, names if labels.max() < 10 else [])
 
 
+MAX_CLASSES = 10_000  # a label embedding row per class: a label of 10^9 must not allocate gigabytes
+
+
 def load_npz(path: Path) -> Dataset:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise LegoError(f"{path} is not a readable .npz file ({e})") from None
     if "images" not in archive.files:
         raise LegoError(f"{path} has no 'images' array (found: {', '.join(archive.files) or 'nothing'})")
-    images = archive["images"]
+    try:
+        images = archive["images"]
+        labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise LegoError(f"{path} is damaged or truncated ({e})") from None
+    if len(images) == 0:
+        raise LegoError(f"{path} holds no images")
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise LegoError(
             f"{path}: 'images' must be uint8 of shape N x H x W or N x H x W x C, got {images.dtype} {images.shape}"
         )
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-    labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
     if labels is not None and (labels.shape != (len(images),) or labels.min() < 0):
         raise LegoError(f"{path}: 'labels' must be N non-negative integers")
+    if labels is not None and labels.max() >= MAX_CLASSES:
+        raise LegoError(f"{path}: label {labels.max()} is beyond the {MAX_CLASSES} classes this tool supports")
     num_classes = int(labels.max()) + 1 if labels is not None else 0
     return Dataset(np.ascontiguousarray(images), labels, num_classes, [str(k) for k in range(num_classes)])
 

@@ -9,6 +9,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,11 +23,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lego_export.atomic import atomic_write
+from lego_export.atomic import atomic_write, check_output, folder_lock
 from lego_export.checkpoint import save_checkpoint
 from lego_export.config import LegoConfig, get_preset
 from lego_export.errors import LegoError
-from lego_export.images import make_grid, save_png
+from lego_export.images import make_grid, save_image
 from lego_export.model import LegoModel
 from lego_export.preview import class_grid_labels, sample_images
 from lego_export.tiling import canvas_coords
@@ -115,15 +116,52 @@ def train(cfg: TrainConfig) -> Path:
     device_kind = resolve_device(cfg.device, 0).type
     ddp = Distributed(device_kind)
     try:
-        return _train(cfg, ddp, resolve_device(cfg.device, ddp.local_rank))
+        # One run per folder: the main process holds its lock while the run writes there.
+        with folder_lock(cfg.out, "lego-train") if ddp.main else contextlib.nullcontext():
+            return _train(cfg, ddp, resolve_device(cfg.device, ddp.local_rank))
     finally:
         ddp.close()
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Every numeric option in range before any data is read or memory allocated."""
+    for name, value, lo, hi in (
+        ("--batch", cfg.batch, 1, 1 << 16),
+        ("--seed", cfg.seed, 0, 2**31 - 1),
+        ("--canvas-max-tiles", cfg.canvas_max_tiles, 1, 64),
+    ):
+        if not lo <= value <= hi:
+            raise LegoError(f"{name} must be from {lo} to {hi}, got {value}")
+    for name, value in (
+        ("--kimg", cfg.kimg),
+        ("--lr", cfg.lr),
+        ("--snapshot-kimg", cfg.snapshot_kimg),
+        ("--ema", cfg.ema_halflife_kimg),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            raise LegoError(f"{name} must be a positive number, got {value}")
+    if not (math.isfinite(cfg.warmup_kimg) and cfg.warmup_kimg >= 0):
+        raise LegoError(f"--warmup-kimg must be zero or positive, got {cfg.warmup_kimg}")
+    if not 0 <= cfg.canvas_windows <= 1:
+        raise LegoError(f"--canvas-windows must be in [0, 1], got {cfg.canvas_windows}")
+
+
+def load_state(path: Path) -> dict:
+    """The resumable state, loaded without running code (weights_only); one line if it is damaged."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LegoError(f"{path} is not a readable training state ({first[:160]})") from None
+    if not isinstance(state, dict) or not {"model", "ema", "optimizer", "nimg", "config"} <= set(state):
+        raise LegoError(f"{path} is not a lego-train state (missing fields)")
+    return state
+
+
 def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
     out = Path(cfg.out)
-    if not 0 <= cfg.canvas_windows <= 1 or cfg.canvas_max_tiles < 1:
-        raise LegoError("--canvas-windows must be in [0, 1] and --canvas-max-tiles at least 1")
+    check_options(cfg)
+    check_output(out, "--out", folder=True)
     if cfg.batch % ddp.world:
         raise LegoError(f"--batch {cfg.batch} does not split evenly over {ddp.world} processes")
     if cfg.resume is None and (out / STATE_FILE).exists():
@@ -139,7 +177,7 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
 
     state = None
     if cfg.resume is not None:
-        state = torch.load(find_state(cfg.resume), map_location="cpu", weights_only=True)
+        state = load_state(find_state(cfg.resume))
         model_cfg = LegoConfig.from_json(state["config"])
         found = (data.images.shape[1], height, num_classes)
         expected = (model_cfg.img_channels, model_cfg.img_resolution, model_cfg.num_classes)
@@ -153,6 +191,10 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
             cfg.preset, img_channels=data.images.shape[1], img_resolution=height, num_classes=num_classes
         )
 
+    if state is not None and int(state["nimg"]) >= cfg.kimg * 1000:
+        raise LegoError(
+            f"the run already has {int(state['nimg']) / 1000:g} kimg; nothing to train: raise --kimg above that"
+        )
     torch.manual_seed(cfg.seed * 1000 + ddp.rank + (state["nimg"] if state else 0))
     model = LegoModel(model_cfg).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -282,8 +324,8 @@ def snapshot(
         "nimg": nimg,
         "config": model.cfg.to_json(),
     }
-    with atomic_write(out / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+    with atomic_write(out / STATE_FILE) as f:
+        torch.save(state, f)
 
     per_class = 8
     classes = ema.cfg.num_classes
@@ -291,4 +333,4 @@ def snapshot(
     num = classes * per_class if classes else per_class * per_class
     device = next(ema.parameters()).device
     samples = sample_images(ema, labels, num, steps=cfg.grid_steps, seed=0, device=device)
-    save_png(make_grid(samples, columns=per_class), out / "samples.png")
+    save_image(make_grid(samples, columns=per_class), out / "samples.png")

@@ -6,12 +6,10 @@ engine passes verification is moved into place, engine files first and the manif
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from torch import nn
 
 import lego_export
 from lego_export import contract
+from lego_export.atomic import folder_lock, staging_dir
 from lego_export.checkpoint import load_model
 from lego_export.errors import LegoError
 from lego_export.export import onnx as onnx_export
@@ -77,8 +76,20 @@ def record_file(staging: Path, name: str, precision: str, verification: dict | N
 
 
 def check_output_folder(out: Path, ckpt_sha: str, force: bool) -> Manifest | None:
-    """Refuse to overwrite engines of another checkpoint unless forced; return the old manifest."""
+    """Refuse to overwrite engines of another checkpoint, or a folder of other files, unless forced;
+    return the old manifest."""
+    if out.exists() and not out.is_dir():
+        raise LegoError(f"--out {out} is a file; give a folder")
     if not (out / MANIFEST_FILE).exists():
+        # Dotfiles (our lock) and notes (*.md) are fine; anything else may be someone's files.
+        entries = out.iterdir() if out.is_dir() else []
+        others = sorted(p.name for p in entries if not p.name.startswith(".") and p.suffix != ".md")
+        if others and not force:
+            listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise LegoError(
+                f"{out} is not an engines folder (it holds {listed}); "
+                "choose an empty or new folder, or pass --force to write into it"
+            )
         return None
     try:
         old = Manifest.read(out)
@@ -126,18 +137,6 @@ def publish(staging: Path, out: Path, manifest: Manifest, old: Manifest | None) 
                 (out / f.path).unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def staging_folder(out: Path) -> Iterator[Path]:
-    """A private folder beside out to build into; removed afterwards, whatever happens."""
-    staging = out.parent / f".{out.name}.build-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def add_tensorrt_plans(
     folder: Path,
     progress: Callable[[str], None] = lambda _msg: None,
@@ -148,12 +147,9 @@ def add_tensorrt_plans(
     staging and published beside its ONNX files like any build."""
     from lego_export.export import tensorrt
 
-    old = Manifest.read(folder)
-    problems = old.check_files(folder, formats=("onnx",))
-    if problems:
-        raise LegoError(f"{folder}: {problems[0]}")
-    manifest = Manifest.read(folder)
-    with staging_folder(folder) as staging:
+    with folder_lock(folder, "lego-export build"), staging_dir(folder / "plans") as staging:
+        old = Manifest.read(folder)
+        manifest = Manifest.read(folder)
         tensorrt.add_plans(manifest, folder, staging, progress, version_compatible, hardware_compatible)
         publish(staging, folder, manifest, old)
     return manifest
@@ -170,11 +166,12 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     model = load_model(ckpt).float()
     ckpt_sha = sha256_file(ckpt)
     out = Path(opts.out)
-    old = check_output_folder(out, ckpt_sha, opts.force)
+    check_output_folder(out, ckpt_sha, opts.force)  # before any work; again under the lock below
 
     precision = "fp16" if opts.fp16 else "fp32"
     recorded = record_engine_inputs(model, opts.max_batch) if opts.verify else {}
-    with staging_folder(out) as staging:
+    with folder_lock(out, "lego-export build"), staging_dir(out / "build") as staging:
+        old = check_output_folder(out, ckpt_sha, opts.force)
         jobs = engine_jobs(model, opts.max_batch, opts.opt_batch)
         for job in jobs:
             spec = job.spec

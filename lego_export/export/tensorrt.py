@@ -66,7 +66,8 @@ def profile_shapes(spec: EngineSpec) -> dict[str, tuple[tuple[int, ...], tuple[i
 
 
 def build_plan(
-    onnx_path: Path,
+    onnx: bytes,
+    name: str,
     plan_path: Path,
     spec: EngineSpec,
     cache_path: Path,
@@ -74,15 +75,16 @@ def build_plan(
     hardware_compatible: bool = False,
     workspace_gib: float = 4.0,
 ) -> None:
-    """Parse ONNX into a strongly typed network, one optimisation profile over N, timing cache."""
+    """Parse ONNX (the file's checked bytes) into a strongly typed network, one optimisation profile
+    over N, timing cache."""
     trt, _ = tensorrt_environment()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(onnx):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise LegoError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise LegoError(f"TensorRT cannot parse {name}: {errors}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
@@ -99,10 +101,10 @@ def build_plan(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise LegoError(f"TensorRT failed to build a plan for {onnx_path.name} (see the messages above)")
+        raise LegoError(f"TensorRT failed to build a plan for {name} (see the messages above)")
     plan_path.write_bytes(bytes(serialized))
-    with atomic_write(cache_path) as tmp:  # builds may run side by side
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    with atomic_write(cache_path) as f:  # builds may run side by side
+        f.write(bytes(config.get_timing_cache().serialize()))
 
 
 def add_plans(
@@ -122,7 +124,8 @@ def add_plans(
         plan_name = Path(source.path).with_suffix(".plan").name
         progress(f"{spec.name}: TensorRT plan")
         build_plan(
-            onnx_folder / source.path,
+            manifest.read_engine_file(onnx_folder, source),  # build from what was verified
+            source.path,
             plan_folder / plan_name,
             spec,
             cache,

@@ -41,11 +41,13 @@ class OnnxRuntimeRunner:
 
     def __init__(
         self,
-        path: str | Path,
+        model: str | Path | bytes,
         providers: list[str] | None = None,
         threads: int = 0,
         outputs: list[TensorSpec] | None = None,
+        name: str | None = None,
     ):
+        """model: an .onnx path, or the file's bytes as read and checked by Manifest.read_engine_file."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -57,9 +59,11 @@ class OnnxRuntimeRunner:
         # spinning after a call steals the cores from the next brick's session.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+            source = model if isinstance(model, bytes) else str(model)
+            self.session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
-            raise LegoError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+            label = name or (model if not isinstance(model, bytes) else "the engine")
+            raise LegoError(f"ONNX Runtime cannot load {label}: {str(e).splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_specs = outputs
@@ -114,14 +118,18 @@ class OnnxRuntimeBackend:
         self.folder, self.manifest, self.threads = folder, manifest, threads
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.formats = ("onnx-ort", "onnx") if self.device == "cpu" else ("onnx",)
+        missing = [e.name for e in manifest.engines if not any(f in e.files for f in self.formats)]
+        if missing:
+            raise LegoError(f"{missing[0]} has no ONNX file for ONNX Runtime; rebuild with lego-export build")
         # On a GPU the canvas stays in CUDA memory between bricks (I/O binding on torch tensors);
         # without torch, every call copies through the host.
         on_gpu = self.device == "cuda" and importlib.util.find_spec("torch") is not None
         self.arrays = TorchArrays("cuda") if on_gpu else NumpyArrays()
 
     def runner(self, spec: EngineSpec) -> Runner:
-        fmt = next(f for f in self.formats if f in spec.files)
-        return OnnxRuntimeRunner(self.folder / spec.files[fmt].path, self.providers, self.threads, spec.outputs)
+        file = spec.files[next(f for f in self.formats if f in spec.files)]
+        model = self.manifest.read_engine_file(self.folder, file)  # load what was verified
+        return OnnxRuntimeRunner(model, self.providers, self.threads, spec.outputs, name=file.path)
 
 
 class TorchBackend:
@@ -186,19 +194,7 @@ class TensorRTBackend:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.stream = torch.cuda.Stream()  # TensorRT advises against enqueueing on the default stream
-        self.engines = {}
-        for spec in manifest.engines:
-            if "tensorrt" not in spec.files:
-                raise LegoError(
-                    f"{spec.name} has no TensorRT plan; build one with: "
-                    f"lego-export build --from-onnx {folder} --target tensorrt"
-                )
-            check_plan_compatible(spec.files["tensorrt"])
-            plan = (folder / spec.files["tensorrt"].path).read_bytes()
-            engine = self.runtime.deserialize_cuda_engine(plan)
-            if engine is None:
-                raise LegoError(f"TensorRT could not load {spec.files['tensorrt'].path}; rebuild it on this machine")
-            self.engines[spec.name] = engine
+        self.engines = load_plans(folder, manifest, self.runtime.deserialize_cuda_engine, check_plan_compatible)
         size = max(e.device_memory_size_v2 for e in self.engines.values())
         self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda")
 
@@ -207,6 +203,24 @@ class TensorRTBackend:
         context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())  # shared: one engine at a time
         return _TensorRTRunner(context, spec, self.torch, self.stream, self.cuda_graphs)
+
+
+def load_plans(folder: Path, manifest: Manifest, deserialize, check_compatible) -> dict:
+    """Every engine's TensorRT plan, each read once, checked against the manifest's sha256, and those
+    very bytes deserialized."""
+    engines = {}
+    for spec in manifest.engines:
+        if "tensorrt" not in spec.files:
+            raise LegoError(
+                f"{spec.name} has no TensorRT plan; build one with: "
+                f"lego-export build --from-onnx {folder} --target tensorrt"
+            )
+        check_compatible(spec.files["tensorrt"])
+        engine = deserialize(manifest.read_engine_file(folder, spec.files["tensorrt"]))
+        if engine is None:
+            raise LegoError(f"TensorRT could not load {spec.files['tensorrt'].path}; rebuild it on this machine")
+        engines[spec.name] = engine
+    return engines
 
 
 class _TensorRTRunner:

@@ -10,11 +10,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from lego_export.atomic import atomic_write
+from lego_export.atomic import atomic_write, check_output, publish_dir, staging_dir
 from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.errors import LegoError
 from lego_export.runtime.backends import BACKENDS
-from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline
+from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
+
+MAX_THREADS = 1024
 
 
 def parse_resolution(text: str | None) -> tuple[int, int] | None:
@@ -66,19 +68,42 @@ def _gather(result, indices, rank: int, world: int):
     return images, labels
 
 
-def write_outputs(images, labels, out: str | None, out_dir: str | None, save_npz: str | None, columns: int) -> None:
-    from lego_export.images import make_grid, save_png, to_uint8
+def npz_path(save_npz: str | None) -> str | None:
+    """The name np.savez gives a file: it appends .npz when missing, so say that name from the start."""
+    return save_npz if save_npz is None or save_npz.endswith(".npz") else save_npz + ".npz"
+
+
+def check_outputs(out: str | None, out_dir: str | None, save_npz: str | None, timing_json: str | None) -> None:
+    """Every output writable and correctly named, before any sampling starts."""
+    from lego_export.images import image_format
+
+    check_output(out, "--out")
+    if out is not None:
+        image_format(out)
+    check_output(out_dir, "--out-dir", folder=True)
+    check_output(save_npz, "--save-npz")
+    check_output(timing_json, "--timing-json")
+
+
+def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written: list[str]) -> None:
+    """Write each output whole (the --out-dir set in one move), appending its name to written."""
+    from lego_export.images import make_grid, save_image, to_uint8
 
     if save_npz:
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-        with atomic_write(save_npz) as tmp:
-            np.savez(tmp, **arrays)
+        with atomic_write(save_npz) as f:
+            np.savez(f, **arrays)
+        written.append(save_npz)
     if out_dir:
-        pixels = to_uint8(images)
-        for i, p in enumerate(pixels):
-            save_png(p, Path(out_dir) / f"{i:06d}.png")
+        target = Path(out_dir)
+        with staging_dir(target) as staging:
+            for i, p in enumerate(to_uint8(images)):
+                save_image(p, staging / f"{i:06d}.png")
+            publish_dir(staging, target)
+        written.append(f"{out_dir}/ ({len(images)} PNGs)")
     if out:
-        save_png(make_grid(images, columns=columns), out)
+        save_image(make_grid(images, columns=columns), out)
+        written.append(out)
 
 
 @click.command(context_settings=CONTEXT)
@@ -207,6 +232,13 @@ def main(
 
     if skip_late_bricks and skip_policy:
         raise LegoError("use either --skip-late-bricks or --skip-policy, not both")
+    if columns < 1:
+        raise LegoError(f"--columns must be at least 1, got {columns}")
+    if not 0 <= threads <= MAX_THREADS:
+        raise LegoError(f"--threads must be from 0 (all cores) to {MAX_THREADS}, got {threads}")
+    save_npz = npz_path(save_npz)
+    if not plan_only:
+        check_outputs(out, out_dir, save_npz, timing_json)
     skip = "late" if skip_late_bricks else skip_policy
     hw = parse_resolution(resolution)
     if plan_only:
@@ -218,6 +250,8 @@ def main(
 
     if cuda_graphs and backend not in ("tensorrt", "auto"):
         raise LegoError("--cuda-graphs applies to the TensorRT backend only")
+    model = Manifest.read(engines).model
+    check_request(num, batch, seed, steps, hw or (model.img_resolution,) * 2, model.img_channels)
     pipe = LegoPipeline.from_engines(
         engines, backend, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs, profile=profile
     )
@@ -243,19 +277,28 @@ def main(
             progress=lambda _i: bar.update(1),
         )
     images, labels = _gather(result, indices, rank, world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # every rank, before any exits: gloo aborts on a peer gone early
     if rank != 0:
         return
-    write_outputs(images, labels, out, out_dir, save_npz, columns)
-    summary = result.timing.summary()
+    written: list[str] = []
+    try:
+        write_outputs(images, labels, out, out_dir, save_npz, columns, written)
+        if timing_json:
+            with atomic_write(timing_json) as f:
+                f.write(json.dumps(result.timing.summary(), indent=2).encode())
+            written.append(timing_json)
+    except KeyboardInterrupt:
+        done = f"written whole before it: {', '.join(written)}" if written else "no output was written"
+        raise LegoError(f"interrupted while writing outputs; {done}; no partial file was left") from None
     click.echo(
         f"skip policy: {pipe.skip_policy(skip, t_break).description}; backend {pipe.backend.name}; "
         f"canvas {images.shape[2]}x{images.shape[3]}; {world} process(es)"
     )
     click.echo(result.timing.table())
-    if timing_json:
-        Path(timing_json).write_text(json.dumps(summary, indent=2))
-    written = [p for p in (out, out_dir, save_npz) if p]
-    click.echo(f"wrote {', '.join(written)}")
+    click.echo(f"wrote {', '.join(written)}" if written else "wrote nothing (no output asked for)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ between engine calls.
 from __future__ import annotations
 
 import functools
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,40 @@ from lego_export.tiling import check_canvas
 # (benchmarks/results/quality.md): on the shipped model 0.2 keeps FID within 1% of the full chain,
 # while the paper's best ImageNet point, 0.3, costs 13-17% here.
 DEFAULT_T_BREAK = 0.2
+
+
+MAX_IMAGES = 1_000_000
+MAX_STEPS = 10_000
+MAX_SIDE = 16_384
+CANVAS_BYTES_PER_PIXEL = 280  # measured: peak memory per canvas pixel per image in a batch (README)
+
+
+def check_request(num: int, batch: int, seed: int, steps: int, resolution: tuple[int, int], channels: int) -> None:
+    """Refuse, before anything is allocated, a request out of range or larger than this machine's memory."""
+    for value, option, lo, hi in (
+        (num, "--num", 1, MAX_IMAGES),
+        (batch, "--batch", 1, MAX_IMAGES),
+        (steps, "--steps", 1, MAX_STEPS),
+        (seed, "--seed", 0, 2**63 - 1),
+        (resolution[0], "--resolution height", 1, MAX_SIDE),
+        (resolution[1], "--resolution width", 1, MAX_SIDE),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
+            raise LegoError(f"{option} must be an integer from {lo} to {hi}, got {value!r}")
+    need = CANVAS_BYTES_PER_PIXEL * resolution[0] * resolution[1] * min(num, batch) * max(channels, 1)
+    have = physical_memory()
+    if have and need > 0.8 * have:
+        raise LegoError(
+            f"a batch of {min(num, batch)} canvases of {resolution[0]}x{resolution[1]} needs about "
+            f"{need / 2**30:.1f} GiB; this machine has {have / 2**30:.1f} GiB: lower --batch or --resolution"
+        )
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -159,6 +195,7 @@ class LegoPipeline:
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
         self.per_engine_timing = profile or not getattr(self.arrays, "device", "cpu").startswith("cuda")
         self._timing = Timing(per_engine=self.per_engine_timing)
+        self._finite, self._step = [], 0  # (step, engine, all finite) per engine call of the current sample
         if backend is None:  # planning only
             return
         timing_ref = lambda: self._timing  # noqa: E731 - runners report into the current call's Timing
@@ -187,10 +224,7 @@ class LegoPipeline:
         """
         folder = Path(folder)
         manifest = Manifest.read(folder)
-        if backend != "torch":
-            problems = manifest.check_files(folder, formats=_formats_for(backend))
-            if problems:
-                raise LegoError(f"refusing to run: {problems[0]}; rebuild with lego-export build --force")
+        # Every backend reads each engine file once, checks its sha256 and loads those bytes.
         return cls(
             manifest,
             make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs),
@@ -277,17 +311,19 @@ class LegoPipeline:
         split of the indices (batches, processes) yields the same images for the same seed."""
         if sampler not in ("heun", "euler"):
             raise LegoError(f"unknown sampler {sampler!r}; use heun or euler")
+        if not math.isfinite(guidance):
+            raise LegoError(f"--cfg must be a finite number, got {guidance}")
         if guidance != 1.0 and not self.num_classes:
             raise LegoError("classifier-free guidance (--cfg) needs a class-conditional model; this one is not")
-        if batch < 1 or num < 1:
-            raise LegoError("--num and --batch must be at least 1")
         h, w = resolution or (self.resolution, self.resolution)
+        check_request(num, batch, seed, steps, (h, w), self.channels)
         plan = self.plan(steps, skip, t_break, (h, w), tile_shift, seed)
         indices = list(range(num)) if indices is None else list(indices)
         labels = self.labels_for(num, classes, indices)
         sigmas = self.sigmas(steps)
 
         timing = self.reset_timing()
+        self._finite = []
         start = time.perf_counter()
         images = []
         for lo in range(0, len(indices), batch):
@@ -307,8 +343,20 @@ class LegoPipeline:
         timing.steps = steps
         timing.images = len(indices)
         timing.flops_saved = self.flops_saved(plan)
-        out = np.clip(np.concatenate(images), -1, 1).astype(np.float32)
-        return SampleResult(out, labels, plan, timing)
+        out = np.concatenate(images)
+        if not np.isfinite(out).all():
+            raise LegoError(self._first_non_finite())
+        return SampleResult(np.clip(out, -1, 1).astype(np.float32), labels, plan, timing)
+
+    def _first_non_finite(self) -> str:
+        """Where NaN or infinity first appeared: an engine's output at some step, or the sampler."""
+        for step, name, finite in self._finite:
+            if not bool(finite):
+                return (
+                    f"{name} returned NaN or infinity at step {step}: the engine or its inputs are broken "
+                    "(run lego-export verify --ckpt to check it against PyTorch)"
+                )
+        return "the sampler produced NaN or infinity (no engine output was non-finite); check the model's EDM constants"
 
     def denoise(self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0):
         """D(x; sigma) from the first step.bricks bricks with step.shift; guided when guidance != 1.
@@ -316,6 +364,7 @@ class LegoPipeline:
         x and onehot are arrays of this pipeline's kind (``self.arrays``).
         """
         timing = self._timing
+        self._step = step.step
         timing.brick_evaluations += len(self.brick_sizes)
         timing.bricks_skipped += len(self.brick_sizes) - step.bricks
         return denoise(
@@ -337,11 +386,14 @@ class LegoPipeline:
         if self.num_classes:  # the engine takes a one-hot always: all zeros is the null label
             zeros = np.zeros((c_noise.shape[0], self.num_classes), np.float32)
             feeds[contract.CLASS_ONEHOT] = onehot if onehot is not None else self.arrays.from_numpy(zeros)
-        return self.embedder.infer(feeds, contract.COND)
+        return self._checked("embedder", self.embedder.infer(feeds, contract.COND))
 
     def _brick(self, k: int, tiles, cond):
-        return self.bricks[k].infer({contract.TILES: tiles, contract.COND: cond}, contract.OUT)
+        return self._checked(
+            f"brick{k}", self.bricks[k].infer({contract.TILES: tiles, contract.COND: cond}, contract.OUT)
+        )
 
-
-def _formats_for(backend: str) -> tuple[str, ...]:
-    return ("tensorrt",) if backend == "tensorrt" else ("onnx", "onnx-ort")
+    def _checked(self, name: str, out):
+        """Note whether an engine output is finite (read only if the images are not: no device wait)."""
+        self._finite.append((self._step, name, self.arrays.all_finite(out)))
+        return out
