@@ -73,16 +73,62 @@ def initial_noise(seed: int, indices, shape: tuple[int, ...]) -> np.ndarray:
     return np.stack([np.random.default_rng([seed, i]).standard_normal(shape) for i in indices]).astype(np.float32)
 
 
-def sample(denoise: Callable, noise, sigmas: np.ndarray, heun: bool = True, on_step: Callable | None = None):
+def churn_noise(seed: int, indices, shape: tuple[int, ...], step: int) -> np.ndarray:
+    """The fresh noise churn adds at one step, per image from (seed, i, step) like initial_noise."""
+    return np.stack([np.random.default_rng([seed, i, 1, step]).standard_normal(shape) for i in indices]).astype(
+        np.float32
+    )
+
+
+@dataclass(frozen=True)
+class Churn:
+    """EDM's stochastic sampling (Karras et al. 2022, Algorithm 2): at each step with s_min <= sigma
+    <= s_max, first raise the noise level by a factor 1 + gamma, gamma = min(s_churn / steps, sqrt(2) - 1),
+    adding fresh noise scaled by s_noise. s_churn = 0 is the deterministic sampler."""
+
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = math.inf
+    s_noise: float = 1.0
+
+    def validate(self) -> None:
+        for name, option in (("s_churn", "--churn"), ("s_min", "--s-min"), ("s_noise", "--s-noise")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise LegoError(f"{option} must be a finite number >= 0, got {value}")
+        if math.isnan(self.s_max) or self.s_max < self.s_min:
+            raise LegoError(f"--s-max must be at least --s-min ({self.s_min}), got {self.s_max}")
+
+    def gamma(self, sigma: float, steps: int) -> float:
+        return min(self.s_churn / steps, math.sqrt(2) - 1) if self.s_min <= sigma <= self.s_max else 0.0
+
+
+def sample(
+    denoise: Callable,
+    noise,
+    sigmas: np.ndarray,
+    heun: bool = True,
+    on_step: Callable | None = None,
+    churn: Churn | None = None,
+    fresh_noise: Callable | None = None,
+):
     """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigmas[0] to 0.
 
     denoise(x, sigma, step) -> D(x; sigma); the step index lets a runtime change which bricks run.
     noise: a standard normal array/tensor; it is scaled by sigmas[0]. Heun adds a second-order
-    correction on every step but the last (EDM Algorithm 1 without churn); Euler does not.
+    correction on every step but the last (EDM Algorithm 1); Euler does not. With churn, each step
+    first moves x to a higher noise level with fresh_noise(step), a standard normal like x
+    (Algorithm 2).
     """
+    steps = len(sigmas) - 1
     x = noise * float(sigmas[0])
-    for i in range(len(sigmas) - 1):
+    for i in range(steps):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = churn.gamma(s, steps) if churn is not None else 0.0
+        if gamma > 0:
+            s_hat = s * (1 + gamma)
+            x = x + math.sqrt(s_hat**2 - s**2) * churn.s_noise * fresh_noise(i)
+            s = s_hat
         d = (x - denoise(x, s, i)) / s
         x_next = x + (s_next - s) * d
         if heun and s_next > 0:

@@ -12,6 +12,7 @@ import numpy as np
 
 from lego_export.atomic import atomic_write, check_output, publish_dir, staging_dir
 from lego_export.cli_common import CONTEXT, one_line_errors
+from lego_export.edm import Churn
 from lego_export.errors import LegoError
 from lego_export.runtime.backends import BACKENDS
 from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
@@ -155,6 +156,16 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
     "consecutive blocks, one grid row per class when --num is classes x --columns.",
 )
 @click.option("--cfg", default=1.0, show_default=True, help="Classifier-free guidance scale (1 = none).")
+@click.option(
+    "--churn",
+    "s_churn",
+    default=0.0,
+    show_default=True,
+    help="EDM stochastic sampling strength S_churn (0 = deterministic); the LEGO authors' FID recipe uses 10.",
+)
+@click.option("--s-min", default=0.0, show_default=True, help="With --churn: lowest sigma that gets fresh noise.")
+@click.option("--s-max", default=float("inf"), show_default=True, help="With --churn: highest sigma that gets it.")
+@click.option("--s-noise", default=1.0, show_default=True, help="With --churn: noise inflation (authors: 1.003).")
 @click.option("--seed", default=0, show_default=True, help="Image i's noise depends only on (seed, i).")
 @click.option(
     "--backend",
@@ -206,6 +217,10 @@ def main(
     batch,
     classes,
     cfg,
+    s_churn,
+    s_min,
+    s_max,
+    s_noise,
     seed,
     backend,
     ckpt,
@@ -250,6 +265,9 @@ def main(
 
     if cuda_graphs and backend not in ("tensorrt", "auto"):
         raise LegoError("--cuda-graphs applies to the TensorRT backend only")
+    churn = Churn(s_churn, s_min, s_max, s_noise) if s_churn else None
+    if churn is not None:
+        churn.validate()
     model = Manifest.read(engines).model
     check_request(num, batch, seed, steps, hw or (model.img_resolution,) * 2, model.img_channels)
     pipe = LegoPipeline.from_engines(
@@ -275,6 +293,7 @@ def main(
             tile_shift=tile_shift,
             indices=indices,
             progress=lambda _i: bar.update(1),
+            churn=churn,
         )
     images, labels = _gather(result, indices, rank, world)
     if world > 1:

@@ -29,7 +29,7 @@ import numpy as np
 from lego_export import contract
 from lego_export.arrays import NumpyArrays
 from lego_export.denoiser import denoise
-from lego_export.edm import initial_noise, sample
+from lego_export.edm import Churn, churn_noise, initial_noise, sample
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
@@ -306,9 +306,12 @@ class LegoPipeline:
         tile_shift: bool | None = None,
         indices: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
+        churn: Churn | None = None,
     ) -> SampleResult:
         """Generate images. indices (default 0..num-1) pick each image's noise and class, so any
-        split of the indices (batches, processes) yields the same images for the same seed."""
+        split of the indices (batches, processes) yields the same images for the same seed.
+        churn: EDM's stochastic sampler (see edm.Churn); its fresh noise also depends only on
+        (seed, index, step)."""
         if sampler not in ("heun", "euler"):
             raise LegoError(f"unknown sampler {sampler!r}; use heun or euler")
         if not math.isfinite(guidance):
@@ -317,6 +320,8 @@ class LegoPipeline:
             raise LegoError("classifier-free guidance (--cfg) needs a class-conditional model; this one is not")
         h, w = resolution or (self.resolution, self.resolution)
         check_request(num, batch, seed, steps, (h, w), self.channels)
+        if churn is not None:
+            churn.validate()
         plan = self.plan(steps, skip, t_break, (h, w), tile_shift, seed)
         indices = list(range(num)) if indices is None else list(indices)
         labels = self.labels_for(num, classes, indices)
@@ -336,9 +341,11 @@ class LegoPipeline:
             def denoise(x, sigma, step, onehot=onehot):
                 return self.denoise(x, sigma, plan[step], onehot, guidance)
 
-            images.append(
-                self.arrays.to_numpy(sample(denoise, noise, sigmas, heun=sampler == "heun", on_step=progress))
-            )
+            def fresh_noise(step, chunk=chunk):
+                return self.arrays.from_numpy(churn_noise(seed, chunk, (self.channels, h, w), step))
+
+            x = sample(denoise, noise, sigmas, sampler == "heun", progress, churn, fresh_noise)
+            images.append(self.arrays.to_numpy(x))
         timing.total_s = time.perf_counter() - start
         timing.steps = steps
         timing.images = len(indices)
