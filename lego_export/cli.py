@@ -232,3 +232,29 @@ def _verify_parity(manifest, folder: Path, ckpt: str) -> None:
             )
     if failed:
         raise LegoError(f"{failed} engine file(s) fail parity with {ckpt}")
+
+
+@export_main.command("import")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="LEGO checkpoint (.safetensors) to write.")
+@click.option(
+    "--entry",
+    default="ema",
+    show_default=True,
+    help="Which network of the snapshot to convert (the authors' snapshots hold 'ema').",
+)
+@one_line_errors()
+def import_checkpoint(checkpoint: str, out: str, entry: str) -> None:
+    """Convert a LEGO authors' network-snapshot-*.pkl into a .safetensors checkpoint.
+
+    The pickle is read without running anything from it (no module source, no import of the
+    authors' code or timm); every layer is checked, the config inferred and printed in one line.
+
+    \b
+    lego-export import LEGO-L-PG-64.pkl --out lego-l-pg-64.safetensors
+    lego-export build --ckpt lego-l-pg-64.safetensors --out engines-l-pg-64/
+    """
+    from lego_export.official import import_checkpoint as convert
+
+    click.echo(convert(checkpoint, out, entry))
+    click.echo(f"wrote {out}")

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, replace
 from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
 
+POS_HALVES = ("row-col", "col-row")
+
 
 @dataclass(frozen=True)
 class BrickConfig:
@@ -23,6 +25,9 @@ class BrickConfig:
     width: int  # hidden size of the tokens
     heads: int  # attention heads
     mlp_ratio: float = 4.0
+    # Order of the two halves of the 2-D sin-cos position embedding: "row-col" embeds the token's
+    # row first (this project's models), "col-row" its column first (the LEGO authors' network).
+    pos_halves: str = "row-col"
 
     @property
     def grid(self) -> int:
@@ -38,6 +43,8 @@ class BrickConfig:
             raise LegoError(f"brick width {self.width} must be a multiple of 4 (2-D sin-cos position embedding)")
         if min(self.size, self.patch, self.depth, self.width, self.heads) < 1:
             raise LegoError(f"brick {self} has a non-positive field")
+        if self.pos_halves not in POS_HALVES:
+            raise LegoError(f"brick pos_halves must be one of {', '.join(POS_HALVES)}, got {self.pos_halves!r}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class LegoConfig:
     cond_dim: int = 128  # size of the shared conditioning vector c
     edm: EDMConfig = EDMConfig()
     label_dropout: float = 0.1  # training: share of null labels, which classifier-free guidance needs
+    # The label embedding is a Linear over the one-hot; with a bias (the LEGO authors' network) the
+    # null label, an all-zero one-hot, embeds to that bias instead of to zero.
+    label_bias: bool = False
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -62,6 +72,8 @@ class LegoConfig:
         for b in bricks:
             b.validate()
         self.edm.validate()
+        if not isinstance(self.label_bias, bool):
+            raise LegoError(f"label_bias must be true or false, got {self.label_bias!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise LegoError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.img_resolution % self.canvas_multiple:
@@ -166,21 +178,65 @@ _GEOMETRY: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int
 _ALIASES = {"tiny": "pg-tiny", "s": "pg-s", "pg": "pg-s", "pr": "pr-s", "u": "u-s", "dit": "dit-s"}
 
 
+# The LEGO authors' model table (the architectures their training script accepts), as
+# "<stack>-paper-<s|l|xl>-<32|64>" with aliases spelled like their names ("lego_L_PG_64"). Brick
+# sizes follow the training resolution R: PG 4 / 16 / R, PR R / 16 / 4, U R / 16 / 4 / 16 / R, with
+# patches 2 / 8 / 2 (U: 2 / 8 / 2 / 8 / 2). These presets also take the authors' network conventions
+# (label embedding with a bias, column-first position halves), so a model trained from one has the
+# layout of an imported checkpoint of that architecture.
+_AUTHORS_DEPTHS: dict[tuple[str, str, int], tuple[int, ...]] = {
+    ("pg", "s", 64): (2, 4, 6),
+    ("pr", "s", 64): (6, 4, 2),
+    ("u", "s", 32): (6, 4, 2, 4, 6),
+    ("u", "s", 64): (6, 4, 2, 4, 6),
+    ("pg", "l", 32): (4, 8, 12),
+    ("pr", "l", 32): (12, 8, 4),
+    ("pg", "l", 64): (6, 8, 12),
+    ("pr", "l", 64): (12, 8, 6),
+    ("u", "l", 32): (12, 8, 6, 8, 12),
+    ("u", "l", 64): (12, 8, 6, 8, 12),
+    ("pg", "xl", 32): (4, 12, 14),
+    ("pr", "xl", 32): (14, 12, 4),
+    ("pg", "xl", 64): (4, 12, 14),
+    ("pr", "xl", 64): (14, 12, 4),
+    ("u", "xl", 32): (14, 10, 4, 10, 14),
+    ("u", "xl", 64): (14, 12, 4, 12, 14),
+}
+
+
+def _authors_geometry(stack: str, resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Brick sizes and patches of one of the authors' stacks at a training resolution."""
+    if stack == "pg":
+        return (4, 16, resolution), (2, 8, 2)
+    if stack == "pr":
+        return (resolution, 16, 4), (2, 8, 2)
+    return (resolution, 16, 4, 16, resolution), (2, 8, 2, 8, 2)
+
+
+def _preset(name: str, width: _Width, sizes, patches, depths, resolution: int, authors: bool = False) -> LegoConfig:
+    halves = "col-row" if authors else "row-col"
+    bricks = tuple(
+        BrickConfig(size=r, patch=p, depth=d, width=width.width, heads=width.heads, pos_halves=halves)
+        for r, p, d in zip(sizes, patches, depths, strict=True)
+    )
+    return LegoConfig(bricks=bricks, img_resolution=resolution, cond_dim=width.cond_dim, label_bias=authors, name=name)
+
+
 def _build_presets() -> dict[str, LegoConfig]:
     presets = {}
     for stack, sizes in _GEOMETRY.items():
         for size, (brick_sizes, patches, depths, resolution) in sizes.items():
-            w = _WIDTHS[size]
-            bricks = tuple(
-                BrickConfig(size=r, patch=p, depth=d, width=w.width, heads=w.heads)
-                for r, p, d in zip(brick_sizes, patches, depths, strict=True)
-            )
             name = f"{stack}-{size}"
-            presets[name] = LegoConfig(bricks=bricks, img_resolution=resolution, cond_dim=w.cond_dim, name=name)
+            presets[name] = _preset(name, _WIDTHS[size], brick_sizes, patches, depths, resolution)
+    for (stack, size, resolution), depths in _AUTHORS_DEPTHS.items():
+        name = f"{stack}-paper-{size}-{resolution}"
+        sizes, patches = _authors_geometry(stack, resolution)
+        presets[name] = _preset(name, _WIDTHS[f"paper-{size}"], sizes, patches, depths, resolution, authors=True)
     return presets
 
 
 PRESETS: dict[str, LegoConfig] = _build_presets()
+_ALIASES.update({f"lego_{size}_{stack}_{res}": f"{stack}-paper-{size}-{res}" for stack, size, res in _AUTHORS_DEPTHS})
 
 
 def preset_names() -> list[str]:

@@ -5,6 +5,7 @@ them, and the runtime's brick calls use them. "N" is the only dynamic dimension.
 
     embedder:  c_noise (N,), class_onehot (N, K) [conditional models only]  ->  cond (N, D)
     brick k:   tiles (N, C_in_k, r_k, r_k), cond (N, D)                       ->  out (N, C, r_k, r_k)
+    decoder:   latents (N, C, H, W) [latent models only]                      ->  images (N, 3, f H, f W)
 
 C_in_k is [previous brick's output (C, k > 0), c_in x (C), x and y coordinates (2)], in that order.
 """
@@ -16,6 +17,7 @@ from lego_export.manifest import TensorSpec
 
 C_NOISE, CLASS_ONEHOT, COND = "c_noise", "class_onehot", "cond"
 TILES, OUT = "tiles", "out"
+LATENTS, IMAGES = "latents", "images"
 
 
 def embedder_tensors(cfg: LegoConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -34,3 +36,17 @@ def brick_tensors(cfg: LegoConfig, k: int) -> tuple[list[TensorSpec], list[Tenso
         TensorSpec(COND, "float32", ["N", cfg.cond_dim]),
     ]
     return inputs, [TensorSpec(OUT, "float32", ["N", cfg.img_channels, r, r])]
+
+
+def decoder_tensors(
+    latent_channels: int, image_channels: int, factor: int
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of a latent model's decoder: any batch and latent size, images factor x larger."""
+    inputs = [TensorSpec(LATENTS, "float32", ["N", latent_channels, "H", "W"])]
+    return inputs, [TensorSpec(IMAGES, "float32", ["N", image_channels, f"{factor}H", f"{factor}W"])]
+
+
+def resolve_shape(shape: list[int | str], n: int, height: int = 0, width: int = 0) -> tuple[int, ...]:
+    """A contract shape with its symbolic dimensions ("N", "H", "8W", ...) replaced by sizes."""
+    sizes = {"N": n, "H": height, "W": width}
+    return tuple(d if isinstance(d, int) else int(d[:-1] or 1) * sizes[d[-1]] for d in shape)

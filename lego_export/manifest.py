@@ -34,7 +34,7 @@ FORMATS = ("onnx", "onnx-ort", "tensorrt")
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
-    shape: list[int | str]  # "N" marks the dynamic batch dimension
+    shape: list[int | str]  # "N" marks the dynamic batch; "H", "W" (or "8H", ...) a decoder's latent size
 
 
 @dataclass
@@ -64,12 +64,22 @@ class EngineSpec:
 
 
 @dataclass
+class LatentSpace:
+    """The model samples latents; the "decoder" engine turns them into images: x = decode(z / scale)."""
+
+    scale: float  # latents are the autoencoder's, times this (0.18215 for the Stable Diffusion VAE)
+    factor: int  # image side / latent side
+    image_channels: int
+
+
+@dataclass
 class Manifest:
     model: LegoConfig  # bricks in order (size, patch, depth, width, heads), channels, classes, EDM constants
     source: dict  # checkpoint file name and sha256
     toolchain: dict  # exporter, opset and library versions
     engines: list[EngineSpec]
     schema_version: int = SCHEMA_VERSION
+    latent: LatentSpace | None = None  # set when the model works in an autoencoder's latent space
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +92,10 @@ class Manifest:
     @property
     def embedder(self) -> EngineSpec:
         return next(e for e in self.engines if e.role == "embedder")
+
+    @property
+    def decoder(self) -> EngineSpec | None:
+        return next((e for e in self.engines if e.role == "decoder"), None)
 
     def engine(self, name: str) -> EngineSpec:
         for e in self.engines:
@@ -173,7 +187,8 @@ MAX_BATCH = 1 << 24  # tiles per engine call
 MAX_DIM = 1 << 16
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")  # no separators, no "..", not hidden
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines"}
+_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines", "latent"}
+_SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]{0,2})?[HW]$")  # a decoder's latent height/width, times a factor
 
 
 def _no_constant(name: str):
@@ -230,7 +245,8 @@ def _tensor(value, where: str) -> TensorSpec:
     if not isinstance(shape, list) or not shape or shape[0] != "N":
         raise LegoError(f'{where}.shape: expected a list starting with the dynamic dimension "N"')
     for i, d in enumerate(shape[1:], 1):
-        _int(d, f"{where}.shape[{i}]", 1, MAX_DIM)
+        if not (isinstance(d, str) and _SYMBOLIC_DIM.match(d)):
+            _int(d, f"{where}.shape[{i}]", 1, MAX_DIM)
     return TensorSpec(
         _str(t["name"], f"{where}.name", _PLAIN_NAME), _str(t["dtype"], f"{where}.dtype", None, ("float32",)), shape
     )
@@ -261,10 +277,10 @@ def _file(value, where: str) -> EngineFile:
 
 def _engine(value, where: str, num_bricks: int) -> EngineSpec:
     e = _obj(value, where, {"name", "role", "index", "inputs", "outputs", "batch", "files"})
-    role = _str(e["role"], f"{where}.role", None, ("embedder", "brick"))
-    index = None if role == "embedder" else _int(e["index"], f"{where}.index", 0, max(num_bricks - 1, 0))
-    if role == "embedder" and e["index"] is not None:
-        raise LegoError(f"{where}.index: the embedder has no brick index")
+    role = _str(e["role"], f"{where}.role", None, ("embedder", "brick", "decoder"))
+    index = None if role != "brick" else _int(e["index"], f"{where}.index", 0, max(num_bricks - 1, 0))
+    if role != "brick" and e["index"] is not None:
+        raise LegoError(f"{where}.index: only bricks have an index")
     batch = _obj(e["batch"], f"{where}.batch", {"min", "opt", "max"})
     lo, opt, hi = (_int(batch[k], f"{where}.batch.{k}", 1, MAX_BATCH) for k in ("min", "opt", "max"))
     if not lo <= opt <= hi:
@@ -292,7 +308,7 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     """A Manifest from its JSON form, every field checked; one-line LegoError naming the first bad one."""
     from lego_export import contract  # contract builds on TensorSpec above
 
-    d = _obj(data, where, _TOP_FIELDS)
+    d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent"})
     _int(d["schema_version"], f"{where}: schema_version", SCHEMA_VERSION, SCHEMA_VERSION)
     model = _obj(d["model"], f"{where}: model")
     _finite_tree(model, f"{where}: model")
@@ -309,14 +325,28 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
         raise LegoError(f"{where}: engines: expected a list")
     engines = [_engine(e, f"{where}: engines[{i}]", len(cfg.bricks)) for i, e in enumerate(d["engines"])]
 
-    # The engines must be the model's: one embedder and each brick once, with the contract's tensors.
+    latent = None
+    if d.get("latent") is not None:
+        spec = _obj(d["latent"], f"{where}: latent", {"scale", "factor", "image_channels"})
+        scale = spec["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+            raise LegoError(f"{where}: latent.scale: expected a finite positive number, got {scale!r}")
+        factor = _int(spec["factor"], f"{where}: latent.factor", 1, 64)
+        latent = LatentSpace(
+            float(scale), factor, _int(spec["image_channels"], f"{where}: latent.image_channels", 1, 4)
+        )
+
+    # The engines must be the model's: one embedder, each brick once and a decoder exactly when the
+    # model is latent, with the contract's tensors.
     expected = {"embedder": contract.embedder_tensors(cfg)}
     expected.update({f"brick{k}": contract.brick_tensors(cfg, k) for k in range(len(cfg.bricks))})
+    if latent is not None:
+        expected["decoder"] = contract.decoder_tensors(cfg.img_channels, latent.image_channels, latent.factor)
     names = [e.name for e in engines]
     if sorted(names) != sorted(expected):
         raise LegoError(f"{where}: engines: expected {', '.join(expected)}, found {', '.join(names) or 'none'}")
     for e in engines:
-        role, index = ("embedder", None) if e.name == "embedder" else ("brick", int(e.name[5:]))
+        role, index = (e.name, None) if e.name in ("embedder", "decoder") else ("brick", int(e.name[5:]))
         if (e.role, e.index) != (role, index) or (e.inputs, e.outputs) != tuple(list(t) for t in expected[e.name]):
             raise LegoError(
                 f"{where}: engines.{e.name}: role, index or tensors differ from the model's engine contract"
@@ -324,4 +354,4 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     paths = [f.path for e in engines for f in e.files.values()]
     if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
         raise LegoError(f"{where}: engines: two entries name the same file")
-    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION)
+    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent)

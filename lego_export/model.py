@@ -26,8 +26,12 @@ def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Te
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def sincos_position_embedding(width: int, grid: int) -> Tensor:
-    """(grid*grid, width) fixed 2-D sin-cos embedding of the token grid inside one tile."""
+def sincos_position_embedding(width: int, grid: int, halves: str = "row-col") -> Tensor:
+    """(grid*grid, width) fixed 2-D sin-cos embedding of the token grid inside one tile.
+
+    Each half embeds one axis of the token's position; halves says which comes first ("row-col",
+    or "col-row" as in the LEGO authors' network, see BrickConfig.pos_halves).
+    """
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     pos = torch.arange(grid, dtype=torch.float64)
@@ -37,7 +41,8 @@ def sincos_position_embedding(width: int, grid: int) -> Tensor:
         angles = p.reshape(-1, 1) * omega[None]
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
-    return torch.cat([embed(yy), embed(xx)], dim=1).float()
+    first, second = (yy, xx) if halves == "row-col" else (xx, yy)
+    return torch.cat([embed(first), embed(second)], dim=1).float()
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -46,18 +51,24 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class ConditionEmbedder(nn.Module):
-    """c = MLP(sinusoidal(c_noise)) + W @ onehot(label); an all-zero one-hot is the null label."""
+    """c = MLP(sinusoidal(c_noise)) + W @ onehot(label) [+ b]; an all-zero one-hot is the null label.
 
-    def __init__(self, cond_dim: int, num_classes: int, freq_dim: int = 256):
+    label_bias adds b (the LEGO authors' layout): the null label then embeds to b, and so does a
+    missing one-hot, which means the null label everywhere.
+    """
+
+    def __init__(self, cond_dim: int, num_classes: int, freq_dim: int = 256, label_bias: bool = False):
         super().__init__()
         self.freq_dim = freq_dim
         self.noise_mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-        self.label_embed = nn.Linear(num_classes, cond_dim, bias=False) if num_classes else None
+        self.label_embed = nn.Linear(num_classes, cond_dim, bias=label_bias) if num_classes else None
 
     def forward(self, c_noise: Tensor, class_onehot: Tensor | None = None) -> Tensor:
         c = self.noise_mlp(sinusoidal_embedding(c_noise, self.freq_dim))
         if self.label_embed is not None and class_onehot is not None:
             c = c + self.label_embed(class_onehot.to(c.dtype))
+        elif self.label_embed is not None and self.label_embed.bias is not None:
+            c = c + self.label_embed.bias
         return c
 
 
@@ -121,7 +132,8 @@ class Brick(nn.Module):
         self.cfg = cfg
         self.out_channels = out_channels
         self.patch_embed = nn.Conv2d(in_channels, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
-        self.register_buffer("pos_embed", sincos_position_embedding(cfg.width, cfg.grid), persistent=False)
+        pos_embed = sincos_position_embedding(cfg.width, cfg.grid, cfg.pos_halves)
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cond_dim) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.width, cfg.patch, out_channels, cond_dim)
 
@@ -145,7 +157,7 @@ class LegoModel(nn.Module):
     def __init__(self, cfg: LegoConfig):
         super().__init__()
         self.cfg = cfg
-        self.embedder = ConditionEmbedder(cfg.cond_dim, cfg.num_classes)
+        self.embedder = ConditionEmbedder(cfg.cond_dim, cfg.num_classes, label_bias=cfg.label_bias)
         self.bricks = nn.ModuleList(
             Brick(b, cfg.brick_in_channels(k), cfg.img_channels, cfg.cond_dim) for k, b in enumerate(cfg.bricks)
         )
