@@ -79,6 +79,18 @@ class _Progress:
 @click.option("--no-fuse", is_flag=True, help="Do not write the ONNX Runtime-fused brick graphs (*.ort.onnx).")
 @click.option("--version-compatible", is_flag=True, help="TensorRT: plans that load in later TensorRT versions.")
 @click.option("--hardware-compatible", is_flag=True, help="TensorRT: plans that run on any Ampere-or-newer GPU.")
+@click.option(
+    "--vae",
+    type=click.Path(file_okay=False),
+    help="Latent models: a local diffusers AutoencoderKL folder (e.g. the Stable Diffusion VAE); its "
+    "decoder becomes the 'decoder' engine that lego-run turns latents into images with.",
+)
+@click.option(
+    "--latent-scale",
+    type=float,
+    default=None,
+    help="With --vae: latents = VAE latents x this [default: the VAE config's scaling_factor, 0.18215 for SD].",
+)
 @click.option("--force", is_flag=True, help="Replace engines of another checkpoint in --out.")
 @one_line_errors()
 def build(
@@ -94,6 +106,8 @@ def build(
     no_fuse,
     version_compatible,
     hardware_compatible,
+    vae,
+    latent_scale,
     force,
 ) -> None:
     """Export every brick and the embedder, verify them against PyTorch, write manifest.json."""
@@ -122,9 +136,11 @@ def build(
         verify=not no_verify,
         fuse=not no_fuse,
         force=force,
+        vae=vae,
+        latent_scale=latent_scale,
     )
     start = time.perf_counter()
-    progress = _Progress(total=1 + _brick_count(ckpt))
+    progress = _Progress(total=1 + _brick_count(ckpt) + (vae is not None))
     try:
         manifest = run_build(opts, progress)
     finally:
@@ -171,6 +187,12 @@ def _manifest_table(manifest, folder: Path) -> str:
         f"source {manifest.source['checkpoint']} sha256 {manifest.source['sha256'][:12]}; "
         f"opset {manifest.toolchain.get('opset')}"
     )
+    if manifest.latent is not None:
+        lat = manifest.latent
+        head += (
+            f"\nlatent model: the decoder engine turns latents (scale {lat.scale:g}) into {lat.image_channels}-channel "
+            f"images {lat.factor}x the latent size"
+        )
     return head + "\n" + "\n".join(lines)
 
 

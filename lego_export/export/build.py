@@ -27,6 +27,8 @@ from lego_export.manifest import MANIFEST_FILE, EngineFile, EngineSpec, Manifest
 from lego_export.model import LegoModel
 from lego_export.runtime.backends import OnnxRuntimeRunner  # the public runner, for verification only
 
+RECORDED_IMAGES = 8
+
 
 @dataclass
 class BuildOptions:
@@ -40,6 +42,8 @@ class BuildOptions:
     verify: bool = True
     fuse: bool = True  # also write the ONNX Runtime-fused brick graphs
     force: bool = False
+    vae: str | None = None  # latent models: a diffusers AutoencoderKL folder, exported as the decoder engine
+    latent_scale: float | None = None  # default: the VAE config's scaling_factor
 
 
 @dataclass
@@ -168,8 +172,17 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     out = Path(opts.out)
     check_output_folder(out, ckpt_sha, opts.force)  # before any work; again under the lock below
 
+    vae = latent_space = None
+    if opts.vae is not None:
+        from lego_export.export.vae import load_vae
+
+        vae, latent_space = load_vae(opts.vae, opts.latent_scale, model.cfg.img_channels)
+    elif opts.latent_scale is not None:
+        raise LegoError("--latent-scale goes with --vae")
+
     precision = "fp16" if opts.fp16 else "fp32"
-    recorded = record_engine_inputs(model, opts.max_batch) if opts.verify else {}
+    # A few canvases give every brick thousands of real tiles; larger N are drawn from them.
+    recorded = record_engine_inputs(model, min(opts.max_batch, RECORDED_IMAGES)) if opts.verify else {}
     with folder_lock(out, "lego-export build"), staging_dir(out / "build") as staging:
         old = check_output_folder(out, ckpt_sha, opts.force)
         jobs = engine_jobs(model, opts.max_batch, opts.opt_batch)
@@ -200,11 +213,16 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                 spec.files[fmt] = record_file(staging, name, prec, verification)
             spec.files["onnx"].build["export_seconds"] = round(time.perf_counter() - start, 2)
 
+        engines, latent = [job.spec for job in jobs], None
+        if vae is not None:
+            decoder, latent = _export_decoder(vae, latent_space, model.cfg, staging, opts, progress)
+            engines.append(decoder)
         manifest = Manifest(
             model=model.cfg,
             source={"checkpoint": ckpt.name, "sha256": ckpt_sha},
             toolchain=toolchain(opts.opset),
-            engines=[job.spec for job in jobs],
+            engines=engines,
+            latent=latent,
         )
         trt_error = None
         if opts.target == "tensorrt":
@@ -218,6 +236,28 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     if trt_error is not None:
         raise LegoError(f"{trt_error} (the ONNX engines and manifest were written to {out})")
     return manifest
+
+
+def _export_decoder(vae, latent, cfg, staging: Path, opts: BuildOptions, progress) -> tuple[EngineSpec, object]:
+    """The latent model's decoder engine, exported and verified against diffusers."""
+    from lego_export.export import vae as vae_export
+
+    spec = vae_export.decoder_spec(cfg.img_channels, latent, opts.max_batch, opts.opt_batch)
+    graph = vae_export.DecoderGraph(vae, latent.scale)
+    progress("decoder: export")
+    vae_export.export_decoder(graph, spec, cfg.img_resolution, staging / "decoder.onnx", opts.opset)
+    verification = None
+    if opts.verify:
+        progress("decoder: verify decoder.onnx")
+        runner = OnnxRuntimeRunner(staging / "decoder.onnx")
+        verification = vae_export.measure_decoder_error(graph, runner, spec, cfg.img_resolution)
+        if not verification["passed"]:
+            raise LegoError(
+                f"decoder.onnx: error {verification['relative_error']:.2e} of the output scale exceeds the "
+                f"tolerance {verification['tolerance']:.0e}; nothing was written to {opts.out}"
+            )
+    spec.files["onnx"] = record_file(staging, "decoder.onnx", "fp32", verification)
+    return spec, latent
 
 
 def _export_portable(job: EngineJob, path: Path, opts: BuildOptions) -> None:

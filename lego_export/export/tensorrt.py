@@ -120,6 +120,8 @@ def add_plans(
     trt, capability = tensorrt_environment()
     cache = timing_cache_path(trt.__version__, capability)
     for spec in manifest.engines:
+        if spec.role == "decoder":  # dynamic latent size: stays on ONNX Runtime
+            continue
         source = spec.files["onnx"]
         plan_name = Path(source.path).with_suffix(".plan").name
         progress(f"{spec.name}: TensorRT plan")

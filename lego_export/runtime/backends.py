@@ -132,12 +132,22 @@ class OnnxRuntimeBackend:
         return OnnxRuntimeRunner(model, self.providers, self.threads, spec.outputs, name=file.path)
 
 
+def host_runner(folder: Path, manifest: Manifest, spec: EngineSpec) -> Runner:
+    """An ONNX Runtime runner on NumPy arrays for an engine a backend does not run itself (a latent
+    model's decoder under the torch and TensorRT backends); CUDA provider when onnxruntime-gpu has it."""
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    file = spec.files["onnx"]
+    return OnnxRuntimeRunner(manifest.read_engine_file(folder, file), providers, name=file.path)
+
+
 class TorchBackend:
     """The PyTorch reference: the checkpoint's own modules, on CPU or CUDA."""
 
     name = "torch"
 
-    def __init__(self, manifest: Manifest, ckpt: str | Path, device: str = "cpu"):
+    def __init__(self, folder: Path, manifest: Manifest, ckpt: str | Path, device: str = "cpu"):
         import torch
 
         from lego_export.checkpoint import load_model
@@ -150,10 +160,13 @@ class TorchBackend:
         if device == "cuda" and not torch.cuda.is_available():
             raise LegoError("--backend torch on cuda asked for, but PyTorch sees no CUDA GPU")
         self.torch, self.device = torch, device
+        self.folder, self.manifest = folder, manifest
         self.model = load_model(ckpt, device)
         self.arrays = TorchArrays(device)
 
     def runner(self, spec: EngineSpec) -> Runner:
+        if spec.role == "decoder":
+            return host_runner(self.folder, self.manifest, spec)
         module = self.model.embedder if spec.role == "embedder" else self.model.bricks[spec.index]
         return _TorchRunner(module, spec, self.torch)
 
@@ -199,6 +212,8 @@ class TensorRTBackend:
         self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda")
 
     def runner(self, spec: EngineSpec) -> Runner:
+        if spec.role == "decoder":
+            return host_runner(self.folder, self.manifest, spec)
         engine = self.engines[spec.name]
         context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())  # shared: one engine at a time
@@ -210,6 +225,8 @@ def load_plans(folder: Path, manifest: Manifest, deserialize, check_compatible) 
     very bytes deserialized."""
     engines = {}
     for spec in manifest.engines:
+        if spec.role == "decoder":  # a latent decoder runs on ONNX Runtime (see TensorRTBackend.runner)
+            continue
         if "tensorrt" not in spec.files:
             raise LegoError(
                 f"{spec.name} has no TensorRT plan; build one with: "
@@ -301,7 +318,7 @@ def make_backend(
             raise LegoError("--backend torch needs --ckpt CHECKPOINT (the reference runs the PyTorch model)")
         if importlib.util.find_spec("torch") is None:
             raise LegoError("--backend torch needs PyTorch, which is not installed")
-        return TorchBackend(manifest, ckpt, device)
+        return TorchBackend(folder, manifest, ckpt, device)
     if name == "tensorrt":
         return TensorRTBackend(folder, manifest, cuda_graphs)
     if importlib.util.find_spec("onnxruntime") is None:

@@ -189,6 +189,11 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
 @click.option("--out", default="grid.png", show_default=True, help="PNG grid of all images.")
 @click.option("--out-dir", default=None, help="Also write one PNG per image here.")
 @click.option("--save-npz", default=None, help="Also write images (float32 N x C x H x W in [-1, 1]) and labels.")
+@click.option(
+    "--save-latents",
+    default=None,
+    help="Latent models: also write the raw latents (float32 N x C x h x w, before the decoder) as .npz.",
+)
 @click.option("--columns", default=8, show_default=True, help="Grid columns.")
 @click.option(
     "--tile-shift/--no-tile-shift",
@@ -230,6 +235,7 @@ def main(
     out,
     out_dir,
     save_npz,
+    save_latents,
     columns,
     tile_shift,
     plan_only,
@@ -251,9 +257,10 @@ def main(
         raise LegoError(f"--columns must be at least 1, got {columns}")
     if not 0 <= threads <= MAX_THREADS:
         raise LegoError(f"--threads must be from 0 (all cores) to {MAX_THREADS}, got {threads}")
-    save_npz = npz_path(save_npz)
+    save_npz, save_latents = npz_path(save_npz), npz_path(save_latents)
     if not plan_only:
         check_outputs(out, out_dir, save_npz, timing_json)
+        check_output(save_latents, "--save-latents")
     skip = "late" if skip_late_bricks else skip_policy
     hw = parse_resolution(resolution)
     if plan_only:
@@ -295,6 +302,8 @@ def main(
             progress=lambda _i: bar.update(1),
             churn=churn,
         )
+    if save_latents and result.latents is None:
+        raise LegoError("--save-latents: this model samples images directly (no latent space in its manifest)")
     images, labels = _gather(result, indices, rank, world)
     if world > 1:
         import torch.distributed as dist
@@ -304,6 +313,12 @@ def main(
         return
     written: list[str] = []
     try:
+        if save_latents:
+            if world > 1:
+                raise LegoError("--save-latents is not supported under torchrun yet; run one process")
+            with atomic_write(save_latents) as f:
+                np.savez(f, latents=result.latents)
+            written.append(save_latents)
         write_outputs(images, labels, out, out_dir, save_npz, columns, written)
         if timing_json:
             with atomic_write(timing_json) as f:

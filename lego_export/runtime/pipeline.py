@@ -145,10 +145,11 @@ class Timing:
 
 @dataclass
 class SampleResult:
-    images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
+    images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]; decoded images for a latent model
     labels: np.ndarray | None  # (N,) class per image; None for an unconditional model
     plan: list[StepPlan]
     timing: Timing
+    latents: np.ndarray | None = None  # a latent model's raw samples, before the decoder
 
 
 class _Timed:
@@ -200,11 +201,13 @@ class LegoPipeline:
             return
         timing_ref = lambda: self._timing  # noqa: E731 - runners report into the current call's Timing
 
-        def timed(spec):
-            return _Timed(spec.name, backend.runner(spec), spec.batch["max"], timing_ref, self.arrays)
+        def timed(spec, arrays=self.arrays):
+            return _Timed(spec.name, backend.runner(spec), spec.batch["max"], timing_ref, arrays)
 
         self.embedder = timed(manifest.embedder)
         self.bricks = [timed(s) for s in manifest.bricks]
+        # The decoder runs once per sample on host arrays (its runner takes NumPy on every backend).
+        self.decoder = timed(manifest.decoder, NumpyArrays()) if manifest.decoder is not None else None
 
     @classmethod
     def from_engines(
@@ -353,7 +356,19 @@ class LegoPipeline:
         out = np.concatenate(images)
         if not np.isfinite(out).all():
             raise LegoError(self._first_non_finite())
-        return SampleResult(np.clip(out, -1, 1).astype(np.float32), labels, plan, timing)
+        latents = None
+        if self.decoder is not None:
+            latents, out = out, self.decode(out)
+            timing.total_s = time.perf_counter() - start
+        return SampleResult(np.clip(out, -1, 1).astype(np.float32), labels, plan, timing, latents)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """A latent model's samples (N, C, h, w) to images (N, 3, f h, f w), on the host, in chunks of
+        the decoder's N range."""
+        images = self.decoder.infer({contract.LATENTS: np.ascontiguousarray(latents)}, contract.IMAGES)
+        if not np.isfinite(images).all():
+            raise LegoError("the decoder returned NaN or infinity: check the decoder engine (lego-export verify)")
+        return images
 
     def _first_non_finite(self) -> str:
         """Where NaN or infinity first appeared: an engine's output at some step, or the sampler."""

@@ -1,0 +1,117 @@
+"""The decoder engine of a latent model: a diffusers AutoencoderKL's decoder, exported to ONNX.
+
+The LEGO model samples latents z (the autoencoder's latents times a scale, 0.18215 for the Stable
+Diffusion VAE); the decoder engine maps them to images: x = decode(z / scale), in [-1, 1]. Unlike
+the bricks it is one graph over the whole latent canvas, with dynamic batch and latent size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lego_export import contract
+from lego_export.errors import LegoError
+from lego_export.manifest import EngineSpec, LatentSpace
+
+# Latent sizes the decoder is verified at: square and not, small and at the model's resolution.
+VERIFY_SIZES = ((1, 1), (1, 1.5), (2, 2))
+
+
+class DecoderGraph(nn.Module):
+    """latents (N, C, H, W), scaled as the model samples them -> images (N, 3, f H, f W) in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module, scale: float):
+        super().__init__()
+        self.vae, self.scale = vae, scale
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents / self.scale).sample
+
+
+def load_vae(folder: str | Path, latent_scale: float | None, latent_channels: int) -> tuple[nn.Module, LatentSpace]:
+    """A local diffusers AutoencoderKL folder (config.json + weights) and the latent space it defines.
+
+    Nothing is downloaded; the scale comes from --latent-scale or the folder's config (scaling_factor).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise LegoError(f"--vae {folder}: not a diffusers model folder (no config.json)")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise LegoError("--vae needs the diffusers package: pip install 'lego-export[latent]'") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=None)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise LegoError(f"--vae {folder}: cannot load an AutoencoderKL ({str(e).splitlines()[0]})") from None
+    vae = vae.float().eval()
+    if vae.config.latent_channels != latent_channels:
+        raise LegoError(
+            f"--vae {folder} has {vae.config.latent_channels} latent channels; the model samples {latent_channels}"
+        )
+    scale = latent_scale if latent_scale is not None else float(getattr(vae.config, "scaling_factor", 0) or 0)
+    if not scale > 0:
+        raise LegoError(f"--vae {folder}: no scaling_factor in its config; give --latent-scale (SD VAE: 0.18215)")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae, LatentSpace(scale, factor, int(vae.config.out_channels))
+
+
+def decoder_spec(latent_channels: int, latent: LatentSpace, max_batch: int, opt_batch: int) -> EngineSpec:
+    inputs, outputs = contract.decoder_tensors(latent_channels, latent.image_channels, latent.factor)
+    batch = {"min": 1, "opt": min(opt_batch, max_batch), "max": max_batch}
+    return EngineSpec("decoder", "decoder", None, inputs, outputs, batch, {})
+
+
+def export_decoder(graph: DecoderGraph, spec: EngineSpec, resolution: int, path: Path, opset: int) -> None:
+    """Trace with dynamic batch and latent size (the TorchScript exporter; checked at several shapes)."""
+    from lego_export.export.onnx import quiet_exporter
+
+    example = torch.randn(2, spec.inputs[0].shape[1], resolution, resolution)
+    axes = {contract.LATENTS: {0: "N", 2: "H", 3: "W"}, contract.IMAGES: {0: "N", 2: "fH", 3: "fW"}}
+    with quiet_exporter(), torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=[contract.LATENTS],
+            output_names=[contract.IMAGES],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+@torch.no_grad()
+def measure_decoder_error(graph: DecoderGraph, runner, spec: EngineSpec, resolution: int, seed: int = 0) -> dict:
+    """Engine against diffusers on unit-variance latents (scaled latents are about unit variance), at
+    N = 1 and 3 and several latent sizes, non-square included; any non-finite output fails."""
+    from lego_export.export.verify import TOLERANCE
+
+    gen = torch.Generator().manual_seed(seed)
+    worst_abs = worst_rel = 0.0
+    shapes = []
+    for n, (fh, fw) in zip((1, 3, 1), VERIFY_SIZES, strict=True):
+        h, w = max(1, int(resolution * fh)), max(1, int(resolution * fw))
+        latents = torch.randn(n, spec.inputs[0].shape[1], h, w, generator=gen)
+        reference = graph(latents).numpy()
+        output = runner.infer({contract.LATENTS: latents.numpy()})[contract.IMAGES]
+        shapes.append([n, h, w])
+        if output.shape != reference.shape or not np.isfinite(output).all():
+            worst_abs = worst_rel = float("inf")
+            break
+        error = float(np.abs(output.astype(np.float64) - reference).max())
+        worst_abs = max(worst_abs, error)
+        worst_rel = max(worst_rel, error / max(float(np.abs(reference).max()), 1e-6))
+    return {
+        "backend": "onnxruntime-cpu",
+        "inputs": "unit Gaussian latents, N x H x W = " + ", ".join("x".join(map(str, s)) for s in shapes),
+        "batches": [1, 3],
+        "max_abs_error": worst_abs,
+        "relative_error": worst_rel,
+        "tolerance": TOLERANCE["fp32"],
+        "passed": worst_rel <= TOLERANCE["fp32"],
+    }
