@@ -42,6 +42,7 @@ def denoise(
     guidance: float = 1.0,
     coords=None,
     return_all: bool = False,
+    reuse: dict | None = None,
     arrays=None,
 ):
     """D(x; sigma) for x (B, C, H, W) from the first num_bricks bricks (default all).
@@ -52,6 +53,10 @@ def denoise(
     as one batch through the same bricks and returns uncond + guidance (cond - uncond).
     coords (B, 2, H, W) replaces the whole canvas's coordinate channels (training windows).
     return_all gives [D_1, ..., D_k] instead of D_k.
+    reuse (residual reuse): a dict the caller keeps across the evaluations of one sample. A full-chain
+    evaluation stores, for each shorter prefix j, what the remaining bricks added to the raw output
+    (F_K - F_j); an evaluation that stops after j bricks adds back the most recent such correction
+    instead of dropping it.
     """
     a = arrays or arrays_for(x)
     b, _, h, w = x.shape
@@ -88,10 +93,17 @@ def denoise(
         tiles = tile(inp, size)
         feature = untile(brick(tiles, a.repeat(cond, tiles.shape[0] // n)), n, h, w)
         features.append(feature)
-    if not return_all:
+    full_chain = k == len(brick_sizes)
+    if not return_all and not (reuse is not None and full_chain):
         features = features[-1:]
     if shift != (0, 0):
         features = [a.roll(f, (-shift[0], -shift[1]), (2, 3)) for f in features]
+    if reuse is not None:  # corrections live on the unrolled canvas: tile-grid shifts differ per step
+        if full_chain:
+            reuse.update({j + 1: features[-1] - f for j, f in enumerate(features[:-1])})
+            features = features if return_all else features[-1:]
+        elif k in reuse:
+            features[-1] = features[-1] + reuse[k]
 
     estimates = [c_skip * x + c_out * a.cast_like(f, x) for f in features]
     if guided:

@@ -105,3 +105,20 @@ def test_bad_prefix_and_canvas_are_refused():
         model(x, 1.0, num_bricks=4)
     with pytest.raises(LegoError, match="not a multiple"):
         model(torch.zeros(1, 1, 16, 20), 1.0)
+
+
+@torch.no_grad()
+def test_residual_reuse_restores_the_skipped_correction():
+    """After a full-chain evaluation, a shorter chain on the same input with the stored corrections
+    gives the full chain's estimate; without a stored correction it is plain skipping."""
+    model = make("pg-tiny")
+    x, sigma, onehot = torch.randn(2, 1, 16, 32), 0.8, torch.eye(10)[[1, 6]]
+    kwargs = dict(embed=model.embedder, bricks=model.bricks, brick_sizes=[4, 8, 16], edm=model.cfg.edm, shift=(3, 5))
+    reuse = {}
+    plain = denoise(x, sigma, onehot, num_bricks=2, reuse=reuse, **kwargs)
+    torch.testing.assert_close(plain, denoise(x, sigma, onehot, num_bricks=2, **kwargs))  # nothing stored yet
+    full = denoise(x, sigma, onehot, reuse=reuse, **kwargs)
+    assert set(reuse) == {1, 2}
+    for k in (1, 2):
+        torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=k, reuse=reuse, **kwargs), full)
+    assert (plain - full).abs().max() > 1e-3  # the correction is not nothing

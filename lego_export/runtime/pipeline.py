@@ -29,7 +29,7 @@ import numpy as np
 from lego_export import contract
 from lego_export.arrays import NumpyArrays
 from lego_export.denoiser import denoise
-from lego_export.edm import Churn, churn_noise, initial_noise, sample
+from lego_export.edm import SAMPLERS, Churn, churn_noise, initial_noise, sample
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
@@ -310,13 +310,15 @@ class LegoPipeline:
         indices: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
         churn: Churn | None = None,
+        reuse_residual: bool = False,
     ) -> SampleResult:
         """Generate images. indices (default 0..num-1) pick each image's noise and class, so any
         split of the indices (batches, processes) yields the same images for the same seed.
         churn: EDM's stochastic sampler (see edm.Churn); its fresh noise also depends only on
-        (seed, index, step)."""
-        if sampler not in ("heun", "euler"):
-            raise LegoError(f"unknown sampler {sampler!r}; use heun or euler")
+        (seed, index, step). reuse_residual: where the plan skips bricks, add the correction they
+        made at the most recent full-chain evaluation instead of dropping it (see denoiser.denoise)."""
+        if sampler not in SAMPLERS:
+            raise LegoError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         if not math.isfinite(guidance):
             raise LegoError(f"--cfg must be a finite number, got {guidance}")
         if guidance != 1.0 and not self.num_classes:
@@ -341,13 +343,15 @@ class LegoPipeline:
             noise = self.arrays.from_numpy(noise)
             onehot = None if onehot is None else self.arrays.from_numpy(onehot)
 
-            def denoise(x, sigma, step, onehot=onehot):
-                return self.denoise(x, sigma, plan[step], onehot, guidance)
+            reuse = {} if reuse_residual else None  # one per batch: the corrections of its own images
+
+            def denoise(x, sigma, step, onehot=onehot, reuse=reuse):
+                return self.denoise(x, sigma, plan[step], onehot, guidance, reuse)
 
             def fresh_noise(step, chunk=chunk):
                 return self.arrays.from_numpy(churn_noise(seed, chunk, (self.channels, h, w), step))
 
-            x = sample(denoise, noise, sigmas, sampler == "heun", progress, churn, fresh_noise)
+            x = sample(denoise, noise, sigmas, sampler, progress, churn, fresh_noise)
             images.append(self.arrays.to_numpy(x))
         timing.total_s = time.perf_counter() - start
         timing.steps = steps
@@ -380,7 +384,7 @@ class LegoPipeline:
                 )
         return "the sampler produced NaN or infinity (no engine output was non-finite); check the model's EDM constants"
 
-    def denoise(self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0):
+    def denoise(self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0, reuse=None):
         """D(x; sigma) from the first step.bricks bricks with step.shift; guided when guidance != 1.
 
         x and onehot are arrays of this pipeline's kind (``self.arrays``).
@@ -400,6 +404,7 @@ class LegoPipeline:
             num_bricks=step.bricks,
             shift=step.shift,
             guidance=guidance,
+            reuse=reuse,
             arrays=self.arrays,
         )
 
