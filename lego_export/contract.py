@@ -1,7 +1,8 @@
 """The engine contract: the tensors every engine takes and returns, named once.
 
 The exporter traces with these names and records these shapes in the manifest, the verifier feeds
-them, and the runtime's brick calls use them. "N" is the only dynamic dimension.
+them, and the runtime's brick calls use them. "N" is the dynamic batch; only a latent model's decoder
+also takes any latent size (H, W).
 
     embedder:  c_noise (N,), class_onehot (N, K) [conditional models only]  ->  cond (N, D)
     brick k:   tiles (N, C_in_k, r_k, r_k), cond (N, D)                       ->  out (N, C, r_k, r_k)
@@ -12,8 +13,17 @@ C_in_k is [previous brick's output (C, k > 0), c_in x (C), x and y coordinates (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lego_export.config import LegoConfig
-from lego_export.manifest import TensorSpec
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int | str]  # "N" marks the dynamic batch; "H", "W" (or "8H", ...) a decoder's latent size
+
 
 C_NOISE, CLASS_ONEHOT, COND = "c_noise", "class_onehot", "cond"
 TILES, OUT = "tiles", "out"

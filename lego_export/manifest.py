@@ -16,8 +16,10 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lego_export import contract
 from lego_export.atomic import atomic_write
 from lego_export.config import LegoConfig
+from lego_export.contract import TensorSpec
 from lego_export.errors import LegoError
 
 # 2: the model entry is the full model config, EDM constants included (1 had a separate "edm").
@@ -28,13 +30,6 @@ MANIFEST_FILE = "manifest.json"
 # "onnx-ort" uses ONNX Runtime contrib ops (fused attention) and only loads in ONNX Runtime;
 # "tensorrt" is a serialized plan, tied to one GPU architecture and TensorRT version.
 FORMATS = ("onnx", "onnx-ort", "tensorrt")
-
-
-@dataclass
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: list[int | str]  # "N" marks the dynamic batch; "H", "W" (or "8H", ...) a decoder's latent size
 
 
 @dataclass
@@ -306,8 +301,6 @@ def _engine(value, where: str, num_bricks: int) -> EngineSpec:
 
 def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     """A Manifest from its JSON form, every field checked; one-line LegoError naming the first bad one."""
-    from lego_export import contract  # contract builds on TensorSpec above
-
     d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent"})
     _int(d["schema_version"], f"{where}: schema_version", SCHEMA_VERSION, SCHEMA_VERSION)
     model = _obj(d["model"], f"{where}: model")
