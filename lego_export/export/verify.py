@@ -77,23 +77,12 @@ def verification_batches(batch: dict[str, int]) -> list[int]:
     return sorted({1, min(3, batch["max"]), batch["opt"], batch["max"]})
 
 
-@torch.no_grad()
-def measure_error(
-    module: nn.Module, runner, spec: EngineSpec, precision: str, recorded: Recorded, seed: int = 0
-) -> dict:
-    """Run engine and module on the same recorded inputs at several N; report the worst error.
-
-    A non-finite output anywhere fails, whatever the reference says."""
-    rng = np.random.default_rng(seed)
-    batches = verification_batches(spec.batch)
+def error_record(pairs, precision: str, inputs: str, batches: list[int]) -> dict:
+    """The worst error of (engine output, reference) pairs, as the manifest's verification record. A
+    shape mismatch or a non-finite output fails, whatever the reference says."""
     worst_abs = worst_rel = 0.0
-    for n in batches:
-        feeds = engine_feeds(spec, recorded, n, rng)
-        reference = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs)).numpy()
-        output = runner.infer(feeds)[spec.outputs[0].name]
-        if output.shape != reference.shape:
-            raise AssertionError(f"{spec.name}: engine output {output.shape} != PyTorch {reference.shape} at N={n}")
-        if not np.isfinite(output).all():
+    for output, reference in pairs:
+        if output.shape != reference.shape or not np.isfinite(output).all():
             worst_abs = worst_rel = float("inf")
             break
         error = float(np.abs(output.astype(np.float64) - reference).max())
@@ -101,10 +90,27 @@ def measure_error(
         worst_rel = max(worst_rel, error / max(float(np.abs(reference).max()), 1e-6))
     return {
         "backend": "onnxruntime-cpu",
-        "inputs": "recorded from the model denoising its own samples",
+        "inputs": inputs,
         "batches": batches,
         "max_abs_error": worst_abs,
         "relative_error": worst_rel,
         "tolerance": TOLERANCE[precision],
         "passed": worst_rel <= TOLERANCE[precision],
     }
+
+
+@torch.no_grad()
+def measure_error(
+    module: nn.Module, runner, spec: EngineSpec, precision: str, recorded: Recorded, seed: int = 0
+) -> dict:
+    """Run engine and module on the same recorded inputs at several N; report the worst error."""
+    rng = np.random.default_rng(seed)
+    batches = verification_batches(spec.batch)
+
+    def pairs():
+        for n in batches:
+            feeds = engine_feeds(spec, recorded, n, rng)
+            reference = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs)).numpy()
+            yield runner.infer(feeds)[spec.outputs[0].name], reference
+
+    return error_record(pairs(), precision, "recorded from the model denoising its own samples", batches)
