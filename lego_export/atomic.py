@@ -26,7 +26,6 @@ from lego_export.errors import LegoError
 
 _TEMP, _STAGING = ".lego-tmp", ".lego-staging"
 _OURS = re.compile(rf"^\..+\.(\d+)\.[^.]+({re.escape(_TEMP)}|{re.escape(_STAGING)})$")
-LOCK_FILE = ".lego-lock"
 
 
 def _alive(pid: int) -> bool:
@@ -138,15 +137,15 @@ def check_output(path: str | Path | None, option: str, folder: bool = False) -> 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on an output folder (a lock file inside it) for as long as we write it;
-    refuse at once, in one line, if another process holds it."""
+    """Hold an exclusive lock on an output folder (flock on the folder itself: no lock file is left
+    behind) for as long as we write it; refuse at once, in one line, if another process holds it."""
     import fcntl
 
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise LegoError(f"cannot lock {folder} for writing ({e.strerror})") from None
     try:
@@ -160,8 +159,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
             raise
         yield
     finally:
-        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:  # nothing was written: leave no trace
-            (folder / LOCK_FILE).unlink(missing_ok=True)
+        os.close(fd)
+        if created:  # nothing was written: leave no trace
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        os.close(fd)

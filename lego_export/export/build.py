@@ -85,7 +85,7 @@ def check_output_folder(out: Path, ckpt_sha: str, force: bool) -> Manifest | Non
     if out.exists() and not out.is_dir():
         raise LegoError(f"--out {out} is a file; give a folder")
     if not (out / MANIFEST_FILE).exists():
-        # Dotfiles (our lock) and notes (*.md) are fine; anything else may be someone's files.
+        # Dotfiles and notes (*.md) are fine; anything else may be someone's files.
         entries = out.iterdir() if out.is_dir() else []
         others = sorted(p.name for p in entries if not p.name.startswith(".") and p.suffix != ".md")
         if others and not force:
