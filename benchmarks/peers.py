@@ -1,0 +1,207 @@
+"""One full-chain denoiser step of the same model on every CPU peer, each in its own process.
+
+    python benchmarks/peers.py --engines engines --ckpt checkpoints/fmnist-pg-s.safetensors
+
+Peers: PyTorch eager, torch.compile, ONNX Runtime on the portable graphs, ONNX Runtime on the fused
+graphs (this project's default), and OpenVINO reading the portable ONNX files (if installed). Each
+peer lives in its own worker process (one runtime's spinning thread pool slows the next by up to
+10x when they share a process); the coordinator asks them in turn, round after round, to time a few
+calls on the same inputs, so that the machine's drift hits every peer alike. Reports the median per
+peer, its ratio to the fastest, and GFLOP/s against this machine's measured matmul rate.
+Writes benchmarks/results/peers.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, matmul_peak_gflops, write_json  # noqa: E402
+
+PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused")
+
+
+# -- worker side --------------------------------------------------------------------------------------
+
+
+def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
+    """A zero-argument callable running one full-chain evaluation of `batch` images on this peer."""
+    from lego_export.manifest import Manifest
+    from lego_export.runtime.pipeline import LegoPipeline
+    from lego_export.runtime.schedule import StepPlan
+
+    manifest = Manifest.read(engines)
+    cfg = manifest.model
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, cfg.img_channels, cfg.img_resolution, cfg.img_resolution)).astype(np.float32)
+    onehot = np.eye(cfg.num_classes, dtype=np.float32)[np.arange(batch) % cfg.num_classes]
+    plan = StepPlan(0, 1.0, len(cfg.bricks), (0, 0))
+
+    if peer in ("eager", "compile"):
+        import torch
+
+        from lego_export.checkpoint import load_model
+
+        torch.set_num_threads(threads)
+        model = load_model(ckpt)
+        forward = torch.compile(model) if peer == "compile" else model
+        tx, toh, sigma = torch.from_numpy(x), torch.from_numpy(onehot), torch.ones(batch)
+
+        def step():
+            with torch.inference_mode():
+                forward(tx, sigma, toh)
+
+        return step
+
+    if peer == "openvino":
+        backend = OpenVinoBackend(Path(engines), manifest, threads)
+    else:
+        from lego_export.runtime.backends import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(Path(engines), manifest, threads=threads)
+        if peer == "ort-portable":
+            backend.formats = ("onnx",)
+    pipe = LegoPipeline(manifest, backend)
+    return lambda: pipe.denoise(x, 1.0, plan, onehot)
+
+
+class OpenVinoBackend:
+    """OpenVINO on the portable ONNX files, behind the runtime's runner interface (benchmark only)."""
+
+    name = "openvino"
+
+    def __init__(self, folder: Path, manifest, threads: int):
+        import openvino as ov
+
+        from lego_export.arrays import NumpyArrays
+
+        self.core, self.folder, self.manifest, self.arrays = ov.Core(), folder, manifest, NumpyArrays()
+        if threads:
+            self.core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+
+    def runner(self, spec):
+        compiled = self.core.compile_model(str(self.folder / spec.files["onnx"].path), "CPU")
+        names = [t.name for t in spec.outputs]
+
+        class Runner:
+            def infer(self, feeds):
+                result = compiled(feeds)
+                return {name: result[compiled.output(name)] for name in names}
+
+        return Runner()
+
+
+def worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> None:
+    """Answer 'run K' lines with the K call times in milliseconds, one JSON line each."""
+    step = make_step(peer, engines, ckpt, batch, threads)
+    for _ in range(3):  # warm-up (torch.compile compiles here)
+        step()
+    print(json.dumps({"ready": peer}), flush=True)
+    for line in sys.stdin:
+        reps = int(line.split()[1])
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        print(json.dumps({"ms": times}), flush=True)
+
+
+# -- coordinator ----------------------------------------------------------------------------------------
+
+
+def available(peer: str) -> str | None:
+    """Why a peer cannot run here, or None."""
+    import importlib.util
+
+    need = {"openvino": "openvino", "eager": "torch", "compile": "torch"}.get(peer, "onnxruntime")
+    return None if importlib.util.find_spec(need) else f"{need} is not installed"
+
+
+@click.command()
+@click.option("--engines", default="engines", show_default=True)
+@click.option("--ckpt", default="checkpoints/fmnist-pg-s.safetensors", show_default=True)
+@click.option("--batch", default=16, show_default=True, help="Images per step.")
+@click.option("--rounds", default=12, show_default=True, help="Rounds; every peer runs --reps calls per round.")
+@click.option("--reps", default=5, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--peers", default=",".join(PEERS), show_default=True)
+@click.option("--out", default="benchmarks/results/peers", show_default=True, help="Writes OUT.json and OUT.md.")
+@click.option("--worker", "worker_peer", default=None, hidden=True)
+def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -> None:
+    if worker_peer:
+        worker(worker_peer, engines, ckpt, batch, threads)
+        return
+    from lego_export.flops import model_brick_flops
+    from lego_export.manifest import Manifest
+
+    cfg = Manifest.read(engines).model
+    gflop = sum(model_brick_flops(cfg)) * batch / 1e9
+    skipped = {p: available(p) for p in peers.split(",")}
+    workers = {}
+    for peer, why in skipped.items():
+        if why:
+            print(f"{peer}: skipped ({why})")
+            continue
+        cmd = [sys.executable, __file__, "--worker", peer, "--engines", engines, "--ckpt", ckpt]
+        cmd += ["--batch", str(batch), "--threads", str(threads)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = proc.stdout.readline()  # one peer warms up at a time: compilation is not timed
+        if not ready:
+            print(f"{peer}: failed to start")
+            continue
+        workers[peer] = proc
+    times = {p: [] for p in workers}
+    for _ in range(rounds):
+        for peer, proc in workers.items():
+            proc.stdin.write(f"run {reps}\n")
+            proc.stdin.flush()
+            times[peer] += json.loads(proc.stdout.readline())["ms"]
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+    peak = matmul_peak_gflops(threads)["peak"]
+    medians = {p: float(np.median(t)) for p, t in times.items()}
+    fastest = min(medians.values())
+    rows = [
+        {
+            "peer": p,
+            "median_ms": ms,
+            "p90_ms": float(np.percentile(times[p], 90)),
+            "vs_fastest": ms / fastest,
+            "gflops": gflop / (ms / 1e3),
+            "of_peak": gflop / (ms / 1e3) / peak,
+        }
+        for p, ms in sorted(medians.items(), key=lambda kv: kv[1])
+    ]
+    command = " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]])
+    result = {"command": command, "machine": machine(), "batch": batch, "gflop_per_step": gflop, "peak_gflops": peak}
+    result["rows"] = rows
+    write_json(Path(f"{out}.json"), result)
+    columns = [
+        ("peer", "peer", ""),
+        ("median_ms", "ms / step (median)", ".1f"),
+        ("p90_ms", "p90 ms", ".1f"),
+        ("vs_fastest", "x fastest", ".2f"),
+        ("gflops", "GFLOP/s", ".0f"),
+        ("of_peak", "of matmul peak", ".0%"),
+    ]
+    table = markdown_table(rows, columns)
+    Path(f"{out}.md").write_text(
+        f"# One full-chain step, batch {batch}, {cfg.img_resolution}x{cfg.img_resolution}\n\n`{command}`\n\n"
+        f"{gflop:.2f} GFLOP per step; matmul peak {peak:.0f} GFLOP/s; {rounds} rounds x {reps} calls per peer.\n\n"
+        f"{table}\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
