@@ -3,9 +3,11 @@
     python benchmarks/peers.py --engines engines --ckpt checkpoints/fmnist-pg-s.safetensors
 
 Peers: PyTorch eager, torch.compile, ONNX Runtime on the portable graphs, ONNX Runtime on the fused
-graphs (this project's default), and OpenVINO reading the portable ONNX files (if installed). Each
+graphs (this project's default), and OpenVINO reading the portable ONNX files (if installed), in
+fp32 and, as a lower-precision reference, in bf16 (OpenVINO's default on CPUs with bf16 units). Each
 peer lives in its own worker process (one runtime's spinning thread pool slows the next by up to
-10x when they share a process); the coordinator asks them in turn, round after round, to time a few
+10x when they share a process), and every worker but the one being timed is stopped (SIGSTOP), so
+no idle pool spins meanwhile; the coordinator asks them in turn, round after round, to time a few
 calls on the same inputs, so that the machine's drift hits every peer alike. Reports the median per
 peer, its ratio to the fastest, and GFLOP/s against this machine's measured matmul rate.
 Writes benchmarks/results/peers.{json,md}.
@@ -14,6 +16,8 @@ Writes benchmarks/results/peers.{json,md}.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, matmul_peak_gflops, write_json  # noqa: E402
 
-PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused")
+PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused", "openvino-bf16")
 
 
 # -- worker side --------------------------------------------------------------------------------------
@@ -60,8 +64,12 @@ def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
 
         return step
 
-    if peer == "openvino":
+    if peer.startswith("openvino"):
+        from lego_export.runtime.backends import OpenVinoBackend
+
         backend = OpenVinoBackend(Path(engines), manifest, threads)
+        if peer == "openvino-bf16":  # OpenVINO's own default on CPUs with bf16 units: not fp32 parity
+            backend.config["INFERENCE_PRECISION_HINT"] = "bf16"
     else:
         from lego_export.runtime.backends import OnnxRuntimeBackend
 
@@ -70,32 +78,6 @@ def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
             backend.formats = ("onnx",)
     pipe = LegoPipeline(manifest, backend)
     return lambda: pipe.denoise(x, 1.0, plan, onehot)
-
-
-class OpenVinoBackend:
-    """OpenVINO on the portable ONNX files, behind the runtime's runner interface (benchmark only)."""
-
-    name = "openvino"
-
-    def __init__(self, folder: Path, manifest, threads: int):
-        import openvino as ov
-
-        from lego_export.arrays import NumpyArrays
-
-        self.core, self.folder, self.manifest, self.arrays = ov.Core(), folder, manifest, NumpyArrays()
-        if threads:
-            self.core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
-
-    def runner(self, spec):
-        compiled = self.core.compile_model(str(self.folder / spec.files["onnx"].path), "CPU")
-        names = [t.name for t in spec.outputs]
-
-        class Runner:
-            def infer(self, feeds):
-                result = compiled(feeds)
-                return {name: result[compiled.output(name)] for name in names}
-
-        return Runner()
 
 
 def worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> None:
@@ -121,7 +103,8 @@ def available(peer: str) -> str | None:
     """Why a peer cannot run here, or None."""
     import importlib.util
 
-    need = {"openvino": "openvino", "eager": "torch", "compile": "torch"}.get(peer, "onnxruntime")
+    need = {"openvino": "openvino", "openvino-bf16": "openvino", "eager": "torch", "compile": "torch"}
+    need = need.get(peer, "onnxruntime")
     return None if importlib.util.find_spec(need) else f"{need} is not installed"
 
 
@@ -158,13 +141,21 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
             print(f"{peer}: failed to start")
             continue
         workers[peer] = proc
+        os.kill(proc.pid, signal.SIGSTOP)  # quiet while the next peer warms up
     times = {p: [] for p in workers}
+    for proc in workers.values():
+        os.kill(proc.pid, signal.SIGSTOP)
     for _ in range(rounds):
         for peer, proc in workers.items():
+            # Only the peer being timed runs: the others are stopped, so no thread pool of theirs can
+            # spin on the cores in the meantime.
+            os.kill(proc.pid, signal.SIGCONT)
             proc.stdin.write(f"run {reps}\n")
             proc.stdin.flush()
             times[peer] += json.loads(proc.stdout.readline())["ms"]
+            os.kill(proc.pid, signal.SIGSTOP)
     for proc in workers.values():
+        os.kill(proc.pid, signal.SIGCONT)
         proc.stdin.close()
         proc.wait(timeout=60)
 

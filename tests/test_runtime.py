@@ -74,7 +74,7 @@ def test_onnxruntime_matches_pytorch(models, stack, resolution):
     assert np.abs(a - b).max() < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 @pytest.mark.parametrize(
     "bricks,shift,guidance", [(3, (0, 0), 1.0), (2, (5, 9), 1.0), (3, (7, 2), 2.5), (1, (0, 3), 1.5)]
 )
@@ -83,6 +83,8 @@ def test_pipeline_denoiser_matches_the_model(models, backend, bricks, shift, gui
     from lego_export.checkpoint import load_model
     from lego_export.runtime.schedule import StepPlan
 
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install '.[openvino]')")
     ckpt, engines = models["pg"]
     pipe = LegoPipeline.from_engines(engines, backend, ckpt=str(ckpt))
     model = load_model(ckpt)
@@ -98,7 +100,7 @@ def test_pipeline_denoiser_matches_the_model(models, backend, bricks, shift, gui
             torch.from_numpy(x), 0.7, torch.from_numpy(onehot), num_bricks=bricks, shift=shift, guidance=guidance
         )
     assert np.abs(ref.numpy()).max() > 0.1
-    np.testing.assert_allclose(got, ref.numpy(), atol=1e-6 if backend == "torch" else 2e-5)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-6 if backend == "torch" else 1e-4)
 
 
 def test_preview_sampler_matches_the_pipeline(models):
