@@ -1,0 +1,149 @@
+"""The HTTP API of lego-serve (FastAPI), over one :class:`ImageService`.
+
+    POST   /v1/images      JSON request -> PNG grid or npz bytes; {"async": true} -> 202 and a job id
+    GET    /v1/jobs/{id}   status while queued or running, then the result
+    DELETE /v1/jobs/{id}   cancel (frees the slot)
+    GET    /healthz        liveness and load
+    GET    /metrics        Prometheus text
+
+Every error is one line of JSON, ``{"error": "..."}``, with a 4xx or 5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lego_export.serve.service import CANCELLED, DONE, FAILED, ImageService, Job, ServiceUnavailable
+from lego_export.serve.validation import MAX_BODY_BYTES, RequestError, parse_body
+
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(
+    service: ImageService | Callable[[], ImageService], on_shutdown: Callable[[], None] | None = None
+) -> FastAPI:
+    """The FastAPI app. service: the service, or a callable returning it (looked up per request, so
+    a Ray replica can build its service after the app exists). on_shutdown runs (in a worker
+    thread) when the server stops: lego-serve drains the service there."""
+    current = service if callable(service) and not isinstance(service, ImageService) else lambda: service
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if on_shutdown is not None:
+            await asyncio.to_thread(on_shutdown)
+
+    app = FastAPI(title="lego-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    @app.post("/v1/images")
+    async def images(request: Request) -> Response:
+        svc = current()
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            body = await read_body(request)
+            req = svc.parse(parse_body(body))
+            job = svc.submit(req)
+        except (RequestError, ServiceUnavailable) as e:
+            return error(e.status, e.message)
+        if req.is_async:
+            return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+        try:
+            await wait_or_disconnect(job, request)
+        finally:
+            if not job.terminal:  # client gone (or the handler cancelled at shutdown): free the slot
+                svc.cancel(job, "the client disconnected")
+            svc.forget(job)
+        return job_response(job)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(job_id: str) -> Response:
+        job = current().get(job_id)
+        if job is None:
+            return error(404, f"no job {job_id!r} (unknown, or its result has expired)")
+        if not job.terminal:
+            return JSONResponse(job.describe())
+        return job_response(job)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> Response:
+        svc = current()
+        job = svc.get(job_id)
+        if job is None:
+            return error(404, f"no job {job_id!r} (unknown, or its result has expired)")
+        if not job.terminal:
+            svc.cancel(job, "cancelled by the client")
+        else:
+            svc.forget(job)  # a finished job's result is dropped
+        return JSONResponse({"id": job.id, "status": job.state if job.terminal else "cancelling"})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        svc = current()
+        info = {
+            "status": "ok" if svc.accepting else "shutting down",
+            "model": svc.manifest.model.name,
+            "backend": svc.backend_name,
+            "in_flight": svc.in_flight,
+            "queued": svc.queued,
+            "instance": svc.instance,
+        }
+        return JSONResponse(info, status_code=200 if svc.accepting else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(current().metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused as soon as it grows past MAX_BODY_BYTES (whatever Content-Length said)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def wait_or_disconnect(job: Job, request: Request) -> None:
+    """Wait for the job; return early if the client goes away (the caller then cancels it)."""
+    done = asyncio.wrap_future(job.future)
+    while True:
+        finished, _ = await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+        if finished:
+            return
+        if await request.is_disconnected():
+            return
+
+
+def job_response(job: Job) -> Response:
+    """A finished job as HTTP: its bytes, or its error."""
+    if job.state == DONE:
+        return Response(job.body, media_type=job.request.media_type)
+    if job.state == FAILED:
+        return JSONResponse({"error": job.error, "id": job.id, "status": FAILED}, status_code=job.status)
+    # Cancelled: by the server at shutdown (503, worth retrying elsewhere) or by a client (410).
+    status = 503 if job.status == 503 else 410
+    return JSONResponse({"error": job.error or "cancelled", "id": job.id, "status": CANCELLED}, status_code=status)

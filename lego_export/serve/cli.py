@@ -1,0 +1,191 @@
+"""lego-serve: an HTTP server that batches the brick tiles of every request in flight.
+
+lego-serve --engines engines/                      # http://127.0.0.1:8000, one process
+curl -s localhost:8000/v1/images -d '{"class": 7, "num": 8, "steps": 18}' -o grid.png
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import click
+
+from lego_export.cli_common import CONTEXT
+from lego_export.errors import LegoError
+from lego_export.runtime.backends import BACKENDS
+from lego_export.runtime.cli import MAX_THREADS
+from lego_export.runtime.pipeline import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from lego_export.serve.validation import Limits
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="onnxruntime",
+    show_default=True,
+    help="Engine backend (one per process, shared by every request).",
+)
+@click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0 = all cores).")
+@click.option(
+    "--max-batch-tiles",
+    default=0,
+    show_default=True,
+    help="Most tiles per engine call (0: each engine's N range from the manifest).",
+)
+@click.option(
+    "--max-active", default=16, show_default=True, help="Requests sampling at once; their tiles share engine calls."
+)
+@click.option(
+    "--align/--no-align",
+    default=True,
+    show_default=True,
+    help="Each tick, run the earliest engine of the chain that has work, so that requests fall into step "
+    "and later engines see them all in one call (--no-align: every engine with work, every tick).",
+)
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="At startup, time each engine at N = 1, 2, 4, ... and cut merged calls at the N that runs fastest "
+    "per tile (on a CPU often below the manifest maximum); --no-calibrate: the maximum (or --max-batch-tiles).",
+)
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a slot; more get 429.")
+@click.option("--max-resolution", default=256, show_default=True, help="Largest canvas side a request may ask for.")
+@click.option("--max-steps", default=250, show_default=True, help="Most sampling steps a request may ask for.")
+@click.option("--max-images", default=64, show_default=True, help="Most images per request.")
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM / Ctrl-C: seconds running requests may take to finish before they are failed.",
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def main(
+    engines,
+    host,
+    port,
+    backend,
+    ckpt,
+    threads,
+    max_batch_tiles,
+    max_active,
+    align,
+    calibrate,
+    max_queue,
+    max_resolution,
+    max_steps,
+    max_images,
+    drain_timeout,
+    log_level,
+) -> None:
+    """Serve LEGO brick engines over HTTP, batching tiles of all requests in flight.
+
+    \b
+    lego-serve --engines engines/ --port 8000
+    curl -s localhost:8000/v1/images -d '{"class": 7, "num": 8, "steps": 18}' -o grid.png
+    curl -s localhost:8000/metrics
+    """
+    try:
+        config = make_config(
+            engines, backend, threads, max_batch_tiles, max_active, max_queue, max_resolution, max_steps, max_images
+        )
+        config.align, config.calibrate = align, calibrate
+        if drain_timeout < 0:
+            raise LegoError(f"--drain-timeout must be >= 0, got {drain_timeout}")
+        service = load_service(config, ckpt)
+    except LegoError as e:
+        raise click.ClickException(str(e)) from None
+    serve(service, host, port, drain_timeout, log_level)
+
+
+def make_config(
+    engines, backend, threads, max_batch_tiles, max_active, max_queue, max_resolution, max_steps, max_images
+):
+    """The server's configuration, every option range-checked (one-line LegoError otherwise)."""
+    from lego_export.serve.service import ServeConfig
+
+    for value, option, lo, hi in (
+        (threads, "--threads", 0, MAX_THREADS),
+        (max_batch_tiles, "--max-batch-tiles", 0, 2**31 - 1),
+        (max_active, "--max-active", 1, 4096),
+        (max_queue, "--max-queue", 0, 1_000_000),
+        (max_resolution, "--max-resolution", 1, MAX_SIDE),
+        (max_steps, "--max-steps", 1, MAX_STEPS),
+        (max_images, "--max-images", 1, MAX_IMAGES),
+    ):
+        if not lo <= value <= hi:
+            raise LegoError(f"{option} must be from {lo} to {hi}, got {value}")
+    return ServeConfig(
+        engines=engines,
+        backend=backend,
+        threads=threads,
+        max_batch_tiles=max_batch_tiles,
+        max_active=max_active,
+        max_queue=max_queue,
+        limits=Limits(max_resolution, max_steps, max_images),
+    )
+
+
+def load_service(config, ckpt: str | None = None):
+    """Read the manifest, check and load every engine, start the scheduler."""
+    from pathlib import Path
+
+    from lego_export.manifest import Manifest
+    from lego_export.runtime.backends import make_backend
+    from lego_export.serve.service import ImageService
+
+    manifest = Manifest.read(config.engines)
+    backend = make_backend(config.backend, Path(config.engines), manifest, ckpt=ckpt, threads=config.threads)
+    return ImageService(config, backend=backend, manifest=manifest)
+
+
+def serve(service, host: str, port: int, drain_timeout: float, log_level: str = "info", sockets=None) -> None:
+    """Run uvicorn until SIGTERM / Ctrl-C, then drain: stop accepting, let running requests finish
+    within drain_timeout, fail the rest, stop the scheduler."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("lego-serve needs FastAPI and uvicorn: pip install 'lego-export[serve]'") from None
+
+    from lego_export.serve.app import create_app
+
+    closer = threading.Thread(target=service.close, args=(drain_timeout,), name="lego-drain", daemon=True)
+
+    def drain() -> None:
+        # After uvicorn stopped: the drain started at the signal (or now, if none came) must end.
+        if not closer.is_alive() and not service.closed:
+            closer.start()
+        if closer.ident is not None:
+            closer.join(drain_timeout + 10.0)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Refuse new work at once; running requests get drain_timeout seconds, then fail with
+            # 503, so that every open connection has its answer before uvicorn closes it.
+            service.stop_accepting()
+            if not closer.is_alive() and not service.closed:
+                closer.start()
+            super().handle_exit(sig, frame)
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = uvicorn.Config(
+        create_app(service, on_shutdown=drain),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=drain_timeout + 5.0,  # the drain's 503 answers still go out
+        access_log=log_level == "debug",
+    )
+    DrainingServer(config).run(sockets=sockets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""lego-serve on Ray Serve: the same HTTP API, served by replicas autoscaled on queue depth.
+
+    serve run lego_export.serve.ray_app:build_app engines=/abs/path/engines max_replicas=4
+
+Each replica is one lego-serve process in all but the socket: it loads the engines itself, runs
+its own scheduler (tiles of the requests routed to it share engine calls) and answers through the
+FastAPI app of app.py. Ray Serve counts each replica's ongoing requests (queued + sampling) and adds
+replicas while that stays above ``target_ongoing_requests``. Asynchronous jobs may be asked for on
+any replica: the replica that ran a job publishes its outcome to a small job directory actor, and a
+cancel that reaches another replica is passed on through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from lego_export.errors import LegoError
+from lego_export.serve.service import QUEUED, RUNNING, ImageService, Job, ServeConfig
+from lego_export.serve.validation import ImageRequest, Limits
+
+DIRECTORY_NAME = "lego-serve-jobs"
+CANCEL_POLL_S = 0.5  # how often a replica looks for cancels of its jobs sent to other replicas
+
+
+@dataclass
+class RayOptions:
+    """The deployment: what every replica serves, and how many replicas."""
+
+    engines: str = "engines"
+    backend: str = "onnxruntime"
+    threads: int = 0  # ONNX Runtime threads per replica; 0: the replica's num_cpus
+    max_batch_tiles: int = 0
+    max_active: int = 16
+    max_queue: int = 64
+    max_resolution: int = 256
+    max_steps: int = 250
+    max_images: int = 64
+    drain_timeout: float = 30.0
+    num_cpus: float = 2.0  # cores reserved per replica (its engines' threads)
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 0.0  # 0: max_active, the requests one replica batches at once
+
+    @classmethod
+    def from_args(cls, args: dict) -> RayOptions:
+        """From `serve run ... key=value` arguments (strings) or a dict of values."""
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(args) - set(types))
+        if unknown:
+            raise LegoError(f"unknown lego-serve Ray option {unknown[0]!r}; known: {', '.join(sorted(types))}")
+        values = {}
+        for key, value in args.items():
+            kind = {"int": int, "float": float}.get(str(types[key]), str)
+            try:
+                values[key] = kind(value)
+            except ValueError:
+                raise LegoError(f"{key} must be a {kind.__name__}, got {value!r}") from None
+        options = cls(**values)
+        options.engines = str(Path(options.engines).resolve())  # replicas may start elsewhere
+        return options
+
+    def serve_config(self) -> ServeConfig:
+        threads = self.threads or max(1, int(self.num_cpus))
+        limits = Limits(self.max_resolution, self.max_steps, self.max_images)
+        return ServeConfig(
+            self.engines, self.backend, threads, self.max_batch_tiles, self.max_active, self.max_queue, limits
+        )
+
+
+class SharedJobsService(ImageService):
+    """An ImageService whose asynchronous jobs can be read and cancelled from any replica."""
+
+    def __init__(self, config: ServeConfig, directory, **kwargs):
+        super().__init__(config, **kwargs)
+        self.directory = directory
+        self._poller = threading.Thread(target=self._poll_cancels, name="lego-cancels", daemon=True)
+        self._poller.start()
+
+    def submit(self, request: ImageRequest) -> Job:
+        job = super().submit(request)
+        if request.is_async:
+            _ray().get(self.directory.put.remote(job.id, _record(job)))
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        job = super().get(job_id)
+        if job is not None:
+            return job
+        record = _ray().get(self.directory.get.remote(job_id))
+        return None if record is None else _remote_job(job_id, record)
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        if super().get(job.id) is job:
+            super().cancel(job, reason)
+        else:  # running on another replica: it sees the flag within CANCEL_POLL_S
+            _ray().get(self.directory.cancel.remote(job.id))
+
+    def forget(self, job: Job) -> None:
+        super().forget(job)
+        if job.request.is_async:
+            self.directory.forget.remote(job.id)
+
+    def _end_locked(self, job: Job, state: str, body, error, status: int) -> None:
+        super()._end_locked(job, state, body, error, status)
+        if job.request.is_async:
+            self.directory.put.remote(job.id, _record(job))
+
+    def _poll_cancels(self) -> None:
+        while not self.closed:
+            time.sleep(CANCEL_POLL_S)
+            with self._lock:
+                mine = [j.id for j in self._jobs.values() if j.request.is_async and j.state in (QUEUED, RUNNING)]
+            if not mine:
+                continue
+            with contextlib.suppress(Exception):  # the directory briefly unreachable: try again later
+                for job_id in _ray().get(self.directory.cancelled.remote(mine)):
+                    job = super().get(job_id)
+                    if job is not None:
+                        super().cancel(job, "cancelled by the client")
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def _record(job: Job) -> dict:
+    return {
+        "state": job.state,
+        "body": job.body,
+        "error": job.error,
+        "status": job.status,
+        "format": job.request.format,
+    }
+
+
+def _remote_job(job_id: str, record: dict) -> Job:
+    """A read-only view of a job that another replica owns."""
+    job = Job(job_id, ImageRequest(format=record["format"], is_async=True))
+    job.state, job.body, job.error, job.status = record["state"], record["body"], record["error"], record["status"]
+    return job
+
+
+class JobDirectory:
+    """Outcomes of asynchronous jobs, shared by the replicas (a Ray actor; bounded in size)."""
+
+    def __init__(self, keep: int = 1024):
+        self.keep = keep
+        self.records: dict[str, dict] = {}
+        self.cancels: set[str] = set()
+
+    def put(self, job_id: str, record: dict) -> None:
+        self.records.pop(job_id, None)
+        self.records[job_id] = record
+        while len(self.records) > self.keep:  # oldest first (dicts keep insertion order)
+            self.records.pop(next(iter(self.records)))
+
+    def get(self, job_id: str) -> dict | None:
+        return self.records.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        self.records.pop(job_id, None)
+        self.cancels.discard(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        if job_id in self.records and self.records[job_id]["state"] in (QUEUED, RUNNING):
+            self.cancels.add(job_id)
+
+    def cancelled(self, job_ids: list[str]) -> list[str]:
+        found = [j for j in job_ids if j in self.cancels]
+        self.cancels.difference_update(found)
+        return found
+
+
+def job_directory():
+    """The one directory actor of this Ray namespace (created on first use, detached)."""
+    ray = _ray()
+    actor = ray.remote(num_cpus=0)(JobDirectory)
+    return actor.options(name=DIRECTORY_NAME, lifetime="detached", get_if_exists=True).remote()
+
+
+def deployment(options: RayOptions):
+    """The Ray Serve deployment class, configured by options."""
+    from ray import serve
+
+    @serve.deployment(
+        name="lego-serve",
+        ray_actor_options={"num_cpus": options.num_cpus},
+        max_ongoing_requests=options.max_active + options.max_queue,
+        autoscaling_config={
+            "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests or options.max_active,
+        },
+        graceful_shutdown_timeout_s=options.drain_timeout + 5,
+    )
+    @serve.ingress()
+    class LegoServeReplica:
+        def __init__(self, opts: RayOptions):
+            self.options = opts
+            self.service = SharedJobsService(opts.serve_config(), job_directory())
+
+        def __serve_build_asgi_app__(self):
+            from lego_export.serve.app import create_app
+
+            return create_app(self.service, on_shutdown=lambda: self.service.close(self.options.drain_timeout))
+
+    return LegoServeReplica
+
+
+def build_app(args: dict):
+    """Application builder for `serve run lego_export.serve.ray_app:build_app key=value ...`."""
+    options = args if isinstance(args, RayOptions) else RayOptions.from_args(dict(args))
+    if not (Path(options.engines) / "manifest.json").is_file():
+        raise LegoError(f"{options.engines} holds no manifest.json: build engines with lego-export build")
+    return deployment(options).bind(options)
+
+
+@contextlib.contextmanager
+def local_deployment(engines: str, port: int = 8000, cluster_cpus: int = 2, **options):
+    """Start a local Ray instance, deploy on 127.0.0.1:port, yield the URL, shut everything down
+    (tests and benchmarks)."""
+    import ray
+    from ray import serve
+
+    opts = RayOptions.from_args({"engines": engines, "num_cpus": 1, **options})
+    ray.init(
+        num_cpus=cluster_cpus,
+        include_dashboard=False,
+        namespace="lego-serve",
+        object_store_memory=100 * 2**20,
+        log_to_driver=False,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(opts), name="lego", route_prefix="/", blocking=False)
+        _wait_ready(f"http://127.0.0.1:{port}/healthz", 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_ready(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        try:
+            with opener.open(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise LegoError(f"the Ray Serve deployment did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.5)

@@ -1,0 +1,374 @@
+"""Continuous batching of engine calls across requests.
+
+Every in-flight request samples with its own :class:`~lego_export.runtime.pipeline.LegoPipeline`,
+in its own thread: its own plan, sampler state and noise, exactly the offline code path. Its
+pipeline runs over a :class:`BatchingBackend` whose runners run nothing: ``infer(feeds)`` hands the
+call to the :class:`Scheduler` and blocks until the scheduler returns that call's rows.
+
+The scheduler works in ticks. When every active request is blocked on an engine call (or has left),
+it takes all pending calls, groups them by engine, concatenates each group's feeds along N (a tile
+carries its own conditioning row, so tiles of different requests, steps, canvas sizes, skip plans
+and guidance halves fit one call), runs the real engine in chunks within its N range, and hands
+each request its rows. Requests join and leave between ticks. Engine outputs do not depend on what
+else is in the batch (each tile is computed on its own), so every request gets the images it would
+get offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lego_export.arrays import NumpyArrays
+from lego_export.manifest import EngineSpec, Manifest
+from lego_export.runtime.pipeline import LegoPipeline
+from lego_export.serve.calibrate import balanced_chunks, best_chunk
+
+# A request hands its whole evaluation to the scheduler at once (its pipeline sees this N range);
+# the scheduler cuts merged calls to the real engine's range.
+UNBOUNDED_N = 2**62
+
+
+class RequestCancelled(Exception):
+    """Raised in a request's thread when the request was cancelled (by its client or at shutdown)."""
+
+
+class EngineFailed(Exception):
+    """An engine raised while running a call that held this request's tiles."""
+
+    def __init__(self, engine: str, message: str):
+        super().__init__(f"{engine} failed: {message}")
+        self.engine = engine
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_tiles: int = 0  # cap on N per engine call; 0: each engine's manifest maximum
+    calibrate: bool = False  # measure each engine's fastest N per row at startup and cut calls to it
+    align: bool = True  # run the earliest engine of the chain first, so requests fall into step
+    max_wait_ticks: int = 0  # with align: a call waits at most this many ticks (0: engines in the chain)
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine, written by the scheduler thread only."""
+
+    calls: int = 0
+    tiles: int = 0
+    capacity: int = 0  # sum over calls of the chunk size aimed at: tiles / capacity is the fill ratio
+    seconds: float = 0.0
+    failures: int = 0
+    groups: int = 0  # merged groups run (one per engine per tick), each cut into one or more calls
+    group_requests: int = 0  # requests served by those groups: / groups = requests sharing a call
+    tiles_per_call: dict[int, int] = field(default_factory=dict)  # histogram by bucket upper bound
+
+
+@dataclass
+class SchedulerStats:
+    ticks: int = 0
+    tick_seconds: float = 0.0  # wall time of the ticks (merging, engine calls, scatter)
+    engine_seconds: float = 0.0  # of which inside the real engines
+    requests_joined: int = 0
+    engines: dict[str, EngineStats] = field(default_factory=lambda: defaultdict(EngineStats))
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of tick time spent merging and scattering rather than in engines."""
+        return max(0.0, 1.0 - self.engine_seconds / self.tick_seconds) if self.tick_seconds else 0.0
+
+
+TILE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def tile_bucket(n: int) -> int:
+    """The histogram bucket (upper bound) of a call of n tiles; larger than every bucket: n itself."""
+    return next((b for b in TILE_BUCKETS if n <= b), n)
+
+
+class Slot:
+    """One in-flight request's place in the scheduler."""
+
+    def __init__(self, number: int):
+        self.number = number
+        self.cancelled = False
+        self.blocked = False  # waiting on an engine call
+        self.call: EngineCall | None = None
+
+
+@dataclass
+class EngineCall:
+    engine: str
+    feeds: dict
+    n: int
+    slot: Slot
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: dict | None = None
+    error: BaseException | None = None
+    waited: int = 0  # ticks this call was passed over
+
+    @property
+    def key(self) -> tuple:
+        """Calls merge when they are for the same engine with the same per-row shapes (a decoder's
+        latent size varies by request; brick and embedder rows never do)."""
+        return (self.engine, *(tuple(self.feeds[k].shape[1:]) for k in sorted(self.feeds)))
+
+
+class Scheduler:
+    """Owns one real backend and runs every request's engine calls in merged, chunked batches."""
+
+    def __init__(self, manifest: Manifest, backend, config: SchedulerConfig | None = None):
+        """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work."""
+        self.manifest, self.backend = manifest, backend
+        self.config = config or SchedulerConfig()
+        self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
+        self.runners = {spec.name: backend.runner(spec) for spec in manifest.engines}
+        self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
+        self.chunks = dict(self.limits)  # rows per call the scheduler aims at (<= the limit)
+        self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
+        if self.config.calibrate:
+            for spec in manifest.engines:
+                chunk, per_row = best_chunk(self.runners[spec.name], spec, self.limits[spec.name], self.arrays)
+                self.chunks[spec.name], self.calibration[spec.name] = chunk, per_row
+        # Chain order: embedder, bricks, then a latent model's decoder.
+        chain = [manifest.embedder, *manifest.bricks] + [e for e in manifest.engines if e.role == "decoder"]
+        self._order = {spec.name: i for i, spec in enumerate(chain)}
+        if not self.config.max_wait_ticks:
+            self.config = dataclasses.replace(self.config, max_wait_ticks=len(chain))
+        self.request_manifest = unbounded_manifest(manifest)
+        self.stats = SchedulerStats()
+        for spec in manifest.engines:  # every key exists from the start: readers never see one added
+            self.stats.engines[spec.name] = EngineStats()
+        self._cond = threading.Condition()
+        self._pending: list[EngineCall] = []
+        self._active: set[Slot] = set()
+        self._running = 0  # active slots not blocked on a call
+        self._numbers = itertools.count()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="lego-scheduler", daemon=True)
+        self._thread.start()
+
+    def _limit(self, spec: EngineSpec) -> int:
+        cap = self.config.max_batch_tiles
+        return min(spec.batch["max"], cap) if cap > 0 else spec.batch["max"]
+
+    # -- requests' side ---------------------------------------------------------------------------
+
+    def join(self) -> Slot:
+        """A slot for a new request; it counts as running until it submits its first call."""
+        with self._cond:
+            if self._closing:
+                raise RequestCancelled("the scheduler is shutting down")
+            slot = Slot(next(self._numbers))
+            self._active.add(slot)
+            self._running += 1
+            self.stats.requests_joined += 1
+            return slot
+
+    def leave(self, slot: Slot) -> None:
+        """The request is done (or failed): the next tick no longer waits for it."""
+        with self._cond:
+            if slot in self._active:
+                self._active.discard(slot)
+                if not slot.blocked:
+                    self._running -= 1
+                self._cond.notify_all()
+
+    def pipeline(self, slot: Slot) -> LegoPipeline:
+        """A pipeline for one request whose engine calls go through this scheduler."""
+        return LegoPipeline(self.request_manifest, BatchingBackend(self, slot))
+
+    def cancel(self, slot: Slot) -> None:
+        """Cancel a request: its pending call (if any) fails at once, later calls fail when submitted."""
+        with self._cond:
+            slot.cancelled = True
+            call = slot.call
+            if call is not None and call in self._pending:
+                self._pending.remove(call)
+                self._finish_locked(call, None, RequestCancelled("cancelled"))
+
+    def submit(self, slot: Slot, engine: str, feeds: dict) -> dict:
+        """Queue one engine call and block until the tick that ran it hands back its rows."""
+        call = EngineCall(engine, feeds, int(next(iter(feeds.values())).shape[0]), slot)
+        with self._cond:
+            if slot.cancelled:
+                raise RequestCancelled("cancelled")
+            slot.call, slot.blocked = call, True
+            self._running -= 1
+            self._pending.append(call)
+            self._cond.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        if slot.cancelled:  # cancelled while its call ran: drop the result
+            raise RequestCancelled("cancelled")
+        return call.outputs
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Requests in the scheduler now."""
+        return len(self._active)
+
+    @property
+    def pending(self) -> int:
+        """Engine calls waiting for the next tick."""
+        with self._cond:
+            return len(self._pending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel every request still in the scheduler and stop its thread (within timeout seconds)."""
+        with self._cond:
+            self._closing = True
+            for slot in list(self._active):
+                slot.cancelled = True
+            for call in self._pending:
+                self._finish_locked(call, None, RequestCancelled("the server is shutting down"))
+            self._pending = []
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                # A tick starts when every active request waits on a call: then the batch holds all
+                # the work there is, and nobody is left out until the next tick.
+                self._cond.wait_for(lambda: self._closing or (self._pending and self._running <= 0))
+                if self._closing and not self._pending:
+                    return
+                groups = self._choose(self._pending)
+                chosen = {id(c) for group in groups for c in group}
+                self._pending = [c for c in self._pending if id(c) not in chosen]
+                for call in self._pending:
+                    call.waited += 1
+            self._tick(groups)
+
+    def _choose(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
+        """The groups this tick runs: the engine earliest in the chain, and any call kept waiting
+        for max_wait_ticks. Requests ahead in the chain wait for those behind, so the requests
+        in flight fall into step and later engines see them all in one call; the age limit keeps a
+        request from waiting on others forever (one that skips a brick never catches up)."""
+        groups: dict[tuple, list[EngineCall]] = defaultdict(list)
+        for call in calls:
+            groups[call.key].append(call)
+        if not self.config.align:
+            return list(groups.values())
+        first = min(groups, key=lambda key: self._order.get(key[0], len(self._order)))
+        return [
+            g for key, g in groups.items() if key == first or max(c.waited for c in g) >= self.config.max_wait_ticks
+        ]
+
+    def _tick(self, groups: list[list[EngineCall]]) -> None:
+        start = time.perf_counter()
+        for group in groups:
+            self._run_group(group)
+        self.stats.ticks += 1
+        self.stats.tick_seconds += time.perf_counter() - start
+
+    def _run_group(self, group: list[EngineCall]) -> None:
+        """One engine over the concatenated rows of several calls, in chunks; rows go back per call."""
+        live = [c for c in group if not c.slot.cancelled]
+        for call in group:
+            if call.slot.cancelled:
+                self._finish(call, None, RequestCancelled("cancelled"))
+        if not live:
+            return
+        stats = self.stats.engines[live[0].engine]
+        stats.groups += 1
+        stats.group_requests += len(live)
+        try:
+            outputs = self._run_rows(live)
+        except Exception:
+            # Find the culprit: each call alone, so a bad request fails only itself.
+            for call in live:
+                try:
+                    self._finish(call, self._run_rows([call]), None)
+                except Exception as e:  # noqa: BLE001 - any engine error becomes this request's failure
+                    self.stats.engines[call.engine].failures += 1
+                    self._finish(call, None, EngineFailed(call.engine, str(e).splitlines()[0] if str(e) else repr(e)))
+            return
+        offset = 0
+        for call in live:
+            self._finish(call, {k: v[offset : offset + call.n] for k, v in outputs.items()}, None)
+            offset += call.n
+
+    def _run_rows(self, calls: list[EngineCall]) -> dict:
+        """The engine over all rows of calls, in near-equal chunks of at most its chunk size; outputs
+        concatenated."""
+        engine = calls[0].engine
+        runner, chunk_rows = self.runners[engine], self.chunks[engine]
+        first = next(iter(calls[0].feeds.values()))
+        arrays = NumpyArrays() if isinstance(first, np.ndarray) else self.arrays
+        if len(calls) == 1:
+            merged = calls[0].feeds
+        else:
+            merged = {k: arrays.concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
+        total = sum(c.n for c in calls)
+        stats = self.stats.engines[engine]
+        parts: dict[str, list] = defaultdict(list)
+        for lo, hi in balanced_chunks(total, chunk_rows):
+            chunk = {k: arrays.contiguous(v[lo:hi]) for k, v in merged.items()}
+            n = hi - lo
+            t0 = time.perf_counter()
+            out = runner.infer(chunk)
+            seconds = time.perf_counter() - t0
+            stats.calls += 1
+            stats.tiles += n
+            stats.capacity += chunk_rows
+            stats.seconds += seconds
+            bucket = tile_bucket(n)
+            stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
+            self.stats.engine_seconds += seconds
+            for k, v in out.items():
+                parts[k].append(v)
+        return {k: v[0] if len(v) == 1 else arrays.concat(v) for k, v in parts.items()}
+
+    def _finish(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
+        with self._cond:
+            self._finish_locked(call, outputs, error)
+
+    def _finish_locked(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
+        call.outputs, call.error = outputs, error
+        slot = call.slot
+        if slot.blocked and slot.call is call:
+            slot.blocked, slot.call = False, None
+            if slot in self._active:
+                self._running += 1  # counted before the wake-up, so no tick starts without it
+        call.done.set()
+
+
+class BatchingBackend:
+    """A backend for one request's pipeline: its runners submit calls to the scheduler."""
+
+    name = "batching"
+
+    def __init__(self, scheduler: Scheduler, slot: Slot):
+        self.scheduler, self.slot = scheduler, slot
+        self.arrays = scheduler.arrays
+
+    def runner(self, spec: EngineSpec) -> _BatchingRunner:
+        return _BatchingRunner(self.scheduler, self.slot, spec.name)
+
+
+class _BatchingRunner:
+    def __init__(self, scheduler: Scheduler, slot: Slot, engine: str):
+        self.scheduler, self.slot, self.engine = scheduler, slot, engine
+
+    def infer(self, feeds: dict) -> dict:
+        return self.scheduler.submit(self.slot, self.engine, feeds)
+
+
+def unbounded_manifest(manifest: Manifest) -> Manifest:
+    """A copy of the manifest whose engines accept any N: a request's pipeline then submits each
+    evaluation whole, and the scheduler alone cuts calls to the real range."""
+    copied = copy.deepcopy(manifest)
+    for spec in copied.engines:
+        spec.batch = {**spec.batch, "max": UNBOUNDED_N}
+    return copied

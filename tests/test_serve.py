@@ -1,0 +1,510 @@
+"""lego-serve: merged engine calls give every request its offline images; the HTTP API refuses bad
+input with one-line JSON errors, bounds its queue, frees slots on cancel and disconnect, isolates
+engine failures and shuts down without hanging. Servers listen on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="lego-serve needs FastAPI: pip install '.[serve]'")
+uvicorn = pytest.importorskip("uvicorn", reason="lego-serve needs uvicorn: pip install '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx: pip install '.[dev]'")
+
+from click.testing import CliRunner  # noqa: E402
+
+from lego_export.arrays import NumpyArrays  # noqa: E402
+from lego_export.edm import Churn  # noqa: E402
+from lego_export.manifest import Manifest  # noqa: E402
+from lego_export.runtime.backends import make_backend  # noqa: E402
+from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.serve.app import create_app  # noqa: E402
+from lego_export.serve.calibrate import balanced_chunks, best_chunk  # noqa: E402
+from lego_export.serve.cli import main as lego_serve  # noqa: E402
+from lego_export.serve.service import ImageService, ServeConfig  # noqa: E402
+from lego_export.serve.validation import Limits, RequestError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "fixtures" / "tiny-engines"  # pg-tiny: 16 x 16, 10 classes, bricks 4 / 8 / 16
+
+
+class HookedBackend:
+    """The real ONNX Runtime backend with a hook before every engine call (a test double: it may
+    count, sleep, wait or raise)."""
+
+    name = "onnxruntime+hook"
+
+    def __init__(self, hook=None, engines: Path = TINY):
+        self.manifest = Manifest.read(engines)
+        self.real = make_backend("onnxruntime", engines, self.manifest)
+        self.arrays = self.real.arrays
+        self.hook = hook or (lambda engine, feeds: None)
+        self.calls: list[tuple[str, int]] = []  # (engine, rows) per real call
+
+    def runner(self, spec):
+        return _HookedRunner(self, self.real.runner(spec), spec.name)
+
+
+class _HookedRunner:
+    def __init__(self, backend: HookedBackend, runner, engine: str):
+        self.backend, self.runner, self.engine = backend, runner, engine
+
+    def infer(self, feeds: dict) -> dict:
+        self.backend.calls.append((self.engine, len(next(iter(feeds.values())))))
+        self.backend.hook(self.engine, feeds)
+        return self.runner.infer(feeds)
+
+
+def make_service(hook=None, engines: Path = TINY, **config) -> tuple[ImageService, HookedBackend]:
+    backend = HookedBackend(hook, engines)
+    config.setdefault("calibrate", False)  # hooks count, slow down or hold calls: no timing runs here
+    service = ImageService(ServeConfig(engines=str(engines), **config), backend=backend, manifest=backend.manifest)
+    return service, backend
+
+
+@pytest.fixture(scope="module")
+def roomy_engines(tmp_path_factory) -> Path:
+    """pg-tiny engines that take up to 64 images per call (the shipped model's range), so that calls
+    have room for several requests; the committed fixture takes 8."""
+    from lego_export.checkpoint import save_checkpoint
+    from lego_export.config import get_preset
+    from lego_export.export.build import BuildOptions, build
+    from lego_export.model import LegoModel
+
+    torch = pytest.importorskip("torch", reason="building test engines needs torch")
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    save_checkpoint(root / "pg-tiny.safetensors", LegoModel(get_preset("pg-tiny")))
+    build(BuildOptions(ckpt=str(root / "pg-tiny.safetensors"), out=str(root / "engines"), max_batch=64, opt_batch=16))
+    return root / "engines"
+
+
+@contextlib.contextmanager
+def running(service: ImageService):
+    """uvicorn serving the app on 127.0.0.1 (a free port) in a thread; stopped and drained on exit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        service.close(5)
+        sock.close()
+
+
+def offline(body: dict, engines: Path = TINY) -> np.ndarray:
+    """What LegoPipeline (lego-run's code) gives for the same options, at lego-run's default batch."""
+    pipe = LegoPipeline.from_engines(engines)
+    h, w = (int(v) for v in body.get("resolution", "16x16").split("x"))
+    churn = body.get("churn")
+    if isinstance(churn, dict):
+        churn = Churn(churn["s_churn"], churn.get("s_min", 0.0), churn.get("s_max", float("inf")), churn["s_noise"])
+    elif churn:
+        churn = Churn(churn)
+    skip = body.get("skip")
+    classes = [body["class"]] if "class" in body else body.get("classes")
+    kwargs = dict(num=body.get("num", 1), steps=body["steps"], sampler=body.get("sampler", "heun"))
+    kwargs.update(skip=None if skip in (None, "none") else skip, t_break=body.get("t_break", 0.2))
+    kwargs.update(resolution=(h, w), classes=classes, guidance=body.get("cfg", 1.0), seed=body.get("seed", 0))
+    return pipe(**kwargs, tile_shift=body.get("tile_shift"), churn=churn).images
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def finished(http, job_id: str, timeout: float = 60.0):
+    """GET a job until it has ended (anything but a 200 JSON status); the final response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = http.get(f"/v1/jobs/{job_id}")
+        if r.status_code != 200 or r.headers["content-type"] != "application/json":
+            return r
+        assert time.monotonic() < deadline, f"job {job_id} still {r.json()['status']}"
+        time.sleep(0.02)
+
+
+def one_line_error(response) -> str:
+    """The body is one line of JSON with exactly an error message."""
+    assert "\n" not in response.text.strip(), response.text
+    data = response.json()
+    assert set(data) >= {"error"} and isinstance(data["error"], str) and data["error"], data
+    return data["error"]
+
+
+def npz_images(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content))["images"]
+
+
+MIXED = [
+    {"num": 3, "steps": 6, "seed": 1},
+    {
+        "num": 2,
+        "steps": 9,
+        "sampler": "euler",
+        "resolution": "16x32",
+        "seed": 2,
+        "skip": "late",
+        "cfg": 2.0,
+        "class": 3,
+    },
+    {
+        "num": 1,
+        "steps": 5,
+        "resolution": "32x32",
+        "seed": 3,
+        "skip": "1@0.5:",
+        "churn": {"s_churn": 10, "s_noise": 1.003},
+    },
+    {"num": 4, "steps": 7, "seed": 4, "cfg": 1.5, "classes": [1, 2], "skip": "late", "t_break": 0.5},
+    {"num": 2, "steps": 12, "sampler": "euler", "resolution": "32x32", "seed": 5, "churn": 5},
+    {"num": 5, "steps": 4, "resolution": "16x32", "seed": 6, "tile_shift": False, "class": 9},
+    {"num": 2, "steps": 8, "resolution": "32x32", "seed": 7, "skip": "2@:5,1@0.1:", "cfg": 3.0},
+]
+
+
+def test_every_request_gets_its_offline_images_whatever_else_is_in_flight(roomy_engines):
+    # A slower engine keeps the requests overlapping, so ticks mix steps, canvases, plans and guidance.
+    service, backend = make_service(lambda engine, feeds: time.sleep(0.01), roomy_engines)
+    results: dict[int, np.ndarray] = {}
+
+    def client(i: int, body: dict, http) -> None:
+        time.sleep(0.02 * i)  # staggered arrivals: requests join while others are mid-sampling
+        results[i] = npz_images(http.post("/v1/images", json={**body, "format": "npz"}))
+
+    with running(service) as http:
+        threads = [threading.Thread(target=client, args=(i, b, http)) for i, b in enumerate(MIXED)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert len(results) == len(MIXED)
+    for i, body in enumerate(MIXED):
+        expected = offline(body, roomy_engines)
+        assert results[i].shape == expected.shape
+        np.testing.assert_allclose(results[i], expected, atol=1e-5, rtol=0, err_msg=f"request {i}: {body}")
+    # Merged: each request submits one call per engine per evaluation; far fewer calls ran.
+    stats = service.scheduler.stats.engines
+    submitted = sum(e.group_requests for e in stats.values())
+    assert len(backend.calls) < 0.6 * submitted, (len(backend.calls), submitted)
+    limits = service.scheduler.limits
+    assert all(rows <= limits[engine] for engine, rows in backend.calls)
+
+
+def test_max_batch_tiles_caps_every_engine_call():
+    service, backend = make_service(max_batch_tiles=5)
+    job = service.submit(service.parse({"num": 3, "steps": 3, "resolution": "32x32", "cfg": 2.0, "format": "npz"}))
+    job.future.result(60)
+    service.close(5)
+    assert job.state == "done"
+    assert max(rows for _, rows in backend.calls) == 5
+    expected = offline({"num": 3, "steps": 3, "resolution": "32x32", "cfg": 2.0})
+    np.testing.assert_allclose(np.load(io.BytesIO(job.body))["images"], expected, atol=1e-5, rtol=0)
+
+
+def test_calls_are_cut_at_the_measured_fastest_size_in_balanced_chunks():
+    assert balanced_chunks(70, 64) == [(0, 35), (35, 70)]
+    assert balanced_chunks(64, 64) == [(0, 64)] and balanced_chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+
+    class Curve:
+        """Seconds per call a + b n + c n^2: per row, fastest at n = sqrt(a / c) = 64."""
+
+        def infer(self, feeds):
+            n = len(feeds["tiles"])
+            time.sleep(4e-3 + 1e-4 * n + 1e-6 * n * n)
+            return {}
+
+    spec = Manifest.read(TINY).bricks[0]
+    chunk, per_row = best_chunk(Curve(), spec, 256, NumpyArrays(), reps=1)
+    assert chunk in (32, 64, 128), per_row
+    assert set(per_row) == {1, 2, 4, 8, 16, 32, 64, 128, 256}
+
+
+BAD = [
+    (b"not json", 400),
+    (b"[1, 2]", 400),
+    (b'{"cfg": NaN}', 400),
+    (b'{"cfg": 1e400}', 400),
+    (b'{"cfg": "2"}', 400),
+    (b'{"class": 10}', 400),
+    (b'{"class": -1}', 400),
+    (b'{"class": 1.5}', 400),
+    (b'{"class": 1, "classes": [2]}', 400),
+    (b'{"classes": []}', 400),
+    (b'{"steps": 0}', 400),
+    (b'{"steps": true}', 400),
+    (b'{"steps": 1000000}', 413),
+    (b'{"num": 0}', 400),
+    (b'{"num": 100}', 413),
+    (b'{"resolution": "16x20"}', 400),
+    (b'{"resolution": "abc"}', 400),
+    (b'{"resolution": 16}', 400),
+    (b'{"resolution": "0x16"}', 400),
+    (b'{"resolution": "4096x4096"}', 413),
+    (b'{"sampler": "ddim"}', 400),
+    (b'{"skip": "9@0.5:"}', 400),
+    (b'{"skip": "1@0.5"}', 400),
+    (b'{"skip": "0@1:"}', 400),
+    (b'{"skip": 3}', 400),
+    (b'{"t_break": 2}', 400),
+    (b'{"churn": -1}', 400),
+    (b'{"churn": {"s_churn": 1, "bogus": 2}}', 400),
+    (b'{"churn": {"s_churn": 1, "s_min": 5, "s_max": 1}}', 400),
+    (b'{"seed": -1}', 400),
+    (b'{"format": "gif"}', 400),
+    (b'{"async": "yes"}', 400),
+    (b'{"columns": 0}', 400),
+    (b'{"tile_shift": "on"}', 400),
+    (b'{"bogus": 1}', 400),
+    (b'{"pad": "' + b"x" * 70_000 + b'"}', 413),
+]
+
+
+def test_every_invalid_field_is_refused_with_a_one_line_json_error_before_anything_runs():
+    service, backend = make_service(limits=Limits(max_resolution=64, max_steps=100, max_images=16))
+    with running(service) as http:
+        for body, status in BAD:
+            r = http.post("/v1/images", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status, (body[:60], r.status_code, r.text)
+            one_line_error(r)
+        for method, path, status in (("GET", "/v1/jobs/nope", 404), ("DELETE", "/v1/jobs/nope", 404)):
+            assert http.request(method, path).status_code == status
+        assert http.get("/v1/images").status_code == 405
+        assert "Method Not Allowed" in one_line_error(http.get("/v1/images"))
+    assert service.scheduler.stats.requests_joined == 0 and backend.calls == []
+
+
+def test_a_request_larger_than_memory_is_refused_before_allocation():
+    service, backend = make_service(limits=Limits(max_resolution=16384, max_steps=100, max_images=1_000_000))
+    with pytest.raises(RequestError, match="needs about") as refused:
+        service.parse({"resolution": "16384x16384", "num": 64})
+    assert refused.value.status == 400
+    service.close(5)
+    assert backend.calls == []
+
+
+def test_a_full_queue_gives_429_and_the_queue_drains():
+    gate = threading.Event()
+    service, _ = make_service(lambda engine, feeds: gate.wait(30), max_active=1, max_queue=1)
+    with running(service) as http:
+        a = http.post("/v1/images", json={"steps": 2, "async": True})
+        b = http.post("/v1/images", json={"steps": 2, "async": True})
+        assert (a.status_code, b.status_code) == (202, 202)
+        wait_for(lambda: http.get("/healthz").json()["queued"] == 1, what="one job queued")
+        full = http.post("/v1/images", json={"steps": 2})
+        assert full.status_code == 429 and "queue full" in one_line_error(full)
+        assert 'lego_serve_requests_total{outcome="rejected"} 1' in http.get("/metrics").text
+        gate.set()
+        for job in (a.json()["id"], b.json()["id"]):
+            r = finished(http, job)
+            assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert http.post("/v1/images", json={"steps": 2}).status_code == 200
+
+
+def test_cancelling_a_running_job_frees_its_slot():
+    service, _ = make_service(lambda engine, feeds: time.sleep(0.01), max_active=1)
+    with running(service) as http:
+        long = http.post("/v1/images", json={"steps": 250, "async": True}).json()["id"]  # about 20 s
+        wait_for(lambda: http.get("/healthz").json()["in_flight"] == 1, what="the long job running")
+        short = http.post("/v1/images", json={"steps": 2, "async": True}).json()["id"]
+        assert http.get(f"/v1/jobs/{short}").json()["status"] == "queued"
+        assert http.delete(f"/v1/jobs/{long}").json()["status"] in ("cancelling", "cancelled")
+        start = time.monotonic()
+        assert finished(http, short, 15).headers["content-type"] == "image/png"
+        assert time.monotonic() - start < 10
+        gone = finished(http, long)
+        assert gone.status_code == 410 and "cancelled" in one_line_error(gone)
+        assert 'lego_serve_requests_total{outcome="cancelled"} 1' in http.get("/metrics").text
+
+
+def test_a_client_that_disconnects_frees_its_slot():
+    service, _ = make_service(lambda engine, feeds: time.sleep(0.01), max_active=1)
+    with running(service) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/images", json={"steps": 250}, timeout=1.0)  # gives up, closing the connection
+        wait_for(lambda: http.get("/healthz").json()["in_flight"] == 0, 10, "the slot to be freed")
+        assert 'lego_serve_requests_total{outcome="cancelled"} 1' in http.get("/metrics").text
+        assert http.post("/v1/images", json={"steps": 2}).status_code == 200
+
+
+def test_a_failing_engine_call_fails_only_the_request_it_served():
+    hold, held = threading.Event(), threading.Event()
+    raised: list[int] = []
+
+    def hook(engine: str, feeds: dict) -> None:
+        if not hold.is_set():  # the first call waits, so that the next two requests queue up
+            held.set()
+            hold.wait(30)
+        if engine == "embedder" and (feeds["class_onehot"][:, 9] == 1).any():
+            raised.append(len(feeds["class_onehot"]))
+            raise RuntimeError("simulated engine fault on class 9")
+
+    service, _ = make_service(hook, max_active=3)
+    with running(service) as http:
+        first = http.post("/v1/images", json={"steps": 3, "class": 0, "async": True, "format": "npz"}).json()["id"]
+        wait_for(held.is_set, what="the first call to be held")
+        poisoned = {"steps": 4, "class": 9, "async": True, "format": "npz", "seed": 11}
+        healthy = {"steps": 4, "class": 3, "async": True, "format": "npz", "seed": 12}
+        bad = http.post("/v1/images", json=poisoned).json()["id"]
+        good = http.post("/v1/images", json=healthy).json()["id"]
+        wait_for(lambda: service.scheduler.pending == 2, what="both embedder calls pending")
+        hold.set()
+        failed = finished(http, bad)
+        assert failed.status_code == 500 and "simulated engine fault" in one_line_error(failed)
+        assert raised[0] == 2, "the poisoned and the healthy request shared the failing call"
+        np.testing.assert_allclose(npz_images(finished(http, good)), offline(healthy), atol=1e-5, rtol=0)
+        expected_first = offline({"steps": 3, "class": 0})
+        np.testing.assert_allclose(npz_images(finished(http, first)), expected_first, atol=1e-5, rtol=0)
+        assert http.post("/v1/images", json={"steps": 2, "class": 4}).status_code == 200  # still serving
+        assert http.get("/healthz").json()["status"] == "ok"
+        assert 'lego_serve_engine_failures_total{engine="embedder"} 1' in http.get("/metrics").text
+
+
+def test_metrics_report_queue_fill_and_latency():
+    service, _ = make_service()
+    with running(service) as http:
+        assert http.post("/v1/images", json={"steps": 3, "num": 2}).status_code == 200
+        text = http.get("/metrics").text
+    for name in (
+        "lego_serve_queue_depth 0",
+        "lego_serve_requests_in_flight 0",
+        'lego_serve_requests_total{outcome="ok"} 1',
+        "lego_serve_images_total 2",
+        'lego_serve_request_latency_seconds_bucket{le="+Inf"} 1',
+        'lego_serve_engine_fill_ratio{engine="brick0"}',
+        'lego_serve_tiles_per_call_count{engine="brick2"}',
+        "lego_serve_scheduler_overhead_ratio",
+    ):
+        assert name in text, name
+    for line in text.splitlines():  # every sample line is NAME{labels} VALUE with a number
+        if not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_short_work_fails_long_work_and_exits():
+    port = free_port()
+    cmd = [sys.executable, "-m", "lego_export.serve.cli", "--engines", str(TINY), "--port", str(port)]
+    cmd += ["--drain-timeout", "5", "--max-steps", "5000", "--threads", "1", "--log-level", "warning"]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers: dict[str, httpx.Response | Exception] = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as http:
+
+            def health():
+                try:
+                    return http.get("/healthz").json()
+                except httpx.TransportError:
+                    assert server.poll() is None, server.stdout.read()
+                    return {}
+
+            wait_for(lambda: health().get("status") == "ok", 30, "lego-serve to start")
+
+            def ask(name: str, body: dict) -> None:
+                try:
+                    answers[name] = http.post("/v1/images", json=body)
+                except Exception as e:  # noqa: BLE001 - recorded and asserted below
+                    answers[name] = e
+
+            long = threading.Thread(target=ask, args=("long", {"steps": 5000, "num": 8}))
+            long.start()
+            wait_for(lambda: health().get("in_flight") == 1, 10, "the long request")
+            short = threading.Thread(target=ask, args=("short", {"steps": 20}))
+            short.start()
+            wait_for(lambda: health().get("in_flight") == 2, 10, "the short request")
+            start = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+            elapsed = time.monotonic() - start
+            long.join(10)
+            short.join(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert elapsed < 15, f"shutdown took {elapsed:.1f} s"
+    assert isinstance(answers["short"], httpx.Response) and answers["short"].status_code == 200
+    assert isinstance(answers["long"], httpx.Response), answers["long"]
+    assert answers["long"].status_code == 503 and "shutting down" in one_line_error(answers["long"])
+
+
+def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
+    runner = CliRunner()
+    for args, needle in (
+        (["--engines", str(TINY), "--max-active", "0"], "--max-active must be"),
+        (["--engines", str(TINY), "--max-resolution", "100000"], "--max-resolution must be"),
+        (["--engines", str(tmp_path / "none")], "manifest"),
+    ):
+        result = runner.invoke(lego_serve, args)
+        assert result.exit_code == 1, result.output
+        assert needle in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]'): not tested")
+    from lego_export.serve import ray_app
+
+    body = {"steps": 4, "num": 2, "class": 5, "format": "npz", "seed": 3}
+    port = free_port()
+    with ray_app.local_deployment(str(TINY), port=port, cluster_cpus=2, min_replicas=2, max_replicas=2) as url:
+        with httpx.Client(base_url=url, timeout=120, trust_env=False) as http:
+            images = npz_images(http.post("/v1/images", json=body))
+            assert one_line_error(http.post("/v1/images", json={"class": 99})).startswith("class 99")
+            job = http.post("/v1/images", json={**body, "async": True})
+            assert job.status_code == 202
+            # Requests go to either replica: every read of the job must find it.
+            answers = [finished(http, job.json()["id"]) for _ in range(8)]
+            replicas = {http.get("/healthz").json()["instance"] for _ in range(12)}
+            long = http.post("/v1/images", json={"steps": 250, "num": 32, "async": True}).json()["id"]
+            assert http.delete(f"/v1/jobs/{long}").status_code == 200  # from whichever replica
+            cancelled = finished(http, long, 20)
+    np.testing.assert_allclose(images, offline(body), atol=1e-5, rtol=0)
+    for answer in answers:
+        np.testing.assert_allclose(npz_images(answer), images, atol=0, rtol=0)
+    assert len(replicas) == 2
+    assert cancelled.status_code == 410, cancelled.text
+
+
+def test_serving_needs_no_torch(tmp_path):
+    """The server runs where the runtime runs: ONNX Runtime on the CPU, no PyTorch imported."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from lego_export.serve.service import ImageService, ServeConfig\n"
+        f"s = ImageService(ServeConfig(engines={str(TINY)!r}))\n"
+        "job = s.submit(s.parse({'steps': 2, 'format': 'npz'})); job.future.result(60); s.close(5)\n"
+        "print(job.state)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
