@@ -178,7 +178,8 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
     type=click.Choice(BACKENDS),
     default="auto",
     show_default=True,
-    help="auto: TensorRT plans when built and usable, else ONNX Runtime. torch: the PyTorch reference (needs --ckpt).",
+    help="auto: TensorRT plans when built and usable, else ONNX Runtime. openvino: OpenVINO on the CPU "
+    "(pip install '.[openvino]'). torch: the PyTorch reference (needs --ckpt).",
 )
 @click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
 @click.option(
@@ -188,7 +189,7 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
     show_default=True,
     help="Device of the torch backend.",
 )
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0 = all cores).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime / OpenVINO threads (0 = all cores).")
 @click.option(
     "--cuda-graphs", is_flag=True, help="TensorRT backend: capture each engine once per batch size and replay it."
 )
