@@ -54,6 +54,18 @@ def clean_stale(folder: str | Path) -> list[Path]:
     return removed
 
 
+_CLEANED: set[Path] = set()
+
+
+def _clean_once(folder: Path) -> None:
+    """clean_stale, once per folder per process: writing n files into one folder (an --out-dir) must
+    not scan it n times."""
+    key = folder.resolve()
+    if key not in _CLEANED:
+        clean_stale(key)
+        _CLEANED.add(key)
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -71,7 +83,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent)
+    _clean_once(path.parent)
     # mkstemp opens with O_CREAT | O_EXCL (and O_NOFOLLOW where the OS has it) under a random name.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP)
     try:
@@ -93,7 +105,7 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     the caller moved it into place (see :func:`publish_dir`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target.parent)
+    _clean_once(target.parent)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=_STAGING))
     try:
         yield staging
