@@ -90,6 +90,9 @@ def test_latent_build_refusals_are_one_line(latent_model, tmp_path):
         ),
         (["--ckpt", root / "latent.safetensors", "--vae", tmp_path], "not a diffusers model folder"),
         (["--ckpt", root / "latent.safetensors", "--latent-scale", "0.2"], "--latent-scale goes with --vae"),
+        (["--ckpt", root / "latent.safetensors", "--vae", root / "vae", "--latent-scale", "inf"], "finite positive"),
+        (["--ckpt", root / "latent.safetensors", "--vae", root / "vae", "--latent-scale", "-1"], "finite positive"),
+        (["--ckpt", root / "latent.safetensors", "--vae", root / "vae", "--latent-scale", "nan"], "finite positive"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(export_main, ["build", *map(str, args), "--out", str(tmp_path / "e")])

@@ -7,6 +7,7 @@ the bricks it is one graph over the whole latent canvas, with dynamic batch and 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -54,7 +55,9 @@ def load_vae(folder: str | Path, latent_scale: float | None, latent_channels: in
             f"--vae {folder} has {vae.config.latent_channels} latent channels; the model samples {latent_channels}"
         )
     scale = latent_scale if latent_scale is not None else float(getattr(vae.config, "scaling_factor", 0) or 0)
-    if not scale > 0:
+    if latent_scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise LegoError(f"--latent-scale must be a finite positive number, got {latent_scale}")
+    if not (math.isfinite(scale) and scale > 0):
         raise LegoError(f"--vae {folder}: no scaling_factor in its config; give --latent-scale (SD VAE: 0.18215)")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return vae, LatentSpace(scale, factor, int(vae.config.out_channels))
