@@ -1,6 +1,7 @@
 """lego-serve: merged engine calls give every request its offline images; the HTTP API refuses bad
 input with one-line JSON errors, bounds its queue, frees slots on cancel and disconnect, isolates
-engine failures and shuts down without hanging. Servers listen on 127.0.0.1 only."""
+engine failures, shuts down without hanging and exits 0 after a graceful shutdown; the load benchmark
+runs end to end. Servers listen on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def offline(body: dict, engines: Path = TINY) -> np.ndarray:
     kwargs = dict(num=body.get("num", 1), steps=body["steps"], sampler=body.get("sampler", "heun"))
     kwargs.update(skip=None if skip in (None, "none") else skip, t_break=body.get("t_break", 0.2))
     kwargs.update(resolution=(h, w), classes=classes, guidance=body.get("cfg", 1.0), seed=body.get("seed", 0))
-    return pipe(**kwargs, tile_shift=body.get("tile_shift"), churn=churn).images
+    kwargs.update(tile_shift=body.get("tile_shift"), churn=churn, reuse_residual=body.get("reuse_residual", False))
+    return pipe(**kwargs).images
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -186,6 +188,7 @@ MIXED = [
     {"num": 2, "steps": 12, "sampler": "euler", "resolution": "32x32", "seed": 5, "churn": 5},
     {"num": 5, "steps": 4, "resolution": "16x32", "seed": 6, "tile_shift": False, "class": 9},
     {"num": 2, "steps": 8, "resolution": "32x32", "seed": 7, "skip": "2@:5,1@0.1:", "cfg": 3.0},
+    {"num": 2, "steps": 6, "sampler": "dpm2m", "seed": 8, "skip": "late", "t_break": 0.5, "reuse_residual": True},
 ]
 
 
@@ -268,6 +271,8 @@ BAD = [
     (b'{"resolution": "0x16"}', 400),
     (b'{"resolution": "4096x4096"}', 413),
     (b'{"sampler": "ddim"}', 400),
+    (b'{"sampler": "dpm2m", "churn": 5}', 400),
+    (b'{"reuse_residual": 1}', 400),
     (b'{"skip": "9@0.5:"}', 400),
     (b'{"skip": "1@0.5"}', 400),
     (b'{"skip": "0@1:"}', 400),
@@ -298,6 +303,22 @@ def test_every_invalid_field_is_refused_with_a_one_line_json_error_before_anythi
         assert http.get("/v1/images").status_code == 405
         assert "Method Not Allowed" in one_line_error(http.get("/v1/images"))
     assert service.scheduler.stats.requests_joined == 0 and backend.calls == []
+
+
+def test_every_sampler_and_residual_reuse_reach_the_pipeline():
+    """What lego-run accepts, lego-serve accepts: --sampler dpm2m and --reuse-residual each change the
+    images, and the server gives the offline ones for each."""
+    service, _ = make_service()
+    base = {"num": 2, "steps": 6, "seed": 5, "class": 4, "skip": "late", "t_break": 0.5, "format": "npz"}
+    variants = {"base": {}, "dpm2m": {"sampler": "dpm2m"}, "reuse": {"reuse_residual": True}}
+    with running(service) as http:
+        images = {k: npz_images(http.post("/v1/images", json={**base, **v})) for k, v in variants.items()}
+        unknown = http.post("/v1/images", json={**base, "sampler": "ddim"})
+    assert unknown.status_code == 400 and "heun, euler, dpm2m" in one_line_error(unknown)
+    for name, extra in variants.items():
+        np.testing.assert_allclose(images[name], offline({**base, **extra}), atol=1e-5, rtol=0, err_msg=name)
+    for name in ("dpm2m", "reuse"):
+        assert np.abs(images[name] - images["base"]).max() > 1e-3, f"{name} did not change the images"
 
 
 def test_a_request_larger_than_memory_is_refused_before_allocation():
@@ -454,9 +475,36 @@ def test_sigterm_finishes_short_work_fails_long_work_and_exits():
             server.kill()
             server.wait()
     assert elapsed < 15, f"shutdown took {elapsed:.1f} s"
+    assert server.returncode == 0, f"exit status {server.returncode} after a graceful shutdown"
     assert isinstance(answers["short"], httpx.Response) and answers["short"].status_code == 200
     assert isinstance(answers["long"], httpx.Response), answers["long"]
     assert answers["long"].status_code == 503 and "shutting down" in one_line_error(answers["long"])
+
+
+def test_ctrl_c_on_an_idle_server_exits_0_without_a_message():
+    port = free_port()
+    cmd = [sys.executable, "-m", "lego_export.serve.cli", "--engines", str(TINY), "--port", str(port)]
+    cmd += ["--threads", "1", "--no-calibrate", "--log-level", "warning"]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False) as http:
+
+            def up() -> bool:
+                try:
+                    return http.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    assert server.poll() is None, server.stdout.read()
+                    return False
+
+            wait_for(up, 30, "lego-serve to start")
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, (server.returncode, output)
+    assert "Aborted" not in output and "Traceback" not in output, output
 
 
 def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
@@ -494,6 +542,31 @@ def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
         np.testing.assert_allclose(npz_images(answer), images, atol=0, rtol=0)
     assert len(replicas) == 2
     assert cancelled.status_code == 410, cancelled.text
+
+
+def test_the_load_benchmark_runs_both_servers_and_checks_their_images(tmp_path):
+    """benchmarks/serve.py end to end on the tiny engines: the baseline server and lego-serve, each at
+    saturation and one Poisson rate, their images equal to the offline ones."""
+    import json
+
+    out = tmp_path / "serve"
+    cmd = [sys.executable, "benchmarks/serve.py", "--engines", str(TINY), "--small", "--requests", "4"]
+    cmd += ["--rates", "0.5", "--check", "2", "--no-calibrate", "--threads", "1", "--out", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["server"], r["arrivals"]) for r in data["rows"]] == [
+        ("baseline", "all at once"),
+        ("baseline", "Poisson 50%"),
+        ("lego-serve", "all at once"),
+        ("lego-serve", "Poisson 50%"),
+    ]
+    for row in data["rows"]:
+        assert row["errors"] == [] and row["requests"] == 4 and row["images_checked"] == 2, row
+        assert row["max_abs_diff_vs_offline"] <= 1e-5 and 0 < row["p50_s"] <= row["p99_s"]
+    assert data["rows"][2]["engines"]["brick0"]["tiles_per_call"] > 0
+    assert data["summary"]["saturation_throughput_ratio"] > 0 and data["summary"]["notes"] == []
+    assert "Saturation throughput ratio" in out.with_suffix(".md").read_text()
 
 
 def test_serving_needs_no_torch(tmp_path):

@@ -6,7 +6,9 @@ curl -s localhost:8000/v1/images -d '{"class": 7, "num": 8, "steps": 18}' -o gri
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 
 import click
@@ -92,6 +94,8 @@ def main(
     lego-serve --engines engines/ --port 8000
     curl -s localhost:8000/v1/images -d '{"class": 7, "num": 8, "steps": 18}' -o grid.png
     curl -s localhost:8000/metrics
+
+    SIGTERM or Ctrl-C drains running requests (--drain-timeout) and exits with status 0.
     """
     try:
         config = make_config(
@@ -184,7 +188,30 @@ def serve(service, host: str, port: int, drain_timeout: float, log_level: str = 
         timeout_graceful_shutdown=drain_timeout + 5.0,  # the drain's 503 answers still go out
         access_log=log_level == "debug",
     )
-    DrainingServer(config).run(sockets=sockets)
+    server = DrainingServer(config)
+    with exit_normally_after_signals(server):
+        server.run(sockets=sockets)
+
+
+@contextlib.contextmanager
+def exit_normally_after_signals(server):
+    """Exit status 0 after a graceful shutdown on SIGTERM or Ctrl-C.
+
+    uvicorn handles SIGTERM / SIGINT while it runs and, once it has shut down, raises the same
+    signal again with the previous handlers back in place: with the default ones the process then
+    dies by SIGTERM (status -15, 143 in a shell) or, on Ctrl-C, click prints "Aborted!" and exits 1,
+    although the drain went as designed. The handlers installed here stand in as "previous": they
+    hand a signal to the server (a signal that comes before uvicorn listens still stops it cleanly),
+    so the re-raised one ends nothing and lego-serve returns normally."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; uvicorn does not install handlers either
+        return
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

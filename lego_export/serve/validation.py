@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from lego_export.edm import Churn
+from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
 from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
 
@@ -32,6 +32,7 @@ FIELDS = {
     "format",
     "columns",
     "tile_shift",
+    "reuse_residual",
     "async",
 }
 CHURN_FIELDS = {"s_churn", "s_min", "s_max", "s_noise"}
@@ -69,6 +70,7 @@ class ImageRequest:
     seed: int = 0
     churn: Churn | None = None
     tile_shift: bool | None = None
+    reuse_residual: bool = False
     format: str = "png"
     columns: int = 8
     is_async: bool = False
@@ -89,6 +91,7 @@ class ImageRequest:
             batch=self.num,
             tile_shift=self.tile_shift,
             churn=self.churn,
+            reuse_residual=self.reuse_residual,
         )
 
     @property
@@ -210,7 +213,7 @@ def parse_image_request(data: dict, planner: LegoPipeline, limits: Limits) -> Im
     req = ImageRequest(
         num=_int(data, "num", 1, 1, limits.max_images, over_limit=True),
         steps=_int(data, "steps", 50, 1, limits.max_steps, over_limit=True),
-        sampler=_choice(data, "sampler", "heun", ("heun", "euler")),
+        sampler=_choice(data, "sampler", "heun", SAMPLERS),
         skip=_skip(data),
         t_break=_float(data.get("t_break", DEFAULT_T_BREAK), "t_break"),
         resolution=_resolution(data.get("resolution"), limits),
@@ -226,6 +229,9 @@ def parse_image_request(data: dict, planner: LegoPipeline, limits: Limits) -> Im
     if tile_shift is not None and not isinstance(tile_shift, bool):
         raise RequestError(400, f"tile_shift must be true, false or null, got {tile_shift!r}")
     req.tile_shift = tile_shift
+    req.reuse_residual = data.get("reuse_residual", False)
+    if not isinstance(req.reuse_residual, bool):
+        raise RequestError(400, f"reuse_residual must be true or false, got {req.reuse_residual!r}")
     if not isinstance(req.is_async, bool):
         raise RequestError(400, f"async must be true or false, got {req.is_async!r}")
     check_with_pipeline(req, planner)
@@ -233,7 +239,8 @@ def parse_image_request(data: dict, planner: LegoPipeline, limits: Limits) -> Im
 
 
 def check_with_pipeline(req: ImageRequest, planner: LegoPipeline) -> None:
-    """The checks lego-run makes, from the runtime itself: memory, canvas, skip policy, classes, cfg, churn."""
+    """The checks lego-run makes, from the runtime itself: memory, canvas, skip policy, classes, cfg, churn
+    (and its sampler)."""
     try:
         if not math.isfinite(req.guidance):
             raise LegoError(f"cfg must be a finite number, got {req.guidance}")
@@ -245,6 +252,8 @@ def check_with_pipeline(req: ImageRequest, planner: LegoPipeline) -> None:
         check_request(req.num, req.num, req.seed, req.steps, hw, planner.channels)
         if req.churn is not None:
             req.churn.validate()
+            if req.sampler == "dpm2m":
+                raise LegoError("churn works with the heun and euler samplers, not dpm2m")
         planner.plan(req.steps, req.skip, req.t_break, hw, req.tile_shift, req.seed)
         planner.labels_for(req.num, req.classes, range(req.num))
     except LegoError as e:
