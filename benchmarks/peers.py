@@ -2,14 +2,16 @@
 
     python benchmarks/peers.py --engines engines --ckpt checkpoints/fmnist-pg-s.safetensors
 
-Peers: PyTorch eager, torch.compile, ONNX Runtime on the portable graphs, ONNX Runtime on the fused
-graphs (this project's default), and OpenVINO reading the portable ONNX files (if installed), in
-fp32 and, as a lower-precision reference, in bf16 (OpenVINO's default on CPUs with bf16 units). Each
+Peers in fp32: PyTorch eager, torch.compile, ONNX Runtime on the portable and on the fused graphs,
+and OpenVINO reading the portable ONNX files (if installed). In lower precision: OpenVINO in bf16
+(its default on CPUs with bf16 units), and the int8 graphs of `lego-export build --int8` on ONNX
+Runtime and OpenVINO (skipped when the engines have none). Each
 peer lives in its own worker process (one runtime's spinning thread pool slows the next by up to
 10x when they share a process), and every worker but the one being timed is stopped (SIGSTOP), so
 no idle pool spins meanwhile; the coordinator asks them in turn, round after round, to time a few
 calls on the same inputs, so that the machine's drift hits every peer alike. Reports the median per
-peer, its ratio to the fastest, and GFLOP/s against this machine's measured matmul rate.
+peer, its ratio to the fastest, its speed-up over the fastest fp32 peer, and GFLOP/s against this
+machine's measured matmul rate.
 Writes benchmarks/results/peers.{json,md}.
 """
 
@@ -29,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, matmul_peak_gflops, write_json  # noqa: E402
 
-PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused", "openvino-bf16")
+PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused", "openvino-bf16", "ort-int8", "openvino-int8")
+LOW_PRECISION = {"openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
 
 
 # -- worker side --------------------------------------------------------------------------------------
@@ -64,16 +67,15 @@ def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
 
         return step
 
+    precision = LOW_PRECISION.get(peer, "fp32")
     if peer.startswith("openvino"):
         from lego_export.runtime.backends import OpenVinoBackend
 
-        backend = OpenVinoBackend(Path(engines), manifest, threads)
-        if peer == "openvino-bf16":  # OpenVINO's own default on CPUs with bf16 units: not fp32 parity
-            backend.config["INFERENCE_PRECISION_HINT"] = "bf16"
+        backend = OpenVinoBackend(Path(engines), manifest, threads, precision)
     else:
         from lego_export.runtime.backends import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(Path(engines), manifest, threads=threads)
+        backend = OnnxRuntimeBackend(Path(engines), manifest, threads=threads, precision=precision)
         if peer == "ort-portable":
             backend.formats = ("onnx",)
     pipe = LegoPipeline(manifest, backend)
@@ -99,12 +101,15 @@ def worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> None
 # -- coordinator ----------------------------------------------------------------------------------------
 
 
-def available(peer: str) -> str | None:
+def available(peer: str, engines: str) -> str | None:
     """Why a peer cannot run here, or None."""
     import importlib.util
 
-    need = {"openvino": "openvino", "openvino-bf16": "openvino", "eager": "torch", "compile": "torch"}
-    need = need.get(peer, "onnxruntime")
+    from lego_export.manifest import Manifest
+
+    if LOW_PRECISION.get(peer) == "int8" and any("onnx-int8" not in e.files for e in Manifest.read(engines).bricks):
+        return "no int8 files: build with lego-export build --int8"
+    need = "openvino" if peer.startswith("openvino") else "torch" if peer in ("eager", "compile") else "onnxruntime"
     return None if importlib.util.find_spec(need) else f"{need} is not installed"
 
 
@@ -127,7 +132,7 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
 
     cfg = Manifest.read(engines).model
     gflop = sum(model_brick_flops(cfg)) * batch / 1e9
-    skipped = {p: available(p) for p in peers.split(",")}
+    skipped = {p: available(p, engines) for p in peers.split(",")}
     workers = {}
     for peer, why in skipped.items():
         if why:
@@ -162,12 +167,15 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
     peak = matmul_peak_gflops(threads)["peak"]
     medians = {p: float(np.median(t)) for p, t in times.items()}
     fastest = min(medians.values())
+    fastest_fp32 = min(ms for p, ms in medians.items() if p not in LOW_PRECISION)
     rows = [
         {
             "peer": p,
             "median_ms": ms,
             "p90_ms": float(np.percentile(times[p], 90)),
+            "precision": LOW_PRECISION.get(p, "fp32"),
             "vs_fastest": ms / fastest,
+            "speedup_vs_fastest_fp32": fastest_fp32 / ms,
             "gflops": gflop / (ms / 1e3),
             "of_peak": gflop / (ms / 1e3) / peak,
         }
@@ -181,7 +189,9 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
         ("peer", "peer", ""),
         ("median_ms", "ms / step (median)", ".1f"),
         ("p90_ms", "p90 ms", ".1f"),
+        ("precision", "precision", ""),
         ("vs_fastest", "x fastest", ".2f"),
+        ("speedup_vs_fastest_fp32", "speed-up vs fastest fp32", ".2f"),
         ("gflops", "GFLOP/s", ".0f"),
         ("of_peak", "of matmul peak", ".0%"),
     ]

@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_json  # noqa: E402
 
+from lego_export.fid import fid  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_train.data import load_dataset, load_idx_dir  # noqa: E402
 
@@ -98,19 +99,6 @@ def load_classifier(retrain: bool) -> Classifier:
 def features_and_logits(model: Classifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     feats, logits = zip(*(model(images[i : i + 500]) for i in range(0, len(images), 500)), strict=True)
     return torch.cat(feats).double().numpy(), torch.cat(logits).numpy()
-
-
-def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # trace(sqrt(cov_a cov_b)) from the eigenvalues of sqrt(cov_a) cov_b sqrt(cov_a), which is symmetric.
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    eig = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
-    return float(
-        ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(eig, 0, None)).sum()
-    )
 
 
 def kid(a: np.ndarray, b: np.ndarray, subsets: int = 50, size: int = 1000, seed: int = 0) -> float:

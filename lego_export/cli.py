@@ -59,6 +59,13 @@ class _Progress:
     "and residual adds stay fp32, inputs and outputs fp32. No faster on CPUs.",
 )
 @click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write int8 brick graphs (brickK.int8.onnx) for CPUs: static quantization calibrated on the "
+    "model's own chain inputs, verified against PyTorch; attention products, adaLN and the final "
+    "projection stay fp32. Run them with lego-run --precision int8.",
+)
+@click.option(
     "--target",
     type=click.Choice(["onnx", "tensorrt"]),
     default="onnx",
@@ -91,6 +98,13 @@ class _Progress:
     default=None,
     help="With --vae: latents = VAE latents x this [default: the VAE config's scaling_factor, 0.18215 for SD].",
 )
+@click.option(
+    "--recommended",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Attach a sampling setting that lego-export tune --save wrote for this checkpoint "
+    "[default: keep the one in --out when rebuilding the same checkpoint].",
+)
 @click.option("--force", is_flag=True, help="Replace engines of another checkpoint in --out.")
 @one_line_errors()
 def build(
@@ -98,6 +112,7 @@ def build(
     from_onnx,
     out,
     fp16,
+    int8,
     target,
     max_batch,
     opt_batch,
@@ -108,10 +123,13 @@ def build(
     hardware_compatible,
     vae,
     latent_scale,
+    recommended,
     force,
 ) -> None:
     """Export every brick and the embedder, verify them against PyTorch, write manifest.json."""
     if from_onnx:
+        if int8:
+            raise LegoError("--int8 needs --ckpt: its calibration runs the PyTorch model")
         _plans_from_onnx(
             Path(from_onnx),
             Path(out) if out != "engines" else Path(from_onnx),
@@ -129,6 +147,7 @@ def build(
         ckpt=ckpt,
         out=out,
         fp16=fp16,
+        int8=int8,
         target=target,
         max_batch=max_batch,
         opt_batch=opt_batch,
@@ -138,6 +157,7 @@ def build(
         force=force,
         vae=vae,
         latent_scale=latent_scale,
+        recommended=recommended,
     )
     start = time.perf_counter()
     progress = _Progress(total=1 + _brick_count(ckpt) + (vae is not None))
@@ -193,6 +213,8 @@ def _manifest_table(manifest, folder: Path) -> str:
             f"\nlatent model: the decoder engine turns latents (scale {lat.scale:g}) into {lat.image_channels}-channel "
             f"images {lat.factor}x the latent size"
         )
+    if manifest.recommended is not None:
+        head += f"\nrecommended sampling setting (lego-export tune): {manifest.recommended.describe()}"
     return head + "\n" + "\n".join(lines)
 
 
@@ -280,3 +302,117 @@ def import_checkpoint(checkpoint: str, out: str, entry: str) -> None:
 
     click.echo(convert(checkpoint, out, entry))
     click.echo(f"wrote {out}")
+
+
+@export_main.command()
+@click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
+@click.option(
+    "--features",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="ONNX feature extractor: float32 images N x C x H x W in [-1, 1] -> features N x D.",
+)
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help=".npz with the real data's feature statistics (mu, sigma) or its images (uint8).",
+)
+@click.option("--max-fid-increase", default=0.05, show_default=True, help="Budget: FID <= reference FID x (1 + this).")
+@click.option(
+    "--candidates",
+    default="dpm2m:8,dpm2m:10,dpm2m:12,dpm2m:18",
+    show_default=True,
+    help="Samplers and step counts to search, SAMPLER:STEPS,...",
+)
+@click.option("--reference-setting", default="heun:50", show_default=True, help="What the budget is relative to.")
+@click.option(
+    "--reuse-residual/--no-reuse-residual",
+    default=True,
+    show_default=True,
+    help="Search skip windows with residual reuse (lego-run --reuse-residual).",
+)
+@click.option("--num", default=1000, show_default=True, help="Images per trial (the same seeds and classes for all).")
+@click.option("--batch", default=64, show_default=True, help="Images per denoiser call.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the search; seed + 1 validates the winner.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True)
+@click.option("--threads", default=0, show_default=True, help="Runtime threads (0 = all cores).")
+@click.option("--save", default=None, help="Also write the recommended setting as JSON (for build --recommended).")
+@click.option("--dry-run", is_flag=True, help="Search and report; leave manifest.json as it is.")
+@one_line_errors()
+def tune(
+    engines,
+    features,
+    reference,
+    max_fid_increase,
+    candidates,
+    reference_setting,
+    reuse_residual,
+    num,
+    batch,
+    seed,
+    backend,
+    threads,
+    save,
+    dry_run,
+) -> None:
+    """Find the sampling setting with the fewest brick FLOPs whose FID stays within budget of the
+    reference, and write it into manifest.json as the model's recommended default (lego-run uses it
+    when given no sampling option).
+
+    \b
+    lego-export tune --engines engines/ --features features.onnx --reference data-stats.npz
+    """
+    import json
+    import math
+    from dataclasses import asdict
+
+    from lego_export.atomic import atomic_write, check_output, folder_lock
+    from lego_export.manifest import Manifest
+    from lego_export.runtime.pipeline import LegoPipeline, check_request
+    from lego_export.runtime.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
+
+    if not (math.isfinite(max_fid_increase) and 0 <= max_fid_increase <= 10):
+        raise LegoError(f"--max-fid-increase must be from 0 to 10, got {max_fid_increase}")
+    search = parse_settings(candidates)
+    ref_settings = parse_settings(reference_setting)
+    if len(ref_settings) != 1:
+        raise LegoError(f"--reference-setting takes one SAMPLER:STEPS, got {reference_setting!r}")
+    ref_sampler, ref_steps = ref_settings[0]
+    check_output(save, "--save")
+    manifest = Manifest.read(engines)
+    model = manifest.model
+    most_steps = max(ref_steps, *(steps for _, steps in search))
+    check_request(num, batch, seed + 1, most_steps, (model.img_resolution,) * 2, model.img_channels)
+    if num < 2:
+        raise LegoError("--num must be at least 2 (FID needs a covariance)")
+    net = FeatureNet(features, model.img_channels, threads)
+    stats = load_reference(reference, net)
+    pipe = LegoPipeline.from_engines(engines, backend, threads=threads)
+    tuner = Tuner(pipe, net, stats, num, batch, seed, log=lambda m: click.echo(m, err=True))
+    result = tuner.run(Setting(ref_sampler, ref_steps), search, max_fid_increase, reuse_residual)
+    tuner.validate(result, seed + 1)
+    chosen = recommendation(
+        result,
+        pipe,
+        manifest.source["sha256"],
+        {"max_fid_increase": max_fid_increase, "images": num, "seed": seed, "backend": backend},
+    )
+    click.echo(
+        f"recommended: {chosen.describe()}: FID {result.winner.fid:.3f} vs {result.reference.fid:.3f} "
+        f"(validation {result.validation['fid_vs_reference']:.3f}x), "
+        f"{chosen.measured['speedup_in_flops']:.1f}x fewer brick FLOPs than {result.reference.setting.label()}"
+    )
+    if save:
+        with atomic_write(save) as f:
+            f.write((json.dumps(asdict(chosen), indent=2) + "\n").encode())
+        click.echo(f"wrote {save}")
+    if dry_run:
+        return
+    with folder_lock(Path(engines), "lego-export tune"):
+        current = Manifest.read(engines)
+        if current.source != manifest.source:
+            raise LegoError(f"{engines} was rebuilt from another checkpoint while tuning; nothing written")
+        current.recommended = chosen
+        current.write(engines)
+    click.echo(f"wrote the recommended setting into {Path(engines) / 'manifest.json'}")

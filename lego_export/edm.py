@@ -106,6 +106,11 @@ class Churn:
 SAMPLERS = ("heun", "euler", "dpm2m")
 
 
+def evaluations(sampler: str, steps: int) -> int:
+    """Denoiser evaluations per image: Heun's last step is a plain Euler step (EDM, Algorithm 1)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
 def sample(
     denoise: Callable,
     noise,

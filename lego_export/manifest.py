@@ -20,6 +20,7 @@ from lego_export import contract
 from lego_export.atomic import atomic_write
 from lego_export.config import LegoConfig
 from lego_export.contract import TensorSpec
+from lego_export.edm import SAMPLERS
 from lego_export.errors import LegoError
 
 # 2: the model entry is the full model config, EDM constants included (1 had a separate "edm").
@@ -28,8 +29,10 @@ MANIFEST_FILE = "manifest.json"
 
 # Formats an engine may come in. "onnx" is the portable graph (TensorRT and any ORT provider);
 # "onnx-ort" uses ONNX Runtime contrib ops (fused attention) and only loads in ONNX Runtime;
-# "tensorrt" is a serialized plan, tied to one GPU architecture and TensorRT version.
-FORMATS = ("onnx", "onnx-ort", "tensorrt")
+# "tensorrt" is a serialized plan, tied to one GPU architecture and TensorRT version; "onnx-int8" is a
+# brick graph with int8 matrix products (QDQ, export/quantize.py) for CPU runtimes.
+FORMATS = ("onnx", "onnx-ort", "tensorrt", "onnx-int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -37,7 +40,7 @@ class EngineFile:
     path: str  # relative to the engines folder
     sha256: str
     bytes: int
-    precision: str  # "fp32" or "fp16" (inside the graph; inputs and outputs stay fp32)
+    precision: str  # "fp32", "fp16" or "int8" (inside the graph; inputs and outputs stay fp32)
     verification: dict | None = None  # error against PyTorch, see export/verify.py
     build: dict = field(default_factory=dict)  # e.g. TensorRT version and GPU compute capability
 
@@ -68,6 +71,26 @@ class LatentSpace:
 
 
 @dataclass
+class Recommended:
+    """The sampling setting `lego-export tune` chose for this model, and what it measured choosing it.
+
+    lego-run uses it when no sampling option is given; ``measured`` is for people (FID, budget, FLOPs).
+    """
+
+    sampler: str
+    steps: int
+    skip_policy: str  # per-brick sigma windows, "k@lo:hi,..." (runtime/schedule.py); "" is the full chain
+    reuse_residual: bool
+    checkpoint_sha256: str  # the weights it was tuned on
+    measured: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        skip = f"skip {self.skip_policy}" if self.skip_policy else "full chain"
+        reuse = ", residual reuse" if self.reuse_residual else ""
+        return f"{self.sampler}, {self.steps} steps, {skip}{reuse}"
+
+
+@dataclass
 class Manifest:
     model: LegoConfig  # bricks in order (size, patch, depth, width, heads), channels, classes, EDM constants
     source: dict  # checkpoint file name and sha256
@@ -75,6 +98,7 @@ class Manifest:
     engines: list[EngineSpec]
     schema_version: int = SCHEMA_VERSION
     latent: LatentSpace | None = None  # set when the model works in an autoencoder's latent space
+    recommended: Recommended | None = None  # written by lego-export tune
 
     @property
     def num_classes(self) -> int:
@@ -118,7 +142,7 @@ class Manifest:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise LegoError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a manifest")
         try:
-            data = json.loads(path.read_text(), parse_constant=_no_constant)
+            data = json.loads(path.read_text(), parse_constant=reject_json_constant)
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise LegoError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
@@ -182,11 +206,12 @@ MAX_BATCH = 1 << 24  # tiles per engine call
 MAX_DIM = 1 << 16
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")  # no separators, no "..", not hidden
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines", "latent"}
+_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines", "latent", "recommended"}
+_SKIP_SPEC = re.compile(r"^[0-9@:.,eE+\-]{0,200}$")
 _SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]{0,2})?[HW]$")  # a decoder's latent height/width, times a factor
 
 
-def _no_constant(name: str):
+def reject_json_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
@@ -264,7 +289,7 @@ def _file(value, where: str) -> EngineFile:
         _str(f["path"], f"{where}.path", _PLAIN_NAME),
         _str(f["sha256"], f"{where}.sha256", _SHA256),
         _int(f["bytes"], f"{where}.bytes", 1, MAX_ENGINE_BYTES),
-        _str(f["precision"], f"{where}.precision", None, ("fp32", "fp16")),
+        _str(f["precision"], f"{where}.precision", None, PRECISIONS),
         verification,
         build,
     )
@@ -301,7 +326,7 @@ def _engine(value, where: str, num_bricks: int) -> EngineSpec:
 
 def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     """A Manifest from its JSON form, every field checked; one-line LegoError naming the first bad one."""
-    d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent"})
+    d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent", "recommended"})
     _int(d["schema_version"], f"{where}: schema_version", SCHEMA_VERSION, SCHEMA_VERSION)
     model = _obj(d["model"], f"{where}: model")
     _finite_tree(model, f"{where}: model")
@@ -347,4 +372,23 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     paths = [f.path for e in engines for f in e.files.values()]
     if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
         raise LegoError(f"{where}: engines: two entries name the same file")
-    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent)
+    recommended = None if d.get("recommended") is None else parse_recommended(d["recommended"], f"{where}: recommended")
+    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent, recommended)
+
+
+def parse_recommended(value, where: str) -> Recommended:
+    """A Recommended from its JSON form (a manifest's section, or the file `lego-export tune --save` wrote)."""
+    r = _obj(value, where, {"sampler", "steps", "skip_policy", "reuse_residual", "checkpoint_sha256", "measured"})
+    _finite_tree(_obj(r["measured"], f"{where}.measured"), f"{where}.measured")
+    if not isinstance(r["reuse_residual"], bool):
+        raise LegoError(f"{where}.reuse_residual: expected true or false, got {r['reuse_residual']!r}")
+    if not isinstance(r["skip_policy"], str) or not _SKIP_SPEC.match(r["skip_policy"]):
+        raise LegoError(f"{where}.skip_policy: expected rules like '2@0.5:', got {r['skip_policy']!r}")
+    return Recommended(
+        _str(r["sampler"], f"{where}.sampler", None, SAMPLERS),
+        _int(r["steps"], f"{where}.steps", 1, 10_000),
+        r["skip_policy"],
+        r["reuse_residual"],
+        _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256),
+        dict(r["measured"]),
+    )

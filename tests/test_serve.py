@@ -321,6 +321,31 @@ def test_every_sampler_and_residual_reuse_reach_the_pipeline():
         assert np.abs(images[name] - images["base"]).max() > 1e-3, f"{name} did not change the images"
 
 
+def test_the_models_recommended_setting_is_the_default_unless_the_request_says_how_to_sample(tmp_path):
+    """As lego-run: a manifest's recommended setting applies to a request that names no sampling field."""
+    import json
+    import shutil
+
+    engines = tmp_path / "engines"
+    shutil.copytree(TINY, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    setting = {"sampler": "dpm2m", "steps": 4, "skip_policy": "2@1:", "reuse_residual": True}
+    manifest["recommended"] = {**setting, "checkpoint_sha256": "a" * 64, "measured": {}}
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    service, _ = make_service(engines=engines)
+    base = {"num": 2, "seed": 3, "class": 1, "format": "npz"}
+    with running(service) as http:
+        default = npz_images(http.post("/v1/images", json=base))
+        plain = npz_images(http.post("/v1/images", json={**base, "recommended": False}))
+        fifty = npz_images(http.post("/v1/images", json={**base, "steps": 50}))
+        bad = http.post("/v1/images", json={**base, "recommended": "yes"})
+    tuned = {"sampler": "dpm2m", "steps": 4, "skip": "2@1:", "reuse_residual": True}
+    np.testing.assert_allclose(default, offline({**base, **tuned}, engines), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(plain, fifty)
+    assert np.abs(default - plain).max() > 1e-2
+    assert bad.status_code == 400 and "recommended must be true or false" in one_line_error(bad)
+
+
 def test_a_request_larger_than_memory_is_refused_before_allocation():
     service, backend = make_service(limits=Limits(max_resolution=16384, max_steps=100, max_images=1_000_000))
     with pytest.raises(RequestError, match="needs about") as refused:

@@ -6,6 +6,7 @@ engine passes verification is moved into place, engine files first and the manif
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -22,8 +23,18 @@ from lego_export.atomic import folder_lock, staging_dir
 from lego_export.checkpoint import load_model
 from lego_export.errors import LegoError
 from lego_export.export import onnx as onnx_export
+from lego_export.export import quantize
 from lego_export.export.verify import measure_error, record_engine_inputs
-from lego_export.manifest import MANIFEST_FILE, EngineFile, EngineSpec, Manifest, sha256_file
+from lego_export.manifest import (
+    MANIFEST_FILE,
+    EngineFile,
+    EngineSpec,
+    Manifest,
+    Recommended,
+    parse_recommended,
+    reject_json_constant,
+    sha256_file,
+)
 from lego_export.model import LegoModel
 from lego_export.runtime.backends import OnnxRuntimeRunner  # the public runner, for verification only
 
@@ -35,6 +46,7 @@ class BuildOptions:
     ckpt: str
     out: str = "engines"
     fp16: bool = False
+    int8: bool = False  # also write int8 brick graphs (export/quantize.py) for CPU runtimes
     target: str = "onnx"  # "onnx" or "tensorrt"
     max_batch: int = 64  # images per engine call (CFG doubles a batch); bricks see this x tiles per image
     opt_batch: int = 32  # the batch TensorRT tunes for (16 images with guidance)
@@ -44,6 +56,7 @@ class BuildOptions:
     force: bool = False
     vae: str | None = None  # latent models: a diffusers AutoencoderKL folder, exported as the decoder engine
     latent_scale: float | None = None  # default: the VAE config's scaling_factor
+    recommended: str | None = None  # a setting `lego-export tune --save` wrote for this checkpoint
 
 
 @dataclass
@@ -109,6 +122,21 @@ def check_output_folder(out: Path, ckpt_sha: str, force: bool) -> Manifest | Non
     return old
 
 
+def read_recommended(path: str, ckpt_sha: str) -> Recommended:
+    """The JSON `lego-export tune --save` wrote, checked, and tuned on these very weights."""
+    file = Path(path)
+    if not file.is_file() or file.stat().st_size > 1 << 20:
+        raise LegoError(f"--recommended {path}: not a file of at most 1 MB")
+    try:
+        data = json.loads(file.read_text(), parse_constant=reject_json_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LegoError(f"--recommended {path} is not valid JSON ({e})") from None
+    recommended = parse_recommended(data, f"--recommended {path}")
+    if recommended.checkpoint_sha256 != ckpt_sha:
+        raise LegoError(f"--recommended {path} was tuned on other weights (its checkpoint_sha256 differs)")
+    return recommended
+
+
 def toolchain(opset: int) -> dict:
     import onnx
     import onnxruntime
@@ -166,11 +194,22 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     if not 1 <= opts.max_batch <= 65536:
         raise LegoError(f"--max-batch must be between 1 and 65536, got {opts.max_batch}")
     onnx_export.check_opset(opts.opset)
+    if opts.int8 and opts.fp16:
+        raise LegoError(
+            "--int8 and --fp16 do not combine: int8 is calibrated on the fp32 graphs for CPUs, fp16 is for "
+            "GPUs; build them into separate folders"
+        )
+    if opts.int8 and opts.target == "tensorrt":
+        raise LegoError(
+            "--int8 writes CPU graphs (uint8 activations, calibrated for ONNX Runtime and OpenVINO) that "
+            "TensorRT does not take; build the TensorRT plans without --int8"
+        )
     ckpt = Path(opts.ckpt)
     model = load_model(ckpt).float()
     ckpt_sha = sha256_file(ckpt)
     out = Path(opts.out)
     check_output_folder(out, ckpt_sha, opts.force)  # before any work; again under the lock below
+    recommended = read_recommended(opts.recommended, ckpt_sha) if opts.recommended else None
 
     vae = latent_space = None
     if opts.vae is not None:
@@ -183,8 +222,15 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     precision = "fp16" if opts.fp16 else "fp32"
     # A few canvases give every brick thousands of real tiles; larger N are drawn from them.
     recorded = record_engine_inputs(model, min(opts.max_batch, RECORDED_IMAGES)) if opts.verify else {}
+    calibration = {}
+    if opts.int8:  # more canvases than for verification, and other ones (see quantize.py)
+        calibration = record_engine_inputs(model, quantize.CALIBRATION_IMAGES, seed=quantize.CALIBRATION_SEED)
     with folder_lock(out, "lego-export build"), staging_dir(out / "build") as staging:
         old = check_output_folder(out, ckpt_sha, opts.force)
+        if recommended is None and old is not None and old.recommended is not None:
+            # A rebuild of the same weights keeps the tuned setting; other weights need tuning again.
+            if old.recommended.checkpoint_sha256 == ckpt_sha:
+                recommended = old.recommended
         jobs = engine_jobs(model, opts.max_batch, opts.opt_batch)
         for job in jobs:
             spec = job.spec
@@ -200,6 +246,11 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                 onnx_export.export_onnxruntime_fused(
                     job.module, example_inputs(spec), staging / formats["onnx-ort"][0], opts.opset
                 )
+            if opts.int8 and spec.role == "brick":
+                formats["onnx-int8"] = (f"{spec.name}.int8.onnx", "int8")
+                progress(f"{spec.name}: int8 calibration and quantization")
+                int8_path = staging / formats["onnx-int8"][0]
+                quantize.export_int8(job.module, example_inputs(spec), calibration[spec.name], int8_path, opts.opset)
             for fmt, (name, prec) in formats.items():
                 verification = None
                 if opts.verify:
@@ -210,7 +261,8 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                             f"{name}: error {verification['relative_error']:.2e} of the output scale exceeds the "
                             f"{prec} tolerance {verification['tolerance']:.0e}; nothing was written to {out}"
                         )
-                spec.files[fmt] = record_file(staging, name, prec, verification)
+                build_info = quantize.build_record() if fmt == "onnx-int8" else {}
+                spec.files[fmt] = record_file(staging, name, prec, verification, **build_info)
             spec.files["onnx"].build["export_seconds"] = round(time.perf_counter() - start, 2)
 
         engines, latent = [job.spec for job in jobs], None
@@ -223,6 +275,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
             toolchain=toolchain(opts.opset),
             engines=engines,
             latent=latent,
+            recommended=recommended,
         )
         trt_error = None
         if opts.target == "tensorrt":

@@ -18,8 +18,15 @@ from lego_export.edm import sample
 from lego_export.manifest import EngineSpec
 from lego_export.model import LegoModel
 
+# int8 (export/quantize.py) is lossy by design. On the shipped model, over 7 draws of verification
+# inputs, the worst element of a brick's output is off by 0.07-0.15 of the output's peak (brick0;
+# bricks 1-2 0.01-0.14) while the root-mean-square error is 0.7-3.4%. 0.3 is twice the worst seen; a
+# graph calibrated on wrong ranges (all-zero tiles) reached 0.87. What int8 costs in the images is
+# measured on the images, not here.
+INT8_TOLERANCE = 0.3
+
 # Largest allowed error, as a fraction of the reference output's largest magnitude.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": INT8_TOLERANCE}
 
 Recorded = dict[str, dict[str, np.ndarray]]  # engine name -> input name -> rows
 

@@ -25,6 +25,17 @@ from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec, Manifest, TensorSpec
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
+# What the bricks compute in: fp32; int8, the onnx-int8 graphs of lego-export build --int8 (ONNX Runtime
+# and OpenVINO); bf16, OpenVINO's bf16 inference on CPUs with bf16 units. Embedder and decoder stay fp32.
+PRECISIONS = ("fp32", "int8", "bf16")
+INT8_FORMAT = "onnx-int8"
+
+
+def check_int8_files(folder: Path, manifest: Manifest) -> None:
+    """Refuse, in one line, a folder built without --int8."""
+    missing = [e.name for e in manifest.bricks if INT8_FORMAT not in e.files]
+    if missing:
+        raise LegoError(f"{folder} has no int8 file for {missing[0]}; rebuild with lego-export build --int8")
 
 
 class Runner(Protocol):
@@ -107,11 +118,27 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, manifest: Manifest, providers: list[str] | None = None, threads: int = 0):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        precision: str = "fp32",
+    ):
         import onnxruntime as ort
 
+        if precision not in ("fp32", "int8"):
+            raise LegoError(f"--precision {precision} runs on openvino only, not on --backend onnxruntime")
+        if precision == "int8":
+            check_int8_files(folder, manifest)
+        self.precision = precision
         available = ort.get_available_providers()
-        self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        # int8 graphs are CPU graphs: on the CUDA provider their matrix products would run dequantized.
+        preferred = (
+            ["CPUExecutionProvider"] if precision == "int8" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
+        self.providers = providers or [p for p in preferred if p in available]
         missing = [p for p in self.providers if p not in available]
         if missing:
             raise LegoError(f"ONNX Runtime here has no {', '.join(missing)} (available: {', '.join(available)})")
@@ -127,7 +154,8 @@ class OnnxRuntimeBackend:
         self.arrays = TorchArrays("cuda") if on_gpu else NumpyArrays()
 
     def runner(self, spec: EngineSpec) -> Runner:
-        file = spec.files[next(f for f in self.formats if f in spec.files)]
+        formats = (INT8_FORMAT,) if self.precision == "int8" and spec.role == "brick" else self.formats
+        file = spec.files[next(f for f in formats if f in spec.files)]
         model = self.manifest.read_engine_file(self.folder, file)  # load what was verified
         return OnnxRuntimeRunner(model, self.providers, self.threads, spec.outputs, name=file.path)
 
@@ -140,7 +168,7 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int = 0):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 0, precision: str = "fp32"):
         try:
             import openvino as ov
         except ImportError:
@@ -148,6 +176,13 @@ class OpenVinoBackend:
                 "--backend openvino needs the openvino package (pip install 'lego-export[openvino]')"
             ) from None
         self.core, self.folder, self.manifest = ov.Core(), folder, manifest
+        if precision not in PRECISIONS:
+            raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision == "int8":
+            check_int8_files(folder, manifest)
+        if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise LegoError("--precision bf16: this CPU has no bf16 units OpenVINO can use; use fp32 or int8")
+        self.precision = precision
         # f32 explicitly: on CPUs with bf16 units OpenVINO otherwise computes in bf16 (about 1e-3 off).
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
@@ -155,10 +190,14 @@ class OpenVinoBackend:
         self.arrays = NumpyArrays()
 
     def runner(self, spec: EngineSpec) -> Runner:
-        file = spec.files["onnx"]
+        brick = spec.role == "brick"
+        file = spec.files[INT8_FORMAT if self.precision == "int8" and brick else "onnx"]
+        config = dict(self.config)
+        if self.precision == "bf16" and brick:
+            config["INFERENCE_PRECISION_HINT"] = "bf16"
         try:
             model = self.core.read_model(model=self.manifest.read_engine_file(self.folder, file))
-            compiled = self.core.compile_model(model, "CPU", self.config)
+            compiled = self.core.compile_model(model, "CPU", config)
         except LegoError:
             raise
         except Exception as e:  # OpenVINO raises its own exception types for graphs it cannot take
@@ -350,10 +389,19 @@ def make_backend(
     device: str = "cpu",
     threads: int = 0,
     cuda_graphs: bool = False,
+    precision: str = "fp32",
 ):
-    """The backend asked for; 'auto' picks TensorRT plans on a GPU if built, else ONNX Runtime."""
+    """The backend asked for; 'auto' picks TensorRT plans on a GPU if built, else ONNX Runtime (for
+    --precision int8 ONNX Runtime, for bf16 OpenVINO)."""
     if name not in BACKENDS:
         raise LegoError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if name == "auto" and precision != "fp32":
+        name = "openvino" if precision == "bf16" else "onnxruntime"
+    allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)
+    if name not in allowed:
+        raise LegoError(f"--precision {precision} runs on {' and '.join(allowed)} only, not on --backend {name}")
     if name == "auto":
         has_plans = all("tensorrt" in e.files for e in manifest.engines)
         name = "tensorrt" if has_plans and importlib.util.find_spec("tensorrt") else "onnxruntime"
@@ -366,7 +414,7 @@ def make_backend(
     if name == "tensorrt":
         return TensorRTBackend(folder, manifest, cuda_graphs)
     if name == "openvino":
-        return OpenVinoBackend(folder, manifest, threads)
+        return OpenVinoBackend(folder, manifest, threads, precision)
     if importlib.util.find_spec("onnxruntime") is None:
         raise LegoError("--backend onnxruntime needs the onnxruntime package, which is not installed")
-    return OnnxRuntimeBackend(folder, manifest, threads=threads)
+    return OnnxRuntimeBackend(folder, manifest, threads=threads, precision=precision)

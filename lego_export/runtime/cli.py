@@ -9,12 +9,13 @@ from pathlib import Path
 
 import click
 import numpy as np
+from click.core import ParameterSource
 
 from lego_export.atomic import atomic_write, check_output, publish_dir, staging_dir
 from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
-from lego_export.runtime.backends import BACKENDS
+from lego_export.runtime.backends import BACKENDS, PRECISIONS
 from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
 
 MAX_THREADS = 1024
@@ -107,6 +108,23 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
         written.append(out)
 
 
+SAMPLING_OPTIONS = ("steps", "sampler", "skip_late_bricks", "t_break", "skip_policy", "reuse_residual")
+
+
+def sampling_options_given() -> bool:
+    """Whether the command line sets any sampling option (then the recommended setting is not used)."""
+    ctx = click.get_current_context()
+    return any(ctx.get_parameter_source(name) is not ParameterSource.DEFAULT for name in SAMPLING_OPTIONS)
+
+
+def describe_recommended(recommended) -> str:
+    text = recommended.describe()
+    fid, reference = recommended.measured.get("fid"), recommended.measured.get("reference")
+    if isinstance(fid, float) and isinstance(reference, dict) and isinstance(reference.get("fid"), float):
+        text += f"; tuned FID {fid:.2f} vs {reference['fid']:.2f} for {reference.get('setting', 'the reference')}"
+    return text + "; --no-recommended for the plain defaults"
+
+
 @click.command(context_settings=CONTEXT)
 @click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
 @click.option("--steps", default=50, show_default=True, help="Sampling steps (Karras sigma schedule, 80 -> 0.002).")
@@ -134,6 +152,12 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
     is_flag=True,
     help="Where a step skips bricks, add the correction they made at the last step that ran them "
     "instead of dropping it (same FLOPs as plain skipping).",
+)
+@click.option(
+    "--no-recommended",
+    is_flag=True,
+    help="Ignore the setting lego-export tune recommended for this model; without it, that setting is used "
+    "whenever no sampling option (--steps, --sampler, --skip-*, --t-break, --reuse-residual) is given.",
 )
 @click.option(
     "--skip-policy",
@@ -181,6 +205,15 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
     help="auto: TensorRT plans when built and usable, else ONNX Runtime. openvino: OpenVINO on the CPU "
     "(pip install '.[openvino]'). torch: the PyTorch reference (needs --ckpt).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="What the bricks compute in. int8: the graphs of lego-export build --int8, on onnxruntime or "
+    "openvino (auto: onnxruntime). bf16: OpenVINO's bf16 inference, openvino only, on CPUs with bf16 units. "
+    "Both trade exactness for speed; the embedder stays fp32.",
+)
 @click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
 @click.option(
     "--device",
@@ -224,6 +257,7 @@ def main(
     skip_late_bricks,
     t_break,
     reuse_residual,
+    no_recommended,
     skip_policy,
     resolution,
     num,
@@ -236,6 +270,7 @@ def main(
     s_noise,
     seed,
     backend,
+    precision,
     ckpt,
     device,
     threads,
@@ -271,8 +306,18 @@ def main(
         check_output(save_latents, "--save-latents")
     skip = "late" if skip_late_bricks else skip_policy
     hw = parse_resolution(resolution)
+    manifest = Manifest.read(engines)
+    recommended = None if no_recommended or sampling_options_given() else manifest.recommended
+    if recommended is not None:
+        sampler, steps, skip, reuse_residual = (
+            recommended.sampler,
+            recommended.steps,
+            recommended.skip_policy or None,
+            recommended.reuse_residual,
+        )
+        click.echo(f"sampling setting: the model's recommended ({describe_recommended(recommended)})")
     if plan_only:
-        planner = LegoPipeline(Manifest.read(engines))
+        planner = LegoPipeline(manifest)
         plan = planner.plan(steps, skip, t_break, hw, tile_shift, seed)
         click.echo(f"skip policy: {planner.skip_policy(skip, t_break).description}")
         click.echo(plan_table(planner, plan))
@@ -283,10 +328,17 @@ def main(
     churn = Churn(s_churn, s_min, s_max, s_noise) if s_churn else None
     if churn is not None:
         churn.validate()
-    model = Manifest.read(engines).model
+    model = manifest.model
     check_request(num, batch, seed, steps, hw or (model.img_resolution,) * 2, model.img_channels)
     pipe = LegoPipeline.from_engines(
-        engines, backend, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs, profile=profile
+        engines,
+        backend,
+        ckpt=ckpt,
+        device=device,
+        threads=threads,
+        cuda_graphs=cuda_graphs,
+        profile=profile,
+        precision=precision,
     )
     rank, world = _distributed()
     indices = list(range(rank, num, world))

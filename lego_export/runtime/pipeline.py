@@ -97,6 +97,7 @@ class Timing:
     bricks_skipped: int = 0
     flops_saved: float = 0.0  # fraction of brick FLOPs the plan skipped
     per_engine: bool = True  # False on an asynchronous device unless profiling: engine_ms stays empty
+    precision: str = "fp32"  # what the bricks computed in (backends.PRECISIONS)
 
     def add(self, name: str, seconds: float) -> None:
         self.engine_ms[name] = self.engine_ms.get(name, 0.0) + seconds * 1e3
@@ -125,6 +126,7 @@ class Timing:
             "brick_evaluations": self.brick_evaluations,
             "bricks_skipped": self.bricks_skipped,
             "flops_saved": self.flops_saved,
+            "precision": self.precision,
         }
 
     def table(self) -> str:
@@ -138,7 +140,7 @@ class Timing:
             f"total {s['total_s']:.2f} s for {s['images']} images over {s['steps']} steps: "
             f"{s['ms_per_step']:.1f} ms/step, {s['s_per_image']:.3f} s/image, {s['images_per_s']:.2f} images/s; "
             f"bricks skipped {s['bricks_skipped']}/{s['brick_evaluations']} ({s['flops_saved']:.1%} of brick FLOPs); "
-            f"runtime overhead {overhead}"
+            f"runtime overhead {overhead}; bricks in {s['precision']}"
         )
         return "\n".join(lines)
 
@@ -195,7 +197,8 @@ class LegoPipeline:
         self.brick_flops = model_brick_flops(cfg)
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
         self.per_engine_timing = profile or not getattr(self.arrays, "device", "cpu").startswith("cuda")
-        self._timing = Timing(per_engine=self.per_engine_timing)
+        self.precision = getattr(backend, "precision", "fp32")
+        self._timing = Timing(per_engine=self.per_engine_timing, precision=self.precision)
         self._finite, self._step = [], 0  # (step, engine, all finite) per engine call of the current sample
         if backend is None:  # planning only
             return
@@ -219,24 +222,34 @@ class LegoPipeline:
         threads: int = 0,
         cuda_graphs: bool = False,
         profile: bool = False,
+        precision: str = "fp32",
     ) -> LegoPipeline:
         """Load manifest.json, check every engine file's sha256, and open the chosen backend.
 
         device is the torch backend's; threads ONNX Runtime's; cuda_graphs TensorRT's; profile as in
-        the constructor.
+        the constructor; precision the bricks' (fp32, int8 or bf16, see backends.PRECISIONS).
         """
         folder = Path(folder)
         manifest = Manifest.read(folder)
         # Every backend reads each engine file once, checks its sha256 and loads those bytes.
         return cls(
             manifest,
-            make_backend(backend, folder, manifest, ckpt=ckpt, device=device, threads=threads, cuda_graphs=cuda_graphs),
+            make_backend(
+                backend,
+                folder,
+                manifest,
+                ckpt=ckpt,
+                device=device,
+                threads=threads,
+                cuda_graphs=cuda_graphs,
+                precision=precision,
+            ),
             profile,
         )
 
     def reset_timing(self) -> Timing:
         """Start a fresh Timing that the engine runners report into (done by every __call__)."""
-        self._timing = Timing(per_engine=self.per_engine_timing)
+        self._timing = Timing(per_engine=self.per_engine_timing, precision=self.precision)
         return self._timing
 
     # -- planning -------------------------------------------------------------------------------

@@ -33,8 +33,10 @@ FIELDS = {
     "columns",
     "tile_shift",
     "reuse_residual",
+    "recommended",
     "async",
 }
+SAMPLING_FIELDS = {"steps", "sampler", "skip", "t_break", "reuse_residual"}
 CHURN_FIELDS = {"s_churn", "s_min", "s_max", "s_noise"}
 
 
@@ -234,6 +236,16 @@ def parse_image_request(data: dict, planner: LegoPipeline, limits: Limits) -> Im
         raise RequestError(400, f"reuse_residual must be true or false, got {req.reuse_residual!r}")
     if not isinstance(req.is_async, bool):
         raise RequestError(400, f"async must be true or false, got {req.is_async!r}")
+    use_recommended = data.get("recommended", True)
+    if not isinstance(use_recommended, bool):
+        raise RequestError(400, f"recommended must be true or false, got {use_recommended!r}")
+    recommended = planner.manifest.recommended
+    if use_recommended and recommended is not None and not SAMPLING_FIELDS & set(data):
+        # As lego-run: the model's tuned setting, unless the request says how to sample.
+        if recommended.steps > limits.max_steps:
+            raise RequestError(400, f"the model's recommended {recommended.steps} steps exceed --max-steps")
+        req.sampler, req.steps = recommended.sampler, recommended.steps
+        req.skip, req.reuse_residual = recommended.skip_policy or None, recommended.reuse_residual
     check_with_pipeline(req, planner)
     return req
 

@@ -1,0 +1,310 @@
+"""Choose a model's recommended sampling setting: the fewest brick FLOPs whose FID stays in budget.
+
+The search, on a fixed set of seeds and classes (every trial sees the same noise):
+
+1. The reference setting (default Heun, 50 steps, full chain) sets the budget:
+   FID <= FID_reference * (1 + max_fid_increase).
+2. For each candidate sampler and step count: the full chain, then per-brick skip windows found
+   greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
+   (a tenth of it) and keeps the move that saves the most brick FLOPs while staying in budget; the
+   search stops when no move does. Global bricks (larger tiles than brick 0) are skipped at low noise,
+   local ones at high noise, as in the LEGO paper.
+3. The winner is the trial in budget with the fewest brick FLOPs per image (counted, so it does not
+   drift with the machine as wall time does).
+4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
+   are the ones recorded, so the recorded numbers are not the ones the choice was fitted to.
+
+FID is measured in the feature space of an ONNX feature extractor the user provides (images in, one
+feature vector per image out) against reference statistics (mean and covariance of the real data's
+features), as EDM's and pytorch-fid's reference files are. No PyTorch needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lego_export.edm import evaluations
+from lego_export.errors import LegoError
+from lego_export.fid import FeatureStats, frechet_distance
+from lego_export.manifest import Recommended
+from lego_export.runtime.pipeline import LegoPipeline
+from lego_export.runtime.schedule import BrickWindow, SkipPolicy
+
+NOTCH = 0.1  # the search moves a brick's skip window by this fraction of the trajectory
+MAX_FEATURE_FILE = 512 << 20
+MAX_REFERENCE_FILE = 1 << 30
+MAX_FEATURE_DIM = 8192
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: str
+    steps: int
+    skipped: tuple[float, ...] = ()  # per brick 1..K-1: fraction of the trajectory it is skipped
+    reuse_residual: bool = False
+
+    def policy(self, pipe: LegoPipeline) -> SkipPolicy:
+        """The skip fractions as sigma windows (see the module docstring for the direction)."""
+        windows = []
+        for k, fraction in enumerate(self.skipped, start=1):
+            if fraction <= 0:
+                continue
+            if pipe.brick_sizes[k] > pipe.brick_sizes[0]:  # global: runs while sigma >= the threshold
+                windows.append(BrickWindow(k, lo=pipe.edm.sigma_at(1.0 - fraction)))
+            else:  # local: runs while sigma <= the threshold
+                windows.append(BrickWindow(k, hi=pipe.edm.sigma_at(fraction)))
+        return SkipPolicy(tuple(windows), policy_spec(windows) or "full chain")
+
+    def label(self) -> str:
+        skip = "/".join(f"{f:.1f}" for f in self.skipped) if any(self.skipped) else "none"
+        return f"{self.sampler} {self.steps} steps, skipped {skip}{', reuse' if self.reuse_residual else ''}"
+
+
+def policy_spec(windows) -> str:
+    """Windows in lego-run's --skip-policy syntax."""
+    parts = []
+    for w in windows:
+        lo = f"{w.lo:.6g}" if w.lo > 0 else ""
+        hi = f"{w.hi:.6g}" if np.isfinite(w.hi) else ""
+        parts.append(f"{w.index}@{lo}:{hi}")
+    return ",".join(parts)
+
+
+@dataclass
+class Trial:
+    setting: Setting
+    fid: float
+    flops: float  # brick FLOPs per image, in full-chain evaluations
+    images_per_s: float
+    in_budget: bool = False
+
+
+@dataclass
+class TuneResult:
+    reference: Trial
+    budget: float
+    trials: list[Trial] = field(default_factory=list)
+    winner: Trial | None = None
+    validation: dict = field(default_factory=dict)
+
+
+class FeatureNet:
+    """An ONNX feature extractor (float32 N x C x H x W in [-1, 1] -> N x D), run by ONNX Runtime."""
+
+    def __init__(self, path: str | Path, channels: int, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise LegoError(f"--features {path}: no such file")
+        if path.stat().st_size > MAX_FEATURE_FILE:
+            raise LegoError(f"--features {path}: larger than {MAX_FEATURE_FILE >> 20} MB")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime raises its own types for files it cannot read
+            raise LegoError(f"--features {path}: not an ONNX model ONNX Runtime can load ({str(e)[:200]})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise LegoError(f"--features {path}: expected one input of shape N x C x H x W")
+        self.input = inputs[0].name
+        if inputs[0].shape[1] not in (channels, None) and not isinstance(inputs[0].shape[1], str):
+            raise LegoError(f"--features {path}: takes {inputs[0].shape[1]} channels, the model makes {channels}")
+
+    def __call__(self, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+        parts = []
+        for i in range(0, len(images), chunk):
+            out = self.session.run(None, {self.input: np.ascontiguousarray(images[i : i + chunk], np.float32)})[0]
+            if out.ndim != 2 or out.shape[1] > MAX_FEATURE_DIM:
+                raise LegoError(f"the feature extractor returned shape {out.shape}; expected N x D")
+            parts.append(out.astype(np.float64))
+        features = np.concatenate(parts)
+        if not np.isfinite(features).all():
+            raise LegoError("the feature extractor returned NaN or infinity")
+        return features
+
+
+def load_reference(path: str | Path, features: FeatureNet) -> FeatureStats:
+    """Reference statistics from an .npz: either `mu` and `sigma` (as EDM's reference files), or
+    `images` (uint8, N x H x W or N x H x W x C, or N x C x H x W) whose features are computed here."""
+    path = Path(path)
+    if not path.is_file():
+        raise LegoError(f"--reference {path}: no such file")
+    if path.stat().st_size > MAX_REFERENCE_FILE:
+        raise LegoError(f"--reference {path}: larger than {MAX_REFERENCE_FILE >> 30} GB")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if k in ("mu", "sigma", "images")}
+    except (OSError, ValueError) as e:
+        raise LegoError(f"--reference {path}: not a readable .npz ({e})") from None
+    if "images" in arrays:
+        images = arrays["images"]
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) < 2:
+            raise LegoError(f"--reference {path}: images must be uint8, N x H x W (x C), at least 2")
+        if images.ndim == 3:
+            images = images[:, None]
+        elif images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+            images = images.transpose(0, 3, 1, 2)
+        return FeatureStats.of(features(images.astype(np.float32) / 127.5 - 1))
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise LegoError(f"--reference {path}: expected arrays mu and sigma, or images")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise LegoError(f"--reference {path}: mu must be D and sigma D x D, finite (got {mu.shape}, {sigma.shape})")
+    return FeatureStats(mu, sigma)
+
+
+def parse_settings(text: str) -> list[tuple[str, int]]:
+    """'dpm2m:12,heun:18' -> [(sampler, steps), ...]."""
+    from lego_export.edm import SAMPLERS
+
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        sampler, _, steps = part.partition(":")
+        if sampler not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= 1000:
+            raise LegoError(f"cannot read {part!r}: write SAMPLER:STEPS with a sampler of {', '.join(SAMPLERS)}")
+        out.append((sampler, int(steps)))
+    if not out:
+        raise LegoError("no sampler:steps given")
+    return out
+
+
+class Tuner:
+    """Runs trials (sample, featurise, FID) on one fixed set of seeds and classes."""
+
+    def __init__(
+        self,
+        pipe: LegoPipeline,
+        features: FeatureNet,
+        reference: FeatureStats,
+        num: int,
+        batch: int = 64,
+        seed: int = 0,
+        log: Callable[[str], None] = lambda _m: None,
+    ):
+        if len(reference.mu) != features(np.zeros((2, pipe.channels, pipe.resolution, pipe.resolution))).shape[1]:
+            raise LegoError("the reference statistics and the feature extractor have different feature sizes")
+        self.pipe, self.features, self.reference = pipe, features, reference
+        self.num, self.batch, self.seed, self.log = num, batch, seed, log
+
+    def trial(self, setting: Setting, seed: int | None = None) -> Trial:
+        policy = setting.policy(self.pipe)
+        start = time.perf_counter()
+        result = self.pipe(
+            num=self.num,
+            steps=setting.steps,
+            sampler=setting.sampler,
+            skip=policy,
+            batch=self.batch,
+            seed=self.seed if seed is None else seed,
+            reuse_residual=setting.reuse_residual,
+        )
+        seconds = time.perf_counter() - start
+        score = frechet_distance(FeatureStats.of(self.features(result.images)), self.reference)
+        flops = evaluations(setting.sampler, setting.steps) * (1.0 - result.timing.flops_saved)
+        return Trial(setting, score, flops, self.num / seconds)
+
+    def run(
+        self, reference: Setting, candidates: list[tuple[str, int]], max_fid_increase: float, reuse: bool
+    ) -> TuneResult:
+        ref = self.trial(reference)
+        result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase))
+        ref.in_budget = True
+        self.log(f"reference {reference.label()}: FID {ref.fid:.3f}; budget {result.budget:.3f}")
+        skippable = len(self.pipe.brick_sizes) - 1
+        for sampler, steps in candidates:
+            current = self._measure(result, Setting(sampler, steps, (0.0,) * skippable, False))
+            while current is not None and current.in_budget:
+                moves = []
+                for k in range(skippable):
+                    skipped = list(current.setting.skipped)
+                    skipped[k] = round(skipped[k] + NOTCH, 6)
+                    move = Setting(sampler, steps, tuple(skipped), reuse)
+                    # A brick skipped inside a stretch where an earlier one already is changes nothing
+                    # (a step runs a prefix of the chain): widen it without a trial.
+                    while skipped[k] <= 1.0 and self._plan(move) == self._plan(current.setting):
+                        skipped[k] = round(skipped[k] + NOTCH, 6)
+                        move = Setting(sampler, steps, tuple(skipped), reuse)
+                    if skipped[k] <= 1.0:
+                        moves.append(self._measure(result, move))
+                fitting = [m for m in moves if m.in_budget]
+                current = min(fitting, key=lambda t: (t.flops, t.fid)) if fitting else None
+        in_budget = [t for t in [ref, *result.trials] if t.in_budget]
+        result.winner = min(in_budget, key=lambda t: (t.flops, t.fid))
+        return result
+
+    def _plan(self, setting: Setting) -> list[int]:
+        return [p.bricks for p in self.pipe.plan(setting.steps, setting.policy(self.pipe))]
+
+    def _measure(self, result: TuneResult, setting: Setting) -> Trial:
+        """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
+        earlier round already sampled)."""
+        key = (setting.sampler, setting.steps, setting.reuse_residual, tuple(self._plan(setting)))
+        for earlier in result.trials:
+            s = earlier.setting
+            if (s.sampler, s.steps, s.reuse_residual, tuple(self._plan(s))) == key:
+                return Trial(setting, earlier.fid, earlier.flops, earlier.images_per_s, earlier.in_budget)
+        return self._keep(result, self.trial(setting))
+
+    def _keep(self, result: TuneResult, trial: Trial) -> Trial:
+        trial.in_budget = trial.fid <= result.budget
+        result.trials.append(trial)
+        verdict = "in budget" if trial.in_budget else "over budget"
+        self.log(
+            f"  {trial.setting.label()}: FID {trial.fid:.3f} ({verdict}), "
+            f"{trial.flops:.1f} full-chain evaluations/image, {trial.images_per_s:.1f} images/s"
+        )
+        return trial
+
+    def validate(self, result: TuneResult, seed: int) -> None:
+        """Measure the winner and the reference again on seeds the search never saw."""
+        ref, win = self.trial(result.reference.setting, seed), self.trial(result.winner.setting, seed)
+        result.validation = {
+            "seed": seed,
+            "reference_fid": ref.fid,
+            "fid": win.fid,
+            "fid_vs_reference": win.fid / ref.fid,
+            "reference_images_per_s": ref.images_per_s,
+            "images_per_s": win.images_per_s,
+            "in_budget": win.fid <= ref.fid * result.budget / result.reference.fid,
+        }
+        verdict = (
+            "within"
+            if result.validation["in_budget"]
+            else "OVER (the choice may be fitted to the seeds: try more --num)"
+        )
+        self.log(
+            f"validation on seed {seed}: FID {win.fid:.3f} vs reference {ref.fid:.3f} ({win.fid / ref.fid:.3f}x), "
+            f"{verdict} the budget"
+        )
+
+
+def recommendation(result: TuneResult, pipe: LegoPipeline, checkpoint_sha256: str, measured: dict) -> Recommended:
+    """The winner as the manifest's recommended setting, with what was measured choosing it."""
+    win, ref = result.winner, result.reference
+    return Recommended(
+        sampler=win.setting.sampler,
+        steps=win.setting.steps,
+        skip_policy=policy_spec(win.setting.policy(pipe).windows),
+        reuse_residual=win.setting.reuse_residual and any(win.setting.skipped),
+        checkpoint_sha256=checkpoint_sha256,
+        measured={
+            "fid": win.fid,
+            "reference": {"setting": ref.setting.label(), "fid": ref.fid},
+            "budget": result.budget,
+            "brick_flops_vs_reference": win.flops / ref.flops,
+            "speedup_in_flops": ref.flops / win.flops,
+            "images_per_s": win.images_per_s,
+            "reference_images_per_s": ref.images_per_s,
+            "trials": len(result.trials) + 1,
+            "validation": result.validation,
+            **measured,
+        },
+    )

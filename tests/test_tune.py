@@ -1,0 +1,205 @@
+"""lego-export tune: the search, the manifest's recommended setting, and lego-run using it."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from lego_export.cli import export_main
+from lego_export.fid import FeatureStats, fid, frechet_distance
+from lego_export.manifest import Manifest
+from lego_export.runtime.cli import main as lego_run
+from lego_export.runtime.pipeline import LegoPipeline
+from lego_export.runtime.tune import Setting, Trial, Tuner
+
+TINY = Path(__file__).parent / "fixtures" / "tiny-engines"
+
+
+def write_features(path: Path, side: int = 16, dim: int = 6) -> Path:
+    """A fixed random projection of the flattened image through tanh: N x 1 x side x side -> N x dim."""
+    weights = np.random.default_rng(0).standard_normal((side * side, dim)).astype(np.float32) / side
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["proj"]),
+            helper.make_node("Tanh", ["proj"], ["features"]),
+        ],
+        "features",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, side, side])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor("w", TensorProto.FLOAT, weights.shape, weights.ravel())],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture
+def tuned_folder(tmp_path):
+    engines = tmp_path / "engines"
+    shutil.copytree(TINY, engines)
+    features = write_features(tmp_path / "features.onnx")
+    real = (np.random.default_rng(1).random((200, 16, 16)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", images=real)
+    return engines, features, tmp_path / "real.npz"
+
+
+def tune_args(engines, features, reference, *extra):
+    return [
+        "tune", "--engines", str(engines), "--features", str(features), "--reference", str(reference),
+        "--num", "24", "--batch", "24", "--reference-setting", "heun:4", "--candidates", "euler:3,dpm2m:3", *extra,
+    ]  # fmt: skip
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    a = FeatureStats(np.zeros(3), np.diag([1.0, 4.0, 9.0]))
+    b = FeatureStats(np.ones(3), np.diag([4.0, 4.0, 1.0]))
+    # |mu|^2 + sum (sqrt(s_a) - sqrt(s_b))^2 for diagonal covariances
+    assert frechet_distance(a, b) == pytest.approx(3 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2)
+    x = np.random.default_rng(0).standard_normal((500, 4))
+    assert fid(x, x) == pytest.approx(0, abs=1e-8)
+
+
+class ScriptedTuner(Tuner):
+    """The search without sampling: FID is a fixed function of the setting."""
+
+    def __init__(self, pipe, fid_of):
+        self.pipe, self.fid_of, self.seen = pipe, fid_of, []
+        self.log = lambda _m: None
+
+    def trial(self, setting, seed=None):
+        self.seen.append(setting)
+        saved = sum(p.bricks for p in self.pipe.plan(setting.steps, setting.policy(self.pipe)))
+        return Trial(setting, self.fid_of(setting), float(saved), 1.0)
+
+
+def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_plan():
+    pipe = LegoPipeline(Manifest.read(TINY))
+    # Reference FID 10, budget 11. Each tenth of the trajectory without brick 1 (which takes brick 2
+    # with it) costs 0.5 FID, without brick 2 0.2; 16 steps start 1 FID lower than 8.
+    base = {("heun", 20): 10.0, ("dpm2m", 16): 9.0, ("dpm2m", 8): 10.0}
+
+    def fid_of(s: Setting) -> float:
+        skipped = s.skipped or (0.0, 0.0)
+        return base[(s.sampler, s.steps)] + 5 * skipped[0] + 2 * max(skipped)
+
+    tuner = ScriptedTuner(pipe, fid_of)
+    result = tuner.run(Setting("heun", 20), [("dpm2m", 16), ("dpm2m", 8)], 0.1, reuse=True)
+    assert result.budget == pytest.approx(11.0)
+    in_budget = [t for t in [result.reference, *result.trials] if t.in_budget]
+    assert all(t.fid <= result.budget for t in in_budget)
+    assert result.winner.flops == min(t.flops for t in in_budget)
+    # Greedy from 8 steps: brick 1 for the last tenth (10.7), then brick 2 widened past the stretch
+    # brick 1 already covers, to two tenths (10.9); every further move is over budget.
+    assert (result.winner.setting.sampler, result.winner.setting.steps) == ("dpm2m", 8)
+    assert result.winner.setting.skipped == (0.1, 0.2)
+    assert result.winner.setting.reuse_residual
+    plans = [(s.sampler, s.steps, tuple(p.bricks for p in pipe.plan(s.steps, s.policy(pipe)))) for s in tuner.seen]
+    assert len(plans) == len(set(plans))  # no plan is ever sampled twice
+
+
+def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_folder, tmp_path):
+    engines, features, reference = tuned_folder
+    saved = tmp_path / "recommended.json"
+    runner = CliRunner()
+    out = runner.invoke(export_main, tune_args(engines, features, reference, "--max-fid-increase", "10",
+                                               "--save", str(saved)))  # fmt: skip
+    assert out.exit_code == 0, out.output
+    rec = Manifest.read(engines).recommended
+    assert rec is not None and rec.sampler in ("euler", "dpm2m") and rec.steps == 3
+    assert rec.skip_policy  # a budget this loose lets it skip
+    assert rec.measured["fid"] <= rec.measured["budget"]
+    assert rec.measured["brick_flops_vs_reference"] < 3 / 7
+    assert json.loads(saved.read_text())["skip_policy"] == rec.skip_policy
+    assert "recommended sampling setting" in runner.invoke(export_main, ["inspect", str(engines)]).output
+
+    def images(*args):
+        npz = tmp_path / "x.npz"
+        result = runner.invoke(lego_run, ["--engines", str(engines), "--num", "4", "--out", str(tmp_path / "g.png"),
+                                          "--save-npz", str(npz), *args])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return np.load(npz)["images"], result.output
+
+    default, said = images()
+    assert "the model's recommended" in said
+    reuse = ["--reuse-residual"] if rec.reuse_residual else []
+    explicit, said = images("--sampler", rec.sampler, "--steps", "3", "--skip-policy", rec.skip_policy, *reuse)
+    assert "recommended" not in said
+    np.testing.assert_array_equal(default, explicit)
+    plain, _ = images("--no-recommended")
+    plain_explicit, _ = images("--steps", "50")
+    np.testing.assert_array_equal(plain, plain_explicit)
+    assert np.abs(plain - default).max() > 1e-2
+
+
+def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
+    from lego_export.checkpoint import save_checkpoint
+    from lego_export.config import get_preset
+    from lego_export.export.build import BuildOptions, build
+    from lego_export.manifest import Recommended
+    from lego_export.model import LegoModel
+
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, LegoModel(get_preset("pg-tiny")))
+    options = BuildOptions(ckpt=str(ckpt), out=str(tmp_path / "e"), max_batch=4, opt_batch=2, fuse=False)
+    manifest = build(options)
+    manifest.recommended = Recommended("euler", 7, "2@1:", False, manifest.source["sha256"], {"fid": 1.0})
+    manifest.write(tmp_path / "e")
+    assert build(options).recommended == manifest.recommended
+    (tmp_path / "rec.json").write_text(json.dumps({**manifest.recommended.__dict__, "checkpoint_sha256": "0" * 64}))
+    out = CliRunner().invoke(export_main, ["build", "--ckpt", str(ckpt), "--out", str(tmp_path / "e"),
+                                           "--recommended", str(tmp_path / "rec.json")])  # fmt: skip
+    assert out.exit_code == 1 and "tuned on other weights" in out.output
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sampler", "ddim", "expected one of heun, euler, dpm2m"),
+        ("steps", 0, "expected an integer from 1"),
+        ("skip_policy", "2@0.5:; rm -rf /", "expected rules like"),
+        ("reuse_residual", "yes", "expected true or false"),
+        ("measured", {"fid": float("nan")}, "not a number JSON allows"),
+        ("checkpoint_sha256", "abc", "sha256"),
+    ],
+)
+def test_a_bad_recommended_setting_in_a_manifest_is_refused(tmp_path, field, value, message):
+    engines = tmp_path / "engines"
+    shutil.copytree(TINY, engines)
+    data = json.loads((engines / "manifest.json").read_text())
+    data["recommended"] = {"sampler": "euler", "steps": 4, "skip_policy": "", "reuse_residual": False,
+                           "checkpoint_sha256": "a" * 64, "measured": {}, field: value}  # fmt: skip
+    text = json.dumps(data, allow_nan=True)
+    (engines / "manifest.json").write_text(text)
+    out = CliRunner().invoke(lego_run, ["--engines", str(engines), "--num", "1", "--out", str(tmp_path / "g.png")])
+    assert out.exit_code == 1, out.output
+    assert message in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.eye(3)), "different feature sizes"),
+        (lambda p: np.savez(p, mu=np.zeros(6), sigma=np.eye(5)), "mu must be D and sigma D x D"),
+        (lambda p: np.savez(p, images=np.zeros((4, 16, 16), np.float32)), "images must be uint8"),
+        (lambda p: np.savez(p, images=np.array([{"x": 1}], dtype=object)), "not a readable .npz"),
+        (lambda p: p.write_bytes(b"not an npz"), "not a readable .npz"),
+    ],
+)
+def test_bad_reference_files_are_refused_in_one_line(tuned_folder, tmp_path, reference, message):
+    engines, features, _ = tuned_folder
+    path = tmp_path / "bad.npz"
+    reference(path)
+    out = CliRunner().invoke(export_main, tune_args(engines, features, path))
+    assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
+
+
+def test_a_features_file_that_is_not_onnx_is_refused(tuned_folder, tmp_path):
+    engines, _, reference = tuned_folder
+    (tmp_path / "f.onnx").write_bytes(b"\x00" * 64)
+    out = CliRunner().invoke(export_main, tune_args(engines, tmp_path / "f.onnx", reference))
+    assert out.exit_code == 1 and "not an ONNX model" in out.output, out.output
