@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CKPT   := checkpoints/fmnist-pg-s.safetensors
+TUNED  := checkpoints/fmnist-pg-s.recommended.json
 
 .PHONY: install demo test bench clean
 
@@ -17,12 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The build attaches the sampling setting lego-export tune chose for the shipped model (see README,
+# Performance); lego-run uses it when given no sampling option, on OpenVINO (auto) when installed.
 demo: $(STAMP)
-	$(BIN)/lego-export build --ckpt $(CKPT) --out engines --force
-	$(BIN)/lego-run --engines engines --steps 50 --skip-late-bricks --backend onnxruntime \
-		--num 80 --columns 8 --out demo/grid.png --timing-json demo/timing.json
-	$(BIN)/lego-run --engines engines --steps 50 --skip-late-bricks --backend onnxruntime \
-		--resolution 32x96 --num 10 --columns 2 --out demo/wide-32x96.png
+	$(BIN)/lego-export build --ckpt $(CKPT) --out engines --force --int8 --recommended $(TUNED)
+	$(BIN)/lego-run --engines engines --num 80 --columns 8 --out demo/grid.png --timing-json demo/timing.json
+	$(BIN)/lego-run --engines engines --num 80 --columns 8 --precision int8 --out demo/grid-int8.png
+	$(BIN)/lego-run --engines engines --resolution 32x96 --num 10 --columns 2 --out demo/wide-32x96.png
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,6 +36,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/wide.py
+	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/frontier.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) demo

@@ -421,3 +421,21 @@ def test_residual_reuse_costs_no_brick_calls_and_changes_skipped_steps_only(mode
     assert np.abs(reused - plain).max() > 1e-3
     # on this model the reused correction brings the images ten times nearer the full chain
     assert np.abs(reused - full).mean() < 0.5 * np.abs(plain - full).mean()
+
+
+def test_auto_picks_openvino_on_a_cpu_when_it_is_installed(monkeypatch):
+    """OpenVINO measured fastest on the CPU (benchmarks/peers.py): auto uses it, and ONNX Runtime without it."""
+    import importlib.util
+
+    from lego_export.manifest import Manifest
+    from lego_export.runtime.backends import make_backend
+
+    pytest.importorskip("openvino")
+    tiny = ROOT / "tests" / "fixtures" / "tiny-engines"
+    manifest = Manifest.read(tiny)
+    assert make_backend("auto", tiny, manifest).name == "openvino"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a)
+    )
+    assert make_backend("auto", tiny, manifest).name == "onnxruntime"

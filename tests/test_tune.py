@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from lego_export.cli import export_main
+from lego_export.edm import evaluations
 from lego_export.fid import FeatureStats, fid, frechet_distance
 from lego_export.manifest import Manifest
 from lego_export.runtime.cli import main as lego_run
@@ -73,22 +74,24 @@ class ScriptedTuner(Tuner):
 
     def trial(self, setting, seed=None):
         self.seen.append(setting)
-        saved = sum(p.bricks for p in self.pipe.plan(setting.steps, setting.policy(self.pipe)))
-        return Trial(setting, self.fid_of(setting), float(saved), 1.0)
+        saved = self.pipe.flops_saved(self.pipe.plan(setting.steps, setting.policy(self.pipe)))
+        return Trial(setting, self.fid_of(setting), evaluations(setting.sampler, setting.steps) * (1 - saved), 1.0)
 
 
 def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_plan():
     pipe = LegoPipeline(Manifest.read(TINY))
     # Reference FID 10, budget 11. Each tenth of the trajectory without brick 1 (which takes brick 2
     # with it) costs 0.5 FID, without brick 2 0.2; 16 steps start 1 FID lower than 8.
-    base = {("heun", 20): 10.0, ("dpm2m", 16): 9.0, ("dpm2m", 8): 10.0}
+    base = {("heun", 20): 10.0, ("dpm2m", 16): 9.0, ("dpm2m", 8): 10.0, ("euler", 40): 8.0}
 
     def fid_of(s: Setting) -> float:
         skipped = s.skipped or (0.0, 0.0)
         return base[(s.sampler, s.steps)] + 5 * skipped[0] + 2 * max(skipped)
 
     tuner = ScriptedTuner(pipe, fid_of)
-    result = tuner.run(Setting("heun", 20), [("dpm2m", 16), ("dpm2m", 8)], 0.1, reuse=True)
+    result = tuner.run(Setting("heun", 20), [("dpm2m", 16), ("dpm2m", 8), ("euler", 40)], 0.1, reuse=True)
+    # 40 steps of brick 0 alone cost more than the best 8-step setting: never sampled
+    assert not any(s.steps == 40 for s in tuner.seen)
     assert result.budget == pytest.approx(11.0)
     in_budget = [t for t in [result.reference, *result.trials] if t.in_budget]
     assert all(t.fid <= result.budget for t in in_budget)

@@ -381,6 +381,14 @@ class _TensorRTRunner:
         return graph, static_inputs, static_outputs
 
 
+def _onnxruntime_has_cuda() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def make_backend(
     name: str,
     folder: Path,
@@ -391,20 +399,25 @@ def make_backend(
     cuda_graphs: bool = False,
     precision: str = "fp32",
 ):
-    """The backend asked for; 'auto' picks TensorRT plans on a GPU if built, else ONNX Runtime (for
-    --precision int8 ONNX Runtime, for bf16 OpenVINO)."""
+    """The backend asked for. 'auto': TensorRT plans on a GPU if built; else, on a CPU, OpenVINO when it
+    is installed (measured fastest on the CPU, in fp32 and int8: benchmarks/peers.py), else ONNX Runtime."""
     if name not in BACKENDS:
         raise LegoError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if name == "auto" and precision != "fp32":
-        name = "openvino" if precision == "bf16" else "onnxruntime"
+        name = "openvino" if precision == "bf16" or importlib.util.find_spec("openvino") else "onnxruntime"
     allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)
     if name not in allowed:
         raise LegoError(f"--precision {precision} runs on {' and '.join(allowed)} only, not on --backend {name}")
     if name == "auto":
         has_plans = all("tensorrt" in e.files for e in manifest.engines)
-        name = "tensorrt" if has_plans and importlib.util.find_spec("tensorrt") else "onnxruntime"
+        if has_plans and importlib.util.find_spec("tensorrt"):
+            name = "tensorrt"
+        elif importlib.util.find_spec("openvino") and not _onnxruntime_has_cuda():
+            name = "openvino"
+        else:
+            name = "onnxruntime"
     if name == "torch":
         if ckpt is None:
             raise LegoError("--backend torch needs --ckpt CHECKPOINT (the reference runs the PyTorch model)")

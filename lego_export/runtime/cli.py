@@ -202,8 +202,8 @@ def describe_recommended(recommended) -> str:
     type=click.Choice(BACKENDS),
     default="auto",
     show_default=True,
-    help="auto: TensorRT plans when built and usable, else ONNX Runtime. openvino: OpenVINO on the CPU "
-    "(pip install '.[openvino]'). torch: the PyTorch reference (needs --ckpt).",
+    help="auto: TensorRT plans when built and usable; on a CPU, OpenVINO when installed (pip install "
+    "'.[openvino]'; the fastest measured here), else ONNX Runtime. torch: the PyTorch reference (needs --ckpt).",
 )
 @click.option(
     "--precision",

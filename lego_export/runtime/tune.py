@@ -4,7 +4,8 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
 
 1. The reference setting (default Heun, 50 steps, full chain) sets the budget:
    FID <= FID_reference * (1 + max_fid_increase).
-2. For each candidate sampler and step count: the full chain, then per-brick skip windows found
+2. For each candidate sampler and step count (unless even brick 0 alone at every step would cost
+   more than the best setting found so far): the full chain, then per-brick skip windows found
    greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
    (a tenth of it) and keeps the move that saves the most brick FLOPs while staying in budget; the
    search stops when no move does. Global bricks (larger tiles than brick 0) are skipped at low noise,
@@ -219,7 +220,13 @@ class Tuner:
         ref.in_budget = True
         self.log(f"reference {reference.label()}: FID {ref.fid:.3f}; budget {result.budget:.3f}")
         skippable = len(self.pipe.brick_sizes) - 1
+        brick0_share = self.pipe.brick_flops[0] / sum(self.pipe.brick_flops)
         for sampler, steps in candidates:
+            # Even brick 0 alone at every step would cost no less than the best setting found: skip it.
+            best = min(t.flops for t in [ref, *result.trials] if t.in_budget)
+            if evaluations(sampler, steps) * brick0_share >= best:
+                self.log(f"  {sampler} {steps} steps: cannot beat {best:.1f} full-chain evaluations/image; not tried")
+                continue
             current = self._measure(result, Setting(sampler, steps, (0.0,) * skippable, False))
             while current is not None and current.in_budget:
                 moves = []
