@@ -86,26 +86,77 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = {"fp32": "o", "int8": "s", "bf16": "^"}
-    for precision, marker in markers.items():
-        sub = [r for r in rows if r["precision"] == precision]
+    groups = {
+        ("onnxruntime", "fp32"): ("o", "ONNX Runtime fp32"),
+        ("openvino", "fp32"): ("D", "OpenVINO fp32"),
+        ("openvino", "int8"): ("s", "OpenVINO int8"),
+        ("openvino", "bf16"): ("^", "OpenVINO bf16"),
+    }
+    for key, (marker, name) in groups.items():
+        sub = [r for r in rows if (r["backend"], r["precision"]) == key]
         if sub:
-            ax.scatter([r["images_per_s"] for r in sub], [r["fid"] for r in sub], marker=marker, label=precision)
+            ax.scatter([r["images_per_s"] for r in sub], [r["fid"] for r in sub], marker=marker, label=name)
+    tuned = [r for r in rows if r["label"] == "recommended"]
+    ax.scatter(
+        [r["images_per_s"] for r in tuned], [r["fid"] for r in tuned], s=220, facecolors="none",
+        edgecolors="red", label="recommended setting (lego-export tune)",
+    )  # fmt: skip
     for r in rows:
-        recommended = r["label"] == "recommended"
-        text = "reference" if r["is_reference"] else "default" if r["is_default"] else None
-        if recommended:
-            text = f"recommended, {r['precision']}"
-            ax.scatter([r["images_per_s"]], [r["fid"]], s=220, facecolors="none", edgecolors="red")
+        text = "reference" if r["is_reference"] else "default command" if r["is_default"] else None
         if text:
-            ax.annotate(text, (r["images_per_s"], r["fid"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            offset = (6, -12) if r["is_reference"] else (6, 4)
+            ax.annotate(text, (r["images_per_s"], r["fid"]), textcoords="offset points", xytext=offset, fontsize=8)
     ref = next(r for r in rows if r["is_reference"])
     ax.axhline(ref["fid"] * 1.05, color="gray", ls="--", lw=0.8, label="1.05 x reference FID")
     ax.set_xscale("log")
     ax.set(xlabel="images/s (batch 64, 2 CPU cores)", ylabel="FID (classifier features)", title="quality against speed")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_results(rows: list[dict], out: Path, command: str, num: int, host: dict) -> None:
+    """OUT.json, OUT.md (the table) and OUT.png (the plot) from the scored rows."""
+    reference, default = rows[0], rows[1]
+    for r in rows:
+        r["fid_vs_reference"] = r["fid"] / reference["fid"]
+        r["speed_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
+        r["speed_vs_default"] = r["images_per_s"] / default["images_per_s"]
+        r["flops_vs_reference"] = reference["full_chain_evaluations"] / r["full_chain_evaluations"]
+    held = [r for r in rows if r["fid_vs_reference"] <= 1.05]
+    best = max(held, key=lambda r: r["images_per_s"])
+    summary = {
+        "fastest_within_1.05x_reference_fid": {
+            k: best[k] for k in ("label", "backend", "precision", "fid", "images_per_s")
+        },
+        "its_speed_vs_default": best["speed_vs_default"],
+    }
+    write_json(Path(f"{out}.json"), {"command": command, "machine": host, "num": num, "summary": summary, "rows": rows})
+    columns = [
+        ("label", "setting", ""),
+        ("backend", "backend", ""),
+        ("precision", "precision", ""),
+        ("skip", "skip", ""),
+        ("evaluations", "evaluations", "d"),
+        ("fid", "FID", ".2f"),
+        ("fid_vs_reference", "FID / ref.", ".2f"),
+        ("class_accuracy", "class acc.", ".3f"),
+        ("images_per_s", "images/s", ".2f"),
+        ("speed_vs_reference", "speed / ref.", ".2f"),
+        ("speed_vs_default", "speed / default", ".2f"),
+        ("flops_vs_reference", "brick FLOPs / ref. (inverse)", ".2f"),
+    ]
+    table = markdown_table(rows, columns)
+    Path(f"{out}.md").write_text(
+        f"# Quality against speed ({num} images per row, same noise)\n\n`{command}`\n\n"
+        f"Reference: Heun, 50 steps, full chain, fp32 (first row); default: `--steps 50 --skip-late-bricks` "
+        f"(second row). Rows ran one after another on {host['cpu']}, each runtime in its own process.\n\n"
+        f"Fastest within 1.05x the reference FID: {best['label']} ({best['backend']}, {best['precision']}), "
+        f"FID {best['fid']:.2f}, {best['images_per_s']:.2f} images/s = {best['speed_vs_default']:.2f}x the default."
+        f"\n\n![frontier]({out.name}.png)\n\n{table}\n"
+    )
+    plot(rows, Path(f"{out}.png"))
+    print(table)
 
 
 @click.command()
@@ -114,9 +165,14 @@ def plot(rows: list[dict], path: Path) -> None:
 @click.option("--batch", default=64, show_default=True)
 @click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="BACKEND:PRECISION,... in order.")
 @click.option("--out", default="benchmarks/results/frontier", show_default=True, help="Writes OUT.json, .md, .png.")
+@click.option("--replot", is_flag=True, help="Only rewrite OUT.md and OUT.png from OUT.json (no sampling).")
 @click.option("--worker-runtime", default=None, hidden=True)
 @click.option("--worker-folder", default=None, hidden=True)
-def main(engines: str, num: int, batch: int, runtimes: str, out: str, worker_runtime, worker_folder) -> None:
+def main(engines: str, num: int, batch: int, runtimes: str, out: str, replot, worker_runtime, worker_folder) -> None:
+    if replot:
+        saved = json.loads(Path(f"{out}.json").read_text())
+        write_results(saved["rows"], Path(out), saved["command"], saved["num"], saved["machine"])
+        return
     manifest = Manifest.read(engines)
     if worker_runtime:
         worker(engines, worker_runtime, combos_for(worker_runtime, manifest), num, batch, Path(worker_folder))
@@ -166,47 +222,8 @@ def main(engines: str, num: int, batch: int, runtimes: str, out: str, worker_run
                     }
                 )
                 click.echo(f"{runtime} {label}: FID {rows[-1]['fid']:.2f}", err=True)
-    reference, default = rows[0], rows[1]
-    for r in rows:
-        r["fid_vs_reference"] = r["fid"] / reference["fid"]
-        r["speed_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
-        r["speed_vs_default"] = r["images_per_s"] / default["images_per_s"]
-        r["flops_vs_reference"] = reference["full_chain_evaluations"] / r["full_chain_evaluations"]
-    held = [r for r in rows if r["fid_vs_reference"] <= 1.05]
-    best = max(held, key=lambda r: r["images_per_s"])
     command = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
-    summary = {
-        "fastest_within_1.05x_reference_fid": {k: best[k] for k in ("label", "precision", "fid", "images_per_s")},
-        "its_speed_vs_default": best["speed_vs_default"],
-    }
-    write_json(
-        Path(f"{out}.json"),
-        {"command": command, "machine": machine(), "num": num, "summary": summary, "rows": rows},
-    )
-    columns = [
-        ("label", "setting", ""),
-        ("precision", "precision", ""),
-        ("skip", "skip", ""),
-        ("evaluations", "evaluations", "d"),
-        ("fid", "FID", ".2f"),
-        ("fid_vs_reference", "FID / ref.", ".2f"),
-        ("class_accuracy", "class acc.", ".3f"),
-        ("images_per_s", "images/s", ".2f"),
-        ("speed_vs_reference", "speed / ref.", ".2f"),
-        ("speed_vs_default", "speed / default", ".2f"),
-        ("flops_vs_reference", "brick FLOPs / ref. (inverse)", ".2f"),
-    ]
-    table = markdown_table(rows, columns)
-    Path(f"{out}.md").write_text(
-        f"# Quality against speed ({num} images per row, same noise)\n\n`{command}`\n\n"
-        f"Reference: Heun, 50 steps, full chain, fp32 (first row); default: `--steps 50 --skip-late-bricks` "
-        f"(second row). Rows ran one after another on {machine()['cpu']}, each runtime in its own process.\n\n"
-        f"Fastest within 1.05x the reference FID: {best['label']} ({best['precision']}), FID {best['fid']:.2f}, "
-        f"{best['images_per_s']:.2f} images/s = {best['speed_vs_default']:.2f}x the default.\n\n"
-        f"![frontier]({Path(out).name}.png)\n\n{table}\n"
-    )
-    plot(rows, Path(f"{out}.png"))
-    print(table)
+    write_results(rows, Path(out), command, num, machine())
 
 
 if __name__ == "__main__":

@@ -295,16 +295,19 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
     assert not out.exists()
 
 
-def test_tampered_engine_is_refused(models, tmp_path):
+@pytest.mark.parametrize("backend, file", [("onnxruntime", "brick0.ort.onnx"), ("openvino", "brick0.onnx")])
+def test_tampered_engine_is_refused(models, tmp_path, backend, file):
     import shutil
 
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     _, engines = models["pg"]
     copy = tmp_path / "e"
     shutil.copytree(engines, copy)
-    with open(copy / "brick0.ort.onnx", "ab") as f:
+    with open(copy / file, "ab") as f:
         f.write(b"\0")
-    result = run_cli(["--engines", copy, "--steps", 2, "--num", 1, "--out", tmp_path / "x.png"])
-    assert result.exit_code != 0 and "brick0.ort.onnx: sha256 differs" in result.output
+    result = run_cli(["--engines", copy, "--steps", 2, "--num", 1, "--backend", backend, "--out", tmp_path / "x.png"])
+    assert result.exit_code != 0 and f"{file}: sha256 differs" in result.output
     assert not (tmp_path / "x.png").exists()
 
 
