@@ -133,6 +133,8 @@ def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_fo
     explicit, said = images("--sampler", rec.sampler, "--steps", "3", "--skip-policy", rec.skip_policy, *reuse)
     assert "recommended" not in said
     np.testing.assert_array_equal(default, explicit)
+    _, said = images("--churn", "5")  # churn is a sampling option too (and dpm2m would refuse it)
+    assert "recommended" not in said
     plain, _ = images("--no-recommended")
     plain_explicit, _ = images("--steps", "50")
     np.testing.assert_array_equal(plain, plain_explicit)

@@ -108,7 +108,7 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
         written.append(out)
 
 
-SAMPLING_OPTIONS = ("steps", "sampler", "skip_late_bricks", "t_break", "skip_policy", "reuse_residual")
+SAMPLING_OPTIONS = ("steps", "sampler", "skip_late_bricks", "t_break", "skip_policy", "reuse_residual", "s_churn")
 
 
 def sampling_options_given() -> bool:
@@ -157,7 +157,7 @@ def describe_recommended(recommended) -> str:
     "--no-recommended",
     is_flag=True,
     help="Ignore the setting lego-export tune recommended for this model; without it, that setting is used "
-    "whenever no sampling option (--steps, --sampler, --skip-*, --t-break, --reuse-residual) is given.",
+    "whenever no sampling option (--steps, --sampler, --skip-*, --t-break, --reuse-residual, --churn) is given.",
 )
 @click.option(
     "--skip-policy",
@@ -211,8 +211,8 @@ def describe_recommended(recommended) -> str:
     default="fp32",
     show_default=True,
     help="What the bricks compute in. int8: the graphs of lego-export build --int8, on onnxruntime or "
-    "openvino (auto: onnxruntime). bf16: OpenVINO's bf16 inference, openvino only, on CPUs with bf16 units. "
-    "Both trade exactness for speed; the embedder stays fp32.",
+    "openvino (auto: openvino when installed). bf16: OpenVINO's bf16 inference, openvino only, on CPUs "
+    "with bf16 units. Both trade exactness for speed; the embedder stays fp32.",
 )
 @click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
 @click.option(

@@ -36,7 +36,7 @@ FIELDS = {
     "recommended",
     "async",
 }
-SAMPLING_FIELDS = {"steps", "sampler", "skip", "t_break", "reuse_residual"}
+SAMPLING_FIELDS = {"steps", "sampler", "skip", "t_break", "reuse_residual", "churn"}
 CHURN_FIELDS = {"s_churn", "s_min", "s_max", "s_noise"}
 
 
