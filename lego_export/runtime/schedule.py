@@ -59,17 +59,25 @@ def late_brick_policy(brick_sizes: list[int], t_break: float, edm: EDMConfig) ->
     last = len(brick_sizes) - 1
     if t_break == 0:
         return SkipPolicy((), "full chain (t-break 0)")
-    if brick_sizes[-1] >= brick_sizes[0]:  # PG / U: global brick last, skip at low noise
-        threshold = edm.sigma_at(1.0 - t_break)
+    window = skip_window(brick_sizes, last, t_break, edm)
+    if window.lo > 0:  # PG / U: global brick last, skipped at low noise
         return SkipPolicy(
-            (BrickWindow(last, lo=threshold),),
-            f"skip brick {last} (global) for sigma < {threshold:.3g} (last {t_break:.0%} of the trajectory)",
+            (window,),
+            f"skip brick {last} (global) for sigma < {window.lo:.3g} (last {t_break:.0%} of the trajectory)",
         )
-    threshold = edm.sigma_at(t_break)  # PR: local brick last, skip at high noise
-    return SkipPolicy(
-        (BrickWindow(last, hi=threshold),),
-        f"skip brick {last} (local) for sigma > {threshold:.3g} (first {t_break:.0%} of the trajectory)",
+    return SkipPolicy(  # PR: local brick last, skipped at high noise
+        (window,),
+        f"skip brick {last} (local) for sigma > {window.hi:.3g} (first {t_break:.0%} of the trajectory)",
     )
+
+
+def skip_window(brick_sizes: list[int], k: int, fraction: float, edm: EDMConfig) -> BrickWindow:
+    """Brick k off for a fraction of the trajectory (the model's Karras schedule): a global brick
+    (tiles no smaller than brick 0's) at low noise, the last `fraction`; a local one at high noise,
+    the first `fraction`."""
+    if brick_sizes[k] >= brick_sizes[0]:
+        return BrickWindow(k, lo=edm.sigma_at(1.0 - fraction))
+    return BrickWindow(k, hi=edm.sigma_at(fraction))
 
 
 def parse_policy(spec: str, num_bricks: int) -> SkipPolicy:

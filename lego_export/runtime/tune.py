@@ -8,8 +8,8 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
    more than the best setting found so far): the full chain, then per-brick skip windows found
    greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
    (a tenth of it) and keeps the move that saves the most brick FLOPs while staying in budget; the
-   search stops when no move does. Global bricks (larger tiles than brick 0) are skipped at low noise,
-   local ones at high noise, as in the LEGO paper.
+   search stops when no move does. Global bricks (tiles no smaller than brick 0's) are skipped at
+   low noise, local ones at high noise, as in the LEGO paper (schedule.skip_window).
 3. The winner is the trial in budget with the fewest brick FLOPs per image (counted, so it does not
    drift with the machine as wall time does).
 4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lego_export.edm import evaluations
+from lego_export.edm import SAMPLERS, evaluations
 from lego_export.errors import LegoError
 from lego_export.fid import FeatureStats, frechet_distance
 from lego_export.manifest import Recommended
 from lego_export.runtime.pipeline import LegoPipeline
-from lego_export.runtime.schedule import BrickWindow, SkipPolicy
+from lego_export.runtime.schedule import SkipPolicy, skip_window
 
 NOTCH = 0.1  # the search moves a brick's skip window by this fraction of the trajectory
 MAX_FEATURE_FILE = 512 << 20
@@ -50,15 +50,12 @@ class Setting:
     reuse_residual: bool = False
 
     def policy(self, pipe: LegoPipeline) -> SkipPolicy:
-        """The skip fractions as sigma windows (see the module docstring for the direction)."""
-        windows = []
-        for k, fraction in enumerate(self.skipped, start=1):
-            if fraction <= 0:
-                continue
-            if pipe.brick_sizes[k] > pipe.brick_sizes[0]:  # global: runs while sigma >= the threshold
-                windows.append(BrickWindow(k, lo=pipe.edm.sigma_at(1.0 - fraction)))
-            else:  # local: runs while sigma <= the threshold
-                windows.append(BrickWindow(k, hi=pipe.edm.sigma_at(fraction)))
+        """The skip fractions as sigma windows."""
+        windows = [
+            skip_window(pipe.brick_sizes, k, fraction, pipe.edm)
+            for k, fraction in enumerate(self.skipped, start=1)
+            if fraction > 0
+        ]
         return SkipPolicy(tuple(windows), policy_spec(windows) or "full chain")
 
     def label(self) -> str:
@@ -89,7 +86,8 @@ class Trial:
 class TuneResult:
     reference: Trial
     budget: float
-    trials: list[Trial] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)  # every setting sampled, in order
+    by_plan: dict = field(default_factory=dict)  # (sampler, steps, reuse, plan) -> its trial
     winner: Trial | None = None
     validation: dict = field(default_factory=dict)
 
@@ -164,8 +162,6 @@ def load_reference(path: str | Path, features: FeatureNet) -> FeatureStats:
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
     """'dpm2m:12,heun:18' -> [(sampler, steps), ...]."""
-    from lego_export.edm import SAMPLERS
-
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         sampler, _, steps = part.partition(":")
@@ -229,14 +225,14 @@ class Tuner:
                 continue
             current = self._measure(result, Setting(sampler, steps, (0.0,) * skippable, False))
             while current is not None and current.in_budget:
-                moves = []
+                moves, current_plan = [], self._plan(current.setting)
                 for k in range(skippable):
                     skipped = list(current.setting.skipped)
                     skipped[k] = round(skipped[k] + NOTCH, 6)
                     move = Setting(sampler, steps, tuple(skipped), reuse)
                     # A brick skipped inside a stretch where an earlier one already is changes nothing
                     # (a step runs a prefix of the chain): widen it without a trial.
-                    while skipped[k] <= 1.0 and self._plan(move) == self._plan(current.setting):
+                    while skipped[k] <= 1.0 and self._plan(move) == current_plan:
                         skipped[k] = round(skipped[k] + NOTCH, 6)
                         move = Setting(sampler, steps, tuple(skipped), reuse)
                     if skipped[k] <= 1.0:
@@ -247,18 +243,19 @@ class Tuner:
         result.winner = min(in_budget, key=lambda t: (t.flops, t.fid))
         return result
 
-    def _plan(self, setting: Setting) -> list[int]:
-        return [p.bricks for p in self.pipe.plan(setting.steps, setting.policy(self.pipe))]
+    def _plan(self, setting: Setting) -> tuple[int, ...]:
+        """Bricks run at each step: two settings with the same plan sample the same images."""
+        return tuple(p.bricks for p in self.pipe.plan(setting.steps, setting.policy(self.pipe)))
 
     def _measure(self, result: TuneResult, setting: Setting) -> Trial:
         """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
         earlier round already sampled)."""
-        key = (setting.sampler, setting.steps, setting.reuse_residual, tuple(self._plan(setting)))
-        for earlier in result.trials:
-            s = earlier.setting
-            if (s.sampler, s.steps, s.reuse_residual, tuple(self._plan(s))) == key:
-                return Trial(setting, earlier.fid, earlier.flops, earlier.images_per_s, earlier.in_budget)
-        return self._keep(result, self.trial(setting))
+        key = (setting.sampler, setting.steps, setting.reuse_residual, self._plan(setting))
+        earlier = result.by_plan.get(key)
+        if earlier is not None:
+            return Trial(setting, earlier.fid, earlier.flops, earlier.images_per_s, earlier.in_budget)
+        result.by_plan[key] = self._keep(result, self.trial(setting))
+        return result.by_plan[key]
 
     def _keep(self, result: TuneResult, trial: Trial) -> Trial:
         trial.in_budget = trial.fid <= result.budget
