@@ -389,6 +389,19 @@ def _onnxruntime_has_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
+def _auto_backend(manifest: Manifest, precision: str) -> str:
+    """TensorRT plans on a GPU if built (fp32 only); else, on a CPU, OpenVINO when installed (measured
+    fastest on the CPU in fp32 and int8: benchmarks/peers.py; bf16 runs nowhere else); else ONNX Runtime."""
+    has_plans = all("tensorrt" in e.files for e in manifest.engines)
+    if precision == "fp32" and has_plans and importlib.util.find_spec("tensorrt"):
+        return "tensorrt"
+    if precision == "bf16":
+        return "openvino"
+    if importlib.util.find_spec("openvino") and (precision == "int8" or not _onnxruntime_has_cuda()):
+        return "openvino"
+    return "onnxruntime"
+
+
 def make_backend(
     name: str,
     folder: Path,
@@ -399,25 +412,16 @@ def make_backend(
     cuda_graphs: bool = False,
     precision: str = "fp32",
 ):
-    """The backend asked for. 'auto': TensorRT plans on a GPU if built; else, on a CPU, OpenVINO when it
-    is installed (measured fastest on the CPU, in fp32 and int8: benchmarks/peers.py), else ONNX Runtime."""
+    """The backend asked for; 'auto' as in _auto_backend."""
     if name not in BACKENDS:
         raise LegoError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if name == "auto" and precision != "fp32":
-        name = "openvino" if precision == "bf16" or importlib.util.find_spec("openvino") else "onnxruntime"
+    if name == "auto":
+        name = _auto_backend(manifest, precision)
     allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)
     if name not in allowed:
         raise LegoError(f"--precision {precision} runs on {' and '.join(allowed)} only, not on --backend {name}")
-    if name == "auto":
-        has_plans = all("tensorrt" in e.files for e in manifest.engines)
-        if has_plans and importlib.util.find_spec("tensorrt"):
-            name = "tensorrt"
-        elif importlib.util.find_spec("openvino") and not _onnxruntime_has_cuda():
-            name = "openvino"
-        else:
-            name = "onnxruntime"
     if name == "torch":
         if ckpt is None:
             raise LegoError("--backend torch needs --ckpt CHECKPOINT (the reference runs the PyTorch model)")
