@@ -139,12 +139,7 @@ class Manifest:
         path = folder / MANIFEST_FILE if folder.is_dir() or not folder.suffix else folder
         if not path.is_file():
             raise LegoError(f"no engines found: {path} does not exist (build them with lego-export build)")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise LegoError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a manifest")
-        try:
-            data = json.loads(path.read_text(), parse_constant=reject_json_constant)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise LegoError(f"{path} is not valid JSON ({e})") from None
+        data = read_json(path, MAX_MANIFEST_BYTES, str(path), "manifest")
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else None
             raise LegoError(
@@ -211,8 +206,24 @@ _SKIP_SPEC = re.compile(r"^[0-9@:.,eE+\-]{0,200}$")
 _SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]{0,2})?[HW]$")  # a decoder's latent height/width, times a factor
 
 
-def reject_json_constant(name: str):
+def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def loads_strict(text: str | bytes):
+    """json.loads that refuses NaN and Infinity (the standard library accepts them) with a ValueError."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def read_json(path: Path, max_bytes: int, name: str, what: str):
+    """A JSON file from elsewhere, size-checked before it is read; NaN and Infinity are refused (the
+    standard library would accept them). One-line LegoError naming the file as `name`."""
+    if path.stat().st_size > max_bytes:
+        raise LegoError(f"{name} is larger than {max_bytes >> 20} MB: not a {what}")
+    try:
+        return loads_strict(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LegoError(f"{name} is not valid JSON ({e})") from None
 
 
 def _obj(value, where: str, keys: set[str] | None = None, required: set[str] | None = None) -> dict:

@@ -6,7 +6,6 @@ engine passes verification is moved into place, engine files first and the manif
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -32,7 +31,7 @@ from lego_export.manifest import (
     Manifest,
     Recommended,
     parse_recommended,
-    reject_json_constant,
+    read_json,
     sha256_file,
 )
 from lego_export.model import LegoModel
@@ -125,12 +124,9 @@ def check_output_folder(out: Path, ckpt_sha: str, force: bool) -> Manifest | Non
 def read_recommended(path: str, ckpt_sha: str) -> Recommended:
     """The JSON `lego-export tune --save` wrote, checked, and tuned on these very weights."""
     file = Path(path)
-    if not file.is_file() or file.stat().st_size > 1 << 20:
-        raise LegoError(f"--recommended {path}: not a file of at most 1 MB")
-    try:
-        data = json.loads(file.read_text(), parse_constant=reject_json_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LegoError(f"--recommended {path} is not valid JSON ({e})") from None
+    if not file.is_file():
+        raise LegoError(f"--recommended {path}: no such file")
+    data = read_json(file, 1 << 20, f"--recommended {path}", "recommended setting")
     recommended = parse_recommended(data, f"--recommended {path}")
     if recommended.checkpoint_sha256 != ckpt_sha:
         raise LegoError(f"--recommended {path} was tuned on other weights (its checkpoint_sha256 differs)")

@@ -7,12 +7,12 @@ carrying the HTTP status and a one-line message naming the field.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
+from lego_export.manifest import loads_strict
 from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes; anything this large is not one
@@ -106,11 +106,8 @@ def parse_body(body: bytes) -> dict:
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
 
-    def no_constant(name: str):
-        raise ValueError(f"{name} is not a number JSON allows")
-
     try:
-        data = json.loads(body, parse_constant=no_constant)
+        data = loads_strict(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"body is not valid JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
