@@ -135,6 +135,13 @@ def _float(value, name: str) -> float:
     return value
 
 
+def _bool(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _choice(data: dict, name: str, default: str, choices: tuple[str, ...]) -> str:
     value = data.get(name, default)
     if value not in choices:
@@ -222,22 +229,15 @@ def parse_image_request(data: dict, planner: LegoPipeline, limits: Limits) -> Im
         churn=_churn(data.get("churn")),
         format=_choice(data, "format", "png", tuple(FORMATS)),
         columns=_int(data, "columns", 8, 1, 1024),
-        is_async=data.get("async", False),
+        reuse_residual=_bool(data, "reuse_residual", False),
+        is_async=_bool(data, "async", False),
     )
     tile_shift = data.get("tile_shift")
     if tile_shift is not None and not isinstance(tile_shift, bool):
         raise RequestError(400, f"tile_shift must be true, false or null, got {tile_shift!r}")
     req.tile_shift = tile_shift
-    req.reuse_residual = data.get("reuse_residual", False)
-    if not isinstance(req.reuse_residual, bool):
-        raise RequestError(400, f"reuse_residual must be true or false, got {req.reuse_residual!r}")
-    if not isinstance(req.is_async, bool):
-        raise RequestError(400, f"async must be true or false, got {req.is_async!r}")
-    use_recommended = data.get("recommended", True)
-    if not isinstance(use_recommended, bool):
-        raise RequestError(400, f"recommended must be true or false, got {use_recommended!r}")
     recommended = planner.manifest.recommended
-    if use_recommended and recommended is not None and not SAMPLING_FIELDS & set(data):
+    if _bool(data, "recommended", True) and recommended is not None and not SAMPLING_FIELDS & set(data):
         # As lego-run: the model's tuned setting, unless the request says how to sample.
         if recommended.steps > limits.max_steps:
             raise RequestError(400, f"the model's recommended {recommended.steps} steps exceed --max-steps")
