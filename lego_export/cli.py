@@ -369,6 +369,7 @@ def tune(
 
     from lego_export.atomic import atomic_write, check_output, folder_lock
     from lego_export.manifest import Manifest
+    from lego_export.runtime.cli import MAX_THREADS
     from lego_export.runtime.pipeline import LegoPipeline, check_request
     from lego_export.runtime.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
 
@@ -379,14 +380,18 @@ def tune(
     if len(ref_settings) != 1:
         raise LegoError(f"--reference-setting takes one SAMPLER:STEPS, got {reference_setting!r}")
     ref_sampler, ref_steps = ref_settings[0]
+    if not 0 <= threads <= MAX_THREADS:
+        raise LegoError(f"--threads must be from 0 (all cores) to {MAX_THREADS}, got {threads}")
     check_output(save, "--save")
     manifest = Manifest.read(engines)
     model = manifest.model
     most_steps = max(ref_steps, *(steps for _, steps in search))
-    check_request(num, batch, seed + 1, most_steps, (model.img_resolution,) * 2, model.img_channels)
+    side = model.img_resolution
+    for trial_seed in (seed, seed + 1):  # the search's seeds, then the validation's
+        check_request(num, batch, trial_seed, most_steps, (side, side), model.img_channels)
     if num < 2:
         raise LegoError("--num must be at least 2 (FID needs a covariance)")
-    net = FeatureNet(features, model.img_channels, threads)
+    net = FeatureNet(features, (model.img_channels, side, side), threads)
     stats = load_reference(reference, net)
     pipe = LegoPipeline.from_engines(engines, backend, threads=threads)
     tuner = Tuner(pipe, net, stats, num, batch, seed, log=lambda m: click.echo(m, err=True))

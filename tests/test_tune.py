@@ -203,8 +203,55 @@ def test_bad_reference_files_are_refused_in_one_line(tuned_folder, tmp_path, ref
     assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-1"], "--seed must be an integer from 0"),
+        (["--seed", str(2**63 - 1)], "--seed must be an integer from 0"),  # seed + 1 validates
+        (["--threads", "-1"], "--threads must be from 0"),
+        (["--threads", str(10**6)], "--threads must be from 0"),
+        (["--max-fid-increase", "nan"], "--max-fid-increase must be from 0 to 10"),
+        (["--max-fid-increase", "-1"], "--max-fid-increase must be from 0 to 10"),
+        (["--num", "1"], "--num must be at least 2"),
+        (["--num", str(10**7)], "--num must be an integer from 1"),
+        (["--candidates", "dpm2m:0"], "cannot read 'dpm2m:0'"),
+    ],
+)
+def test_bad_tune_options_are_refused_in_one_line(tuned_folder, extra, message):
+    engines, features, reference = tuned_folder
+    out = CliRunner().invoke(export_main, tune_args(engines, features, reference, *extra))
+    assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
+
+
+def test_a_features_model_of_another_image_size_is_refused(tuned_folder, tmp_path):
+    engines, _, reference = tuned_folder
+    features = write_features(tmp_path / "f8.onnx", side=8)  # the engines make 16 x 16 images
+    out = CliRunner().invoke(export_main, tune_args(engines, features, reference))
+    assert out.exit_code == 1 and "takes images of 1 x 8 x 8; the model makes 1 x 16 x 16" in out.output, out.output
+
+
+def test_reference_images_the_extractor_cannot_take_are_refused(tuned_folder, tmp_path):
+    """A feature model with a free image size runs on the samples, then fails on reference images of
+    another shape: one line, not ONNX Runtime's traceback."""
+    engines, features, _ = tuned_folder
+    np.savez(tmp_path / "r.npz", images=np.zeros((4, 28, 28), np.uint8))
+    out = CliRunner().invoke(export_main, tune_args(engines, features, tmp_path / "r.npz"))
+    assert out.exit_code == 1 and "the feature extractor cannot take images of" in out.output, out.output
+
+
 def test_a_features_file_that_is_not_onnx_is_refused(tuned_folder, tmp_path):
     engines, _, reference = tuned_folder
     (tmp_path / "f.onnx").write_bytes(b"\x00" * 64)
     out = CliRunner().invoke(export_main, tune_args(engines, tmp_path / "f.onnx", reference))
     assert out.exit_code == 1 and "not an ONNX model" in out.output, out.output
+
+
+def test_a_small_npz_holding_a_huge_array_is_refused_before_it_is_read(tuned_folder, tmp_path, monkeypatch):
+    from lego_export.runtime import tune
+
+    engines, features, _ = tuned_folder
+    np.savez_compressed(tmp_path / "r.npz", images=np.zeros((200, 16, 16), np.uint8))  # ~50 KB inside
+    assert (tmp_path / "r.npz").stat().st_size < 1000
+    monkeypatch.setattr(tune, "MAX_REFERENCE_FILE", 1000)
+    out = CliRunner().invoke(export_main, tune_args(engines, features, tmp_path / "r.npz"))
+    assert out.exit_code == 1 and "an array larger than" in out.output, out.output

@@ -95,7 +95,8 @@ class TuneResult:
 class FeatureNet:
     """An ONNX feature extractor (float32 N x C x H x W in [-1, 1] -> N x D), run by ONNX Runtime."""
 
-    def __init__(self, path: str | Path, channels: int, threads: int = 0):
+    def __init__(self, path: str | Path, image_shape: tuple[int, int, int], threads: int = 0):
+        """image_shape: the model's C, H, W; a fixed input size of the extractor must match it."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -114,13 +115,21 @@ class FeatureNet:
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise LegoError(f"--features {path}: expected one input of shape N x C x H x W")
         self.input = inputs[0].name
-        if inputs[0].shape[1] not in (channels, None) and not isinstance(inputs[0].shape[1], str):
-            raise LegoError(f"--features {path}: takes {inputs[0].shape[1]} channels, the model makes {channels}")
+        fixed = inputs[0].shape[1:]  # ints where the graph fixes a size, names or None where it does not
+        if any(isinstance(d, int) and d != want for d, want in zip(fixed, image_shape, strict=True)):
+            shown = " x ".join(str(d) for d in fixed)
+            raise LegoError(
+                f"--features {path}: takes images of {shown}; the model makes {' x '.join(map(str, image_shape))}"
+            )
 
     def __call__(self, images: np.ndarray, chunk: int = 256) -> np.ndarray:
         parts = []
         for i in range(0, len(images), chunk):
-            out = self.session.run(None, {self.input: np.ascontiguousarray(images[i : i + chunk], np.float32)})[0]
+            try:
+                out = self.session.run(None, {self.input: np.ascontiguousarray(images[i : i + chunk], np.float32)})[0]
+            except Exception as e:  # ONNX Runtime's own types, e.g. reference images of another size
+                reason = str(e).splitlines()[0][:200]
+                raise LegoError(f"the feature extractor cannot take images of {images.shape[1:]}: {reason}") from None
             if out.ndim != 2 or out.shape[1] > MAX_FEATURE_DIM:
                 raise LegoError(f"the feature extractor returned shape {out.shape}; expected N x D")
             parts.append(out.astype(np.float64))
@@ -140,7 +149,13 @@ def load_reference(path: str | Path, features: FeatureNet) -> FeatureStats:
         raise LegoError(f"--reference {path}: larger than {MAX_REFERENCE_FILE >> 30} GB")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files if k in ("mu", "sigma", "images")}
+            wanted = [k for k in data.files if k in ("mu", "sigma", "images")]
+            # An .npz is a zip: a small file can hold a huge array. Its stated size is checked first.
+            if any(data.zip.getinfo(f"{k}.npy").file_size > MAX_REFERENCE_FILE for k in wanted):
+                raise LegoError(f"--reference {path}: an array larger than {MAX_REFERENCE_FILE >> 30} GB")
+            arrays = {k: data[k] for k in wanted}
+    except LegoError:
+        raise
     except (OSError, ValueError) as e:
         raise LegoError(f"--reference {path}: not a readable .npz ({e})") from None
     if "images" in arrays:
