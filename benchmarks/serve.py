@@ -104,7 +104,7 @@ def baseline_app(engines: str, backend: str, threads: int):
     from lego_export.serve.service import encode
 
     pipe = LegoPipeline.from_engines(engines, backend, threads=threads)
-    planner, limits = LegoPipeline(pipe.manifest), Limits()  # lego-serve's default limits
+    manifest, limits = pipe.manifest, Limits()  # lego-serve's default limits
     lock = threading.Lock()
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -116,7 +116,7 @@ def baseline_app(engines: str, backend: str, threads: int):
     @app.post("/v1/images")
     async def images(request: Request) -> Response:
         try:
-            req = parse_image_request(parse_body(await request.body()), planner, limits)
+            req = parse_image_request(parse_body(await request.body()), manifest, limits)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         return Response(await asyncio.to_thread(run, req), media_type=req.media_type)
@@ -297,8 +297,7 @@ def measure(server: Server, bodies, arrivals, reference: list[np.ndarray], deadl
 def offline_reference(engines: str, backend: str, threads: int, bodies: list[dict]) -> list[np.ndarray]:
     """LegoPipeline's own images (lego-run's code, in this process) for the given requests."""
     pipe = LegoPipeline.from_engines(engines, backend, threads=threads)
-    planner = LegoPipeline(pipe.manifest)
-    return [pipe(**parse_image_request(b, planner, Limits()).pipe_kwargs()).images for b in bodies]
+    return [pipe(**parse_image_request(b, pipe.manifest, Limits()).pipe_kwargs()).images for b in bodies]
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lego_export.atomic import atomic_write
-from lego_export.config import LegoConfig
+from lego_export.config import LegoConfig, valid_class_names
 from lego_export.errors import LegoError
 from lego_export.model import LegoModel
 
@@ -103,6 +103,17 @@ def read_checkpoint(path: str | Path) -> tuple[LegoConfig, dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError) as e:
         raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
     return cfg, state, json.loads(metadata.get("extra", "{}"))
+
+
+def class_names(path: str | Path, num_classes: int) -> list[str]:
+    """The class names a checkpoint was trained with (lego-train stores its data's), or [] when it has
+    none that fit: anything else in its metadata is ignored, never trusted."""
+    try:
+        extra = json.loads(read_metadata(path).get("extra", "{}"))
+    except ValueError:
+        return []
+    names = extra.get("class_names") if isinstance(extra, dict) else None
+    return names if valid_class_names(names, num_classes) else []
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LegoModel:

@@ -365,13 +365,13 @@ def tune(
     """
     import json
     import math
-    from dataclasses import asdict
 
     from lego_export.atomic import atomic_write, check_output, folder_lock
     from lego_export.manifest import Manifest
-    from lego_export.runtime.cli import MAX_THREADS
-    from lego_export.runtime.pipeline import LegoPipeline, check_request
-    from lego_export.runtime.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
+    from lego_export.options import MAX_STEPS, OptionError, check_request
+    from lego_export.runtime.backends import MAX_THREADS
+    from lego_export.runtime.pipeline import LegoPipeline
+    from lego_export.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
 
     if not (math.isfinite(max_fid_increase) and 0 <= max_fid_increase <= 10):
         raise LegoError(f"--max-fid-increase must be from 0 to 10, got {max_fid_increase}")
@@ -387,8 +387,13 @@ def tune(
     model = manifest.model
     most_steps = max(ref_steps, *(steps for _, steps in search))
     side = model.img_resolution
-    for trial_seed in (seed, seed + 1):  # the search's seeds, then the validation's
-        check_request(num, batch, trial_seed, most_steps, (side, side), model.img_channels)
+    if most_steps > MAX_STEPS:
+        raise LegoError(f"steps must be at most {MAX_STEPS}, got {most_steps}")
+    try:
+        for trial_seed in (seed, seed + 1):  # the search's seeds, then the validation's
+            check_request(num, batch, trial_seed, (side, side), model.img_channels)
+    except OptionError as e:
+        raise e.renamed({"num": "--num", "batch": "--batch", "seed": "--seed"}) from None
     if num < 2:
         raise LegoError("--num must be at least 2 (FID needs a covariance)")
     net = FeatureNet(features, (model.img_channels, side, side), threads)
@@ -410,7 +415,7 @@ def tune(
     )
     if save:
         with atomic_write(save) as f:
-            f.write((json.dumps(asdict(chosen), indent=2) + "\n").encode())
+            f.write((json.dumps(chosen.to_dict(), indent=2) + "\n").encode())
         click.echo(f"wrote {save}")
     if dry_run:
         return

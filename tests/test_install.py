@@ -60,6 +60,6 @@ def test_runtime_only_install_samples_without_torch(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "g.png").is_file()
     images = np.load(npz)["images"]
-    expected = LegoPipeline.from_engines(ENGINES)(num=3, steps=4, skip="late", guidance=1.5).images
+    expected = LegoPipeline.from_engines(ENGINES, "onnxruntime")(num=3, steps=4, skip="late", guidance=1.5).images
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(images, expected, atol=1e-6)

@@ -12,6 +12,7 @@ from lego_export.checkpoint import save_checkpoint
 from lego_export.config import get_preset
 from lego_export.export.build import BuildOptions, build
 from lego_export.model import LegoModel
+from lego_export.options import SamplingOptions
 from lego_export.runtime.cli import main as lego_run
 from lego_export.runtime.pipeline import LegoPipeline
 from tests.conftest import run_torchrun
@@ -81,7 +82,7 @@ def test_onnxruntime_matches_pytorch(models, stack, resolution):
 def test_pipeline_denoiser_matches_the_model(models, backend, bricks, shift, guidance):
     """The pipeline's evaluation, on any backend, is LegoModel.forward on the same inputs."""
     from lego_export.checkpoint import load_model
-    from lego_export.runtime.schedule import StepPlan
+    from lego_export.runtime.plan import StepPlan
 
     if backend == "openvino":
         pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install '.[openvino]')")
@@ -133,7 +134,7 @@ def test_io_binding_on_torch_tensors_matches_numpy_feeds(models):
         runner = b.runner.infer
         b.runner.infer = lambda feeds, run=runner: seen.append(type(feeds["tiles"])) or run(feeds)
     kwargs = dict(num=3, steps=3, batch=2, resolution=(16, 32), skip="late", guidance=2.0, seed=1)
-    a, b = bound(**kwargs).images, LegoPipeline.from_engines(engines)(**kwargs).images
+    a, b = bound(**kwargs).images, LegoPipeline.from_engines(engines, "onnxruntime")(**kwargs).images
     assert seen and set(seen) == {torch.Tensor}
     assert np.abs(a - b).max() < 1e-5
 
@@ -151,7 +152,9 @@ def test_engine_times_only_when_they_cost_no_device_wait(models):
     pipe.arrays.synchronize = lambda: waits.append(1)
     timed = pipe(num=2, steps=3, batch=2)
     assert waits and set(timed.timing.engine_ms) == {"embedder", "brick0", "brick1", "brick2"}
-    pipe.per_engine_timing = False  # what a CUDA backend gets without profile=True
+    for runner in [pipe.embedder, *pipe.bricks]:
+        runner.timed = False  # what a CUDA backend gets without profile=True
+    pipe.per_engine_timing = False
     waits.clear()
     untimed = pipe(num=2, steps=3, batch=2)
     assert not waits and untimed.timing.engine_ms == {} and untimed.timing.overhead_fraction is None
@@ -199,9 +202,9 @@ def test_non_square_canvases_and_tile_shift(models):
     pipe = LegoPipeline.from_engines(engines)
     for hw in [(16, 48), (48, 16), (32, 32)]:
         assert pipe(num=1, steps=2, resolution=hw).images.shape == (1, 1, *hw)
-    plan_default = pipe.plan(4, resolution=(16, 48))
+    plan_default = pipe.plan(SamplingOptions(steps=4), (16, 48))
     assert any(p.shift != (0, 0) for p in plan_default)  # on by default above the training size
-    assert all(p.shift == (0, 0) for p in pipe.plan(4, resolution=(16, 16)))
+    assert all(p.shift == (0, 0) for p in pipe.plan(SamplingOptions(steps=4), (16, 16)))
     shifted = pipe(num=1, steps=4, resolution=(16, 48), tile_shift=True).images
     unshifted = pipe(num=1, steps=4, resolution=(16, 48), tile_shift=False).images
     assert np.abs(shifted - unshifted).max() > 1e-3
@@ -389,7 +392,10 @@ def test_churn_options_reach_the_sampler(models, tmp_path):
     assert run_cli([*args, "--out", tmp_path / "b.png", "--save-npz", tmp_path / "b.npz"]).exit_code == 0
     assert np.abs(np.load(tmp_path / "a.npz")["images"] - np.load(tmp_path / "b.npz")["images"]).max() > 1e-2
     bad = run_cli([*common, "--churn", "-1", "--out", tmp_path / "c.png"])
-    assert bad.exit_code == 1 and "--churn must be a finite number >= 0" in bad.output
+    assert bad.exit_code == 2 and "Invalid value for '--churn'" in bad.output
+    alone = run_cli([*common, "--s-noise", "1.003", "--out", tmp_path / "c.png"])
+    assert alone.exit_code == 1 and "--s-noise applies with --churn only" in alone.output
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_dpm_solver_is_second_order_with_one_evaluation_per_step(models):

@@ -30,8 +30,9 @@ from lego_export.edm import Churn  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
 from lego_export.runtime.backends import make_backend  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.runtime.runner import balanced_chunks  # noqa: E402
 from lego_export.serve.app import create_app  # noqa: E402
-from lego_export.serve.calibrate import balanced_chunks, best_chunk  # noqa: E402
+from lego_export.serve.calibrate import best_chunk  # noqa: E402
 from lego_export.serve.cli import main as lego_serve  # noqa: E402
 from lego_export.serve.service import ImageService, ServeConfig  # noqa: E402
 from lego_export.serve.validation import Limits, RequestError  # noqa: E402
@@ -115,22 +116,22 @@ def running(service: ImageService):
         sock.close()
 
 
-def offline(body: dict, engines: Path = TINY) -> np.ndarray:
-    """What LegoPipeline (lego-run's code) gives for the same options, at lego-run's default batch."""
-    pipe = LegoPipeline.from_engines(engines)
+def offline(body: dict, engines: Path = TINY, backend: str = "onnxruntime") -> np.ndarray:
+    """What LegoPipeline (lego-run's code) gives for the same options, at lego-run's default batch, on
+    the backend the test's server uses (HookedBackend's, unless a test says otherwise)."""
+    pipe = LegoPipeline.from_engines(engines, backend)
     h, w = (int(v) for v in body.get("resolution", "16x16").split("x"))
     churn = body.get("churn")
     if isinstance(churn, dict):
         churn = Churn(churn["s_churn"], churn.get("s_min", 0.0), churn.get("s_max", float("inf")), churn["s_noise"])
     elif churn:
         churn = Churn(churn)
-    skip = body.get("skip")
     classes = [body["class"]] if "class" in body else body.get("classes")
-    kwargs = dict(num=body.get("num", 1), steps=body["steps"], sampler=body.get("sampler", "heun"))
-    kwargs.update(skip=None if skip in (None, "none") else skip, t_break=body.get("t_break", 0.2))
-    kwargs.update(resolution=(h, w), classes=classes, guidance=body.get("cfg", 1.0), seed=body.get("seed", 0))
-    kwargs.update(tile_shift=body.get("tile_shift"), churn=churn, reuse_residual=body.get("reuse_residual", False))
-    return pipe(**kwargs).images
+    fields = dict(steps=body["steps"], sampler=body.get("sampler", "heun"), skip=body.get("skip", "none"))
+    fields.update(t_break=body.get("t_break"), guidance=body.get("cfg", 1.0), tile_shift=body.get("tile_shift"))
+    fields.update(churn=churn, reuse_residual=body.get("reuse_residual", False))
+    kwargs = dict(num=body.get("num", 1), resolution=(h, w), classes=classes, seed=body.get("seed", 0))
+    return pipe(**kwargs, **fields).images
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -213,10 +214,10 @@ def test_every_request_gets_its_offline_images_whatever_else_is_in_flight(roomy_
         assert results[i].shape == expected.shape
         np.testing.assert_allclose(results[i], expected, atol=1e-5, rtol=0, err_msg=f"request {i}: {body}")
     # Merged: each request submits one call per engine per evaluation; far fewer calls ran.
-    stats = service.scheduler.stats.engines
+    stats = service.batcher.stats.engines
     submitted = sum(e.group_requests for e in stats.values())
     assert len(backend.calls) < 0.6 * submitted, (len(backend.calls), submitted)
-    limits = service.scheduler.limits
+    limits = service.batcher.limits
     assert all(rows <= limits[engine] for engine, rows in backend.calls)
 
 
@@ -302,7 +303,7 @@ def test_every_invalid_field_is_refused_with_a_one_line_json_error_before_anythi
             assert http.request(method, path).status_code == status
         assert http.get("/v1/images").status_code == 405
         assert "Method Not Allowed" in one_line_error(http.get("/v1/images"))
-    assert service.scheduler.stats.requests_joined == 0 and backend.calls == []
+    assert service.batcher.stats.requests_joined == 0 and backend.calls == []
 
 
 def test_every_sampler_and_residual_reuse_reach_the_pipeline():
@@ -419,7 +420,7 @@ def test_a_failing_engine_call_fails_only_the_request_it_served():
         healthy = {"steps": 4, "class": 3, "async": True, "format": "npz", "seed": 12}
         bad = http.post("/v1/images", json=poisoned).json()["id"]
         good = http.post("/v1/images", json=healthy).json()["id"]
-        wait_for(lambda: service.scheduler.pending == 2, what="both embedder calls pending")
+        wait_for(lambda: service.batcher.pending == 2, what="both embedder calls pending")
         hold.set()
         failed = finished(http, bad)
         assert failed.status_code == 500 and "simulated engine fault" in one_line_error(failed)
@@ -534,14 +535,15 @@ def test_ctrl_c_on_an_idle_server_exits_0_without_a_message():
 
 def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
     runner = CliRunner()
-    for args, needle in (
-        (["--engines", str(TINY), "--max-active", "0"], "--max-active must be"),
-        (["--engines", str(TINY), "--max-resolution", "100000"], "--max-resolution must be"),
-        (["--engines", str(tmp_path / "none")], "manifest"),
+    for args, needle in (  # ranges click checks: its usage error, status 2
+        (["--engines", str(TINY), "--max-active", "0"], "Invalid value for '--max-active'"),
+        (["--engines", str(TINY), "--max-resolution", "100000"], "Invalid value for '--max-resolution'"),
     ):
         result = runner.invoke(lego_serve, args)
-        assert result.exit_code == 1, result.output
-        assert needle in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+    result = runner.invoke(lego_serve, ["--engines", str(tmp_path / "none")])
+    assert result.exit_code == 1, result.output
+    assert "manifest" in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
@@ -550,8 +552,17 @@ def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
 
     body = {"steps": 4, "num": 2, "class": 5, "format": "npz", "seed": 3}
     port = free_port()
-    with ray_app.local_deployment(str(TINY), port=port, cluster_cpus=2, min_replicas=2, max_replicas=2) as url:
+    # every lego-serve setting away from its default, to be read back inside the replicas
+    settings = dict(backend="onnxruntime", threads=1, max_batch_tiles=7, max_active=3, align=False)
+    settings.update(calibrate=False, max_queue=5, max_resolution=32, max_steps=300, max_images=40)
+    with ray_app.local_deployment(str(TINY), port=port, cluster_cpus=2, min_replicas=2, max_replicas=2,
+                                  **settings) as url:  # fmt: skip
         with httpx.Client(base_url=url, timeout=120, trust_env=False) as http:
+            config = http.get("/healthz").json()["config"]
+            limits = {k: settings.pop(k) for k in ("max_resolution", "max_steps", "max_images")}
+            assert {k: config[k] for k in settings} == settings and config["limits"] == limits, config
+            too_large = http.post("/v1/images", json={"steps": 4, "resolution": "48x48"})
+            assert too_large.status_code == 413 and "limit of 32" in one_line_error(too_large)
             images = npz_images(http.post("/v1/images", json=body))
             assert one_line_error(http.post("/v1/images", json={"class": 99})).startswith("class 99")
             job = http.post("/v1/images", json={**body, "async": True})
@@ -562,7 +573,7 @@ def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
             long = http.post("/v1/images", json={"steps": 250, "num": 32, "async": True}).json()["id"]
             assert http.delete(f"/v1/jobs/{long}").status_code == 200  # from whichever replica
             cancelled = finished(http, long, 20)
-    np.testing.assert_allclose(images, offline(body), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(images, offline(body, backend="auto"), atol=1e-5, rtol=0)
     for answer in answers:
         np.testing.assert_allclose(npz_images(answer), images, atol=0, rtol=0)
     assert len(replicas) == 2

@@ -26,4 +26,4 @@ def test_the_shipped_tuned_setting_belongs_to_the_shipped_weights():
     recommended = read_recommended(str(tuned), sha256_file(SHIPPED))
     assert recommended.measured["fid"] <= recommended.measured["budget"]
     assert recommended.measured["validation"]["in_budget"]
-    assert json.loads(tuned.read_text())["skip_policy"] == recommended.skip_policy
+    assert json.loads(tuned.read_text())["skip_policy"] == recommended.options.skip

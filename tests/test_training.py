@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -129,3 +130,50 @@ def test_torchrun_two_processes(tiny_npz, tmp_path):
     assert "2 process(es)" in proc.stderr + proc.stdout
     load_model(out / "model.safetensors")
     assert torch.load(out / "train-state.pt", weights_only=True)["nimg"] == 128
+
+
+def test_lr_decay_follows_its_schedule_across_a_resume(tiny_npz, tmp_path, monkeypatch):
+    import lego_train.loop as loop
+
+    out = tmp_path / "run"
+    base = dict(data=str(tiny_npz), out=str(out), preset="tiny", batch=32, warmup_kimg=0.064)
+    base.update(snapshot_kimg=0.064, tick_kimg=0.032)
+    loop.train(loop.TrainConfig(**base, kimg=0.128))  # warm-up, then the constant rate
+
+    real_snapshot = loop.snapshot
+
+    def stop_at_320(out, model, ema, optimizer, nimg, *args):
+        real_snapshot(out, model, ema, optimizer, nimg, *args)
+        if nimg == 320:
+            raise KeyboardInterrupt  # as if stopped in the middle of the decay
+
+    monkeypatch.setattr(loop, "snapshot", stop_at_320)
+    cooldown = loop.TrainConfig(**base, kimg=0.512, resume=str(out), lr_decay="linear", lr_final=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cooldown)
+    monkeypatch.setattr(loop, "snapshot", real_snapshot)
+    assert torch.load(out / "train-state.pt", weights_only=True)["lr_schedule"]["decay_end"] == 512
+    loop.train(loop.TrainConfig(**base, kimg=0.512, resume=str(out)))  # no decay options: the stored decay
+    loop.train(loop.TrainConfig(**base, kimg=0.640, resume=str(out)))  # past its end: the final rate
+
+    expected = loop.LRSchedule(5e-4, 64, "linear", 128, 512, 0.1)
+    rates = {round(r["kimg"] * 1000): r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+    assert sorted(rates) == list(range(32, 641, 32))
+    for nimg, lr in rates.items():  # a tick logs the rate of its last batch
+        assert lr == pytest.approx(expected(nimg), rel=1e-9), (nimg, lr)
+    assert rates[128] == pytest.approx(5e-4) and rates[320] == pytest.approx(5e-4 * (0.1 + 0.9 * 0.5))
+    assert rates[512] == rates[640] == pytest.approx(5e-5)
+    assert loop.LRSchedule(1.0, 0, "cosine", 0, 100, 0.0)(50) == pytest.approx(0.5)
+
+
+def test_lr_decay_options_are_checked(tiny_npz, tmp_path):
+    base = ["--data", str(tiny_npz), "--out", str(tmp_path / "o")]
+    for args, message in (
+        (["--decay-kimg", "5"], "--decay-kimg needs --lr-decay"),
+        (["--lr-final", "0.1"], "--lr-final needs --lr-decay"),
+        (["--lr-decay", "linear", "--lr-final", "2"], "--lr-final must be in [0, 1]"),
+        (["--lr-decay", "cosine", "--decay-kimg", "nan"], "--decay-kimg must be a positive number"),
+    ):
+        result = run_cli(base + args)
+        assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()

@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,10 +45,16 @@ def run(args, **kwargs):
 
 
 def refused(result, message):
-    """Exit status 1, the message, one line, no traceback."""
+    """Exit status 1, the message, one line, no traceback; or, for a range click checks itself
+    (message "Invalid value for ..."), click's usage error: status 2, its message last."""
+    assert "Traceback" not in result.output, result.output
+    if message.startswith("Invalid value for"):
+        assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
+        return
     assert result.exit_code == 1, (result.exit_code, result.output)
     assert message in result.output, result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("sampling ")]
+    assert len(lines) == 1, result.output  # the one line before sampling starts is not an error
 
 
 def edit_manifest(folder: Path, change) -> None:
@@ -187,9 +194,11 @@ def test_an_engine_returning_nan_at_run_time_is_named(engines, tmp_path, monkeyp
         pipe(num=1, steps=4)
 
 
-@pytest.mark.parametrize("cfg", ["nan", "inf", "-inf"])
-def test_non_finite_guidance_is_refused(engines, tmp_path, cfg):
-    refused(run(["--engines", engines, "--cfg", cfg, "--steps", 1, "--out", tmp_path / "g.png"]), "--cfg must be")
+@pytest.mark.parametrize("cfg", ["nan", "inf", "-inf", "-1e308", "101"])
+def test_non_finite_or_absurd_guidance_is_refused(engines, tmp_path, cfg):
+    # nan passes click's range (no comparison holds for it): the options' own check refuses it
+    message = "--cfg must be a finite number" if cfg == "nan" else "Invalid value for '--cfg'"
+    refused(run(["--engines", engines, "--cfg", cfg, "--steps", 1, "--out", tmp_path / "g.png"]), message)
     assert not (tmp_path / "g.png").exists()
 
 
@@ -253,9 +262,37 @@ def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(engines, tmp_path)
     assert leftovers(out) == [f".mine.{os.getpid()}.abcdef.lego-tmp"]
 
 
-def test_sigterm_cleans_up_and_says_so(engines, tmp_path):
+class Lines:
+    """Every line of a child's stream, read in a thread, so a test can wait for one with a deadline."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: any(text in line for line in self.lines) or not self.thread.is_alive(), timeout
+            )
+        assert found and any(text in line for line in self.lines), f"no {text!r} in {self.text()!r}"
+
+    def text(self, timeout: float = 0.0) -> str:
+        self.thread.join(timeout)
+        return "".join(self.lines)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_sampling_cleans_up_and_says_so(engines, tmp_path, sig):
     out = tmp_path / "out"
-    args = ["--engines", str(engines), "--steps", "2000", "--num", "4", "--out", str(out / "g.png")]
+    args = ["--engines", str(engines), "--steps", "1000", "--num", "4", "--batch", "1", "--out", str(out / "g.png")]
     args += ["--out-dir", str(out / "each")]
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "lego-run"), *args],
@@ -263,9 +300,15 @@ def test_sigterm_cleans_up_and_says_so(engines, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(4)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    err = Lines(proc.stderr)
+    try:
+        err.wait_for("sampling 4 image(s)")  # printed before the first of 4000 steps
+        proc.send_signal(sig)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err.text(timeout=10)
     assert proc.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
     assert not out.exists() or not any(out.iterdir())
 
@@ -275,10 +318,10 @@ def test_ctrl_c_while_writing_outputs_says_what_is_on_disk(engines, tmp_path, mo
 
     real = images.save_image
 
-    def interrupt_on_grid(pixels, path):
+    def interrupt_on_grid(pixels, path, text=None):
         if Path(path).name == "g.png":
             raise KeyboardInterrupt
-        real(pixels, path)
+        real(pixels, path, text)
 
     monkeypatch.setattr(images, "save_image", interrupt_on_grid)
     result = run(
@@ -348,11 +391,15 @@ def test_a_huge_label_is_refused_before_allocation(tmp_path):
     [
         (["--resolution", "100000x16"], "--resolution height must be an integer from 1 to 16384"),
         (["--resolution", "16384x16384", "--batch", "64", "--num", "64"], "needs about"),
-        (["--num", str(10**9)], "--num must be an integer from 1 to 1000000"),
-        (["--threads", "100000"], "--threads must be from 0"),
-        (["--batch", "0"], "--batch must be an integer from 1"),
-        (["--seed", "-1"], "--seed must be an integer from 0"),
-        (["--columns", "0"], "--columns must be at least 1"),
+        (["--num", str(10**9)], "Invalid value for '--num'"),
+        (["--threads", "100000"], "Invalid value for '--threads'"),
+        (["--batch", "0"], "Invalid value for '--batch'"),
+        (["--seed", "-1"], "Invalid value for '--seed'"),
+        (["--columns", "0"], "Invalid value for '--columns'"),
+        (["--steps", "100000"], "Invalid value for '--steps'"),
+        (["--t-break", "0.3"], "--t-break applies only when the late bricks are skipped"),
+        (["--skip-policy", "2@nan:nan"], "--skip-policy rule '2@nan:nan': bounds must be numbers"),
+        (["--s-max", "5"], "--s-max applies with --churn only"),
     ],
 )
 def test_limits_hold_before_anything_is_allocated(engines, tmp_path, args, message):

@@ -13,10 +13,12 @@ from onnx import TensorProto, helper
 from lego_export.cli import export_main
 from lego_export.edm import evaluations
 from lego_export.fid import FeatureStats, fid, frechet_distance
+from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
+from lego_export.options import SamplingOptions
 from lego_export.runtime.cli import main as lego_run
-from lego_export.runtime.pipeline import LegoPipeline
-from lego_export.runtime.tune import Setting, Trial, Tuner
+from lego_export.runtime.plan import flop_fraction_saved, plan
+from lego_export.tune import Setting, Trial, Tuner
 
 TINY = Path(__file__).parent / "fixtures" / "tiny-engines"
 
@@ -68,18 +70,19 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
 class ScriptedTuner(Tuner):
     """The search without sampling: FID is a fixed function of the setting."""
 
-    def __init__(self, pipe, fid_of):
-        self.pipe, self.fid_of, self.seen = pipe, fid_of, []
+    def __init__(self, manifest, fid_of):
+        self.model, self.fid_of, self.seen = manifest.model, fid_of, []
+        self.flops = model_brick_flops(manifest.model)
         self.log = lambda _m: None
 
     def trial(self, setting, seed=None):
         self.seen.append(setting)
-        saved = self.pipe.flops_saved(self.pipe.plan(setting.steps, setting.policy(self.pipe)))
+        saved = flop_fraction_saved(plan(setting.options(self.model), self.model, (16, 16)), self.flops)
         return Trial(setting, self.fid_of(setting), evaluations(setting.sampler, setting.steps) * (1 - saved), 1.0)
 
 
 def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_plan():
-    pipe = LegoPipeline(Manifest.read(TINY))
+    manifest = Manifest.read(TINY)
     # Reference FID 10, budget 11. Each tenth of the trajectory without brick 1 (which takes brick 2
     # with it) costs 0.5 FID, without brick 2 0.2; 16 steps start 1 FID lower than 8.
     base = {("heun", 20): 10.0, ("dpm2m", 16): 9.0, ("dpm2m", 8): 10.0, ("euler", 40): 8.0}
@@ -88,7 +91,7 @@ def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_pla
         skipped = s.skipped or (0.0, 0.0)
         return base[(s.sampler, s.steps)] + 5 * skipped[0] + 2 * max(skipped)
 
-    tuner = ScriptedTuner(pipe, fid_of)
+    tuner = ScriptedTuner(manifest, fid_of)
     result = tuner.run(Setting("heun", 20), [("dpm2m", 16), ("dpm2m", 8), ("euler", 40)], 0.1, reuse=True)
     # 40 steps of brick 0 alone cost more than the best 8-step setting: never sampled
     assert not any(s.steps == 40 for s in tuner.seen)
@@ -101,7 +104,7 @@ def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_pla
     assert (result.winner.setting.sampler, result.winner.setting.steps) == ("dpm2m", 8)
     assert result.winner.setting.skipped == (0.1, 0.2)
     assert result.winner.setting.reuse_residual
-    plans = [(s.sampler, s.steps, tuple(p.bricks for p in pipe.plan(s.steps, s.policy(pipe)))) for s in tuner.seen]
+    plans = [(s.sampler, s.steps, tuner._plan(s)) for s in tuner.seen]
     assert len(plans) == len(set(plans))  # no plan is ever sampled twice
 
 
@@ -112,12 +115,13 @@ def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_fo
     out = runner.invoke(export_main, tune_args(engines, features, reference, "--max-fid-increase", "10",
                                                "--save", str(saved)))  # fmt: skip
     assert out.exit_code == 0, out.output
-    rec = Manifest.read(engines).recommended
+    tuned = Manifest.read(engines).recommended
+    rec = tuned.options
     assert rec is not None and rec.sampler in ("euler", "dpm2m") and rec.steps == 3
-    assert rec.skip_policy  # a budget this loose lets it skip
-    assert rec.measured["fid"] <= rec.measured["budget"]
-    assert rec.measured["brick_flops_vs_reference"] < 3 / 7
-    assert json.loads(saved.read_text())["skip_policy"] == rec.skip_policy
+    assert rec.skip != "none"  # a budget this loose lets it skip
+    assert tuned.measured["fid"] <= tuned.measured["budget"]
+    assert tuned.measured["brick_flops_vs_reference"] < 3 / 7
+    assert json.loads(saved.read_text())["skip_policy"] == rec.skip
     assert "recommended sampling setting" in runner.invoke(export_main, ["inspect", str(engines)]).output
 
     def images(*args):
@@ -130,7 +134,7 @@ def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_fo
     default, said = images()
     assert "the model's recommended" in said
     reuse = ["--reuse-residual"] if rec.reuse_residual else []
-    explicit, said = images("--sampler", rec.sampler, "--steps", "3", "--skip-policy", rec.skip_policy, *reuse)
+    explicit, said = images("--sampler", rec.sampler, "--steps", "3", "--skip-policy", rec.skip, *reuse)
     assert "recommended" not in said
     np.testing.assert_array_equal(default, explicit)
     _, said = images("--churn", "5")  # churn is a sampling option too (and dpm2m would refuse it)
@@ -152,10 +156,11 @@ def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
     save_checkpoint(ckpt, LegoModel(get_preset("pg-tiny")))
     options = BuildOptions(ckpt=str(ckpt), out=str(tmp_path / "e"), max_batch=4, opt_batch=2, fuse=False)
     manifest = build(options)
-    manifest.recommended = Recommended("euler", 7, "2@1:", False, manifest.source["sha256"], {"fid": 1.0})
+    tuned = SamplingOptions("euler", 7, "2@1:")
+    manifest.recommended = Recommended(tuned, manifest.source["sha256"], {"fid": 1.0})
     manifest.write(tmp_path / "e")
     assert build(options).recommended == manifest.recommended
-    (tmp_path / "rec.json").write_text(json.dumps({**manifest.recommended.__dict__, "checkpoint_sha256": "0" * 64}))
+    (tmp_path / "rec.json").write_text(json.dumps({**manifest.recommended.to_dict(), "checkpoint_sha256": "0" * 64}))
     out = CliRunner().invoke(export_main, ["build", "--ckpt", str(ckpt), "--out", str(tmp_path / "e"),
                                            "--recommended", str(tmp_path / "rec.json")])  # fmt: skip
     assert out.exit_code == 1 and "tuned on other weights" in out.output
@@ -247,7 +252,7 @@ def test_a_features_file_that_is_not_onnx_is_refused(tuned_folder, tmp_path):
 
 
 def test_a_small_npz_holding_a_huge_array_is_refused_before_it_is_read(tuned_folder, tmp_path, monkeypatch):
-    from lego_export.runtime import tune
+    from lego_export import tune
 
     engines, features, _ = tuned_folder
     np.savez_compressed(tmp_path / "r.npz", images=np.zeros((200, 16, 16), np.uint8))  # ~50 KB inside

@@ -35,6 +35,26 @@ from lego_train.loop import TrainConfig, train
     "--warmup-kimg", default=10.0, show_default=True, help="Length of the LR warm-up, in thousands of images."
 )
 @click.option(
+    "--lr-decay",
+    type=click.Choice(["none", "linear", "cosine"]),
+    default=None,
+    help="Decay the learning rate after the warm-up, down to --lr-final x --lr at --kimg. A resumed run "
+    "keeps its own decay unless this is given; given on a resume, the decay starts where the resume starts.  "
+    "[default: none]",
+)
+@click.option(
+    "--decay-kimg",
+    type=float,
+    default=None,
+    help="Decay only over the last this many thousand images before --kimg.  [default: all of this run]",
+)
+@click.option(
+    "--lr-final",
+    type=float,
+    default=None,
+    help="Where the decay ends, as a fraction of --lr (0 to 1).  [default: 0]",
+)
+@click.option(
     "--ema",
     "ema_halflife_kimg",
     default=20.0,
@@ -86,6 +106,7 @@ def main(**kwargs) -> None:
     One process:   lego-train --data fashion-mnist --preset pg-s --out runs/pg-s
     Several:       torchrun --nproc_per_node 2 -m lego_train.cli --data ... --out ...
     Continue:      lego-train --data fashion-mnist --out runs/pg-s --resume runs/pg-s --kimg 2000
+    Cool down:     lego-train ... --resume runs/pg-s --kimg 1600 --lr-decay linear
     """
     path = train(TrainConfig(**kwargs))
     click.echo(f"done: {path}")

@@ -48,6 +48,9 @@ class TrainConfig:
     kimg: float = 1000.0  # training duration in thousands of images
     lr: float = 5e-4
     warmup_kimg: float = 10.0
+    lr_decay: str | None = None  # none, linear or cosine; None: what the resumed run used (none for a new run)
+    decay_kimg: float | None = None  # decay over the last this many kimg before --kimg; None: all of this run
+    lr_final: float | None = None  # the decay ends at this fraction of --lr; None: 0
     ema_halflife_kimg: float = 20.0
     ema_rampup: float = 0.05  # EMA half-life at most this fraction of images seen so far
     canvas_windows: float = 0.5  # fraction of each batch cut from larger virtual canvases (crops.py)
@@ -103,6 +106,53 @@ def update_ema(ema: LegoModel, model: LegoModel, beta: float) -> None:
         p_ema.lerp_(p.detach(), 1 - beta)
 
 
+DECAYS = ("none", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warm-up from 0, then a constant rate, then an optional decay to a fraction of it.
+
+    Positions are absolute image counts, so a resumed run (which stores this in its train-state)
+    continues the same curve whatever --kimg it is resumed with.
+    """
+
+    lr: float
+    warmup_nimg: float
+    decay: str = "none"
+    decay_start: float = 0.0
+    decay_end: float = 0.0
+    final: float = 0.0
+
+    def __call__(self, nimg: float) -> float:
+        warm = min(1.0, nimg / max(self.warmup_nimg, 1.0))
+        if self.decay == "none" or nimg <= self.decay_start:
+            return self.lr * warm
+        t = min(1.0, (nimg - self.decay_start) / max(self.decay_end - self.decay_start, 1.0))
+        shape = 1 - t if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+        return self.lr * warm * (self.final + (1 - self.final) * shape)
+
+
+def lr_schedule(cfg: TrainConfig, nimg: int, stored: object) -> LRSchedule:
+    """The run's schedule. --lr and --warm-up come from the command line as before; the decay is the
+    resumed run's own unless --lr-decay is given, which starts a new decay where this run starts."""
+    if cfg.lr_decay is None and stored is not None:
+        fields = ("decay", "decay_start", "decay_end", "final")
+        if not isinstance(stored, dict) or not set(fields) <= set(stored):
+            raise LegoError("the train-state's lr_schedule is damaged (missing fields)")
+        decay, start, end, final = (stored[f] for f in fields)
+        numbers = (start, end, final)
+        if decay not in DECAYS or not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
+            raise LegoError("the train-state's lr_schedule is damaged (bad values)")
+        if not (0 <= final <= 1 and 0 <= start <= end):
+            raise LegoError("the train-state's lr_schedule is damaged (values out of range)")
+        return LRSchedule(cfg.lr, cfg.warmup_kimg * 1000, decay, float(start), float(end), float(final))
+    end = cfg.kimg * 1000
+    start = nimg if cfg.decay_kimg is None else max(nimg, end - cfg.decay_kimg * 1000)
+    final = 0.0 if cfg.lr_final is None else cfg.lr_final
+    return LRSchedule(cfg.lr, cfg.warmup_kimg * 1000, cfg.lr_decay or "none", start, end, final)
+
+
 def find_state(resume: str) -> Path:
     path = Path(resume)
     path = path / STATE_FILE if path.is_dir() else path
@@ -144,6 +194,15 @@ def check_options(cfg: TrainConfig) -> None:
         raise LegoError(f"--warmup-kimg must be zero or positive, got {cfg.warmup_kimg}")
     if not 0 <= cfg.canvas_windows <= 1:
         raise LegoError(f"--canvas-windows must be in [0, 1], got {cfg.canvas_windows}")
+    if cfg.lr_decay is not None and cfg.lr_decay not in DECAYS:
+        raise LegoError(f"--lr-decay must be one of {', '.join(DECAYS)}, got {cfg.lr_decay!r}")
+    for name, value in (("--decay-kimg", cfg.decay_kimg), ("--lr-final", cfg.lr_final)):
+        if value is not None and cfg.lr_decay in (None, "none"):
+            raise LegoError(f"{name} needs --lr-decay linear or cosine")
+    if cfg.lr_final is not None and not (math.isfinite(cfg.lr_final) and 0 <= cfg.lr_final <= 1):
+        raise LegoError(f"--lr-final must be in [0, 1], got {cfg.lr_final}")
+    if cfg.decay_kimg is not None and not (math.isfinite(cfg.decay_kimg) and cfg.decay_kimg > 0):
+        raise LegoError(f"--decay-kimg must be a positive number, got {cfg.decay_kimg}")
 
 
 def load_state(path: Path) -> dict:
@@ -208,6 +267,14 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
         if ddp.main:
             trim_log(out / "log.jsonl", nimg / 1000)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    schedule = lr_schedule(cfg, nimg, state.get("lr_schedule") if state is not None else None)
+    if ddp.main and cfg.resume is None and cfg.kimg < cfg.warmup_kimg:
+        tqdm.write(f"note: --kimg {cfg.kimg:g} ends inside the {cfg.warmup_kimg:g} kimg warm-up; lower --warmup-kimg")
+    if ddp.main and schedule.decay != "none":
+        tqdm.write(
+            f"learning rate: {schedule.decay} decay from {schedule.decay_start / 1000:g} to "
+            f"{schedule.decay_end / 1000:g} kimg, down to {schedule.final:g} x {schedule.lr:g}"
+        )
 
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels) if num_classes else None
@@ -257,7 +324,7 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
             onehot = onehot * keep  # an all-zero row is the null label (for classifier-free guidance)
 
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_kimg * 1000, 1))
+            group["lr"] = schedule(nimg + cfg.batch)
         with autocast:
             loss, per_brick = edm_loss(net, x, onehot, coords)
         optimizer.zero_grad(set_to_none=True)
@@ -295,7 +362,7 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
 
         if nimg >= next_snapshot or nimg >= total:
             if ddp.main:
-                snapshot(out, model, ema, optimizer, nimg, cfg, data.class_names)
+                snapshot(out, model, ema, optimizer, nimg, cfg, data.class_names, schedule)
                 tqdm.write(f"snapshot at {nimg / 1000:.1f} kimg -> {out}")
             ddp.barrier()
             next_snapshot += cfg.snapshot_kimg * 1000
@@ -312,7 +379,14 @@ def trim_log(path: Path, kimg: float) -> None:
 
 
 def snapshot(
-    out: Path, model: LegoModel, ema: LegoModel, optimizer, nimg: int, cfg: TrainConfig, class_names: list[str]
+    out: Path,
+    model: LegoModel,
+    ema: LegoModel,
+    optimizer,
+    nimg: int,
+    cfg: TrainConfig,
+    class_names: list[str],
+    schedule: LRSchedule,
 ) -> None:
     """Write the EMA checkpoint, the resumable state and a sample grid, each atomically."""
     extra = {"kimg": nimg / 1000, "data": cfg.data, "class_names": class_names, "train": asdict(cfg)}
@@ -323,6 +397,7 @@ def snapshot(
         "optimizer": optimizer.state_dict(),
         "nimg": nimg,
         "config": model.cfg.to_json(),
+        "lr_schedule": asdict(schedule),
     }
     with atomic_write(out / STATE_FILE) as f:
         torch.save(state, f)

@@ -19,11 +19,12 @@ from torch import nn
 import lego_export
 from lego_export import contract
 from lego_export.atomic import folder_lock, staging_dir
-from lego_export.checkpoint import load_model
+from lego_export.checkpoint import class_names, load_model
 from lego_export.errors import LegoError
 from lego_export.export import onnx as onnx_export
 from lego_export.export import quantize
 from lego_export.export.verify import measure_error, record_engine_inputs
+from lego_export.jsonio import read_json
 from lego_export.manifest import (
     MANIFEST_FILE,
     EngineFile,
@@ -31,7 +32,6 @@ from lego_export.manifest import (
     Manifest,
     Recommended,
     parse_recommended,
-    read_json,
     sha256_file,
 )
 from lego_export.model import LegoModel
@@ -272,6 +272,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
             engines=engines,
             latent=latent,
             recommended=recommended,
+            class_names=class_names(ckpt, model.cfg.num_classes),
         )
         trt_error = None
         if opts.target == "tensorrt":

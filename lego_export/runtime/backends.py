@@ -27,7 +27,8 @@ from lego_export.manifest import EngineSpec, Manifest, TensorSpec
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
 # What the bricks compute in: fp32; int8, the onnx-int8 graphs of lego-export build --int8 (ONNX Runtime
 # and OpenVINO); bf16, OpenVINO's bf16 inference on CPUs with bf16 units. Embedder and decoder stay fp32.
-PRECISIONS = ("fp32", "int8", "bf16")
+COMPUTE_PRECISIONS = ("fp32", "int8", "bf16")
+MAX_THREADS = 1024
 INT8_FORMAT = "onnx-int8"
 
 
@@ -176,8 +177,8 @@ class OpenVinoBackend:
                 "--backend openvino needs the openvino package (pip install 'lego-export[openvino]')"
             ) from None
         self.core, self.folder, self.manifest = ov.Core(), folder, manifest
-        if precision not in PRECISIONS:
-            raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision not in COMPUTE_PRECISIONS:
+            raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(COMPUTE_PRECISIONS)}")
         if precision == "int8":
             check_int8_files(folder, manifest)
         if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -415,8 +416,8 @@ def make_backend(
     """The backend asked for; 'auto' as in _auto_backend."""
     if name not in BACKENDS:
         raise LegoError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in COMPUTE_PRECISIONS:
+        raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(COMPUTE_PRECISIONS)}")
     if name == "auto":
         name = _auto_backend(manifest, precision)
     allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)

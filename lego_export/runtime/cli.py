@@ -15,30 +15,59 @@ from lego_export.atomic import atomic_write, check_output, publish_dir, staging_
 from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
-from lego_export.runtime.backends import BACKENDS, PRECISIONS
-from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
+from lego_export.flops import model_brick_flops
+from lego_export.options import (
+    DEFAULT_T_BREAK,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_STEPS,
+    OptionError,
+    check_classes,
+    check_request,
+    parse_canvas,
+    resolve,
+)
+from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
+from lego_export.runtime.pipeline import LegoPipeline
+from lego_export.runtime.plan import flop_fraction_saved, plan
+from lego_export.runtime.runner import Timing
 
-MAX_THREADS = 1024
+# lego-run's flags for the fields of SamplingOptions and of the request, so that a message from the
+# library ("steps must be ...") reaches the user under the flag they typed ("--steps must be ...").
+FLAGS = {
+    "sampler": "--sampler",
+    "steps": "--steps",
+    "skip": "--skip-policy",
+    "skip.late": "--skip-late-bricks",
+    "t_break": "--t-break",
+    "reuse_residual": "--reuse-residual",
+    "churn": "--churn",
+    "churn.s_churn": "--churn",
+    "churn.s_min": "--s-min",
+    "churn.s_max": "--s-max",
+    "churn.s_noise": "--s-noise",
+    "guidance": "--cfg",
+    "tile_shift": "--tile-shift",
+    "num": "--num",
+    "batch": "--batch",
+    "seed": "--seed",
+    "resolution": "--resolution",
+    "classes": "--class",
+}
+CHURN_DETAIL = ("s_min", "s_max", "s_noise")  # meaningful with --churn only
 
 
-def parse_resolution(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise LegoError(f"--resolution {text!r}: write HxW, e.g. 32x96") from None
-    return h, w
-
-
-def plan_table(pipe: LegoPipeline, plan) -> str:
-    names = [f"brick{k}({s})" for k, s in enumerate(pipe.brick_sizes)]
+def plan_table_for(model, plan) -> str:
+    """The per-step brick plan as a table, with the share of brick FLOPs it skips."""
+    names = [f"brick{k}({b.size})" for k, b in enumerate(model.bricks)]
     lines = [f"{'step':>4} {'sigma':>9}  {'shift':>8}  bricks run"]
     for p in plan:
         lines.append(f"{p.step:>4} {p.sigma:>9.4f}  {str(p.shift):>8}  {' > '.join(names[: p.bricks])}")
     skipped = sum(len(names) - p.bricks for p in plan)
     lines.append(
-        f"{skipped} of {len(plan) * len(names)} brick runs skipped; {pipe.flops_saved(plan):.1%} of brick FLOPs saved"
+        f"{skipped} of {len(plan) * len(names)} brick runs skipped; "
+        f"{flop_fraction_saved(plan, model_brick_flops(model)):.1%} of brick FLOPs saved"
     )
     return "\n".join(lines)
 
@@ -55,19 +84,19 @@ def _distributed() -> tuple[int, int]:
 
 
 def _gather(result, indices, rank: int, world: int):
-    """Merge every rank's images on rank 0, in index order."""
+    """Every rank's images on rank 0, in index order, and the timing of all ranks together."""
     if world == 1:
-        return result.images, result.labels
+        return result.images, result.labels, result.timing
     import torch.distributed as dist
 
     parts = [None] * world if rank == 0 else None
-    dist.gather_object((indices, result.images, result.labels), parts, dst=0)
+    dist.gather_object((indices, result.images, result.labels, result.timing), parts, dst=0)
     if rank != 0:
-        return None, None
+        return None, None, None
     order = np.argsort(np.concatenate([p[0] for p in parts]))
     images = np.concatenate([p[1] for p in parts])[order]
     labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])[order]
-    return images, labels
+    return images, labels, Timing.merged([p[3] for p in parts])
 
 
 def npz_path(save_npz: str | None) -> str | None:
@@ -87,10 +116,14 @@ def check_outputs(out: str | None, out_dir: str | None, save_npz: str | None, ti
     check_output(timing_json, "--timing-json")
 
 
-def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written: list[str]) -> None:
-    """Write each output whole (the --out-dir set in one move), appending its name to written."""
+def write_outputs(
+    images, labels, out, out_dir, save_npz, columns: int, written: list[str], record: dict | None = None
+) -> None:
+    """Write each output whole (the --out-dir set in one move), appending its name to written; every
+    PNG carries the run record (what made it) as text."""
     from lego_export.images import make_grid, save_image, to_uint8
 
+    text = {"Software": "lego-export", "lego-export": json.dumps(record, sort_keys=True)} if record else None
     if save_npz:
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
         with atomic_write(save_npz) as f:
@@ -100,21 +133,40 @@ def write_outputs(images, labels, out, out_dir, save_npz, columns: int, written:
         target = Path(out_dir)
         with staging_dir(target) as staging:
             for i, p in enumerate(to_uint8(images)):
-                save_image(p, staging / f"{i:06d}.png")
+                save_image(p, staging / f"{i:06d}.png", text)
             publish_dir(staging, target)
         written.append(f"{out_dir}/ ({len(images)} PNGs)")
     if out:
-        save_image(make_grid(images, columns=columns), out)
+        save_image(make_grid(images, columns=columns), out, text)
         written.append(out)
 
 
-SAMPLING_OPTIONS = ("steps", "sampler", "skip_late_bricks", "t_break", "skip_policy", "reuse_residual", "s_churn")
-
-
-def sampling_options_given() -> bool:
-    """Whether the command line sets any sampling option (then the recommended setting is not used)."""
+def given_options(params: dict) -> dict:
+    """The SamplingOptions fields the command line sets (flags left at their defaults are not given):
+    the options are these over the recommended setting or the defaults (options.resolve)."""
     ctx = click.get_current_context()
-    return any(ctx.get_parameter_source(name) is not ParameterSource.DEFAULT for name in SAMPLING_OPTIONS)
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+
+    if params["skip_late_bricks"] and params["skip_policy"]:
+        raise LegoError("use either --skip-late-bricks or --skip-policy, not both")
+    for name in CHURN_DETAIL:
+        if given(name) and not params["s_churn"]:
+            raise LegoError(f"--{name.replace('_', '-')} applies with --churn only")
+    fields = {}
+    for name in ("sampler", "steps", "t_break", "reuse_residual", "tile_shift"):
+        if given(name):
+            fields[name] = params[name]
+    if params["skip_late_bricks"]:
+        fields["skip"] = "late"
+    elif given("skip_policy"):
+        fields["skip"] = params["skip_policy"]
+    if given("s_churn"):
+        fields["churn"] = Churn(params["s_churn"], params["s_min"], params["s_max"], params["s_noise"])
+    if given("cfg"):
+        fields["guidance"] = params["cfg"]
+    return fields
 
 
 def describe_recommended(recommended) -> str:
@@ -125,9 +177,30 @@ def describe_recommended(recommended) -> str:
     return text + "; --no-recommended for the plain defaults"
 
 
+def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, images: int, world: int) -> dict:
+    """What made a run's images: every option, the backend, precision as built and as run, canvas, seed."""
+    return {
+        "options": result.options.to_dict(),
+        "recommended": result.recommended,
+        "backend": pipe.backend.name,
+        "precision": {"files": pipe.built_precision, "runtime": pipe.precision},
+        "canvas": list(canvas),
+        "seed": seed,
+        "images": images,
+        "processes": world,
+        "checkpoint_sha256": pipe.manifest.source["sha256"],
+    }
+
+
 @click.command(context_settings=CONTEXT)
 @click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
-@click.option("--steps", default=50, show_default=True, help="Sampling steps (Karras sigma schedule, 80 -> 0.002).")
+@click.option(
+    "--steps",
+    type=click.IntRange(1, MAX_STEPS),
+    default=50,
+    show_default=True,
+    help="Sampling steps (Karras sigma schedule, 80 -> 0.002).",
+)
 @click.option(
     "--sampler",
     type=click.Choice(list(SAMPLERS)),
@@ -143,9 +216,9 @@ def describe_recommended(recommended) -> str:
 )
 @click.option(
     "--t-break",
-    default=DEFAULT_T_BREAK,
-    show_default=True,
-    help="With --skip-late-bricks: fraction of the trajectory without the last brick.",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help=f"With --skip-late-bricks: fraction of the trajectory without the last brick.  [default: {DEFAULT_T_BREAK}]",
 )
 @click.option(
     "--reuse-residual",
@@ -171,32 +244,64 @@ def describe_recommended(recommended) -> str:
     "-n",
     "--images",
     "num",
+    type=click.IntRange(1, MAX_IMAGES),
     default=64,
     show_default=True,
     help="Number of images. Under torchrun write -n or --images: torchrun's own parser takes --num "
     "for its --numa-binding.",
 )
-@click.option("--batch", default=16, show_default=True, help="Images per denoiser call (guidance doubles it).")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, MAX_IMAGES),
+    default=16,
+    show_default=True,
+    help="Images per denoiser call (guidance doubles it).",
+)
 @click.option(
     "--class",
     "classes",
     multiple=True,
-    type=int,
-    help="Class label(s), cycled over the images (repeat the option); default: every class in equal "
-    "consecutive blocks, one grid row per class when --num is classes x --columns.",
+    help="Class label(s), by index or by name (--class sneaker, as the checkpoint names them), cycled over "
+    "the images (repeat the option); default: every class in equal consecutive blocks, one grid row per "
+    "class when --num is classes x --columns.",
 )
-@click.option("--cfg", default=1.0, show_default=True, help="Classifier-free guidance scale (1 = none).")
+@click.option(
+    "--cfg",
+    type=click.FloatRange(-MAX_GUIDANCE, MAX_GUIDANCE),
+    default=1.0,
+    show_default=True,
+    help="Classifier-free guidance scale (1 = none).",
+)
 @click.option(
     "--churn",
     "s_churn",
+    type=click.FloatRange(0),
     default=0.0,
     show_default=True,
     help="EDM stochastic sampling strength S_churn (0 = deterministic); the LEGO authors' FID recipe uses 10.",
 )
-@click.option("--s-min", default=0.0, show_default=True, help="With --churn: lowest sigma that gets fresh noise.")
+@click.option(
+    "--s-min",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="With --churn: lowest sigma that gets fresh noise.",
+)
 @click.option("--s-max", default=float("inf"), show_default=True, help="With --churn: highest sigma that gets it.")
-@click.option("--s-noise", default=1.0, show_default=True, help="With --churn: noise inflation (authors: 1.003).")
-@click.option("--seed", default=0, show_default=True, help="Image i's noise depends only on (seed, i).")
+@click.option(
+    "--s-noise",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="With --churn: noise inflation (authors: 1.003).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=0,
+    show_default=True,
+    help="Image i's noise depends only on (seed, i).",
+)
 @click.option(
     "--backend",
     type=click.Choice(BACKENDS),
@@ -207,7 +312,7 @@ def describe_recommended(recommended) -> str:
 )
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(COMPUTE_PRECISIONS),
     default="fp32",
     show_default=True,
     help="What the bricks compute in. int8: the graphs of lego-export build --int8, on onnxruntime or "
@@ -222,7 +327,13 @@ def describe_recommended(recommended) -> str:
     show_default=True,
     help="Device of the torch backend.",
 )
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime / OpenVINO threads (0 = all cores).")
+@click.option(
+    "--threads",
+    type=click.IntRange(0, MAX_THREADS),
+    default=0,
+    show_default=True,
+    help="ONNX Runtime / OpenVINO threads (0 = all cores).",
+)
 @click.option(
     "--cuda-graphs", is_flag=True, help="TensorRT backend: capture each engine once per batch size and replay it."
 )
@@ -234,7 +345,7 @@ def describe_recommended(recommended) -> str:
     default=None,
     help="Latent models: also write the raw latents (float32 N x C x h x w, before the decoder) as .npz.",
 )
-@click.option("--columns", default=8, show_default=True, help="Grid columns.")
+@click.option("--columns", type=click.IntRange(1, 4096), default=8, show_default=True, help="Grid columns.")
 @click.option(
     "--tile-shift/--no-tile-shift",
     default=None,
@@ -250,86 +361,70 @@ def describe_recommended(recommended) -> str:
     "sampling; engine times are always taken on the CPU).",
 )
 @one_line_errors()
-def main(
-    engines,
-    steps,
-    sampler,
-    skip_late_bricks,
-    t_break,
-    reuse_residual,
-    no_recommended,
-    skip_policy,
-    resolution,
-    num,
-    batch,
-    classes,
-    cfg,
-    s_churn,
-    s_min,
-    s_max,
-    s_noise,
-    seed,
-    backend,
-    precision,
-    ckpt,
-    device,
-    threads,
-    cuda_graphs,
-    out,
-    out_dir,
-    save_npz,
-    save_latents,
-    columns,
-    tile_shift,
-    plan_only,
-    timing_json,
-    profile,
-) -> None:
+def main(**params) -> None:
     """Sample images from LEGO brick engines, chaining or skipping bricks per step.
 
     \b
     lego-run --engines engines/ --steps 50 --skip-late-bricks
-    lego-run --engines engines/ --resolution 32x96 --class 7 --num 8 --out wide.png
+    lego-run --engines engines/ --resolution 32x96 --class sneaker --num 8 --out wide.png
     lego-run --engines engines/ --steps 50 --skip-late-bricks --plan
     """
+    try:
+        run(**params)
+    except OptionError as e:
+        raise e.renamed(FLAGS) from None
+
+
+def run(
+    *,
+    engines: str,
+    no_recommended: bool,
+    resolution: str | None,
+    num: int,
+    batch: int,
+    classes: tuple[str, ...],
+    seed: int,
+    backend: str,
+    precision: str,
+    ckpt: str | None,
+    device: str,
+    threads: int,
+    cuda_graphs: bool,
+    out: str | None,
+    out_dir: str | None,
+    save_npz: str | None,
+    save_latents: str | None,
+    columns: int,
+    plan_only: bool,
+    timing_json: str | None,
+    profile: bool,
+    **sampling,
+) -> None:
     from lego_export.manifest import Manifest
 
-    if skip_late_bricks and skip_policy:
-        raise LegoError("use either --skip-late-bricks or --skip-policy, not both")
-    if columns < 1:
-        raise LegoError(f"--columns must be at least 1, got {columns}")
-    if not 0 <= threads <= MAX_THREADS:
-        raise LegoError(f"--threads must be from 0 (all cores) to {MAX_THREADS}, got {threads}")
+    fields = given_options(sampling)
     save_npz, save_latents = npz_path(save_npz), npz_path(save_latents)
     if not plan_only:
         check_outputs(out, out_dir, save_npz, timing_json)
         check_output(save_latents, "--save-latents")
-    skip = "late" if skip_late_bricks else skip_policy
-    hw = parse_resolution(resolution)
-    manifest = Manifest.read(engines)
-    recommended = None if no_recommended or sampling_options_given() else manifest.recommended
-    if recommended is not None:
-        sampler, steps, skip, reuse_residual = (
-            recommended.sampler,
-            recommended.steps,
-            recommended.skip_policy or None,
-            recommended.reuse_residual,
-        )
-        click.echo(f"sampling setting: the model's recommended ({describe_recommended(recommended)})")
-    if plan_only:
-        planner = LegoPipeline(manifest)
-        plan = planner.plan(steps, skip, t_break, hw, tile_shift, seed)
-        click.echo(f"skip policy: {planner.skip_policy(skip, t_break).description}")
-        click.echo(plan_table(planner, plan))
-        return
-
     if cuda_graphs and backend not in ("tensorrt", "auto"):
         raise LegoError("--cuda-graphs applies to the TensorRT backend only")
-    churn = Churn(s_churn, s_min, s_max, s_noise) if s_churn else None
-    if churn is not None:
-        churn.validate()
+    manifest = Manifest.read(engines)
     model = manifest.model
-    check_request(num, batch, seed, steps, hw or (model.img_resolution,) * 2, model.img_channels)
+    canvas = parse_canvas(resolution) if resolution else (model.img_resolution,) * 2
+    tuned = None if no_recommended else manifest.recommended
+    options, recommended = resolve(fields, tuned.options if tuned else None)
+    options.validate(model)
+    if recommended:
+        click.echo(f"sampling setting: the model's recommended ({describe_recommended(tuned)})")
+    steps = plan(options, model, canvas, seed)  # every option and the canvas checked before loading
+    if plan_only:
+        click.echo(f"options: {options.describe()}; skip policy: {options.skip_policy(model).description}")
+        click.echo(plan_table_for(model, steps))
+        return
+
+    check_request(num, batch, seed, canvas, model.img_channels)
+    check_classes(list(classes), model.num_classes, manifest.class_names)
     pipe = LegoPipeline.from_engines(
         engines,
         backend,
@@ -344,34 +439,31 @@ def main(
     indices = list(range(rank, num, world))
     from tqdm import tqdm
 
-    evaluations = -(-len(indices) // batch) * steps
+    evaluations = -(-len(indices) // batch) * options.steps
+    if rank == 0:  # before the first step: also the line a caller can wait for before signalling
+        click.echo(f"sampling {num} image(s) on {pipe.backend.name}: {evaluations} steps of batch {batch}", err=True)
     with tqdm(total=evaluations, unit="step", disable=rank != 0 or None, file=sys.stderr, leave=False) as bar:
         result = pipe(
+            options,
             num=num,
-            steps=steps,
-            sampler=sampler,
-            skip=skip,
-            t_break=t_break,
-            resolution=hw,
-            classes=classes or None,
-            guidance=cfg,
+            resolution=canvas,
+            classes=list(classes) or None,
             seed=seed,
             batch=batch,
-            tile_shift=tile_shift,
             indices=indices,
             progress=lambda _i: bar.update(1),
-            churn=churn,
-            reuse_residual=reuse_residual,
         )
+    result.recommended = recommended
     if save_latents and result.latents is None:
         raise LegoError("--save-latents: this model samples images directly (no latent space in its manifest)")
-    images, labels = _gather(result, indices, rank, world)
+    images, labels, timing = _gather(result, indices, rank, world)
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()  # every rank, before any exits: gloo aborts on a peer gone early
     if rank != 0:
         return
+    record = run_record(pipe, result, canvas, seed, len(images), world)
     written: list[str] = []
     try:
         if save_latents:
@@ -380,19 +472,19 @@ def main(
             with atomic_write(save_latents) as f:
                 np.savez(f, latents=result.latents)
             written.append(save_latents)
-        write_outputs(images, labels, out, out_dir, save_npz, columns, written)
+        write_outputs(images, labels, out, out_dir, save_npz, columns, written, record)
         if timing_json:
             with atomic_write(timing_json) as f:
-                f.write(json.dumps(result.timing.summary(), indent=2).encode())
+                f.write(json.dumps({**timing.summary(), **record}, indent=2).encode())
             written.append(timing_json)
     except KeyboardInterrupt:
         done = f"written whole before it: {', '.join(written)}" if written else "no output was written"
         raise LegoError(f"interrupted while writing outputs; {done}; no partial file was left") from None
     click.echo(
-        f"skip policy: {pipe.skip_policy(skip, t_break).description}; backend {pipe.backend.name}; "
-        f"canvas {images.shape[2]}x{images.shape[3]}; {world} process(es)"
+        f"options: {options.describe()}; skip policy: {options.skip_policy(model).description}; "
+        f"backend {pipe.backend.name}; canvas {canvas[0]}x{canvas[1]}; seed {seed}; {world} process(es)"
     )
-    click.echo(result.timing.table())
+    click.echo(timing.table())
     click.echo(f"wrote {', '.join(written)}" if written else "wrote nothing (no output asked for)")
 
 

@@ -12,7 +12,7 @@ app, cli   the HTTP API (FastAPI) and the lego-serve command (uvicorn)
 ray_app    the same API as a Ray Serve deployment with replicas autoscaled on queue depth
 """
 
-from lego_export.serve.scheduler import BatchingBackend, Scheduler, SchedulerConfig
+from lego_export.serve.batcher import BatcherConfig, BatchingBackend, CallBatcher
 from lego_export.serve.service import ImageService, ServeConfig
 from lego_export.serve.validation import ImageRequest, Limits, RequestError
 
@@ -22,7 +22,7 @@ __all__ = [
     "ImageService",
     "Limits",
     "RequestError",
-    "Scheduler",
-    "SchedulerConfig",
+    "CallBatcher",
+    "BatcherConfig",
     "ServeConfig",
 ]

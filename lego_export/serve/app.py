@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -106,6 +107,7 @@ def create_app(
             "in_flight": svc.in_flight,
             "queued": svc.queued,
             "instance": svc.instance,
+            "config": svc.describe_config(),
         }
         return JSONResponse(info, status_code=200 if svc.accepting else 503)
 
@@ -141,7 +143,8 @@ async def wait_or_disconnect(job: Job, request: Request) -> None:
 def job_response(job: Job) -> Response:
     """A finished job as HTTP: its bytes, or its error."""
     if job.state == DONE:
-        return Response(job.body, media_type=job.request.media_type)
+        headers = {"X-Lego-Run": json.dumps(job.run, sort_keys=True)} if job.run else None
+        return Response(job.body, media_type=job.request.media_type, headers=headers)
     if job.state == FAILED:
         return JSONResponse({"error": job.error, "id": job.id, "status": FAILED}, status_code=job.status)
     # Cancelled: by the server at shutdown (503, worth retrying elsewhere) or by a client (410).

@@ -2,7 +2,7 @@
 
 On a CPU the time per tile stops falling after a modest N and rises again for large calls
 (probably as their activations outgrow the caches; measured on the shipped model: brick2 takes 1.64 ms a tile at N = 8
-and 2.0 ms at its manifest maximum of 64). The scheduler therefore cuts merged calls into chunks of
+and 2.0 ms at its manifest maximum of 64). The batcher therefore cuts merged calls into chunks of
 the size that runs fastest per row, not of the largest size the engine accepts. On a GPU the
 fastest size is usually the largest, which the same measurement finds.
 """
@@ -58,16 +58,3 @@ def best_chunk(runner, spec: EngineSpec, limit: int, arrays, reps: int = 3) -> t
         per_row[n] = best / n
     fastest = min(per_row.values())
     return max(n for n, t in per_row.items() if t <= TOLERANCE * fastest), per_row
-
-
-def balanced_chunks(total: int, chunk: int) -> list[tuple[int, int]]:
-    """(start, stop) of the fewest chunks of at most chunk rows covering total rows, of near-equal
-    sizes (70 rows at 64 -> 35 + 35, not 64 + 6: both run near the fastest size)."""
-    count = -(-total // chunk)
-    base, extra = divmod(total, count)
-    bounds, start = [], 0
-    for i in range(count):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds

@@ -15,33 +15,60 @@ import click
 
 from lego_export.cli_common import CONTEXT
 from lego_export.errors import LegoError
-from lego_export.runtime.backends import BACKENDS
-from lego_export.runtime.cli import MAX_THREADS
-from lego_export.runtime.pipeline import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from lego_export.options import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
 from lego_export.serve.validation import Limits
+
+# The server's numeric settings and their ranges, checked once here for lego-serve's flags and for
+# Ray Serve's key=value options alike (make_config).
+RANGES = {
+    "threads": (0, MAX_THREADS),
+    "max_batch_tiles": (0, 2**31 - 1),
+    "max_active": (1, 4096),
+    "max_queue": (0, 1_000_000),
+    "max_resolution": (1, MAX_SIDE),
+    "max_steps": (1, MAX_STEPS),
+    "max_images": (1, MAX_IMAGES),
+}
+
+
+def _range(name: str) -> click.IntRange:
+    return click.IntRange(*RANGES[name])
 
 
 @click.command(context_settings=CONTEXT)
 @click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option(
     "--backend",
     type=click.Choice(BACKENDS),
-    default="onnxruntime",
+    default="auto",
     show_default=True,
-    help="Engine backend (one per process, shared by every request).",
+    help="Engine backend (one per process, shared by every request); auto chooses as lego-run does.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(COMPUTE_PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="What the bricks compute in, as lego-run's --precision (int8: the graphs of lego-export build --int8).",
 )
 @click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0 = all cores).")
+@click.option("--threads", type=_range("threads"), default=0, show_default=True, help="Engine threads (0 = all cores).")
 @click.option(
     "--max-batch-tiles",
+    type=_range("max_batch_tiles"),
     default=0,
     show_default=True,
     help="Most tiles per engine call (0: each engine's N range from the manifest).",
 )
 @click.option(
-    "--max-active", default=16, show_default=True, help="Requests sampling at once; their tiles share engine calls."
+    "--max-active",
+    type=_range("max_active"),
+    default=16,
+    show_default=True,
+    help="Requests sampling at once; their tiles share engine calls.",
 )
 @click.option(
     "--align/--no-align",
@@ -57,12 +84,31 @@ from lego_export.serve.validation import Limits
     help="At startup, time each engine at N = 1, 2, 4, ... and cut merged calls at the N that runs fastest "
     "per tile (on a CPU often below the manifest maximum); --no-calibrate: the maximum (or --max-batch-tiles).",
 )
-@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a slot; more get 429.")
-@click.option("--max-resolution", default=256, show_default=True, help="Largest canvas side a request may ask for.")
-@click.option("--max-steps", default=250, show_default=True, help="Most sampling steps a request may ask for.")
-@click.option("--max-images", default=64, show_default=True, help="Most images per request.")
+@click.option(
+    "--max-queue",
+    type=_range("max_queue"),
+    default=64,
+    show_default=True,
+    help="Requests waiting for a slot; more get 429.",
+)
+@click.option(
+    "--max-resolution",
+    type=_range("max_resolution"),
+    default=256,
+    show_default=True,
+    help="Largest canvas side a request may ask for.",
+)
+@click.option(
+    "--max-steps",
+    type=_range("max_steps"),
+    default=1000,
+    show_default=True,
+    help="Most sampling steps a request may ask for (the LEGO authors' FID recipe uses 256).",
+)
+@click.option("--max-images", type=_range("max_images"), default=64, show_default=True, help="Most images per request.")
 @click.option(
     "--drain-timeout",
+    type=click.FloatRange(0, 86_400),
     default=30.0,
     show_default=True,
     help="On SIGTERM / Ctrl-C: seconds running requests may take to finish before they are failed.",
@@ -70,24 +116,7 @@ from lego_export.serve.validation import Limits
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
-def main(
-    engines,
-    host,
-    port,
-    backend,
-    ckpt,
-    threads,
-    max_batch_tiles,
-    max_active,
-    align,
-    calibrate,
-    max_queue,
-    max_resolution,
-    max_steps,
-    max_images,
-    drain_timeout,
-    log_level,
-) -> None:
+def main(host: str, port: int, ckpt: str | None, drain_timeout: float, log_level: str, **settings) -> None:
     """Serve LEGO brick engines over HTTP, batching tiles of all requests in flight.
 
     \b
@@ -98,48 +127,56 @@ def main(
     SIGTERM or Ctrl-C drains running requests (--drain-timeout) and exits with status 0.
     """
     try:
-        config = make_config(
-            engines, backend, threads, max_batch_tiles, max_active, max_queue, max_resolution, max_steps, max_images
-        )
-        config.align, config.calibrate = align, calibrate
-        if drain_timeout < 0:
-            raise LegoError(f"--drain-timeout must be >= 0, got {drain_timeout}")
-        service = load_service(config, ckpt)
+        service = load_service(make_config(**settings), ckpt)
     except LegoError as e:
         raise click.ClickException(str(e)) from None
     serve(service, host, port, drain_timeout, log_level)
 
 
 def make_config(
-    engines, backend, threads, max_batch_tiles, max_active, max_queue, max_resolution, max_steps, max_images
+    *,
+    engines: str = "engines",
+    backend: str = "auto",
+    precision: str = "fp32",
+    threads: int = 0,
+    max_batch_tiles: int = 0,
+    max_active: int = 16,
+    align: bool = True,
+    calibrate: bool = True,
+    max_queue: int = 64,
+    max_resolution: int = 256,
+    max_steps: int = 1000,
+    max_images: int = 64,
 ):
-    """The server's configuration, every option range-checked (one-line LegoError otherwise)."""
+    """The server's configuration, every setting range-checked (one-line LegoError naming it)."""
     from lego_export.serve.service import ServeConfig
 
-    for value, option, lo, hi in (
-        (threads, "--threads", 0, MAX_THREADS),
-        (max_batch_tiles, "--max-batch-tiles", 0, 2**31 - 1),
-        (max_active, "--max-active", 1, 4096),
-        (max_queue, "--max-queue", 0, 1_000_000),
-        (max_resolution, "--max-resolution", 1, MAX_SIDE),
-        (max_steps, "--max-steps", 1, MAX_STEPS),
-        (max_images, "--max-images", 1, MAX_IMAGES),
-    ):
-        if not lo <= value <= hi:
-            raise LegoError(f"{option} must be from {lo} to {hi}, got {value}")
+    given = dict(threads=threads, max_batch_tiles=max_batch_tiles, max_active=max_active, max_queue=max_queue)
+    given.update(max_resolution=max_resolution, max_steps=max_steps, max_images=max_images)
+    for name, value in given.items():
+        lo, hi = RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise LegoError(f"{name.replace('_', '-')} must be an integer from {lo} to {hi}, got {value!r}")
+    if backend not in BACKENDS:
+        raise LegoError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision not in COMPUTE_PRECISIONS:
+        raise LegoError(f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {precision!r}")
     return ServeConfig(
         engines=engines,
         backend=backend,
+        precision=precision,
         threads=threads,
         max_batch_tiles=max_batch_tiles,
         max_active=max_active,
+        align=align,
+        calibrate=calibrate,
         max_queue=max_queue,
-        limits=Limits(max_resolution, max_steps, max_images),
+        limits=Limits(max_resolution=max_resolution, max_steps=max_steps, max_images=max_images),
     )
 
 
 def load_service(config, ckpt: str | None = None):
-    """Read the manifest, check and load every engine, start the scheduler."""
+    """Read the manifest, check and load every engine, start the batcher."""
     from pathlib import Path
 
     from lego_export.manifest import Manifest
@@ -147,13 +184,20 @@ def load_service(config, ckpt: str | None = None):
     from lego_export.serve.service import ImageService
 
     manifest = Manifest.read(config.engines)
-    backend = make_backend(config.backend, Path(config.engines), manifest, ckpt=ckpt, threads=config.threads)
+    backend = make_backend(
+        config.backend,
+        Path(config.engines),
+        manifest,
+        ckpt=ckpt,
+        threads=config.threads,
+        precision=config.precision,
+    )
     return ImageService(config, backend=backend, manifest=manifest)
 
 
 def serve(service, host: str, port: int, drain_timeout: float, log_level: str = "info", sockets=None) -> None:
     """Run uvicorn until SIGTERM / Ctrl-C, then drain: stop accepting, let running requests finish
-    within drain_timeout, fail the rest, stop the scheduler."""
+    within drain_timeout, fail the rest, stop the batcher."""
     try:
         import uvicorn
     except ImportError:

@@ -1,6 +1,6 @@
 """Prometheus text exposition (format 0.0.4), written by hand: no client library needed.
 
-The service counts requests, images and latencies here; the scheduler's own counters (engine calls,
+The service counts requests, images and latencies here; the batcher's own counters (engine calls,
 tiles per call, fill ratio, tick time) are read from its stats when the page is rendered.
 """
 
@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from lego_export.serve.scheduler import TILE_BUCKETS, SchedulerStats
+from lego_export.serve.batcher import TILE_BUCKETS, BatcherStats
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 RATE_WINDOW_S = 60.0  # images/s is measured over this trailing window
@@ -80,8 +80,8 @@ class ServiceMetrics:
             self._recent.popleft()
 
 
-def render(metrics: ServiceMetrics, stats: SchedulerStats, queued: int, in_flight: int, chunks: dict[str, int]) -> str:
-    """The /metrics page; chunks: the rows per call the scheduler aims at, per engine."""
+def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight: int, chunks: dict[str, int]) -> str:
+    """The /metrics page; chunks: the rows per call the batcher aims at, per engine."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
@@ -175,7 +175,7 @@ def render(metrics: ServiceMetrics, stats: SchedulerStats, queued: int, in_fligh
         "Time inside engines.",
         [f'lego_serve_engine_seconds_total{{engine="{k}"}} {_num(e.seconds)}' for k, e in sorted(engines.items())],
     )
-    metric("lego_serve_ticks_total", "counter", "Scheduler ticks.", [f"lego_serve_ticks_total {stats.ticks}"])
+    metric("lego_serve_ticks_total", "counter", "CallBatcher ticks.", [f"lego_serve_ticks_total {stats.ticks}"])
     metric(
         "lego_serve_tick_seconds_total",
         "counter",

@@ -3,7 +3,7 @@
     serve run lego_export.serve.ray_app:build_app engines=/abs/path/engines max_replicas=4
 
 Each replica is one lego-serve process in all but the socket: it loads the engines itself, runs
-its own scheduler (tiles of the requests routed to it share engine calls) and answers through the
+its own batcher (tiles of the requests routed to it share engine calls) and answers through the
 FastAPI app of app.py. Ray Serve counts each replica's ongoing requests (queued + sampling) and adds
 replicas while that stays above ``target_ongoing_requests``. Asynchronous jobs may be asked for on
 any replica: the replica that ran a job publishes its outcome to a small job directory actor, and a
@@ -13,6 +13,8 @@ cancel that reaches another replica is passed on through it.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from lego_export.errors import LegoError
 from lego_export.serve.service import QUEUED, RUNNING, ImageService, Job, ServeConfig
-from lego_export.serve.validation import ImageRequest, Limits
+from lego_export.serve.validation import ImageRequest
 
 DIRECTORY_NAME = "lego-serve-jobs"
 CANCEL_POLL_S = 0.5  # how often a replica looks for cancels of its jobs sent to other replicas
@@ -28,16 +30,20 @@ CANCEL_POLL_S = 0.5  # how often a replica looks for cancels of its jobs sent to
 
 @dataclass
 class RayOptions:
-    """The deployment: what every replica serves, and how many replicas."""
+    """The deployment: what every replica serves (lego-serve's settings, checked by the same
+    make_config), and how many replicas."""
 
     engines: str = "engines"
-    backend: str = "onnxruntime"
-    threads: int = 0  # ONNX Runtime threads per replica; 0: the replica's num_cpus
+    backend: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0  # engine threads per replica; 0: the replica's num_cpus
     max_batch_tiles: int = 0
     max_active: int = 16
+    align: bool = True
+    calibrate: bool = True
     max_queue: int = 64
     max_resolution: int = 256
-    max_steps: int = 250
+    max_steps: int = 1000
     max_images: int = 64
     drain_timeout: float = 30.0
     num_cpus: float = 2.0  # cores reserved per replica (its engines' threads)
@@ -47,28 +53,48 @@ class RayOptions:
 
     @classmethod
     def from_args(cls, args: dict) -> RayOptions:
-        """From `serve run ... key=value` arguments (strings) or a dict of values."""
+        """From `serve run ... key=value` arguments (strings) or a dict of values; every lego-serve
+        setting checked as lego-serve checks it."""
         types = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(args) - set(types))
         if unknown:
             raise LegoError(f"unknown lego-serve Ray option {unknown[0]!r}; known: {', '.join(sorted(types))}")
-        values = {}
-        for key, value in args.items():
-            kind = {"int": int, "float": float}.get(str(types[key]), str)
-            try:
-                values[key] = kind(value)
-            except ValueError:
-                raise LegoError(f"{key} must be a {kind.__name__}, got {value!r}") from None
+        values = {key: _typed(key, value, str(types[key])) for key, value in args.items()}
         options = cls(**values)
         options.engines = str(Path(options.engines).resolve())  # replicas may start elsewhere
+        options.serve_config()  # refuse bad settings here, not in every replica
+        if not (math.isfinite(options.num_cpus) and options.num_cpus > 0):
+            raise LegoError(f"num_cpus must be a positive number, got {options.num_cpus}")
+        if not 1 <= options.min_replicas <= options.max_replicas:
+            raise LegoError(
+                f"replicas: need 1 <= min_replicas <= max_replicas, got {options.min_replicas}, {options.max_replicas}"
+            )
         return options
 
     def serve_config(self) -> ServeConfig:
-        threads = self.threads or max(1, int(self.num_cpus))
-        limits = Limits(self.max_resolution, self.max_steps, self.max_images)
-        return ServeConfig(
-            self.engines, self.backend, threads, self.max_batch_tiles, self.max_active, self.max_queue, limits
-        )
+        """The replica's ServeConfig: every lego-serve setting, by name."""
+        from lego_export.serve.cli import make_config
+
+        settings = {name: getattr(self, name) for name in inspect.signature(make_config).parameters}
+        settings["threads"] = self.threads or max(1, int(self.num_cpus))
+        return make_config(**settings)
+
+
+def _typed(key: str, value, kind: str):
+    """A `key=value` argument as its field's type (values already typed pass through)."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
+            return str(value).lower() in ("true", "1", "yes")
+        raise LegoError(f"{key} must be true or false, got {value!r}")
+    converter = {"int": int, "float": float}.get(kind, str)
+    if converter is int and isinstance(value, float):
+        raise LegoError(f"{key} must be an integer, got {value!r}")
+    try:
+        return converter(value)
+    except ValueError:
+        raise LegoError(f"{key} must be a {converter.__name__}, got {value!r}") from None
 
 
 class SharedJobsService(ImageService):

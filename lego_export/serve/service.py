@@ -1,7 +1,7 @@
-"""Jobs, admission and slots around the scheduler: what the HTTP layer (and Ray replicas) call.
+"""Jobs, admission and slots around the batcher: what the HTTP layer (and Ray replicas) call.
 
 A job waits in a bounded queue until one of ``max_active`` slots is free, then samples in its own
-thread through the scheduler, and its images are encoded (PNG grid or npz) outside the scheduler
+thread through the batcher, and its images are encoded (PNG grid or npz) outside the batcher
 so that encoding never holds up a tick. Every way out (done, failed, cancelled, shut down) frees
 the slot and starts the next queued job.
 """
@@ -9,6 +9,7 @@ the slot and starts the next queued job.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
@@ -17,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,9 @@ import numpy as np
 from lego_export.errors import LegoError
 from lego_export.manifest import Manifest
 from lego_export.runtime.backends import make_backend
-from lego_export.runtime.pipeline import LegoPipeline, SampleResult
+from lego_export.runtime.pipeline import SampleResult, files_precision
+from lego_export.serve.batcher import BatcherConfig, CallBatcher, EngineFailed, RequestCancelled, Slot
 from lego_export.serve.metrics import ServiceMetrics, render
-from lego_export.serve.scheduler import EngineFailed, RequestCancelled, Scheduler, SchedulerConfig, Slot
 from lego_export.serve.validation import ImageRequest, Limits, RequestError, parse_image_request
 
 log = logging.getLogger("lego_serve")
@@ -38,12 +39,13 @@ class ServeConfig:
     """Everything one server process needs (lego-serve's options)."""
 
     engines: str = "engines"
-    backend: str = "onnxruntime"
-    threads: int = 0  # ONNX Runtime threads; 0: all cores
+    backend: str = "auto"  # as lego-run: TensorRT plans where usable, else OpenVINO on a CPU, else ONNX Runtime
+    precision: str = "fp32"  # what the bricks compute in (backends.COMPUTE_PRECISIONS)
+    threads: int = 0  # ONNX Runtime / OpenVINO threads; 0: all cores
     max_batch_tiles: int = 0  # cap on tiles per engine call; 0: the manifest's N range
     max_active: int = 16  # requests sampling at once (their tiles share engine calls)
-    align: bool = True  # scheduler: earliest engine of the chain first, so requests fall into step
-    calibrate: bool = True  # scheduler: cut calls at each engine's fastest N per row, measured at startup
+    align: bool = True  # batcher: earliest engine of the chain first, so requests fall into step
+    calibrate: bool = True  # batcher: cut calls at each engine's fastest N per row, measured at startup
     max_queue: int = 64  # requests waiting for a slot; beyond that: 429
     limits: Limits = field(default_factory=Limits)
     keep_jobs: int = 256  # finished asynchronous jobs kept for GET /v1/jobs/{id}
@@ -73,20 +75,21 @@ class Job:
     status: int = 200  # HTTP status of the outcome
     finished: float | None = None
     future: Future = field(default_factory=Future)  # resolves to the job itself when it ends
+    run: dict | None = None  # what makes its images (ImageService.run_record)
 
     @property
     def terminal(self) -> bool:
         return self.state in (DONE, FAILED, CANCELLED)
 
     def describe(self) -> dict:
-        info = {"id": self.id, "status": self.state}
+        info = {"id": self.id, "status": self.state, **self.request.describe()}
         if self.error:
             info["error"] = self.error
         return info
 
 
 class ImageService:
-    """One model, one real backend, one scheduler, and the jobs sampling through it."""
+    """One model, one real backend, one batcher, and the jobs sampling through it."""
 
     def __init__(self, config: ServeConfig, backend=None, manifest: Manifest | None = None):
         """backend: defaults to config.backend over config.engines (tests pass their own)."""
@@ -94,13 +97,16 @@ class ImageService:
         folder = Path(config.engines)
         self.manifest = manifest or Manifest.read(folder)
         if backend is None:
-            backend = make_backend(config.backend, folder, self.manifest, threads=config.threads)
+            backend = make_backend(
+                config.backend, folder, self.manifest, threads=config.threads, precision=config.precision
+            )
         self.backend_name = getattr(backend, "name", type(backend).__name__)
-        self.planner = LegoPipeline(self.manifest)  # validation only: plans, never runs
-        self.scheduler = Scheduler(
+        self.precision = getattr(backend, "precision", "fp32")
+        self.files_precision = files_precision(self.manifest, self.backend_name, self.precision)
+        self.batcher = CallBatcher(
             self.manifest,
             backend,
-            SchedulerConfig(max_batch_tiles=config.max_batch_tiles, calibrate=config.calibrate, align=config.align),
+            BatcherConfig(max_batch_tiles=config.max_batch_tiles, calibrate=config.calibrate, align=config.align),
         )
         self.metrics = ServiceMetrics()
         self._lock = threading.Condition()
@@ -116,7 +122,7 @@ class ImageService:
     def parse(self, data: dict) -> ImageRequest:
         """Validate a request body (RequestError with a 4xx status on any bad field)."""
         try:
-            return parse_image_request(data, self.planner, self.config.limits)
+            return parse_image_request(data, self.manifest, self.config.limits)
         except RequestError:
             self.metrics.count("invalid")
             raise
@@ -131,7 +137,7 @@ class ImageService:
                 self.metrics.count("rejected")
                 raise ServiceUnavailable(429, f"queue full ({self.config.max_queue} waiting); retry later")
             self._evict_locked()
-            job = Job(uuid.uuid4().hex, request)
+            job = Job(uuid.uuid4().hex, request, run=self.run_record(request))
             self._jobs[job.id] = job
             self._queue.append(job)
             self._dispatch_locked()
@@ -154,7 +160,7 @@ class ImageService:
                 self._end_locked(job, CANCELLED, None, reason, 499)
             elif job.state == RUNNING and job.slot is not None:
                 job.error = reason
-                self.scheduler.cancel(job.slot)
+                self.batcher.cancel(job.slot)
 
     @property
     def queued(self) -> int:
@@ -169,7 +175,23 @@ class ImageService:
         return self._accepting
 
     def metrics_text(self) -> str:
-        return render(self.metrics, self.scheduler.stats, self.queued, self.in_flight, self.scheduler.chunks)
+        return render(self.metrics, self.batcher.stats, self.queued, self.in_flight, self.batcher.chunks)
+
+    def describe_config(self) -> dict:
+        """The settings this process serves with (GET /healthz shows them)."""
+        return {**asdict(self.config), "backend": self.backend_name, "precision": self.precision}
+
+    def run_record(self, request: ImageRequest) -> dict:
+        """What makes a request's images (the answer's X-Lego-Run header and PNG text, the job JSON)."""
+        canvas = request.resolution or (self.manifest.model.img_resolution,) * 2
+        return {
+            **request.describe(),
+            "backend": self.backend_name,
+            "precision": {"files": self.files_precision, "runtime": self.precision},
+            "canvas": list(canvas),
+            "images": request.num,
+            "checkpoint_sha256": self.manifest.source["sha256"],
+        }
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -177,7 +199,7 @@ class ImageService:
         while self._queue and self._active < self.config.max_active:
             job = self._queue.popleft()
             try:
-                slot = self.scheduler.join()
+                slot = self.batcher.join()
             except RequestCancelled:
                 self._end_locked(job, CANCELLED, None, "the server is shutting down", 503)
                 continue
@@ -186,10 +208,10 @@ class ImageService:
             threading.Thread(target=self._work, args=(job, slot), name=f"lego-job-{job.id[:8]}", daemon=True).start()
 
     def _work(self, job: Job, slot: Slot) -> None:
-        """Sample one job through the scheduler, then encode its answer."""
+        """Sample one job through the batcher, then encode its answer."""
         result, state, error, status = None, DONE, None, 200
         try:
-            result = self.scheduler.pipeline(slot)(**job.request.pipe_kwargs())
+            result = self.batcher.pipeline(slot)(**job.request.pipe_kwargs())
         except RequestCancelled:
             state, error, status = CANCELLED, job.error or "cancelled", 503 if not self._accepting else 499
         except EngineFailed as e:
@@ -200,11 +222,11 @@ class ImageService:
             log.exception("request %s failed", job.id)
             state, error, status = FAILED, f"internal error: {type(e).__name__}", 500
         finally:
-            self.scheduler.leave(slot)
+            self.batcher.leave(slot)
         body = None
         if state == DONE:
             try:
-                body = encode(result, job.request)
+                body = encode(result, job.request, job.run)
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s: encoding failed", job.id)
                 state, error, status = FAILED, f"encoding failed: {type(e).__name__}", 500
@@ -242,7 +264,7 @@ class ImageService:
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running jobs finish for up to timeout seconds, cancel the rest
-        (queued jobs at once), and stop the scheduler. Returns within about timeout + 5 seconds."""
+        (queued jobs at once), and stop the batcher. Returns within about timeout + 5 seconds."""
         deadline = time.monotonic() + timeout
         with self._lock:
             if self.closed:
@@ -257,11 +279,12 @@ class ImageService:
             self.cancel(job, "the server is shutting down")
         with self._lock:
             self._lock.wait_for(lambda: self._active == 0, timeout=5.0)
-        self.scheduler.close()
+        self.batcher.close()
 
 
-def encode(result: SampleResult, request: ImageRequest) -> bytes:
-    """The answer's bytes: a PNG grid, or an npz of float32 images in [-1, 1] (and labels)."""
+def encode(result: SampleResult, request: ImageRequest, record: dict | None = None) -> bytes:
+    """The answer's bytes: a PNG grid (with the run record as text), or an npz of float32 images in
+    [-1, 1] (and labels)."""
     buffer = io.BytesIO()
     if request.format == "npz":
         arrays = {"images": result.images}
@@ -269,10 +292,14 @@ def encode(result: SampleResult, request: ImageRequest) -> bytes:
             arrays["labels"] = result.labels
         np.savez(buffer, **arrays)
         return buffer.getvalue()
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     from lego_export.images import make_grid
 
     grid = make_grid(result.images, columns=min(request.columns, len(result.images)))
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    info = PngImagePlugin.PngInfo()
+    if record is not None:
+        info.add_text("Software", "lego-export")
+        info.add_text("lego-export", json.dumps(record, sort_keys=True))
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

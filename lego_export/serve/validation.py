@@ -1,43 +1,38 @@
 """The JSON body of ``POST /v1/images``: parsed, type-checked and validated before anything is allocated.
 
-Every check lego-run makes applies (``check_request``, the skip policy parser, the class range,
-finite guidance, churn), plus the server's own limits. Any failure is a :class:`RequestError`
-carrying the HTTP status and a one-line message naming the field.
+A request is :class:`~lego_export.options.SamplingOptions` (checked by its own ``validate``, as for
+lego-run) plus what only HTTP has: how many images, which classes, the canvas, the seed, the answer's
+format and grid columns, and whether to answer at once or as a job. Any failure is a
+:class:`RequestError` carrying the HTTP status and a one-line message naming the JSON field.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
-from lego_export.manifest import loads_strict
-from lego_export.runtime.pipeline import DEFAULT_T_BREAK, LegoPipeline, check_request
+from lego_export.jsonio import loads_strict
+from lego_export.manifest import Manifest
+from lego_export.options import (
+    MAX_SEED,
+    OptionError,
+    SamplingOptions,
+    check_classes,
+    check_request,
+    parse_canvas,
+    resolve,
+)
+from lego_export.runtime.plan import plan
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes; anything this large is not one
-FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
-FIELDS = {
-    "class",
-    "classes",
-    "resolution",
-    "steps",
-    "sampler",
-    "skip",
-    "t_break",
-    "cfg",
-    "churn",
-    "seed",
-    "num",
-    "format",
-    "columns",
-    "tile_shift",
-    "reuse_residual",
-    "recommended",
-    "async",
-}
-SAMPLING_FIELDS = {"steps", "sampler", "skip", "t_break", "reuse_residual", "churn"}
-CHURN_FIELDS = {"s_churn", "s_min", "s_max", "s_noise"}
+RESPONSE_FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
+OPTION_FIELDS = {"steps", "sampler", "skip", "t_break", "reuse_residual", "churn", "cfg", "tile_shift"}
+JSON_NAMES = {"guidance": "cfg", "skip.late": "skip"}  # SamplingOptions field -> JSON field, where they differ
+REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async"}
+FIELDS = OPTION_FIELDS | REQUEST_FIELDS
+CHURN_FIELDS = set(Churn.__dataclass_fields__)
 
 
 class RequestError(Exception):
@@ -50,55 +45,47 @@ class RequestError(Exception):
 
 @dataclass
 class Limits:
-    """What one request may ask of this server (checked before anything is allocated)."""
+    """What one request may ask of this server (checked before anything is allocated); the defaults
+    admit every documented recipe (the LEGO authors' FID recipe samples 256 steps)."""
 
     max_resolution: int = 256  # largest canvas side, pixels
-    max_steps: int = 250
+    max_steps: int = 1000
     max_images: int = 64
 
 
 @dataclass
 class ImageRequest:
-    """One validated request; :meth:`pipe_kwargs` are the offline pipeline's arguments."""
+    """One validated request: the sampling options and what only HTTP has."""
 
+    options: SamplingOptions = field(default_factory=SamplingOptions)
     num: int = 1
-    steps: int = 50
-    sampler: str = "heun"
-    skip: str | None = None
-    t_break: float = DEFAULT_T_BREAK
     resolution: tuple[int, int] | None = None
     classes: list[int] | None = None
-    guidance: float = 1.0
     seed: int = 0
-    churn: Churn | None = None
-    tile_shift: bool | None = None
-    reuse_residual: bool = False
     format: str = "png"
     columns: int = 8
     is_async: bool = False
+    recommended: bool = False  # the options are the model's recommended setting
 
     def pipe_kwargs(self) -> dict:
-        """The same arguments lego-run passes to LegoPipeline; the whole request is one batch, so
-        each evaluation reaches the scheduler at once (images do not depend on the batch size)."""
+        """The offline pipeline's arguments for the same images; the whole request is one batch, so
+        each evaluation reaches the batcher at once (images do not depend on the batch size)."""
         return dict(
+            options=self.options,
             num=self.num,
-            steps=self.steps,
-            sampler=self.sampler,
-            skip=self.skip,
-            t_break=self.t_break,
             resolution=self.resolution,
             classes=self.classes,
-            guidance=self.guidance,
             seed=self.seed,
             batch=self.num,
-            tile_shift=self.tile_shift,
-            churn=self.churn,
-            reuse_residual=self.reuse_residual,
         )
 
     @property
     def media_type(self) -> str:
-        return FORMATS[self.format]
+        return RESPONSE_FORMATS[self.format]
+
+    def describe(self) -> dict:
+        """What ran, for the answer (headers and job JSON)."""
+        return {"options": self.options.to_dict(), "recommended": self.recommended, "seed": self.seed}
 
 
 def parse_body(body: bytes) -> dict:
@@ -149,39 +136,6 @@ def _choice(data: dict, name: str, default: str, choices: tuple[str, ...]) -> st
     return value
 
 
-def _resolution(value, limits: Limits) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise RequestError(400, f'resolution must be a string HxW, e.g. "32x96", got {value!r}')
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise RequestError(400, f"resolution {value!r}: write HxW, e.g. 32x96") from None
-    if h < 1 or w < 1:
-        raise RequestError(400, f"resolution {value!r}: sides must be positive")
-    if max(h, w) > limits.max_resolution:
-        raise RequestError(413, f"resolution {value!r} is over this server's limit of {limits.max_resolution} a side")
-    return h, w
-
-
-def _classes(data: dict) -> list[int] | None:
-    if "class" in data and "classes" in data:
-        raise RequestError(400, "give class or classes, not both")
-    if "class" in data:
-        value = [data["class"]]
-    elif "classes" in data:
-        value = data["classes"]
-        if not isinstance(value, list) or not value:
-            raise RequestError(400, f"classes must be a non-empty list of integers, got {value!r}")
-    else:
-        return None
-    for c in value:
-        if isinstance(c, bool) or not isinstance(c, int):
-            raise RequestError(400, f"class must be an integer, got {c!r}")
-    return list(value)
-
-
 def _churn(value) -> Churn | None:
     """A number (S_churn, EDM's defaults for the rest) or an object of s_churn, s_min, s_max, s_noise."""
     if value is None or value == 0:
@@ -204,66 +158,84 @@ def _churn(value) -> Churn | None:
     return churn
 
 
-def _skip(data: dict) -> str | None:
+def _skip(data: dict) -> str:
     value = data.get("skip", "none")
     if not isinstance(value, str):
         raise RequestError(400, f'skip must be "none", "late" or a policy like "2@0.5:", got {value!r}')
-    return None if value == "none" else value
+    return value
 
 
-def parse_image_request(data: dict, planner: LegoPipeline, limits: Limits) -> ImageRequest:
-    """Validate a request body against the model (planner: a LegoPipeline without backend) and limits."""
+def _classes(data: dict) -> list | None:
+    if "class" in data and "classes" in data:
+        raise RequestError(400, "give class or classes, not both")
+    if "class" in data:
+        return [data["class"]]
+    if "classes" in data:
+        value = data["classes"]
+        if not isinstance(value, list) or not value:
+            raise RequestError(400, f"classes must be a non-empty list of class indices or names, got {value!r}")
+        return value
+    return None
+
+
+def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> ImageRequest:
+    """Validate a request body against the model and this server's limits: 400 for a bad field, 413
+    for one over a limit, each message naming the field."""
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise RequestError(400, f"unknown field {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}")
-    req = ImageRequest(
-        num=_int(data, "num", 1, 1, limits.max_images, over_limit=True),
-        steps=_int(data, "steps", 50, 1, limits.max_steps, over_limit=True),
-        sampler=_choice(data, "sampler", "heun", SAMPLERS),
-        skip=_skip(data),
-        t_break=_float(data.get("t_break", DEFAULT_T_BREAK), "t_break"),
-        resolution=_resolution(data.get("resolution"), limits),
-        classes=_classes(data),
-        guidance=_float(data.get("cfg", 1.0), "cfg"),
-        seed=_int(data, "seed", 0, 0, 2**63 - 1),
-        churn=_churn(data.get("churn")),
-        format=_choice(data, "format", "png", tuple(FORMATS)),
-        columns=_int(data, "columns", 8, 1, 1024),
-        reuse_residual=_bool(data, "reuse_residual", False),
-        is_async=_bool(data, "async", False),
-    )
+    given = {}
+    if "steps" in data:
+        given["steps"] = _int(data, "steps", 50, 1, limits.max_steps, over_limit=True)
+    if "sampler" in data:
+        given["sampler"] = _choice(data, "sampler", "heun", SAMPLERS)
+    if "skip" in data:
+        given["skip"] = _skip(data)
+    if "t_break" in data:
+        given["t_break"] = _float(data["t_break"], "t_break")
+    if "reuse_residual" in data:
+        given["reuse_residual"] = _bool(data, "reuse_residual", False)
+    if "churn" in data:
+        given["churn"] = _churn(data["churn"])
+    if "cfg" in data:
+        given["guidance"] = _float(data["cfg"], "cfg")
     tile_shift = data.get("tile_shift")
     if tile_shift is not None and not isinstance(tile_shift, bool):
         raise RequestError(400, f"tile_shift must be true, false or null, got {tile_shift!r}")
-    req.tile_shift = tile_shift
-    recommended = planner.manifest.recommended
-    if _bool(data, "recommended", True) and recommended is not None and not SAMPLING_FIELDS & set(data):
-        # As lego-run: the model's tuned setting, unless the request says how to sample.
-        if recommended.steps > limits.max_steps:
-            raise RequestError(400, f"the model's recommended {recommended.steps} steps exceed --max-steps")
-        req.sampler, req.steps = recommended.sampler, recommended.steps
-        req.skip, req.reuse_residual = recommended.skip_policy or None, recommended.reuse_residual
-    check_with_pipeline(req, planner)
-    return req
-
-
-def check_with_pipeline(req: ImageRequest, planner: LegoPipeline) -> None:
-    """The checks lego-run makes, from the runtime itself: memory, canvas, skip policy, classes, cfg, churn
-    (and its sampler)."""
+    if tile_shift is not None:
+        given["tile_shift"] = tile_shift
+    tuned = manifest.recommended if _bool(data, "recommended", True) else None
+    model = manifest.model
     try:
-        if not math.isfinite(req.guidance):
-            raise LegoError(f"cfg must be a finite number, got {req.guidance}")
-        if req.guidance != 1.0 and not planner.num_classes:
-            raise LegoError("classifier-free guidance (cfg) needs a class-conditional model; this one is not")
-        if not 0.0 <= req.t_break <= 1.0:
-            raise LegoError(f"t_break must be between 0 and 1, got {req.t_break}")
-        hw = req.resolution or (planner.resolution, planner.resolution)
-        check_request(req.num, req.num, req.seed, req.steps, hw, planner.channels)
-        if req.churn is not None:
-            req.churn.validate()
-            if req.sampler == "dpm2m":
-                raise LegoError("churn works with the heun and euler samplers, not dpm2m")
-        planner.plan(req.steps, req.skip, req.t_break, hw, req.tile_shift, req.seed)
-        planner.labels_for(req.num, req.classes, range(req.num))
+        options, used = resolve(given, tuned.options if tuned is not None else None)
+        if options.steps > limits.max_steps:  # the recommended setting's own steps
+            raise RequestError(413, f"the model's recommended {options.steps} steps are over this server's limit")
+        canvas = None
+        if data.get("resolution") is not None:
+            canvas = parse_canvas(data["resolution"])
+            if max(canvas) > limits.max_resolution:
+                raise RequestError(
+                    413,
+                    f"resolution {data['resolution']!r} is over this server's limit of {limits.max_resolution} a side",
+                )
+        req = ImageRequest(
+            options=options,
+            num=_int(data, "num", 1, 1, limits.max_images, over_limit=True),
+            resolution=canvas,
+            seed=_int(data, "seed", 0, 0, MAX_SEED),
+            format=_choice(data, "format", "png", tuple(RESPONSE_FORMATS)),
+            columns=_int(data, "columns", 8, 1, 1024),
+            is_async=_bool(data, "async", False),
+            recommended=used,
+        )
+        classes = _classes(data)
+        req.classes = check_classes(classes, model.num_classes, manifest.class_names) or None
+        hw = canvas or (model.img_resolution, model.img_resolution)
+        check_request(req.num, req.num, req.seed, hw, model.img_channels)
+        plan(options, model, hw, req.seed)  # options against the model, canvas against its bricks
+    except OptionError as e:
+        names = {**JSON_NAMES, "classes": "class"} if "class" in data else JSON_NAMES
+        raise RequestError(400, str(e.renamed(names))) from None
     except LegoError as e:
         raise RequestError(400, str(e)) from None
+    return req

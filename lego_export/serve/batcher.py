@@ -1,11 +1,11 @@
-"""Continuous batching of engine calls across requests.
+"""The call batcher: engine calls of every request in flight, merged tick by tick.
 
 Every in-flight request samples with its own :class:`~lego_export.runtime.pipeline.LegoPipeline`,
 in its own thread: its own plan, sampler state and noise, exactly the offline code path. Its
 pipeline runs over a :class:`BatchingBackend` whose runners run nothing: ``infer(feeds)`` hands the
-call to the :class:`Scheduler` and blocks until the scheduler returns that call's rows.
+call to the :class:`CallBatcher` and blocks until the batcher returns that call's rows.
 
-The scheduler works in ticks. When every active request is blocked on an engine call (or has left),
+The batcher works in ticks. When every active request is blocked on an engine call (or has left),
 it takes all pending calls, groups them by engine, concatenates each group's feeds along N (a tile
 carries its own conditioning row, so tiles of different requests, steps, canvas sizes, skip plans
 and guidance halves fit one call), runs the real engine in chunks within its N range, and hands
@@ -16,7 +16,6 @@ get offline.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import threading
@@ -24,15 +23,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from lego_export.arrays import NumpyArrays
 from lego_export.manifest import EngineSpec, Manifest
 from lego_export.runtime.pipeline import LegoPipeline
-from lego_export.serve.calibrate import balanced_chunks, best_chunk
+from lego_export.runtime.runner import EngineRunner
+from lego_export.serve.calibrate import best_chunk
 
-# A request hands its whole evaluation to the scheduler at once (its pipeline sees this N range);
-# the scheduler cuts merged calls to the real engine's range.
+# A request hands its whole evaluation to the batcher at once (its pipeline calls engines with any
+# N); the batcher cuts merged calls to the real engine's range.
 UNBOUNDED_N = 2**62
 
 
@@ -49,7 +47,7 @@ class EngineFailed(Exception):
 
 
 @dataclass
-class SchedulerConfig:
+class BatcherConfig:
     max_batch_tiles: int = 0  # cap on N per engine call; 0: each engine's manifest maximum
     calibrate: bool = False  # measure each engine's fastest N per row at startup and cut calls to it
     align: bool = True  # run the earliest engine of the chain first, so requests fall into step
@@ -58,7 +56,7 @@ class SchedulerConfig:
 
 @dataclass
 class EngineStats:
-    """Counters of one engine, written by the scheduler thread only."""
+    """Counters of one engine, written by the batcher thread only."""
 
     calls: int = 0
     tiles: int = 0
@@ -71,7 +69,7 @@ class EngineStats:
 
 
 @dataclass
-class SchedulerStats:
+class BatcherStats:
     ticks: int = 0
     tick_seconds: float = 0.0  # wall time of the ticks (merging, engine calls, scatter)
     engine_seconds: float = 0.0  # of which inside the real engines
@@ -93,7 +91,7 @@ def tile_bucket(n: int) -> int:
 
 
 class Slot:
-    """One in-flight request's place in the scheduler."""
+    """One in-flight request's place in the batcher."""
 
     def __init__(self, number: int):
         self.number = number
@@ -102,7 +100,7 @@ class Slot:
         self.call: EngineCall | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # calls are compared by identity: their feeds are arrays
 class EngineCall:
     engine: str
     feeds: dict
@@ -120,29 +118,37 @@ class EngineCall:
         return (self.engine, *(tuple(self.feeds[k].shape[1:]) for k in sorted(self.feeds)))
 
 
-class Scheduler:
+class CallBatcher:
     """Owns one real backend and runs every request's engine calls in merged, chunked batches."""
 
-    def __init__(self, manifest: Manifest, backend, config: SchedulerConfig | None = None):
+    def __init__(self, manifest: Manifest, backend, config: BatcherConfig | None = None):
         """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work."""
         self.manifest, self.backend = manifest, backend
-        self.config = config or SchedulerConfig()
+        self.config = config or BatcherConfig()
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
-        self.runners = {spec.name: backend.runner(spec) for spec in manifest.engines}
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
-        self.chunks = dict(self.limits)  # rows per call the scheduler aims at (<= the limit)
+        self.runners = {  # a latent decoder runs on host arrays on every backend
+            spec.name: EngineRunner(
+                spec,
+                backend.runner(spec),
+                NumpyArrays() if spec.role == "decoder" else self.arrays,
+                self.limits[spec.name],
+            )
+            for spec in manifest.engines
+        }
         self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
         if self.config.calibrate:
             for spec in manifest.engines:
-                chunk, per_row = best_chunk(self.runners[spec.name], spec, self.limits[spec.name], self.arrays)
-                self.chunks[spec.name], self.calibration[spec.name] = chunk, per_row
+                runner = self.runners[spec.name]
+                runner.max_rows, self.calibration[spec.name] = best_chunk(
+                    runner, spec, self.limits[spec.name], runner.arrays
+                )
         # Chain order: embedder, bricks, then a latent model's decoder.
         chain = [manifest.embedder, *manifest.bricks] + [e for e in manifest.engines if e.role == "decoder"]
         self._order = {spec.name: i for i, spec in enumerate(chain)}
         if not self.config.max_wait_ticks:
             self.config = dataclasses.replace(self.config, max_wait_ticks=len(chain))
-        self.request_manifest = unbounded_manifest(manifest)
-        self.stats = SchedulerStats()
+        self.stats = BatcherStats()
         for spec in manifest.engines:  # every key exists from the start: readers never see one added
             self.stats.engines[spec.name] = EngineStats()
         self._cond = threading.Condition()
@@ -151,8 +157,13 @@ class Scheduler:
         self._running = 0  # active slots not blocked on a call
         self._numbers = itertools.count()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="lego-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="lego-batcher", daemon=True)
         self._thread.start()
+
+    @property
+    def chunks(self) -> dict[str, int]:
+        """Rows per call the batcher aims at, per engine (at most its limit)."""
+        return {name: r.max_rows for name, r in self.runners.items()}
 
     def _limit(self, spec: EngineSpec) -> int:
         cap = self.config.max_batch_tiles
@@ -164,7 +175,7 @@ class Scheduler:
         """A slot for a new request; it counts as running until it submits its first call."""
         with self._cond:
             if self._closing:
-                raise RequestCancelled("the scheduler is shutting down")
+                raise RequestCancelled("the batcher is shutting down")
             slot = Slot(next(self._numbers))
             self._active.add(slot)
             self._running += 1
@@ -182,7 +193,7 @@ class Scheduler:
 
     def pipeline(self, slot: Slot) -> LegoPipeline:
         """A pipeline for one request whose engine calls go through this scheduler."""
-        return LegoPipeline(self.request_manifest, BatchingBackend(self, slot))
+        return LegoPipeline(self.manifest, BatchingBackend(self, slot), max_rows=UNBOUNDED_N)
 
     def cancel(self, slot: Slot) -> None:
         """Cancel a request: its pending call (if any) fails at once, later calls fail when submitted."""
@@ -214,7 +225,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        """Requests in the scheduler now."""
+        """Requests in the batcher now."""
         return len(self._active)
 
     @property
@@ -224,7 +235,7 @@ class Scheduler:
             return len(self._pending)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel every request still in the scheduler and stop its thread (within timeout seconds)."""
+        """Cancel every request still in the batcher and stop its thread (within timeout seconds)."""
         with self._cond:
             self._closing = True
             for slot in list(self._active):
@@ -234,6 +245,9 @@ class Scheduler:
             self._pending = []
             self._cond.notify_all()
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # nothing can call an engine any more
+            for runner in self.runners.values():
+                runner.close()
 
     def _loop(self) -> None:
         while True:
@@ -300,35 +314,14 @@ class Scheduler:
             offset += call.n
 
     def _run_rows(self, calls: list[EngineCall]) -> dict:
-        """The engine over all rows of calls, in near-equal chunks of at most its chunk size; outputs
-        concatenated."""
-        engine = calls[0].engine
-        runner, chunk_rows = self.runners[engine], self.chunks[engine]
-        first = next(iter(calls[0].feeds.values()))
-        arrays = NumpyArrays() if isinstance(first, np.ndarray) else self.arrays
+        """The engine over all rows of calls, in near-equal chunks of at most its chunk size (the
+        runner's max_rows); outputs concatenated."""
+        runner = self.runners[calls[0].engine]
         if len(calls) == 1:
             merged = calls[0].feeds
         else:
-            merged = {k: arrays.concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
-        total = sum(c.n for c in calls)
-        stats = self.stats.engines[engine]
-        parts: dict[str, list] = defaultdict(list)
-        for lo, hi in balanced_chunks(total, chunk_rows):
-            chunk = {k: arrays.contiguous(v[lo:hi]) for k, v in merged.items()}
-            n = hi - lo
-            t0 = time.perf_counter()
-            out = runner.infer(chunk)
-            seconds = time.perf_counter() - t0
-            stats.calls += 1
-            stats.tiles += n
-            stats.capacity += chunk_rows
-            stats.seconds += seconds
-            bucket = tile_bucket(n)
-            stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
-            self.stats.engine_seconds += seconds
-            for k, v in out.items():
-                parts[k].append(v)
-        return {k: v[0] if len(v) == 1 else arrays.concat(v) for k, v in parts.items()}
+            merged = {k: runner.arrays.concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
+        return runner.infer(merged, _Counted(self.stats, runner.max_rows))
 
     def _finish(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
         with self._cond:
@@ -345,30 +338,40 @@ class Scheduler:
 
 
 class BatchingBackend:
-    """A backend for one request's pipeline: its runners submit calls to the scheduler."""
+    """A backend for one request's pipeline: its runners submit calls to the batcher."""
 
     name = "batching"
 
-    def __init__(self, scheduler: Scheduler, slot: Slot):
-        self.scheduler, self.slot = scheduler, slot
-        self.arrays = scheduler.arrays
+    def __init__(self, batcher: CallBatcher, slot: Slot):
+        self.batcher, self.slot = batcher, slot
+        self.arrays = batcher.arrays
+        self.precision = getattr(batcher.backend, "precision", "fp32")
 
     def runner(self, spec: EngineSpec) -> _BatchingRunner:
-        return _BatchingRunner(self.scheduler, self.slot, spec.name)
+        return _BatchingRunner(self.batcher, self.slot, spec.name)
 
 
 class _BatchingRunner:
-    def __init__(self, scheduler: Scheduler, slot: Slot, engine: str):
-        self.scheduler, self.slot, self.engine = scheduler, slot, engine
+    def __init__(self, batcher: CallBatcher, slot: Slot, engine: str):
+        self.batcher, self.slot, self.engine = batcher, slot, engine
 
     def infer(self, feeds: dict) -> dict:
-        return self.scheduler.submit(self.slot, self.engine, feeds)
+        return self.batcher.submit(self.slot, self.engine, feeds)
 
 
-def unbounded_manifest(manifest: Manifest) -> Manifest:
-    """A copy of the manifest whose engines accept any N: a request's pipeline then submits each
-    evaluation whole, and the scheduler alone cuts calls to the real range."""
-    copied = copy.deepcopy(manifest)
-    for spec in copied.engines:
-        spec.batch = {**spec.batch, "max": UNBOUNDED_N}
-    return copied
+class _Counted:
+    """Reports each chunk an EngineRunner runs into the batcher's counters."""
+
+    def __init__(self, stats: BatcherStats, chunk_rows: int):
+        self.stats, self.chunk_rows = stats, chunk_rows
+
+    def add(self, name: str, seconds: float | None, rows: int) -> None:
+        stats = self.stats.engines[name]
+        seconds = seconds or 0.0
+        stats.calls += 1
+        stats.tiles += rows
+        stats.capacity += self.chunk_rows
+        stats.seconds += seconds
+        bucket = tile_bucket(rows)
+        stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
+        self.stats.engine_seconds += seconds

@@ -3,7 +3,7 @@ import pytest
 
 from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
-from lego_export.runtime.schedule import (
+from lego_export.runtime.plan import (
     late_brick_policy,
     make_plan,
     parse_policy,
@@ -61,10 +61,13 @@ def test_explicit_spec():
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ("2-0.5", "cannot read skip rule"),
+        ("2-0.5", "cannot be read"),
         ("5@0.1:", "brick index must be 0 to 2"),
         ("0@1:", "brick 0 always runs"),
         ("2@3:1", "lower bound above upper bound"),
+        ("2@nan:nan", "bounds must be numbers"),
+        ("1@nan:1", "bounds must be numbers"),
+        ("2@inf:", "bounds must be numbers"),
     ],
 )
 def test_bad_specs(spec, message):

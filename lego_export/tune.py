@@ -9,7 +9,7 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
    greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
    (a tenth of it) and keeps the move that saves the most brick FLOPs while staying in budget; the
    search stops when no move does. Global bricks (tiles no smaller than brick 0's) are skipped at
-   low noise, local ones at high noise, as in the LEGO paper (schedule.skip_window).
+   low noise, local ones at high noise, as in the LEGO paper (plan.skip_window).
 3. The winner is the trial in budget with the fewest brick FLOPs per image (counted, so it does not
    drift with the machine as wall time does).
 4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
@@ -29,12 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from lego_export.config import LegoConfig
 from lego_export.edm import SAMPLERS, evaluations
 from lego_export.errors import LegoError
 from lego_export.fid import FeatureStats, frechet_distance
+from lego_export.flops import model_brick_flops
 from lego_export.manifest import Recommended
+from lego_export.options import SamplingOptions
 from lego_export.runtime.pipeline import LegoPipeline
-from lego_export.runtime.schedule import SkipPolicy, skip_window
+from lego_export.runtime.plan import plan, skip_window
 
 NOTCH = 0.1  # the search moves a brick's skip window by this fraction of the trajectory
 MAX_FEATURE_FILE = 512 << 20
@@ -49,14 +52,12 @@ class Setting:
     skipped: tuple[float, ...] = ()  # per brick 1..K-1: fraction of the trajectory it is skipped
     reuse_residual: bool = False
 
-    def policy(self, pipe: LegoPipeline) -> SkipPolicy:
-        """The skip fractions as sigma windows."""
-        windows = [
-            skip_window(pipe.brick_sizes, k, fraction, pipe.edm)
-            for k, fraction in enumerate(self.skipped, start=1)
-            if fraction > 0
-        ]
-        return SkipPolicy(tuple(windows), policy_spec(windows) or "full chain")
+    def options(self, model: LegoConfig) -> SamplingOptions:
+        """The sampling options this setting stands for: its skip fractions as sigma windows."""
+        sizes = [b.size for b in model.bricks]
+        windows = [skip_window(sizes, k, f, model.edm) for k, f in enumerate(self.skipped, start=1) if f > 0]
+        reuse = self.reuse_residual and bool(windows)  # with nothing skipped there is nothing to reuse
+        return SamplingOptions(self.sampler, self.steps, policy_spec(windows) or "none", reuse_residual=reuse)
 
     def label(self) -> str:
         skip = "/".join(f"{f:.1f}" for f in self.skipped) if any(self.skipped) else "none"
@@ -204,20 +205,13 @@ class Tuner:
         if len(reference.mu) != features(np.zeros((2, pipe.channels, pipe.resolution, pipe.resolution))).shape[1]:
             raise LegoError("the reference statistics and the feature extractor have different feature sizes")
         self.pipe, self.features, self.reference = pipe, features, reference
+        self.model = pipe.cfg
         self.num, self.batch, self.seed, self.log = num, batch, seed, log
 
     def trial(self, setting: Setting, seed: int | None = None) -> Trial:
-        policy = setting.policy(self.pipe)
         start = time.perf_counter()
-        result = self.pipe(
-            num=self.num,
-            steps=setting.steps,
-            sampler=setting.sampler,
-            skip=policy,
-            batch=self.batch,
-            seed=self.seed if seed is None else seed,
-            reuse_residual=setting.reuse_residual,
-        )
+        options = setting.options(self.model)
+        result = self.pipe(options, num=self.num, batch=self.batch, seed=self.seed if seed is None else seed)
         seconds = time.perf_counter() - start
         score = frechet_distance(FeatureStats.of(self.features(result.images)), self.reference)
         flops = evaluations(setting.sampler, setting.steps) * (1.0 - result.timing.flops_saved)
@@ -230,8 +224,9 @@ class Tuner:
         result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase))
         ref.in_budget = True
         self.log(f"reference {reference.label()}: FID {ref.fid:.3f}; budget {result.budget:.3f}")
-        skippable = len(self.pipe.brick_sizes) - 1
-        brick0_share = self.pipe.brick_flops[0] / sum(self.pipe.brick_flops)
+        skippable = len(self.model.bricks) - 1
+        flops = model_brick_flops(self.model)
+        brick0_share = flops[0] / sum(flops)
         for sampler, steps in candidates:
             # Even brick 0 alone at every step would cost no less than the best setting found: skip it.
             best = min(t.flops for t in [ref, *result.trials] if t.in_budget)
@@ -260,7 +255,8 @@ class Tuner:
 
     def _plan(self, setting: Setting) -> tuple[int, ...]:
         """Bricks run at each step: two settings with the same plan sample the same images."""
-        return tuple(p.bricks for p in self.pipe.plan(setting.steps, setting.policy(self.pipe)))
+        canvas = (self.model.img_resolution, self.model.img_resolution)
+        return tuple(p.bricks for p in plan(setting.options(self.model), self.model, canvas))
 
     def _measure(self, result: TuneResult, setting: Setting) -> Trial:
         """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
@@ -309,10 +305,7 @@ def recommendation(result: TuneResult, pipe: LegoPipeline, checkpoint_sha256: st
     """The winner as the manifest's recommended setting, with what was measured choosing it."""
     win, ref = result.winner, result.reference
     return Recommended(
-        sampler=win.setting.sampler,
-        steps=win.setting.steps,
-        skip_policy=policy_spec(win.setting.policy(pipe).windows),
-        reuse_residual=win.setting.reuse_residual and any(win.setting.skipped),
+        options=win.setting.options(pipe.cfg),
         checkpoint_sha256=checkpoint_sha256,
         measured={
             "fid": win.fid,

@@ -1,4 +1,7 @@
-"""Which bricks run at each sampling step, and where the tile grid sits.
+"""The brick plan: which bricks run at each sampling step, and where the tile grid sits.
+
+``plan(options, model, canvas, seed)`` is a pure function of its arguments: lego-run --plan, the
+pipeline, the server's validation and cost estimates all call it, with no backend.
 
 A step always runs a *prefix* of the brick chain: brick k reads brick k-1's output, so a brick can
 only be skipped together with every brick after it. Skip rules are stated in sigma, not in step
@@ -17,11 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
+from lego_export.tiling import check_canvas
+
+if TYPE_CHECKING:
+    from lego_export.config import LegoConfig
+    from lego_export.options import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -91,13 +100,15 @@ def parse_policy(spec: str, num_bricks: int) -> SkipPolicy:
                 int(index_text), float(lo_text) if lo_text else 0.0, float(hi_text) if hi_text else math.inf
             )
         except ValueError:
-            raise LegoError(f"cannot read skip rule {part!r}; write BRICK@LO:HI, e.g. 2@0.5: or 2@:1.5") from None
+            raise LegoError(f"rule {part!r} cannot be read; write BRICK@LO:HI, e.g. 2@0.5: or 2@:1.5") from None
         if not 0 <= window.index < num_bricks:
-            raise LegoError(f"skip rule {part!r}: brick index must be 0 to {num_bricks - 1}")
+            raise LegoError(f"rule {part!r}: brick index must be 0 to {num_bricks - 1}")
         if window.index == 0:
-            raise LegoError(f"skip rule {part!r}: brick 0 always runs (every step needs an estimate)")
+            raise LegoError(f"rule {part!r}: brick 0 always runs (every step needs an estimate)")
+        if math.isnan(window.lo) or math.isnan(window.hi) or math.isinf(window.lo):
+            raise LegoError(f"rule {part!r}: bounds must be numbers (leave a bound out for none)")
         if window.lo > window.hi:
-            raise LegoError(f"skip rule {part!r}: lower bound above upper bound")
+            raise LegoError(f"rule {part!r}: lower bound above upper bound")
         windows.append(window)
     return SkipPolicy(tuple(windows), f"rules {spec}")
 
@@ -115,6 +126,20 @@ def tile_shift(step: int, period: int, seed: int = 0) -> tuple[int, int]:
     rng = np.random.default_rng([seed, step, 0x5EED])
     dy, dx = rng.integers(0, period, size=2)
     return int(dy), int(dx)
+
+
+def plan(options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], seed: int = 0) -> list[StepPlan]:
+    """The per-step plan of one sampling run: options checked against the model, canvas against
+    its bricks. The tile grid moves between steps when options.tile_shift says so (by default on a
+    canvas larger than the training size)."""
+    options.validate(model)
+    h, w = canvas
+    check_canvas(h, w, model.canvas_multiple)
+    shift = options.tile_shift
+    if shift is None:
+        shift = h > model.img_resolution or w > model.img_resolution
+    period = max(b.size for b in model.bricks) if shift else None
+    return make_plan(model.edm.sigmas(options.steps), len(model.bricks), options.skip_policy(model), period, seed)
 
 
 def make_plan(
