@@ -116,8 +116,8 @@ def ort_cpu_rows(model: LegoModel, batches) -> list[dict]:
         from lego_export.export.build import Manifest, engine_jobs
         from lego_export.export.onnx import export_module
         from lego_export.manifest import EngineFile, sha256_file
+        from lego_export.plan import StepPlan
         from lego_export.runtime.pipeline import LegoPipeline
-        from lego_export.runtime.plan import StepPlan
     except ImportError as e:
         print(f"ONNX Runtime row skipped: {e}")
         return []

@@ -30,8 +30,8 @@ from common import machine, markdown_table, matmul_peak_gflops, random_feeds, ti
 from lego_export.checkpoint import load_model  # noqa: E402
 from lego_export.edm import sample  # noqa: E402
 from lego_export.flops import brick_flops_per_tile  # noqa: E402
+from lego_export.plan import StepPlan  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
-from lego_export.runtime.plan import StepPlan  # noqa: E402
 
 
 def brick_rows(pipe: LegoPipeline, model, batches, reps, peak) -> list[dict]:

@@ -41,8 +41,8 @@ LOW_PRECISION = {"openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "
 def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
     """A zero-argument callable running one full-chain evaluation of `batch` images on this peer."""
     from lego_export.manifest import Manifest
+    from lego_export.plan import StepPlan
     from lego_export.runtime.pipeline import LegoPipeline
-    from lego_export.runtime.plan import StepPlan
 
     manifest = Manifest.read(engines)
     cfg = manifest.model

@@ -211,8 +211,8 @@ def phase_export(work: Path, max_batch: int, opt_batch: int, fuse: bool) -> dict
 
 def phase_run(work: Path, batches: list[int], reps: int, seed: int) -> dict:
     from lego_export.flops import model_brick_flops
+    from lego_export.plan import StepPlan
     from lego_export.runtime.pipeline import LegoPipeline
-    from lego_export.runtime.plan import StepPlan
 
     start = time.perf_counter()
     pipe = LegoPipeline.from_engines(work / "engines", "onnxruntime")

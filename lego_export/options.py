@@ -2,7 +2,7 @@
 
     opts = SamplingOptions(sampler="dpm2m", steps=8, skip="1@0.32:", reuse_residual=True)
     opts.validate(manifest.model)      # OptionError naming the field: "steps must be ..."
-    plan(opts, manifest.model, (32, 96), seed=0)   # runtime/plan.py: which bricks run per step
+    plan(opts, manifest.model, (32, 96), seed=0)   # plan.py: which bricks run per step
 
 Each surface maps its own names onto these fields once: lego-run's flags (runtime/cli.py, FLAGS),
 the server's JSON fields (serve/validation.py). Checks live here, so a message names the field and
@@ -22,10 +22,10 @@ import numpy as np
 
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
+from lego_export.plan import SkipPolicy, late_brick_policy, parse_policy
 
 if TYPE_CHECKING:
     from lego_export.config import LegoConfig
-    from lego_export.runtime.plan import SkipPolicy
 
 # PG: skip the global brick for the last 20% of the trajectory. Chosen by measurement
 # (docs/performance.md): on the shipped model 0.2 keeps FID within 1% of the full chain, while the
@@ -55,7 +55,7 @@ class OptionError(LegoError):
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Every choice of how to sample; the plan (runtime/plan.py) is a function of these, the model
+    """Every choice of how to sample; the plan (plan.py) is a function of these, the model
     and the canvas. Defaults are EDM's Heun over 50 steps with the full chain."""
 
     sampler: str = "heun"  # heun, euler or dpm2m (edm.SAMPLERS)
@@ -111,8 +111,6 @@ class SamplingOptions:
 
     def skip_policy(self, model: LegoConfig) -> SkipPolicy:
         """The skip field as per-brick sigma windows for this model."""
-        from lego_export.runtime.plan import SkipPolicy, late_brick_policy, parse_policy
-
         if self.skip == "none":
             return SkipPolicy()
         sizes = [b.size for b in model.bricks]

@@ -36,8 +36,8 @@ from lego_export.fid import FeatureStats, frechet_distance
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Recommended
 from lego_export.options import SamplingOptions
+from lego_export.plan import plan, skip_window
 from lego_export.runtime.pipeline import LegoPipeline
-from lego_export.runtime.plan import plan, skip_window
 
 NOTCH = 0.1  # the search moves a brick's skip window by this fraction of the trajectory
 MAX_FEATURE_FILE = 512 << 20

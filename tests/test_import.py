@@ -414,8 +414,8 @@ def test_imported_model_reproduces_the_authors_network(imported, fixture_ref, na
 @needs_fixture
 @pytest.mark.parametrize("name", sorted(REFERENCE_ARRAYS))
 def test_engines_reproduce_the_authors_network(imported, fixture_ref, name):
+    from lego_export.plan import StepPlan
     from lego_export.runtime.pipeline import LegoPipeline
-    from lego_export.runtime.plan import StepPlan
 
     prefix, bricks, guidance = REFERENCE_ARRAYS[name]
     x, sigma, onehot = (fixture_ref[prefix + k] for k in ("x", "sigma", "class_onehot"))

@@ -3,7 +3,7 @@ import pytest
 
 from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
-from lego_export.runtime.plan import (
+from lego_export.plan import (
     late_brick_policy,
     make_plan,
     parse_policy,

@@ -82,7 +82,7 @@ def test_onnxruntime_matches_pytorch(models, stack, resolution):
 def test_pipeline_denoiser_matches_the_model(models, backend, bricks, shift, guidance):
     """The pipeline's evaluation, on any backend, is LegoModel.forward on the same inputs."""
     from lego_export.checkpoint import load_model
-    from lego_export.runtime.plan import StepPlan
+    from lego_export.plan import StepPlan
 
     if backend == "openvino":
         pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install '.[openvino]')")

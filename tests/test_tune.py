@@ -16,8 +16,8 @@ from lego_export.fid import FeatureStats, fid, frechet_distance
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
 from lego_export.options import SamplingOptions
+from lego_export.plan import flop_fraction_saved, plan
 from lego_export.runtime.cli import main as lego_run
-from lego_export.runtime.plan import flop_fraction_saved, plan
 from lego_export.tune import Setting, Trial, Tuner
 
 TINY = Path(__file__).parent / "fixtures" / "tiny-engines"

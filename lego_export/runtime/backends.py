@@ -280,7 +280,7 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, folder: Path, manifest: Manifest, cuda_graphs: bool = False):
-        from lego_export.export.tensorrt import check_plan_compatible, tensorrt_environment
+        from lego_export.tensorrt_env import check_plan_compatible, tensorrt_environment
 
         trt, _ = tensorrt_environment()
         import torch

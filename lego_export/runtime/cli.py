@@ -28,9 +28,9 @@ from lego_export.options import (
     parse_canvas,
     resolve,
 )
+from lego_export.plan import flop_fraction_saved, plan
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
 from lego_export.runtime.pipeline import LegoPipeline
-from lego_export.runtime.plan import flop_fraction_saved, plan
 from lego_export.runtime.runner import Timing
 
 # lego-run's flags for the fields of SamplingOptions and of the request, so that a message from the

@@ -9,7 +9,7 @@
     result.images        # (16, C, 32, 96) float32 in [-1, 1]
     result.options       # what ran; result.timing: per-brick milliseconds, images/s, bricks skipped
 
-A call turns its options into the per-step brick plan (runtime/plan.py, a pure function), runs the
+A call turns its options into the per-step brick plan (plan.py, a pure function), runs the
 sampler, and hands each evaluation to the one outer denoiser (lego_export/denoiser.py, the function
 the PyTorch model calls too) with the engine runners as its brick calls. Everything of one call
 lives in that call, so one pipeline can serve several calls at once (threads). The arrays are the
@@ -34,9 +34,9 @@ from lego_export.edm import churn_noise, initial_noise, sample
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
-from lego_export.options import SamplingOptions, check_classes, check_request, resolve
+from lego_export.options import SamplingOptions, check_canvas_sides, check_classes, check_request, resolve
+from lego_export.plan import StepPlan, flop_fraction_saved, plan
 from lego_export.runtime.backends import make_backend
-from lego_export.runtime.plan import StepPlan, flop_fraction_saved, plan
 from lego_export.runtime.runner import EngineRunner, Timing
 
 
@@ -159,7 +159,7 @@ class LegoPipeline:
         return chosen.validate(self.cfg), used
 
     def plan(self, options: SamplingOptions, resolution: tuple[int, int] | None = None, seed: int = 0):
-        """The per-step table of bricks run and tile-grid offsets (runtime/plan.py)."""
+        """The per-step table of bricks run and tile-grid offsets (plan.py)."""
         return plan(options, self.cfg, resolution or (self.resolution, self.resolution), seed)
 
     def flops_saved(self, steps: list[StepPlan]) -> float:
@@ -196,7 +196,7 @@ class LegoPipeline:
         each image's noise and class, so any split of the indices (batches, processes) yields the
         same images for the same seed; churn's fresh noise also depends only on (seed, index, step)."""
         chosen, used_recommended = self._choose(options, recommended, fields)
-        h, w = resolution or (self.resolution, self.resolution)
+        h, w = check_canvas_sides(resolution) if resolution is not None else (self.resolution, self.resolution)
         check_request(num, batch, seed, (h, w), self.channels, indices)
         steps = self.plan(chosen, (h, w), seed)
         indices = list(range(num)) if indices is None else [int(i) for i in indices]
