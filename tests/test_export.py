@@ -133,6 +133,11 @@ def test_fp16_changes_precision_and_stays_within_tolerance(built, tmp_path):
         # the fp16 error is visibly larger than fp32: the option did something
         assert f16.verification["relative_error"] > 10 * b32.files["onnx"].verification["relative_error"]
         assert f16.bytes < b32.files["onnx"].bytes  # half-size weights (adaLN weights stay fp32)
+    from lego_export.runtime.cli import main as lego_run
+
+    ran = CliRunner().invoke(lego_run, ["--engines", str(tmp_path / "e16"), "--steps", "1", "--num", "1",
+                                        "--backend", "onnxruntime", "--out", str(tmp_path / "g.png")])  # fmt: skip
+    assert ran.exit_code == 0 and "brick files fp16, runtime precision fp32" in ran.output, ran.output
 
 
 def test_tampered_engine_is_detected(built, tmp_path):

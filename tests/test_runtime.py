@@ -348,13 +348,14 @@ def test_torchrun_splits_seeds(models, tmp_path):
     args = ["--engines", str(engines), "--steps", "3", "-n", "5", "--batch", "2"]
     single = tmp_path / "one.npz"
     assert run_cli([*args, "--out", tmp_path / "one.png", "--save-npz", single]).exit_code == 0
-    proc = run_torchrun(
-        "lego_export.runtime.cli",
-        [*args, "--threads", "1", "--out", str(tmp_path / "two.png"), "--save-npz", str(tmp_path / "two.npz")],
-    )
+    two = [*args, "--threads", "1", "--out", str(tmp_path / "two.png"), "--save-npz", str(tmp_path / "two.npz")]
+    proc = run_torchrun("lego_export.runtime.cli", [*two, "--timing-json", str(tmp_path / "t.json")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout
     np.testing.assert_allclose(np.load(tmp_path / "two.npz")["images"], np.load(single)["images"], atol=1e-5)
+    timing = json.loads((tmp_path / "t.json").read_text())  # totals over both ranks: 3 + 2 images
+    assert timing["images"] == 5 and timing["processes"] == 2 and "for 5 images" in proc.stdout
+    assert timing["engine_calls"]["brick0"] == (2 + 1) * 5  # batches of 2: rank 0 two, rank 1 one; 5 Heun evaluations
 
 
 def test_default_labels_give_one_grid_row_per_class(models):
