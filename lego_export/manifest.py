@@ -13,14 +13,14 @@ import math
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lego_export import contract
 from lego_export.atomic import atomic_write
-from lego_export.config import LegoConfig, valid_class_names
+from lego_export.config import BrickConfig, LegoConfig, valid_class_names
 from lego_export.contract import TensorSpec
-from lego_export.edm import SAMPLERS
+from lego_export.edm import SAMPLERS, EDMConfig
 from lego_export.errors import LegoError
 from lego_export.jsonio import read_json
 from lego_export.options import MAX_STEPS, SamplingOptions
@@ -150,7 +150,7 @@ class Manifest:
         """Load and validate folder/manifest.json; one-line LegoError naming the bad field."""
         folder = Path(folder)
         path = folder / MANIFEST_FILE if folder.is_dir() or not folder.suffix else folder
-        if not path.is_file():
+        if not path.exists():
             raise LegoError(f"no engines found: {path} does not exist (build them with lego-export build)")
         data = read_json(path, MAX_MANIFEST_BYTES, str(path), "manifest")
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
@@ -169,7 +169,8 @@ class Manifest:
         """
         path = Path(folder) / file.path  # a plain name: checked by parse_manifest
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            # non-blocking: a FIFO put in a file's place is refused below, never waited on
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise LegoError(f"{file.path}: missing") from None
         except OSError as e:
@@ -328,11 +329,20 @@ def _engine(value, where: str, num_bricks: int) -> EngineSpec:
     )
 
 
+def _field_names(kind) -> set[str]:
+    return {f.name for f in fields(kind)}
+
+
 def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     """A Manifest from its JSON form, every field checked; one-line LegoError naming the first bad one."""
     d = _obj(data, where, _TOP_FIELDS, _TOP_FIELDS - {"latent", "recommended", "class_names"})
     _int(d["schema_version"], f"{where}: schema_version", SCHEMA_VERSION, SCHEMA_VERSION)
-    model = _obj(d["model"], f"{where}: model")
+    model = _obj(d["model"], f"{where}: model", _field_names(LegoConfig), _field_names(LegoConfig))
+    _obj(model["edm"], f"{where}: model.edm", _field_names(EDMConfig), _field_names(EDMConfig))
+    if not isinstance(model["bricks"], list):
+        raise LegoError(f"{where}: model.bricks: expected a list")
+    for i, brick in enumerate(model["bricks"]):
+        _obj(brick, f"{where}: model.bricks[{i}]", _field_names(BrickConfig), _field_names(BrickConfig))
     _finite_tree(model, f"{where}: model")
     try:
         cfg = LegoConfig.from_dict(model)

@@ -475,3 +475,51 @@ def test_bad_training_inputs_are_one_line(tmp_path, tiny_npz):
         result = CliRunner().invoke(lego_train, [*map(str, args), "--preset", "tiny", "--kimg", "1", "--out", str(out)])
         refused(result, message)
         assert "weights_only" not in result.output
+
+
+# -- manifests and engine files from elsewhere ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_engine_files_swapped_with_their_hashes_are_refused_at_load(engines, tmp_path, backend):
+    pytest.importorskip(backend)
+
+    def swap(data):
+        by_name = {e["name"]: e for e in data["engines"]}
+        by_name["brick0"]["files"], by_name["brick1"]["files"] = by_name["brick1"]["files"], by_name["brick0"]["files"]
+
+    edit_manifest(engines, swap)
+    args = ["--engines", engines, "--steps", 1, "--num", 1, "--backend", backend, "--out", tmp_path / "g.png"]
+    refused(run(args), "the manifest; rebuild the engines")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_fifo_in_place_of_an_engine_file_is_refused_without_waiting(engines, tmp_path):
+    (engines / "brick1.onnx").unlink()
+    os.mkfifo(engines / "brick1.onnx")
+    start = time.monotonic()
+    refused(run(["--engines", engines, "--steps", 1, "--num", 1, "--out", tmp_path / "g.png"]), "not a regular file")
+    (engines / "manifest.json").unlink()
+    os.mkfifo(engines / "manifest.json")
+    refused(run(["--engines", engines, "--steps", 1, "--out", tmp_path / "g.png"]), "is not a regular file")
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d["model"].pop("edm"), "model: missing field 'edm'"),
+        (lambda d: d["model"].pop("img_channels"), "model: missing field 'img_channels'"),
+        (lambda d: d["model"]["edm"].pop("sigma_max"), "model.edm: missing field 'sigma_max'"),
+        (lambda d: d["model"]["bricks"][1].pop("pos_halves"), "model.bricks[1]: missing field 'pos_halves'"),
+        (None, "nested deeper than"),
+        (lambda d: d.__setitem__("class_names", ["a"] * 10), "class_names: expected one distinct name"),
+    ],
+)
+def test_a_manifest_missing_a_field_or_nested_too_deep_is_refused(engines, tmp_path, change, message):
+    if change is None:  # deeper than the standard library's parser can recurse: written by hand
+        text = (engines / "manifest.json").read_text().rstrip()[:-1] + ', "deep": ' + "[" * 5000 + "]" * 5000 + "}"
+        (engines / "manifest.json").write_text(text)
+    else:
+        edit_manifest(engines, change)
+    refused(run(["--engines", engines, "--steps", 1, "--out", tmp_path / "g.png"]), message)

@@ -39,6 +39,27 @@ def check_int8_files(folder: Path, manifest: Manifest) -> None:
         raise LegoError(f"{folder} has no int8 file for {missing[0]}; rebuild with lego-export build --int8")
 
 
+def check_graph_io(spec: EngineSpec, path: str, inputs: list[tuple], outputs: list[tuple]) -> None:
+    """The loaded graph's (name, shape) inputs and outputs are the manifest entry's: the same names,
+    ranks and fixed sizes (dynamic dims may be None or a name). A graph that is not the engine its
+    entry describes is refused here, not inside the backend at the first call."""
+    rebuild = "rebuild the engines with lego-export build --force"
+    for kind, want, got in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
+        shapes = dict(got)
+        if set(shapes) != {t.name for t in want} or len(shapes) != len(got):
+            raise LegoError(
+                f"{path}: the graph's {kind} are {sorted(shapes)}, its manifest entry {spec.name} says "
+                f"{sorted(t.name for t in want)}; {rebuild}"
+            )
+        for t in want:
+            shape = list(shapes[t.name])
+            fixed = [(g, w) for g, w in zip(shape, t.shape, strict=False) if isinstance(w, int) and isinstance(g, int)]
+            if len(shape) != len(t.shape) or any(g != w for g, w in fixed):
+                raise LegoError(
+                    f"{path}: {t.name} has shape {shape} in the graph, {t.shape} in the manifest; {rebuild}"
+                )
+
+
 class Runner(Protocol):
     def infer(self, feeds: dict) -> dict: ...
 
@@ -158,7 +179,11 @@ class OnnxRuntimeBackend:
         formats = (INT8_FORMAT,) if self.precision == "int8" and spec.role == "brick" else self.formats
         file = spec.files[next(f for f in formats if f in spec.files)]
         model = self.manifest.read_engine_file(self.folder, file)  # load what was verified
-        return OnnxRuntimeRunner(model, self.providers, self.threads, spec.outputs, name=file.path)
+        runner = OnnxRuntimeRunner(model, self.providers, self.threads, spec.outputs, name=file.path)
+        session = runner.session
+        check_graph_io(spec, file.path, [(t.name, t.shape) for t in session.get_inputs()],
+                       [(t.name, t.shape) for t in session.get_outputs()])  # fmt: skip
+        return runner
 
 
 class OpenVinoBackend:
@@ -198,6 +223,12 @@ class OpenVinoBackend:
             config["INFERENCE_PRECISION_HINT"] = "bf16"
         try:
             model = self.core.read_model(model=self.manifest.read_engine_file(self.folder, file))
+            ports = [
+                [(p.get_any_name(), [d.get_length() if d.is_static else None for d in p.get_partial_shape()])
+                 for p in group]
+                for group in (model.inputs, model.outputs)
+            ]  # fmt: skip
+            check_graph_io(spec, file.path, *ports)
             compiled = self.core.compile_model(model, "CPU", config)
         except LegoError:
             raise
