@@ -60,7 +60,7 @@ def worker(engines: str, runtime: str, combos: list, num: int, batch: int, folde
     rows = []
     for i, (sampler, steps, skip, reuse, name) in enumerate(combos):
         start = time.perf_counter()
-        kwargs = {"skip": "late", "t_break": skip} if isinstance(skip, float) else {"skip": skip or None}
+        kwargs = {"skip": "late", "t_break": skip} if isinstance(skip, float) else {"skip": skip or "none"}
         result = pipe(num=num, steps=steps, sampler=sampler, batch=batch, reuse_residual=reuse, **kwargs)
         seconds = time.perf_counter() - start
         np.savez(folder / f"{i}.npz", images=result.images, labels=result.labels)
@@ -69,13 +69,16 @@ def worker(engines: str, runtime: str, combos: list, num: int, batch: int, folde
     (folder / "rows.json").write_text(json.dumps(rows))
 
 
-def combos_for(runtime: str, manifest: Manifest) -> list:
-    """(sampler, steps, skip, reuse, name) rows one runtime samples."""
+def combos_for(runtime: str, manifest: Manifest, headline: bool = False) -> list:
+    """(sampler, steps, skip, reuse, name) rows one runtime samples; headline: the reference and the
+    default command (first runtime) and the recommended setting only."""
     base = COMBOS if runtime == RUNTIMES[0] else OTHER_RUNTIME_COMBOS
+    if headline:
+        base = COMBOS[:2] if runtime == RUNTIMES[0] else []
     rows = [(*c, f"{c[0]} {c[1]}, t-break {c[2]:.1f}{', reuse' if c[3] else ''}") for c in base]
-    rec = manifest.recommended
-    if rec is not None:
-        rows.append((rec.sampler, rec.steps, rec.skip_policy, rec.reuse_residual, "recommended"))
+    if manifest.recommended is not None:
+        rec = manifest.recommended.options
+        rows.append((rec.sampler, rec.steps, "" if rec.skip == "none" else rec.skip, rec.reuse_residual, "recommended"))
     return rows
 
 
@@ -166,16 +169,20 @@ def write_results(rows: list[dict], out: Path, command: str, num: int, host: dic
 @click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="BACKEND:PRECISION,... in order.")
 @click.option("--out", default="benchmarks/results/frontier", show_default=True, help="Writes OUT.json, .md, .png.")
 @click.option("--replot", is_flag=True, help="Only rewrite OUT.md and OUT.png from OUT.json (no sampling).")
+@click.option("--headline", is_flag=True, help="Only the reference, the default command and the recommended rows.")
 @click.option("--worker-runtime", default=None, hidden=True)
 @click.option("--worker-folder", default=None, hidden=True)
-def main(engines: str, num: int, batch: int, runtimes: str, out: str, replot, worker_runtime, worker_folder) -> None:
+def main(
+    engines: str, num: int, batch: int, runtimes: str, out: str, replot, headline, worker_runtime, worker_folder
+) -> None:
     if replot:
         saved = json.loads(Path(f"{out}.json").read_text())
         write_results(saved["rows"], Path(out), saved["command"], saved["num"], saved["machine"])
         return
     manifest = Manifest.read(engines)
     if worker_runtime:
-        worker(engines, worker_runtime, combos_for(worker_runtime, manifest), num, batch, Path(worker_folder))
+        combos = combos_for(worker_runtime, manifest, headline)
+        worker(engines, worker_runtime, combos, num, batch, Path(worker_folder))
         return
     import torch
     from quality import features_and_logits, load_classifier, to_input
@@ -188,6 +195,7 @@ def main(engines: str, num: int, batch: int, runtimes: str, out: str, replot, wo
     for runtime in runtimes.split(","):
         with tempfile.TemporaryDirectory() as folder:
             command = [sys.executable, __file__, "--engines", engines, "--num", str(num), "--batch", str(batch)]
+            command += ["--headline"] if headline else []
             subprocess.run([*command, "--worker-runtime", runtime, "--worker-folder", folder], check=True)
             timings = json.loads((Path(folder) / "rows.json").read_text())
             classifier = load_classifier(False)
@@ -195,7 +203,7 @@ def main(engines: str, num: int, batch: int, runtimes: str, out: str, replot, wo
                 test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
                 test_feats, _ = features_and_logits(classifier, to_input(test.images))
             for i, ((sampler, steps, skip, reuse, label), timing) in enumerate(
-                zip(combos_for(runtime, manifest), timings, strict=True)
+                zip(combos_for(runtime, manifest, headline), timings, strict=True)
             ):
                 data = np.load(Path(folder) / f"{i}.npz")
                 feats, logits = features_and_logits(classifier, torch.from_numpy(data["images"]))

@@ -30,6 +30,7 @@ from common import machine, markdown_table, matmul_peak_gflops, random_feeds, ti
 from lego_export.checkpoint import load_model  # noqa: E402
 from lego_export.edm import sample  # noqa: E402
 from lego_export.flops import brick_flops_per_tile  # noqa: E402
+from lego_export.options import SamplingOptions  # noqa: E402
 from lego_export.plan import StepPlan  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 
@@ -136,9 +137,9 @@ def sample_rows(pipe: LegoPipeline, model, steps: int, batch: int) -> list[dict]
     """Whole samples (batch images, all steps), full chain and --skip-late-bricks, both backends."""
     rows = []
     onehot = torch.eye(pipe.num_classes)[torch.arange(batch) % pipe.num_classes]
-    sigmas = pipe.sigmas(steps)
-    for skip in (None, "late"):
-        plan = pipe.plan(steps, skip)
+    sigmas = pipe.edm.sigmas(steps)
+    for skip in ("none", "late"):
+        plan = pipe.plan(SamplingOptions(steps=steps, skip=skip))
         start = time.perf_counter()
         pipe(num=batch, steps=steps, batch=batch, skip=skip)
         t_ort = time.perf_counter() - start

@@ -82,16 +82,18 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     A symlink at path itself is replaced, never written through.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_once(path.parent)
-    # mkstemp opens with O_CREAT | O_EXCL (and O_NOFOLLOW where the OS has it) under a random name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP)
+    with _one_line(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(path.parent)
+        # mkstemp opens with O_CREAT | O_EXCL (and O_NOFOLLOW where the OS has it) under a random name.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _one_line(path):
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -100,15 +102,27 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
+def _one_line(path: Path) -> Iterator[None]:
+    """Any OSError while writing path becomes one line naming it (a full disk, a read-only or pseudo
+    file system, an immutable file)."""
+    try:
+        yield
+    except OSError as e:
+        raise LegoError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
 def staging_dir(target: str | Path) -> Iterator[Path]:
     """A private, empty folder beside target to write a set of files into; removed afterwards unless
     the caller moved it into place (see :func:`publish_dir`)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _clean_once(target.parent)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=_STAGING))
+    with _one_line(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(target.parent)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=_STAGING))
     try:
-        yield staging
+        with _one_line(target):
+            yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -145,6 +159,15 @@ def check_output(path: str | Path | None, option: str, folder: bool = False) -> 
         raise LegoError(f"{option} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LegoError(f"{option} {path}: cannot write in {parent} (permission denied)")
+    try:  # os.access says yes to root everywhere: try what the write will do (a pseudo or read-only file system)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".lego-probe.", suffix=_TEMP)
+        os.close(fd)
+        os.unlink(probe)
+        if path.is_file() or path.is_symlink():  # an immutable file cannot be replaced
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW))
+    except OSError as e:
+        if not (path.is_symlink() and e.errno == errno.ELOOP):  # a symlink is replaced, never written through
+            raise LegoError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager

@@ -32,6 +32,11 @@ def one_line_errors(interrupted: str = "interrupted; nothing partial was left be
                 return fn(*args, **kwargs)
             except LegoError as e:
                 raise click.ClickException(str(e)) from None
+            except OSError as e:
+                if e.filename is None:
+                    raise
+                # a path the system refused (a pseudo, read-only or full file system): one line naming it
+                raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
             except KeyboardInterrupt:
                 raise click.ClickException(interrupted) from None
             finally:

@@ -91,14 +91,6 @@ class Churn:
     s_max: float = math.inf
     s_noise: float = 1.0
 
-    def validate(self) -> None:
-        for name, option in (("s_churn", "--churn"), ("s_min", "--s-min"), ("s_noise", "--s-noise")):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise LegoError(f"{option} must be a finite number >= 0, got {value}")
-        if math.isnan(self.s_max) or self.s_max < self.s_min:
-            raise LegoError(f"--s-max must be at least --s-min ({self.s_min}), got {self.s_max}")
-
     def gamma(self, sigma: float, steps: int) -> float:
         return min(self.s_churn / steps, math.sqrt(2) - 1) if self.s_min <= sigma <= self.s_max else 0.0
 

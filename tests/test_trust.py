@@ -523,3 +523,34 @@ def test_a_manifest_missing_a_field_or_nested_too_deep_is_refused(engines, tmp_p
     else:
         edit_manifest(engines, change)
     refused(run(["--engines", engines, "--steps", 1, "--out", tmp_path / "g.png"]), message)
+
+
+# -- outputs the system refuses ---------------------------------------------------------------------
+
+
+def test_outputs_the_system_refuses_are_one_line(engines, tmp_path):
+    tiny = [str(CKPT), "--max-batch", "2"]
+    cases = [
+        (lego_run, ["--engines", engines, "--steps", 1, "--num", 1, "--out", "/proc/lego.png"]),
+        (lego_run, ["--engines", engines, "--steps", 1, "--num", 1, "--out", "/sys/lego.png"]),
+        (export_main, ["build", "--ckpt", *tiny[:1], "--out", "/proc/lego-engines", *tiny[1:]]),
+        (lego_train, ["--data", "fashion-mnist", "--out", "/proc/lego-run", "--kimg", "0.1"]),
+    ]
+    for command, args in cases:
+        result = CliRunner().invoke(command, [str(a) for a in args])
+        assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and ("/proc/" in result.output or "/sys/" in result.output)
+
+
+def test_an_immutable_output_file_is_refused_before_sampling(engines, tmp_path):
+    target = tmp_path / "g.png"
+    target.write_bytes(b"mine")
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        result = run(["--engines", engines, "--steps", 1, "--num", 1, "--out", target])
+        refused(result, f"--out {target}: cannot write there")
+        assert "sampling" not in result.output  # refused before any work
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
+    assert target.read_bytes() == b"mine"
