@@ -75,6 +75,10 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+_UMASK = os.umask(0)  # read once, at import (before any thread writes), and put back at once
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file to write; on success it replaces path whole, otherwise it is removed.
@@ -92,6 +96,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would make it: mkstemp makes 0600
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         _fsync_dir(path.parent)

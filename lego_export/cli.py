@@ -75,12 +75,19 @@ class _Progress:
 )
 @click.option(
     "--max-batch",
+    type=click.IntRange(1, 65536),
     default=64,
     show_default=True,
     help="Most images per engine call (guidance doubles a batch); a brick's N range is this times its "
     "tiles per image at the training resolution. Larger canvases are run in chunks.",
 )
-@click.option("--opt-batch", default=32, show_default=True, help="Images per call TensorRT optimises for.")
+@click.option(
+    "--opt-batch",
+    type=click.IntRange(1, 65536),
+    default=32,
+    show_default=True,
+    help="Images per call TensorRT optimises for.",
+)
 @click.option("--opset", default=17, show_default=True, help="ONNX opset (14 to 20).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
 @click.option("--no-fuse", is_flag=True, help="Do not write the ONNX Runtime-fused brick graphs (*.ort.onnx).")

@@ -82,6 +82,10 @@ def test_lego_train_writes_a_loadable_checkpoint_and_resumes(tiny_npz, tmp_path)
     assert torch.load(out / "train-state.pt", weights_only=True)["nimg"] == 320
     kimgs = [json.loads(line)["kimg"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert kimgs == sorted(set(kimgs)) and kimgs[-1] >= 0.3  # the lines past the snapshot were dropped
+    other = run_cli(
+        ["--data", str(tiny_npz), "--preset", "pr-tiny", "--kimg", "0.4", "--out", str(out), "--resume", str(out)]
+    )
+    assert other.exit_code != 0 and "the run being resumed is a pg-tiny model" in other.output
     mismatch = run_cli(["--data", str(tiny_npz), "--no-cond", "--kimg", "0.4", "--out", str(out), "--resume", str(out)])
     assert mismatch.exit_code != 0 and "the run being resumed was trained on" in mismatch.output
     assert not torch.equal(

@@ -554,3 +554,23 @@ def test_an_immutable_output_file_is_refused_before_sampling(engines, tmp_path):
     finally:
         subprocess.run(["chattr", "-i", str(target)], capture_output=True)
     assert target.read_bytes() == b"mine"
+
+
+def test_written_files_follow_the_umask_like_any_other_file(engines, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run(["--engines", engines, "--steps", 1, "--num", 1, "--out", tmp_path / "g.png",
+                    "--save-npz", tmp_path / "s.npz"]).exit_code == 0  # fmt: skip
+    finally:
+        os.umask(old)
+    for name in ("g.png", "s.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_build_batch_ranges_are_checked(tmp_path):
+    for flag in ("--opt-batch", "--max-batch"):
+        result = CliRunner().invoke(
+            export_main, ["build", "--ckpt", str(CKPT), "--out", str(tmp_path / "e"), flag, "-5"]
+        )
+        refused(result, f"Invalid value for '{flag}'")
+    assert not (tmp_path / "e").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from lego_export.cli_common import CONTEXT, one_line_errors
 from lego_export.config import preset_names
@@ -108,7 +109,8 @@ def main(**kwargs) -> None:
     Continue:      lego-train --data fashion-mnist --out runs/pg-s --resume runs/pg-s --kimg 2000
     Cool down:     lego-train ... --resume runs/pg-s --kimg 1600 --lr-decay linear
     """
-    path = train(TrainConfig(**kwargs))
+    given = click.get_current_context().get_parameter_source("preset") is not ParameterSource.DEFAULT
+    path = train(TrainConfig(**kwargs, preset_given=given))
     click.echo(f"done: {path}")
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     tick_kimg: float = 2.0
     grid_steps: int = 18
     resume: str | None = None
+    preset_given: bool = False  # --preset was on the command line (a resume refuses another preset)
 
 
 class Distributed:
@@ -238,6 +239,11 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
     if cfg.resume is not None:
         state = load_state(find_state(cfg.resume))
         model_cfg = LegoConfig.from_json(state["config"])
+        if cfg.preset_given and get_preset(cfg.preset).name != model_cfg.name:
+            raise LegoError(
+                f"--preset {cfg.preset}: the run being resumed is a {model_cfg.name} model; leave --preset out "
+                "to continue it, or start a new run in another --out"
+            )
         found = (data.images.shape[1], height, num_classes)
         expected = (model_cfg.img_channels, model_cfg.img_resolution, model_cfg.num_classes)
         if found != expected:

@@ -187,8 +187,9 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     """Export, verify and publish every engine; returns the manifest written."""
     if opts.target not in ("onnx", "tensorrt"):
         raise LegoError(f"unknown target {opts.target!r}; use onnx or tensorrt")
-    if not 1 <= opts.max_batch <= 65536:
-        raise LegoError(f"--max-batch must be between 1 and 65536, got {opts.max_batch}")
+    for name, value in (("--max-batch", opts.max_batch), ("--opt-batch", opts.opt_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+            raise LegoError(f"{name} must be between 1 and 65536, got {value!r}")
     onnx_export.check_opset(opts.opset)
     if opts.int8 and opts.fp16:
         raise LegoError(
