@@ -72,6 +72,11 @@ class LegoConfig:
         for b in bricks:
             b.validate()
         self.edm.validate()
+        for name, lo, hi in (("img_channels", 1, 64), ("img_resolution", 1, 16_384), ("num_classes", 0, 10_000),
+                             ("cond_dim", 1, 65_536)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise LegoError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
         if not isinstance(self.label_bias, bool):
             raise LegoError(f"label_bias must be true or false, got {self.label_bias!r}")
         if not 0.0 <= self.label_dropout < 1.0:

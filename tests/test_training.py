@@ -181,3 +181,40 @@ def test_lr_decay_options_are_checked(tiny_npz, tmp_path):
         result = run_cli(base + args)
         assert result.exit_code != 0 and message in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def _pngs(folder, n: int, size=(16, 16), mode="L", classes=None, prefix=""):
+    from PIL import Image
+
+    for i in range(n):
+        sub = folder / (f"c{i % classes}" if classes else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.new(mode, size, 128).save(sub / f"{prefix}{i:03d}.png")
+
+
+def test_training_data_that_cannot_train_is_refused_in_one_line(tmp_path):
+    cases = []
+    _pngs(tmp_path / "few", 63)
+    cases.append((["--data", str(tmp_path / "few"), "--no-cond"], "--batch 64 is more than the 63 images"))
+    np.savez(tmp_path / "float.npz", images=np.zeros((70, 16, 16), np.uint8), labels=np.full(70, 1.5))
+    cases.append((["--data", str(tmp_path / "float.npz")], "'labels' must be integers, got float64"))
+    np.savez(tmp_path / "five.npz", images=np.zeros((70, 16, 16, 5), np.uint8))
+    cases.append((["--data", str(tmp_path / "five.npz"), "--no-cond"], "grey (1 channel) or colour (3 channels)"))
+    np.savez(tmp_path / "empty.npz", images=np.zeros((70, 0, 0), np.uint8))
+    cases.append((["--data", str(tmp_path / "empty.npz"), "--no-cond"], "no images of a usable size"))
+    (tmp_path / "file").write_text("x")
+    cases.append((["--data", str(tmp_path / "five.npz"), "--out", str(tmp_path / "file")], "is a file"))
+    for args, message in cases:
+        out = args[args.index("--out") + 1] if "--out" in args else str(tmp_path / "run")
+        result = run_cli([*[a for a in args if a != out and a != "--out"], "--out", out, "--kimg", "0.1"])
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_folder_of_grey_and_colour_pictures_trains_in_colour(tmp_path):
+    from lego_train.data import load_dataset
+
+    _pngs(tmp_path / "mixed", 4, classes=2)
+    _pngs(tmp_path / "mixed" / "c0", 2, mode="RGB", prefix="rgb")
+    data = load_dataset(str(tmp_path / "mixed"))
+    assert data.images.shape == (6, 3, 16, 16) and data.num_classes == 2

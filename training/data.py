@@ -62,8 +62,13 @@ def load_idx_dir(folder: Path, split: str = "train") -> Dataset:
     labels = read_idx(find("labels-idx1")).astype(np.int64)
     if images.shape[1:] == (28, 28):
         images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    if len(labels) != len(images):
+        raise LegoError(f"{folder}: {len(images)} images but {len(labels)} labels")
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    return Dataset(images[:, None], labels, 10, names if labels.max() < 10 else [])
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    if classes > MAX_CLASSES:
+        raise LegoError(f"{folder}: label {classes - 1} is beyond the {MAX_CLASSES} classes this tool supports")
+    return Dataset(images[:, None], labels, classes, names if classes == 10 else [str(k) for k in range(classes)])
 
 
 MAX_CLASSES = 10_000  # a label embedding row per class: a label of 10^9 must not allocate gigabytes
@@ -78,7 +83,7 @@ def load_npz(path: Path) -> Dataset:
         raise LegoError(f"{path} has no 'images' array (found: {', '.join(archive.files) or 'nothing'})")
     try:
         images = archive["images"]
-        labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
+        labels = archive["labels"] if "labels" in archive.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise LegoError(f"{path} is damaged or truncated ({e})") from None
     if len(images) == 0:
@@ -88,6 +93,9 @@ def load_npz(path: Path) -> Dataset:
             f"{path}: 'images' must be uint8 of shape N x H x W or N x H x W x C, got {images.dtype} {images.shape}"
         )
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    if labels is not None and labels.dtype.kind not in "iu":  # 2.7 would become class 2 without a word
+        raise LegoError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+    labels = None if labels is None else labels.astype(np.int64)
     if labels is not None and (labels.shape != (len(images),) or labels.min() < 0):
         raise LegoError(f"{path}: 'labels' must be N non-negative integers")
     if labels is not None and labels.max() >= MAX_CLASSES:
@@ -109,8 +117,11 @@ def load_image_folder(folder: Path) -> Dataset:
     for p in files:
         with Image.open(p) as im:
             arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
+    if any(a.ndim == 3 for a in arrays):  # grey and colour pictures mixed: all of them in colour
+        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
     if len({a.shape for a in arrays}) != 1:
-        raise LegoError(f"{folder}: images differ in size; resize them to one size first")
+        sizes = sorted({f"{a.shape[1]}x{a.shape[0]}" for a in arrays})
+        raise LegoError(f"{folder}: images differ in size ({', '.join(sizes[:4])}); resize them to one size first")
     images = np.stack(arrays)
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
     if not labelled:
@@ -129,10 +140,20 @@ def load_dataset(spec: str) -> Dataset:
     if path.is_file():
         if path.suffix != ".npz":
             raise LegoError(f"{path}: a data file must be an .npz with an 'images' array")
-        return load_npz(path)
+        return checked(load_npz(path), path)
     if any(path.glob("*-idx3-ubyte*")):
-        return load_idx_dir(path)
-    return load_image_folder(path)
+        return checked(load_idx_dir(path), path)
+    return checked(load_image_folder(path), path)
+
+
+def checked(data: Dataset, where: Path) -> Dataset:
+    """Images a model can be trained on: some, of a real size, grey or colour."""
+    n, channels, h, w = data.images.shape
+    if n == 0 or h == 0 or w == 0:
+        raise LegoError(f"{where}: no images of a usable size (found {n} of {h}x{w})")
+    if channels not in (1, 3):
+        raise LegoError(f"{where}: images must be grey (1 channel) or colour (3 channels), got {channels}")
+    return data
 
 
 def to_model_range(images_uint8):

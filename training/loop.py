@@ -164,6 +164,7 @@ def find_state(resume: str) -> Path:
 
 def train(cfg: TrainConfig) -> Path:
     """Train a LEGO model; returns the path of the EMA checkpoint."""
+    check_output(cfg.out, "--out", folder=True)  # before the lock, which is made inside it
     device_kind = resolve_device(cfg.device, 0).type
     ddp = Distributed(device_kind)
     try:
@@ -215,6 +216,9 @@ def load_state(path: Path) -> dict:
         raise LegoError(f"{path} is not a readable training state ({first[:160]})") from None
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "nimg", "config"} <= set(state):
         raise LegoError(f"{path} is not a lego-train state (missing fields)")
+    nimg = state["nimg"]
+    if isinstance(nimg, bool) or not isinstance(nimg, int) or nimg < 0:
+        raise LegoError(f"{path}: nimg must be a count of images, got {nimg!r}")
     return state
 
 
@@ -228,6 +232,8 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
         raise LegoError(f"{out} already holds a run; pass --resume {out} to continue it, or choose another --out")
 
     data = load_dataset(cfg.data)
+    if len(data.images) < cfg.batch:
+        raise LegoError(f"--batch {cfg.batch} is more than the {len(data.images)} images in --data; lower --batch")
     height, width = data.resolution
     if height != width:
         raise LegoError(f"training images must be square for now, got {height}x{width}")
@@ -266,9 +272,13 @@ def _train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     nimg = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise LegoError(f"{cfg.resume}: the training state does not fit its own model config ({first})") from None
         nimg = int(state["nimg"])
         if ddp.main:
             trim_log(out / "log.jsonl", nimg / 1000)
