@@ -90,9 +90,8 @@ class SamplingOptions:
             if self.skip != "late":
                 raise OptionError("t_break", 'applies only when the late bricks are skipped (skip "late")')
             _number("t_break", self.t_break, 0.0, 1.0)
-        for name in ("reuse_residual",):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.reuse_residual, bool):
+            raise OptionError("reuse_residual", f"must be true or false, got {self.reuse_residual!r}")
         if self.tile_shift is not None and not isinstance(self.tile_shift, bool):
             raise OptionError("tile_shift", f"must be true, false or unset, got {self.tile_shift!r}")
         _number("guidance", self.guidance, -MAX_GUIDANCE, MAX_GUIDANCE)

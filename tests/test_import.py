@@ -369,6 +369,10 @@ def imported(tmp_path_factory):
     assert result.exit_code == 0, result.output
     built = runner.invoke(export_main, ["build", "--ckpt", str(ckpt), "--out", str(engines), "--max-batch", "8"])
     assert built.exit_code == 0, built.output
+    again = runner.invoke(export_main, ["import", str(FIXTURE / "tiny-pg.pkl"), "--out", str(ckpt)])
+    assert again.exit_code == 1 and "exists; pass --force" in again.output  # like build and train, it asks
+    forced = runner.invoke(export_main, ["import", str(FIXTURE / "tiny-pg.pkl"), "--out", str(ckpt), "--force"])
+    assert forced.exit_code == 0, forced.output
     return ckpt, engines, result.output
 
 

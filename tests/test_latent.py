@@ -56,6 +56,9 @@ def test_build_writes_a_verified_decoder_and_the_latent_space(latent_model):
     v = decoder.files["onnx"].verification
     assert v["passed"] and v["relative_error"] <= 1e-4
     assert "latent model" in CliRunner().invoke(export_main, ["inspect", str(engines)]).output
+    root = engines.parent
+    checked = CliRunner().invoke(export_main, ["verify", str(engines), "--ckpt", str(root / "latent.safetensors")])
+    assert checked.exit_code == 0 and "skip decoder: checked against its VAE" in checked.output, checked.output
 
 
 def test_lego_run_decodes_latents_to_rgb_images(latent_model, tmp_path):
