@@ -15,6 +15,7 @@ from lego_export.edm import Churn
 from lego_export.errors import LegoError
 from lego_export.jsonio import loads_strict
 from lego_export.manifest import Manifest
+from lego_export.options import FIELDS as OPTION_FIELD_NAMES
 from lego_export.options import (
     MAX_SEED,
     OptionError,
@@ -28,9 +29,9 @@ from lego_export.plan import plan
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes; anything this large is not one
 RESPONSE_FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
-OPTION_FIELDS = {"steps", "sampler", "skip", "t_break", "reuse_residual", "churn", "cfg", "tile_shift"}
-OPTION_NAMES = {"cfg": "guidance"}  # JSON field -> SamplingOptions field, where they differ
-JSON_NAMES = {"guidance": "cfg", "skip.late": "skip"}  # and back, for messages
+JSON_NAMES = {"guidance": "cfg", "skip.late": "skip"}  # SamplingOptions field -> JSON field, where they differ
+OPTION_NAMES = {"cfg": "guidance"}  # and back
+OPTION_FIELDS = {JSON_NAMES.get(name, name) for name in OPTION_FIELD_NAMES}
 REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async"}
 FIELDS = OPTION_FIELDS | REQUEST_FIELDS
 CHURN_FIELDS = set(Churn.__dataclass_fields__)
