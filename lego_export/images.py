@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,11 @@ def image_format(path: str | Path, option: str = "--out") -> str:
     if suffix not in IMAGE_FORMATS:
         raise LegoError(f"{option} {path}: write a picture as .png or .jpg (got {suffix or 'no suffix'!r})")
     return IMAGE_FORMATS[suffix]
+
+
+def run_text(record: dict) -> dict[str, str]:
+    """A PNG's text chunks saying what made it (the run record of lego-run and lego-serve)."""
+    return {"Software": "lego-export", "lego-export": json.dumps(record, sort_keys=True)}
 
 
 def save_image(pixels: np.ndarray, path: str | Path, text: dict[str, str] | None = None) -> None:

@@ -121,9 +121,9 @@ def write_outputs(
 ) -> None:
     """Write each output whole (the --out-dir set in one move), appending its name to written; every
     PNG carries the run record (what made it) as text."""
-    from lego_export.images import make_grid, save_image, to_uint8
+    from lego_export.images import make_grid, run_text, save_image, to_uint8
 
-    text = {"Software": "lego-export", "lego-export": json.dumps(record, sort_keys=True)} if record else None
+    text = run_text(record) if record else None
     if save_npz:
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
         with atomic_write(save_npz) as f:

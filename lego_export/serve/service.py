@@ -9,7 +9,6 @@ the slot and starts the next queued job.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import socket
@@ -294,12 +293,11 @@ def encode(result: SampleResult, request: ImageRequest, record: dict | None = No
         return buffer.getvalue()
     from PIL import Image, PngImagePlugin
 
-    from lego_export.images import make_grid
+    from lego_export.images import make_grid, run_text
 
     grid = make_grid(result.images, columns=min(request.columns, len(result.images)))
     info = PngImagePlugin.PngInfo()
-    if record is not None:
-        info.add_text("Software", "lego-export")
-        info.add_text("lego-export", json.dumps(record, sort_keys=True))
+    for key, value in (run_text(record) if record is not None else {}).items():
+        info.add_text(key, value)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
