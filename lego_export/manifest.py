@@ -73,6 +73,28 @@ class LatentSpace:
 
 
 @dataclass
+class Rung:
+    """One operating point of the quality ladder below the recommended setting: cheaper than the one
+    above it, at a measured cost in quality (``measured``: FID, class accuracy, brick FLOPs)."""
+
+    options: SamplingOptions
+    measured: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**_options_dict(self.options), "measured": self.measured}
+
+
+def _options_dict(o: SamplingOptions) -> dict:
+    """A setting's flat JSON form (the recommended setting and the ladder's rungs)."""
+    return {
+        "sampler": o.sampler,
+        "steps": o.steps,
+        "skip_policy": "" if o.skip == "none" else o.skip,
+        "reuse_residual": o.reuse_residual,
+    }
+
+
+@dataclass
 class Recommended:
     """The sampling options `lego-export tune` chose for this model, and what it measured choosing them.
 
@@ -84,20 +106,21 @@ class Recommended:
     options: SamplingOptions
     checkpoint_sha256: str  # the weights it was tuned on
     measured: dict = field(default_factory=dict)
+    ladder: list[Rung] = field(default_factory=list)  # cheaper settings for a server under load, cheapest last
 
     def describe(self) -> str:
         return self.options.describe()
 
+    @property
+    def rungs(self) -> list[SamplingOptions]:
+        """The ladder from the top: rung 0 is the recommended setting itself."""
+        return [self.options, *(r.options for r in self.ladder)]
+
     def to_dict(self) -> dict:
-        o = self.options
-        return {
-            "sampler": o.sampler,
-            "steps": o.steps,
-            "skip_policy": "" if o.skip == "none" else o.skip,
-            "reuse_residual": o.reuse_residual,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "measured": self.measured,
-        }
+        d = {**_options_dict(self.options), "checkpoint_sha256": self.checkpoint_sha256, "measured": self.measured}
+        if self.ladder:
+            d["ladder"] = [r.to_dict() for r in self.ladder]
+        return d
 
 
 @dataclass
@@ -396,9 +419,24 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent, recommended, names)
 
 
+_SETTING_FIELDS = {"sampler", "steps", "skip_policy", "reuse_residual", "measured"}
+MAX_RUNGS = 16
+
+
 def parse_recommended(value, where: str) -> Recommended:
     """A Recommended from its JSON form (a manifest's section, or the file `lego-export tune --save` wrote)."""
-    r = _obj(value, where, {"sampler", "steps", "skip_policy", "reuse_residual", "checkpoint_sha256", "measured"})
+    r = _obj(value, where, _SETTING_FIELDS | {"checkpoint_sha256", "ladder"}, _SETTING_FIELDS | {"checkpoint_sha256"})
+    sha = _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256)
+    ladder = r.get("ladder", [])
+    if not isinstance(ladder, list) or len(ladder) > MAX_RUNGS:
+        raise LegoError(f"{where}.ladder: expected a list of at most {MAX_RUNGS} settings")
+    rungs = [_rung(v, f"{where}.ladder[{i}]") for i, v in enumerate(ladder)]
+    top = _rung(r, where, frozenset({"checkpoint_sha256", "ladder"}))
+    return Recommended(top.options, sha, top.measured, rungs)
+
+
+def _rung(value, where: str, also: frozenset = frozenset()) -> Rung:
+    r = _obj(value, where, _SETTING_FIELDS | also, _SETTING_FIELDS)
     _finite_tree(_obj(r["measured"], f"{where}.measured"), f"{where}.measured")
     if not isinstance(r["reuse_residual"], bool):
         raise LegoError(f"{where}.reuse_residual: expected true or false, got {r['reuse_residual']!r}")
@@ -410,5 +448,4 @@ def parse_recommended(value, where: str) -> Recommended:
         skip=r["skip_policy"] or "none",
         reuse_residual=r["reuse_residual"],
     )
-    sha = _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256)
-    return Recommended(options, sha, dict(r["measured"]))
+    return Rung(options, dict(r["measured"]))

@@ -158,6 +158,26 @@ def make_plan(
     return plans
 
 
+def engine_work(
+    options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], num: int, seed: int = 0
+) -> list[dict[str, int]]:
+    """Rows each engine is called with, per denoiser evaluation of one run of num images: the
+    embedder once per image (twice with guidance: the null-label half), brick k once per tile of
+    its size, for the bricks the plan runs. What a run costs follows from this and each engine's
+    time per call (the server's cost model); a latent model's decoder is not included."""
+    steps = plan(options, model, canvas, seed)
+    h, w = canvas
+    rows = num * (2 if options.guidance != 1.0 and model.num_classes else 1)
+    tiles = [rows * (h // b.size) * (w // b.size) for b in model.bricks]
+    work = []
+    for i, step in enumerate(steps):
+        # Heun corrects every step but the last, with a second evaluation under the same plan.
+        evaluations = 2 if options.sampler == "heun" and i < len(steps) - 1 else 1
+        calls = {"embedder": rows, **{f"brick{k}": tiles[k] for k in range(step.bricks)}}
+        work += [calls] * evaluations
+    return work
+
+
 def flop_fraction_saved(plans: list[StepPlan], brick_flops: list[float]) -> float:
     """Fraction of brick FLOPs a plan skips relative to running every brick at every step."""
     full = len(plans) * sum(brick_flops)

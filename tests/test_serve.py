@@ -141,13 +141,17 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
+TERMINAL = ("done", "failed", "cancelled", "expired")
+
+
 def finished(http, job_id: str, timeout: float = 60.0):
-    """GET a job until it has ended (anything but a 200 JSON status); the final response."""
+    """GET a job's status until it has ended; then its result (the image, or its error)."""
     deadline = time.monotonic() + timeout
     while True:
         r = http.get(f"/v1/jobs/{job_id}")
-        if r.status_code != 200 or r.headers["content-type"] != "application/json":
-            return r
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+        if r.json()["status"] in TERMINAL:
+            return http.get(f"/v1/jobs/{job_id}/result")
         assert time.monotonic() < deadline, f"job {job_id} still {r.json()['status']}"
         time.sleep(0.02)
 
@@ -195,7 +199,7 @@ MIXED = [
 
 def test_every_request_gets_its_offline_images_whatever_else_is_in_flight(roomy_engines):
     # A slower engine keeps the requests overlapping, so ticks mix steps, canvases, plans and guidance.
-    service, backend = make_service(lambda engine, feeds: time.sleep(0.01), roomy_engines)
+    service, backend = make_service(lambda engine, feeds: time.sleep(0.01), roomy_engines, order="merge")
     results: dict[int, np.ndarray] = {}
 
     def client(i: int, body: dict, http) -> None:
@@ -381,7 +385,8 @@ def test_cancelling_a_running_job_frees_its_slot():
         wait_for(lambda: http.get("/healthz").json()["in_flight"] == 1, what="the long job running")
         short = http.post("/v1/images", json={"steps": 2, "async": True}).json()["id"]
         assert http.get(f"/v1/jobs/{short}").json()["status"] == "queued"
-        assert http.delete(f"/v1/jobs/{long}").json()["status"] in ("cancelling", "cancelled")
+        assert http.delete(f"/v1/jobs/{long}").json()["status"] == "cancelled"
+        assert http.get(f"/v1/jobs/{long}").json()["status"] == "cancelled"  # from that moment on
         start = time.monotonic()
         assert finished(http, short, 15).headers["content-type"] == "image/png"
         assert time.monotonic() - start < 10
@@ -412,7 +417,7 @@ def test_a_failing_engine_call_fails_only_the_request_it_served():
             raised.append(len(feeds["class_onehot"]))
             raise RuntimeError("simulated engine fault on class 9")
 
-    service, _ = make_service(hook, max_active=3)
+    service, _ = make_service(hook, max_active=3, order="merge")
     with running(service) as http:
         first = http.post("/v1/images", json={"steps": 3, "class": 0, "async": True, "format": "npz"}).json()["id"]
         wait_for(held.is_set, what="the first call to be held")
@@ -553,7 +558,8 @@ def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
     body = {"steps": 4, "num": 2, "class": 5, "format": "npz", "seed": 3}
     port = free_port()
     # every lego-serve setting away from its default, to be read back inside the replicas
-    settings = dict(backend="onnxruntime", threads=1, max_batch_tiles=7, max_active=3, align=False)
+    settings = dict(backend="onnxruntime", threads=1, max_batch_tiles=7, max_active=3, order="merge", align=False)
+    settings.update(slo="600s")
     settings.update(calibrate=False, max_queue=5, max_resolution=32, max_steps=300, max_images=40)
     with ray_app.local_deployment(str(TINY), port=port, cluster_cpus=2, min_replicas=2, max_replicas=2,
                                   **settings) as url:  # fmt: skip

@@ -1,10 +1,12 @@
 """The HTTP API of lego-serve (FastAPI), over one :class:`ImageService`.
 
-    POST   /v1/images      JSON request -> PNG grid or npz bytes; {"async": true} -> 202 and a job id
-    GET    /v1/jobs/{id}   status while queued or running, then the result
-    DELETE /v1/jobs/{id}   cancel (frees the slot)
-    GET    /healthz        liveness and load
-    GET    /metrics        Prometheus text
+    POST   /v1/images              JSON request -> PNG grid or npz bytes; {"async": true} -> 202 and the job
+    GET    /v1/jobs/{id}           the job as JSON, always: status, queue position, progress, what runs
+    GET    /v1/jobs/{id}/result    its image bytes once done (409 before; its error after a failure)
+    GET    /v1/jobs/{id}/events    server-sent events: the job's JSON at every step, until it ends
+    DELETE /v1/jobs/{id}           cancel (frees the slot)
+    GET    /healthz                liveness and load
+    GET    /metrics                Prometheus text
 
 Every error is one line of JSON, ``{"error": "..."}``, with a 4xx or 5xx status.
 """
@@ -17,17 +19,20 @@ import json
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lego_export.serve.service import CANCELLED, DONE, FAILED, ImageService, Job, ServiceUnavailable
+from lego_export.serve.service import CANCELLED, DONE, EXPIRED, FAILED, ImageService, Job, ServiceUnavailable
 from lego_export.serve.validation import MAX_BODY_BYTES, RequestError, parse_body
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
+EVENTS_POLL_S = 0.05  # how often an event stream looks for progress
+MAX_EVENTS_S = 3600.0  # an event stream ends after this long whatever the job does
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def create_app(
@@ -64,10 +69,13 @@ def create_app(
             body = await read_body(request)
             req = svc.parse(parse_body(body))
             job = svc.submit(req)
-        except (RequestError, ServiceUnavailable) as e:
+        except RequestError as e:
             return error(e.status, e.message)
+        except ServiceUnavailable as e:
+            return error(e.status, e.message, e.retry_after)
         if req.is_async:
-            return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+            info = job.describe(svc.position(job))
+            return JSONResponse(info, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
         try:
             await wait_or_disconnect(job, request)
         finally:
@@ -76,14 +84,30 @@ def create_app(
             svc.forget(job)
         return job_response(job)
 
+    def find(job_id: str) -> Job | JSONResponse:
+        job = current().get(job_id)
+        return job if job is not None else error(404, f"no job {job_id!r} (unknown, or its result has expired)")
+
     @app.get("/v1/jobs/{job_id}")
     async def job_status(job_id: str) -> Response:
-        job = current().get(job_id)
-        if job is None:
-            return error(404, f"no job {job_id!r} (unknown, or its result has expired)")
+        job = find(job_id)
+        return job if isinstance(job, Response) else JSONResponse(job.describe(current().position(job)))
+
+    @app.get("/v1/jobs/{job_id}/result")
+    async def job_result(job_id: str) -> Response:
+        job = find(job_id)
+        if isinstance(job, Response):
+            return job
         if not job.terminal:
-            return JSONResponse(job.describe())
+            return error(409, f"job {job_id} is {job.state}, not done: GET /v1/jobs/{job_id} for its progress")
         return job_response(job)
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str) -> Response:
+        job = find(job_id)
+        if isinstance(job, Response):
+            return job
+        return StreamingResponse(events(current(), job), media_type="text/event-stream")
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str) -> Response:
@@ -95,7 +119,7 @@ def create_app(
             svc.cancel(job, "cancelled by the client")
         else:
             svc.forget(job)  # a finished job's result is dropped
-        return JSONResponse({"id": job.id, "status": job.state if job.terminal else "cancelling"})
+        return JSONResponse({"id": job.id, "status": job.state})
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -140,13 +164,29 @@ async def wait_or_disconnect(job: Job, request: Request) -> None:
             return
 
 
+async def events(svc: ImageService, job: Job):
+    """Server-sent events: the job's JSON whenever its status, queue position or progress changes,
+    the last one when it ends."""
+    last, loop = None, asyncio.get_running_loop()
+    deadline = loop.time() + MAX_EVENTS_S
+    while loop.time() < deadline:
+        info = job.describe(svc.position(job))
+        info.pop("deadline_in_s", None)  # changes all the time; not an event
+        if info != last:
+            yield f"event: {job.state}\ndata: {json.dumps(info, sort_keys=True)}\n\n"
+            last = info
+        if job.terminal:
+            return
+        await asyncio.sleep(EVENTS_POLL_S)
+
+
 def job_response(job: Job) -> Response:
     """A finished job as HTTP: its bytes, or its error."""
     if job.state == DONE:
         headers = {"X-Lego-Run": json.dumps(job.run, sort_keys=True)} if job.run else None
         return Response(job.body, media_type=job.request.media_type, headers=headers)
-    if job.state == FAILED:
-        return JSONResponse({"error": job.error, "id": job.id, "status": FAILED}, status_code=job.status)
+    if job.state in (FAILED, EXPIRED):
+        return JSONResponse({"error": job.error, "id": job.id, "status": job.state}, status_code=job.status)
     # Cancelled: by the server at shutdown (503, worth retrying elsewhere) or by a client (410).
     status = 503 if job.status == 503 else 410
     return JSONResponse({"error": job.error or "cancelled", "id": job.id, "status": CANCELLED}, status_code=status)

@@ -12,12 +12,23 @@ and guidance halves fit one call), runs the real engine in chunks within its N r
 each request its rows. Requests join and leave between ticks. Engine outputs do not depend on what
 else is in the batch (each tile is computed on its own), so every request gets the images it would
 get offline.
+
+Which calls a tick runs is the batcher's order:
+  - ``slack`` (the default): the call of the most urgent request, least slack first (its deadline,
+    less now, less its predicted remaining work; cost.py), higher priority before lower. Calls of
+    other requests join it only where one merged call is measurably cheaper than separate ones
+    (on a CPU a tile costs about the same in any batch, so merging mostly makes short requests wait
+    on long ones). A request whose expiring deadline has passed fails with RequestExpired at its
+    next call instead of taking the engines.
+  - ``merge``: every request's calls merged, the earliest engine of the chain first (``align``), so
+    that requests fall into step and later engines see them all in one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections import defaultdict
@@ -28,6 +39,7 @@ from lego_export.manifest import EngineSpec, Manifest
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
 from lego_export.serve.calibrate import best_chunk
+from lego_export.serve.cost import CostModel
 
 # A request hands its whole evaluation to the batcher at once (its pipeline calls engines with any
 # N); the batcher cuts merged calls to the real engine's range.
@@ -38,6 +50,10 @@ class RequestCancelled(Exception):
     """Raised in a request's thread when the request was cancelled (by its client or at shutdown)."""
 
 
+class RequestExpired(Exception):
+    """Raised in a request's thread when its deadline passed before it finished."""
+
+
 class EngineFailed(Exception):
     """An engine raised while running a call that held this request's tiles."""
 
@@ -46,11 +62,15 @@ class EngineFailed(Exception):
         self.engine = engine
 
 
+ORDERS = ("slack", "merge")
+
+
 @dataclass
 class BatcherConfig:
     max_batch_tiles: int = 0  # cap on N per engine call; 0: each engine's manifest maximum
     calibrate: bool = False  # measure each engine's fastest N per row at startup and cut calls to it
-    align: bool = True  # run the earliest engine of the chain first, so requests fall into step
+    order: str = "slack"  # which calls a tick runs (ORDERS, see the module docstring)
+    align: bool = True  # merge order: run the earliest engine of the chain first, so requests fall into step
     max_wait_ticks: int = 0  # with align: a call waits at most this many ticks (0: engines in the chain)
 
 
@@ -91,13 +111,35 @@ def tile_bucket(n: int) -> int:
 
 
 class Slot:
-    """One in-flight request's place in the batcher."""
+    """One in-flight request's place in the batcher, and what orders it against the others."""
 
-    def __init__(self, number: int):
+    def __init__(
+        self,
+        number: int,
+        *,
+        work_s: float = 0.0,
+        deadline: float | None = None,
+        expires: bool = False,
+        priority: int = 0,
+    ):
         self.number = number
         self.cancelled = False
+        self.expired = False
         self.blocked = False  # waiting on an engine call
         self.call: EngineCall | None = None
+        self.work_s = work_s  # predicted seconds of the whole request (cost.py); 0: unknown
+        self.done_s = 0.0  # predicted seconds of the calls it has had
+        self.deadline = math.inf if deadline is None else deadline  # time.monotonic() by which to finish
+        self.expires = expires  # the deadline is the client's (it expires), not only an ordering aid
+        self.priority = priority
+
+    @property
+    def remaining_s(self) -> float:
+        return max(0.0, self.work_s - self.done_s)
+
+    def urgency(self, now: float) -> tuple:
+        """Sort key, most urgent first: higher priority, then least slack, then arrival."""
+        return (-self.priority, self.deadline - now - self.remaining_s, self.number)
 
 
 @dataclass(eq=False)  # calls are compared by identity: their feeds are arrays
@@ -143,6 +185,9 @@ class CallBatcher:
                 runner.max_rows, self.calibration[spec.name] = best_chunk(
                     runner, spec, self.limits[spec.name], runner.arrays
                 )
+        # Prices engine calls for the slack order and the service's predictions (None: uncalibrated,
+        # then requests are taken in arrival order and calls are never merged in the slack order).
+        self.cost = CostModel.from_calibration(self.calibration, self.chunks) if self.calibration else None
         # Chain order: embedder, bricks, then a latent model's decoder.
         chain = [manifest.embedder, *manifest.bricks] + [e for e in manifest.engines if e.role == "decoder"]
         self._order = {spec.name: i for i, spec in enumerate(chain)}
@@ -171,12 +216,13 @@ class CallBatcher:
 
     # -- requests' side ---------------------------------------------------------------------------
 
-    def join(self) -> Slot:
-        """A slot for a new request; it counts as running until it submits its first call."""
+    def join(self, **order) -> Slot:
+        """A slot for a new request (order: Slot's keywords); it counts as running until it submits
+        its first call."""
         with self._cond:
             if self._closing:
                 raise RequestCancelled("the batcher is shutting down")
-            slot = Slot(next(self._numbers))
+            slot = Slot(next(self._numbers), **order)
             self._active.add(slot)
             self._running += 1
             self.stats.requests_joined += 1
@@ -204,10 +250,21 @@ class CallBatcher:
                 self._pending.remove(call)
                 self._finish_locked(call, None, RequestCancelled("cancelled"))
 
+    def expire(self, slot: Slot) -> None:
+        """End a request whose deadline passed: its pending call fails with RequestExpired at once."""
+        with self._cond:
+            slot.expired = True
+            call = slot.call
+            if call is not None and call in self._pending:
+                self._pending.remove(call)
+                self._finish_locked(call, None, RequestExpired("deadline passed"))
+
     def submit(self, slot: Slot, engine: str, feeds: dict) -> dict:
         """Queue one engine call and block until the tick that ran it hands back its rows."""
         call = EngineCall(engine, feeds, int(next(iter(feeds.values())).shape[0]), slot)
         with self._cond:
+            if slot.expired:
+                raise RequestExpired("deadline passed")
             if slot.cancelled:
                 raise RequestCancelled("cancelled")
             slot.call, slot.blocked = call, True
@@ -217,6 +274,8 @@ class CallBatcher:
         call.done.wait()
         if call.error is not None:
             raise call.error
+        if slot.expired:
+            raise RequestExpired("deadline passed")
         if slot.cancelled:  # cancelled while its call ran: drop the result
             raise RequestCancelled("cancelled")
         return call.outputs
@@ -259,12 +318,38 @@ class CallBatcher:
                     return
                 groups = self._choose(self._pending)
                 chosen = {id(c) for group in groups for c in group}
-                self._pending = [c for c in self._pending if id(c) not in chosen]
+                self._pending = [c for c in self._pending if id(c) not in chosen and not c.done.is_set()]
                 for call in self._pending:
                     call.waited += 1
             self._tick(groups)
 
     def _choose(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
+        return self._most_urgent(calls) if self.config.order == "slack" else self._aligned(calls)
+
+    def _most_urgent(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
+        """The most urgent request's call, with the calls that are cheaper merged into it than run
+        apart (same engine and row shapes, within the engine's limit); expired requests' calls end."""
+        now = time.monotonic()
+        live = []
+        for call in calls:
+            if call.slot.expires and call.slot.deadline < now:
+                call.slot.expired = True
+                self._finish_locked(call, None, RequestExpired("deadline passed"))
+            else:
+                live.append(call)
+        if not live:
+            return []
+        live.sort(key=lambda c: c.slot.urgency(now))
+        group, rows = [live[0]], live[0].n
+        if self.cost is not None:
+            for call in live[1:]:
+                fits = rows + call.n <= self.limits[call.engine]
+                if call.key == group[0].key and fits and self.cost.merge_pays(call.engine, rows, call.n):
+                    group.append(call)
+                    rows += call.n
+        return [group]
+
+    def _aligned(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
         """The groups this tick runs: the engine earliest in the chain, and any call kept waiting
         for max_wait_ticks. Requests ahead in the chain wait for those behind, so the requests
         in flight fall into step and later engines see them all in one call; the age limit keeps a
@@ -330,6 +415,12 @@ class CallBatcher:
     def _finish_locked(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
         call.outputs, call.error = outputs, error
         slot = call.slot
+        if self.cost is not None and outputs is not None:
+            slot.done_s += (
+                self.cost.evaluation_seconds({call.engine: call.n})
+                if call.engine == "embedder"
+                else (self.cost.call_seconds(call.engine, call.n))
+            )
         if slot.blocked and slot.call is call:
             slot.blocked, slot.call = False, None
             if slot in self._active:

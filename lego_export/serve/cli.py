@@ -17,6 +17,7 @@ from lego_export.cli_common import CONTEXT
 from lego_export.errors import LegoError
 from lego_export.options import MAX_IMAGES, MAX_SIDE, MAX_STEPS
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
+from lego_export.serve.batcher import ORDERS
 from lego_export.serve.validation import Limits
 
 # The server's numeric settings and their ranges, checked once here for lego-serve's flags and for
@@ -71,11 +72,28 @@ def _range(name: str) -> click.IntRange:
     help="Requests sampling at once; their tiles share engine calls.",
 )
 @click.option(
+    "--order",
+    type=click.Choice(ORDERS),
+    default="slack",
+    show_default=True,
+    help="Which engine calls run first. slack: the most urgent request's (least slack to its deadline, "
+    "less its predicted remaining work), merged with others only where that is measurably cheaper; "
+    "merge: every request's calls merged into one call per engine.",
+)
+@click.option(
+    "--slo",
+    default="none",
+    show_default=True,
+    help='Deadline of a request that gives no deadline_s: seconds ("30s") or a multiple of its own predicted '
+    'time alone ("5x"). Requests that cannot meet theirs are refused (429) or, unless they ask for '
+    '"quality": "exact", run at a cheaper rung of the model\'s quality ladder; late ones end as expired.',
+)
+@click.option(
     "--align/--no-align",
     default=True,
     show_default=True,
-    help="Each tick, run the earliest engine of the chain that has work, so that requests fall into step "
-    "and later engines see them all in one call (--no-align: every engine with work, every tick).",
+    help="With --order merge: each tick, run the earliest engine of the chain that has work, so that requests "
+    "fall into step and later engines see them all in one call (--no-align: every engine with work, every tick).",
 )
 @click.option(
     "--calibrate/--no-calibrate",
@@ -141,6 +159,8 @@ def make_config(
     threads: int = 0,
     max_batch_tiles: int = 0,
     max_active: int = 16,
+    order: str = "slack",
+    slo: str = "none",
     align: bool = True,
     calibrate: bool = True,
     max_queue: int = 64,
@@ -161,6 +181,11 @@ def make_config(
         raise LegoError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision not in COMPUTE_PRECISIONS:
         raise LegoError(f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {precision!r}")
+    if order not in ORDERS:
+        raise LegoError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    from lego_export.serve.service import parse_slo
+
+    parse_slo(slo)
     return ServeConfig(
         engines=engines,
         backend=backend,
@@ -168,6 +193,8 @@ def make_config(
         threads=threads,
         max_batch_tiles=max_batch_tiles,
         max_active=max_active,
+        order=order,
+        slo=slo,
         align=align,
         calibrate=calibrate,
         max_queue=max_queue,

@@ -50,7 +50,8 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.requests: dict[str, int] = {}  # by outcome: ok, failed, cancelled, rejected, invalid
+        self.requests: dict[str, int] = {}  # by outcome: ok, failed, cancelled, expired, refused, rejected, invalid
+        self.rungs: dict[str, int] = {}  # requests started, by the ladder rung they ran ("asked": their own options)
         self.images = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self._recent: deque[tuple[float, int]] = deque()  # (finish time, images) in the rate window
@@ -58,6 +59,11 @@ class ServiceMetrics:
     def count(self, outcome: str) -> None:
         with self._lock:
             self.requests[outcome] = self.requests.get(outcome, 0) + 1
+
+    def count_rung(self, rung: int | None) -> None:
+        with self._lock:
+            key = "asked" if rung is None else str(rung)
+            self.rungs[key] = self.rungs.get(key, 0) + 1
 
     def finished(self, images: int, seconds: float) -> None:
         """A request served: its images and its latency from arrival to result."""
@@ -96,6 +102,7 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
     )
     with metrics._lock:
         outcomes = dict(metrics.requests)
+        rungs = dict(metrics.rungs)
         images, latency = metrics.images, metrics.latency
         latency_lines = latency.lines("lego_serve_request_latency_seconds")
     metric(
@@ -103,6 +110,12 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
         "counter",
         "Requests by outcome.",
         [f'lego_serve_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(outcomes.items())],
+    )
+    metric(
+        "lego_serve_requests_by_rung_total",
+        "counter",
+        'Requests started, by the quality-ladder rung they ran ("asked": their own options).',
+        [f'lego_serve_requests_by_rung_total{{rung="{k}"}} {v}' for k, v in sorted(rungs.items())],
     )
     metric("lego_serve_images_total", "counter", "Images returned.", [f"lego_serve_images_total {images}"])
     metric(

@@ -39,6 +39,8 @@ class RayOptions:
     threads: int = 0  # engine threads per replica; 0: the replica's num_cpus
     max_batch_tiles: int = 0
     max_active: int = 16
+    order: str = "slack"
+    slo: str = "none"
     align: bool = True
     calibrate: bool = True
     max_queue: int = 64
@@ -162,13 +164,23 @@ def _record(job: Job) -> dict:
         "error": job.error,
         "status": job.status,
         "format": job.request.format,
+        "info": job.describe(),
     }
 
 
+class RemoteJob(Job):
+    """A read-only view of a job that another replica owns: its JSON as that replica last wrote it."""
+
+    info: dict
+
+    def describe(self, position: int | None = None) -> dict:
+        return self.info
+
+
 def _remote_job(job_id: str, record: dict) -> Job:
-    """A read-only view of a job that another replica owns."""
-    job = Job(job_id, ImageRequest(format=record["format"], is_async=True))
+    job = RemoteJob(job_id, ImageRequest(format=record["format"], is_async=True))
     job.state, job.body, job.error, job.status = record["state"], record["body"], record["error"], record["status"]
+    job.info = record["info"]
     return job
 
 

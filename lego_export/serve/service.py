@@ -2,14 +2,24 @@
 
 A job waits in a bounded queue until one of ``max_active`` slots is free, then samples in its own
 thread through the batcher, and its images are encoded (PNG grid or npz) outside the batcher
-so that encoding never holds up a tick. Every way out (done, failed, cancelled, shut down) frees
-the slot and starts the next queued job.
+so that encoding never holds up a tick. Every way out (done, failed, cancelled, expired, shut down)
+frees the slot and starts the next queued job.
+
+Deadlines. A request's work is priced when it arrives (cost.py over plan.engine_work). Its deadline
+is its ``deadline_s`` or the server's ``--slo`` (seconds, or a multiple of its own predicted time
+alone). Admission simulates the live jobs in the order the batcher will run them (least slack
+first) and takes the most expensive way of running the request that finishes in time without
+making an admitted job late: the request's own options, else the rungs of the model's quality
+ladder below them (unless the request pins ``"quality": "exact"``). When none does, the request is
+refused at once (429 with Retry-After). A job whose deadline passes before it finishes ends as
+``expired``, never as a late success.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import socket
 import threading
@@ -17,16 +27,26 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from lego_export.errors import LegoError
 from lego_export.manifest import Manifest
+from lego_export.options import SamplingOptions
+from lego_export.plan import engine_work
 from lego_export.runtime.backends import make_backend
 from lego_export.runtime.pipeline import SampleResult, files_precision
-from lego_export.serve.batcher import BatcherConfig, CallBatcher, EngineFailed, RequestCancelled, Slot
+from lego_export.serve.batcher import (
+    BatcherConfig,
+    CallBatcher,
+    EngineFailed,
+    RequestCancelled,
+    RequestExpired,
+    Slot,
+)
+from lego_export.serve.cost import CostModel
 from lego_export.serve.metrics import ServiceMetrics, render
 from lego_export.serve.validation import ImageRequest, Limits, RequestError, parse_image_request
 
@@ -43,7 +63,9 @@ class ServeConfig:
     threads: int = 0  # ONNX Runtime / OpenVINO threads; 0: all cores
     max_batch_tiles: int = 0  # cap on tiles per engine call; 0: the manifest's N range
     max_active: int = 16  # requests sampling at once (their tiles share engine calls)
-    align: bool = True  # batcher: earliest engine of the chain first, so requests fall into step
+    order: str = "slack"  # batcher: which calls run first (batcher.ORDERS)
+    slo: str = "none"  # deadline of a request without deadline_s: "none", "30s", or "5x" its predicted time
+    align: bool = True  # batcher, merge order: earliest engine of the chain first, so requests fall into step
     calibrate: bool = True  # batcher: cut calls at each engine's fastest N per row, measured at startup
     max_queue: int = 64  # requests waiting for a slot; beyond that: 429
     limits: Limits = field(default_factory=Limits)
@@ -51,18 +73,46 @@ class ServeConfig:
     job_ttl_s: float = 600.0  # and for at most this long
 
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done", "failed", "cancelled", "expired"
+TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
+ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
+EXPIRED_STATUS = 504
+
+
+def parse_slo(text: str) -> tuple[str, float] | None:
+    """--slo: "none", "N" or "Ns" (seconds), or "Nx" (N times the request's predicted time alone)."""
+    value = str(text).strip().lower()
+    if value in ("", "none"):
+        return None
+    unit = "x" if value.endswith("x") else "s"
+    try:
+        number = float(value.rstrip("xs"))
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and 0 < number <= 86_400 and (unit == "s" or number >= 1)):
+        raise LegoError(f'slo must be "none", seconds ("30s") or a multiple of at least 1 ("5x"), got {text!r}')
+    return unit, number
 
 
 class ServiceUnavailable(Exception):
-    """The request was not admitted: queue full (429) or shutting down (503)."""
+    """The request was not admitted: queue full or no way to meet its deadline (429), or shutting
+    down (503). retry_after: seconds, for the Retry-After header."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
-@dataclass
+@dataclass(frozen=True)
+class Choice:
+    """One way to run a request: its own options (rung None) or a rung of the ladder, and its price."""
+
+    options: SamplingOptions
+    rung: int | None = None
+    predicted_s: float = 0.0  # alone on the machine; 0 without a cost model
+
+
+@dataclass(eq=False)
 class Job:
     id: str
     request: ImageRequest
@@ -75,13 +125,40 @@ class Job:
     finished: float | None = None
     future: Future = field(default_factory=Future)  # resolves to the job itself when it ends
     run: dict | None = None  # what makes its images (ImageService.run_record)
+    choices: list[Choice] = field(default_factory=list)  # most expensive first; [0]: as asked
+    choice: Choice | None = None  # what it runs
+    deadline: float | None = None  # time.monotonic() by which it must finish (None: no deadline)
+    order_by: float = math.inf  # the deadline the order uses (a job without one still ages)
+    steps_done: int = 0
 
     @property
     def terminal(self) -> bool:
-        return self.state in (DONE, FAILED, CANCELLED)
+        return self.state in TERMINAL
 
-    def describe(self) -> dict:
+    @property
+    def remaining_s(self) -> float:
+        if self.slot is not None:
+            return self.slot.remaining_s
+        return self.choice.predicted_s if self.choice is not None else 0.0
+
+    def urgency(self, now: float) -> tuple:
+        """The batcher's order (Slot.urgency), for jobs still queued too."""
+        return (-self.request.priority, self.order_by - now - self.remaining_s, self.created)
+
+    def describe(self, position: int | None = None) -> dict:
+        """The job's JSON: status, queue position, progress, what runs and where the result is."""
         info = {"id": self.id, "status": self.state, **self.request.describe()}
+        if position is not None:
+            info["queue_position"] = position
+        if self.choice is not None:
+            info["progress"] = {"steps_done": self.steps_done, "steps": self.choice.options.steps}
+            info["predicted_s"] = round(self.choice.predicted_s, 4)
+        if self.deadline is not None:
+            info["deadline_in_s"] = round(self.deadline - time.monotonic(), 4)
+        if self.run is not None:
+            info["run"] = self.run
+        if self.state == DONE:
+            info["result"] = f"/v1/jobs/{self.id}/result"
         if self.error:
             info["error"] = self.error
         return info
@@ -102,11 +179,22 @@ class ImageService:
         self.backend_name = getattr(backend, "name", type(backend).__name__)
         self.precision = getattr(backend, "precision", "fp32")
         self.files_precision = files_precision(self.manifest, self.backend_name, self.precision)
+        self.slo = parse_slo(config.slo)
         self.batcher = CallBatcher(
             self.manifest,
             backend,
-            BatcherConfig(max_batch_tiles=config.max_batch_tiles, calibrate=config.calibrate, align=config.align),
+            BatcherConfig(
+                max_batch_tiles=config.max_batch_tiles,
+                calibrate=config.calibrate,
+                order=config.order,
+                align=config.align,
+            ),
         )
+        self.cost: CostModel | None = None
+        if self.batcher.cost is not None:
+            self.cost = self.batcher.cost = self._fit_cost(self.batcher.cost)
+        recommended = self.manifest.recommended
+        self.ladder = recommended.rungs if recommended is not None else []
         self.metrics = ServiceMetrics()
         self._lock = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -115,6 +203,24 @@ class ImageService:
         self._accepting = True
         self.closed = False
         self.instance = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (replicas)
+        self._reaper = threading.Thread(target=self._expire_loop, name="lego-deadlines", daemon=True)
+        self._reaper.start()
+
+    def _fit_cost(self, cost: CostModel) -> CostModel:
+        """The host terms of the cost model, from two short runs of the model's default setting
+        (one image and four, at the training size) through the batcher, alone."""
+        options = self.manifest.recommended.options if self.manifest.recommended else SamplingOptions(steps=4)
+        canvas = (self.manifest.model.img_resolution,) * 2
+        runs = []
+        for num in (1, 1, 4, 4):  # each size twice: the first run warms up
+            slot = self.batcher.join()
+            try:
+                start = time.perf_counter()
+                self.batcher.pipeline(slot)(options, num=num, batch=num, seed=0)
+                runs.append((engine_work(options, self.manifest.model, canvas, num), time.perf_counter() - start))
+            finally:
+                self.batcher.leave(slot)
+        return cost.fit_host(runs[1::2])
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -127,20 +233,99 @@ class ImageService:
             raise
 
     def submit(self, request: ImageRequest) -> Job:
-        """Queue a validated request; ServiceUnavailable when the queue is full or the server stops."""
+        """Queue a validated request; ServiceUnavailable when the queue is full, its deadline cannot
+        be met, or the server stops."""
+        job = Job(uuid.uuid4().hex, request, choices=self.choices(request))
+        own = job.choices[0].predicted_s
         with self._lock:
             if not self._accepting:
                 self.metrics.count("rejected")
                 raise ServiceUnavailable(503, "the server is shutting down")
             if self._active >= self.config.max_active and len(self._queue) >= self.config.max_queue:
                 self.metrics.count("rejected")
-                raise ServiceUnavailable(429, f"queue full ({self.config.max_queue} waiting); retry later")
+                raise ServiceUnavailable(429, f"queue full ({self.config.max_queue} waiting); retry later", 1)
+            now = job.created = time.monotonic()
+            budget = request.deadline_s
+            if budget is None and self.slo is not None and (self.slo[0] == "s" or own > 0):
+                budget = self.slo[1] if self.slo[0] == "s" else self.slo[1] * own
+            if budget is not None:
+                job.deadline = now + budget
+            job.order_by = job.deadline if job.deadline is not None else now + ORDER_SLACK * own
+            job.choice = self._choose_locked(job, now)
+            if job.choice is None:
+                self.metrics.count("refused")
+                backlog = sum(j.remaining_s for j in self._live_locked())
+                raise ServiceUnavailable(
+                    429,
+                    f"cannot finish within its deadline of {budget:.3g} s, even at the cheapest setting it "
+                    f"allows (about {backlog:.3g} s of work ahead); retry later",
+                    max(1, math.ceil(backlog)),
+                )
             self._evict_locked()
-            job = Job(uuid.uuid4().hex, request, run=self.run_record(request))
+            job.run = self.run_record(job)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._dispatch_locked()
+            self._lock.notify_all()  # the deadline watcher looks again
             return job
+
+    def choices(self, request: ImageRequest) -> list[Choice]:
+        """Ways to run a request, most expensive first: its own options, then (elastic quality) each
+        rung of the ladder that is cheaper than the way before it, down to the lowest rung allowed."""
+        own = Choice(request.options, 0 if request.recommended else None, self.predict(request, request.options))
+        if request.quality == "exact" or request.options.churn is not None or self.cost is None:
+            return [own]
+        lowest = len(self.ladder) - 1 if request.quality == "elastic" else request.quality
+        out = [own]
+        for rung, setting in enumerate(self.ladder[: lowest + 1]):
+            options = replace(
+                request.options,
+                sampler=setting.sampler,
+                steps=setting.steps,
+                skip=setting.skip,
+                t_break=setting.t_break,
+                reuse_residual=setting.reuse_residual,
+            )
+            predicted = self.predict(request, options)
+            if predicted < 0.97 * out[-1].predicted_s:  # cheaper by a margin the cost model resolves
+                out.append(Choice(options, rung, predicted))
+        return out
+
+    def predict(self, request: ImageRequest, options: SamplingOptions) -> float:
+        """Seconds the request takes alone with these options (0 without a cost model)."""
+        if self.cost is None:
+            return 0.0
+        model = self.manifest.model
+        canvas = request.resolution or (model.img_resolution, model.img_resolution)
+        return self.cost.seconds(engine_work(options, model, canvas, request.num, request.seed))
+
+    def _live_locked(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]
+
+    def _finishes(self, jobs: list[Job], now: float) -> dict[str, float]:
+        """Predicted finish time of each job, run one after another in the batcher's order."""
+        finish, out = now, {}
+        for j in sorted(jobs, key=lambda j: j.urgency(now)):
+            finish += j.remaining_s
+            out[j.id] = finish
+        return out
+
+    def _choose_locked(self, job: Job, now: float) -> Choice | None:
+        """The most expensive of the job's choices that meets its deadline without making a job that
+        would finish in time late; None if none does. A job without a deadline runs as asked."""
+        if job.deadline is None:
+            return job.choices[0]
+        others = [j for j in self._live_locked() if j is not job]
+        before = self._finishes(others, now)
+        on_time = {j.id for j in others if j.deadline is None or before[j.id] <= j.deadline}
+        for choice in job.choices:
+            job.choice = choice
+            after = self._finishes([*others, job], now)
+            late = [j for j in others if j.id in on_time and j.deadline is not None and after[j.id] > j.deadline]
+            if after[job.id] <= job.deadline and not late:
+                return choice
+        job.choice = None
+        return None
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -152,14 +337,23 @@ class ImageService:
             self._jobs.pop(job.id, None)
 
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
-        """Cancel a job: a queued one ends at once, a running one at its next engine call."""
+        """Cancel a job: it says cancelled at once; a running one frees its slot at its next engine call."""
         with self._lock:
+            status = 499 if self._accepting else 503
             if job.state == QUEUED:
                 self._queue.remove(job)
-                self._end_locked(job, CANCELLED, None, reason, 499)
+                self._end_locked(job, CANCELLED, None, reason, status)
             elif job.state == RUNNING and job.slot is not None:
-                job.error = reason
+                job.state, job.error, job.status, job.finished = CANCELLED, reason, status, time.monotonic()
                 self.batcher.cancel(job.slot)
+
+    def position(self, job: Job) -> int | None:
+        """How many queued jobs run before this one (None once it runs)."""
+        with self._lock:
+            if job.state != QUEUED or job not in self._queue:  # running, ended, or another replica's
+                return None
+            now = time.monotonic()
+            return sorted(self._queue, key=lambda j: j.urgency(now)).index(job)
 
     @property
     def queued(self) -> int:
@@ -180,11 +374,17 @@ class ImageService:
         """The settings this process serves with (GET /healthz shows them)."""
         return {**asdict(self.config), "backend": self.backend_name, "precision": self.precision}
 
-    def run_record(self, request: ImageRequest) -> dict:
-        """What makes a request's images (the answer's X-Lego-Run header and PNG text, the job JSON)."""
+    def run_record(self, job: Job) -> dict:
+        """What makes a job's images (the answer's X-Lego-Run header and PNG text, the job JSON): the
+        options that run, and the ladder rung they are (none: as asked) and whether that is degraded."""
+        request, choice = job.request, job.choice
         canvas = request.resolution or (self.manifest.model.img_resolution,) * 2
         return {
             **request.describe(),
+            "options": choice.options.to_dict(),
+            "rung": choice.rung,
+            "degraded": choice is not job.choices[0],
+            "quality": request.quality,
             "backend": self.backend_name,
             "precision": {"files": self.files_precision, "runtime": self.precision},
             "canvas": list(canvas),
@@ -195,22 +395,43 @@ class ImageService:
     # -- running ----------------------------------------------------------------------------------
 
     def _dispatch_locked(self) -> None:
+        """Start the most urgent queued jobs while slots are free; each takes the best choice that
+        still meets its deadline now (the queue may have drained since it arrived)."""
         while self._queue and self._active < self.config.max_active:
-            job = self._queue.popleft()
+            now = time.monotonic()
+            job = min(self._queue, key=lambda j: j.urgency(now))
+            self._queue.remove(job)
+            job.choice = self._choose_locked(job, now) or job.choices[-1]
+            job.run = self.run_record(job)
+            choice = job.choice
             try:
-                slot = self.batcher.join()
+                slot = self.batcher.join(
+                    work_s=choice.predicted_s,
+                    deadline=job.order_by,
+                    expires=job.deadline is not None,
+                    priority=job.request.priority,
+                )
             except RequestCancelled:
                 self._end_locked(job, CANCELLED, None, "the server is shutting down", 503)
                 continue
             job.slot, job.state = slot, RUNNING
+            self.metrics.count_rung(choice.rung)
             self._active += 1
             threading.Thread(target=self._work, args=(job, slot), name=f"lego-job-{job.id[:8]}", daemon=True).start()
 
     def _work(self, job: Job, slot: Slot) -> None:
         """Sample one job through the batcher, then encode its answer."""
         result, state, error, status = None, DONE, None, 200
+
+        def progress(step: int) -> None:
+            job.steps_done = step + 1
+
         try:
-            result = self.batcher.pipeline(slot)(**job.request.pipe_kwargs())
+            kwargs = {**job.request.pipe_kwargs(), "options": job.choice.options}
+            result = self.batcher.pipeline(slot)(**kwargs, progress=progress)
+        except RequestExpired:
+            state, status = EXPIRED, EXPIRED_STATUS
+            error = f"deadline passed after {job.steps_done} of {job.choice.options.steps} steps"
         except RequestCancelled:
             state, error, status = CANCELLED, job.error or "cancelled", 503 if not self._accepting else 499
         except EngineFailed as e:
@@ -223,6 +444,9 @@ class ImageService:
         finally:
             self.batcher.leave(slot)
         body = None
+        if state == DONE and job.deadline is not None and time.monotonic() > job.deadline:
+            state, status = EXPIRED, EXPIRED_STATUS  # an honest answer, not a late success
+            error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
         if state == DONE:
             try:
                 body = encode(result, job.request, job.run)
@@ -235,6 +459,8 @@ class ImageService:
             self._dispatch_locked()
 
     def _end_locked(self, job: Job, state: str, body: bytes | None, error: str | None, status: int) -> None:
+        if job.state == CANCELLED and job.finished is not None:  # said so when it was cancelled
+            state, body, error, status = CANCELLED, None, job.error, job.status
         job.state, job.body, job.error, job.status = state, body, error, status
         job.finished = time.monotonic()
         job.slot = None
@@ -254,6 +480,20 @@ class ImageService:
             if excess > 0 or now - j.finished > self.config.job_ttl_s:
                 self._jobs.pop(j.id, None)
                 excess -= 1
+
+    def _expire_loop(self) -> None:
+        """End jobs whose deadline passed: queued ones at once, running ones at their next engine call."""
+        with self._lock:
+            while not self.closed:
+                now = time.monotonic()
+                for job in [j for j in self._queue if j.deadline is not None and j.deadline < now]:
+                    self._queue.remove(job)
+                    self._end_locked(job, EXPIRED, None, "deadline passed while queued", EXPIRED_STATUS)
+                for job in self._live_locked():
+                    if job.state == RUNNING and job.deadline is not None and job.deadline < now and job.slot:
+                        self.batcher.expire(job.slot)
+                upcoming = [j.deadline for j in self._live_locked() if j.deadline is not None and j.deadline >= now]
+                self._lock.wait(timeout=min([1.0, *(d - now + 1e-3 for d in upcoming)]))
 
     # -- shutdown ---------------------------------------------------------------------------------
 
@@ -278,6 +518,7 @@ class ImageService:
             self.cancel(job, "the server is shutting down")
         with self._lock:
             self._lock.wait_for(lambda: self._active == 0, timeout=5.0)
+            self._lock.notify_all()  # the deadline watcher ends
         self.batcher.close()
 
 

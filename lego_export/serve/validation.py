@@ -33,6 +33,10 @@ JSON_NAMES = {"guidance": "cfg", "skip.late": "skip"}  # SamplingOptions field -
 OPTION_NAMES = {"cfg": "guidance"}  # and back
 OPTION_FIELDS = {JSON_NAMES.get(name, name) for name in OPTION_FIELD_NAMES}
 REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async"}
+REQUEST_FIELDS |= {"deadline_s", "priority", "quality"}
+MAX_DEADLINE_S = 86_400.0
+MAX_PRIORITY = 9
+QUALITIES = ("elastic", "exact")  # or a rung number: degrade at most to that rung of the ladder
 FIELDS = OPTION_FIELDS | REQUEST_FIELDS
 CHURN_FIELDS = set(Churn.__dataclass_fields__)
 
@@ -68,6 +72,9 @@ class ImageRequest:
     columns: int = 8
     is_async: bool = False
     recommended: bool = False  # the options are the model's recommended setting
+    deadline_s: float | None = None  # finish within this many seconds of arrival (None: the server's --slo)
+    priority: int = 0  # higher runs first (0 to MAX_PRIORITY)
+    quality: str | int = "elastic"  # "exact": never degraded; elastic: any rung; k: rungs 0..k only
 
     def pipe_kwargs(self) -> dict:
         """The offline pipeline's arguments for the same images; the whole request is one batch, so
@@ -86,7 +93,7 @@ class ImageRequest:
         return RESPONSE_FORMATS[self.format]
 
     def describe(self) -> dict:
-        """What ran, for the answer (headers and job JSON)."""
+        """What was asked, for the answer (headers and job JSON)."""
         return {"options": self.options.to_dict(), "recommended": self.recommended, "seed": self.seed}
 
 
@@ -141,6 +148,24 @@ def _classes(data: dict) -> list | None:
     return value
 
 
+def _deadline(data: dict) -> float | None:
+    value = data.get("deadline_s")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_DEADLINE_S:
+        raise RequestError(
+            400, f"deadline_s must be a number of seconds above 0 and at most {MAX_DEADLINE_S:g}, got {value!r}"
+        )
+    return float(value)
+
+
+def _quality(data: dict) -> str | int:
+    value = data.get("quality", "elastic")
+    if value in QUALITIES or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000):
+        return value
+    raise RequestError(400, f'quality must be "elastic", "exact" or a rung number of the ladder, got {value!r}')
+
+
 def _bool(data: dict, name: str, default: bool) -> bool:
     value = data.get(name, default)
     if not isinstance(value, bool):
@@ -182,7 +207,14 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
             columns=_int(data, "columns", 8, 1, 1024),
             is_async=_bool(data, "async", False),
             recommended=used,
+            deadline_s=_deadline(data),
+            priority=_int(data, "priority", 0, 0, MAX_PRIORITY),
+            quality=_quality(data),
         )
+        rungs = len(manifest.recommended.rungs) if manifest.recommended is not None else 0
+        if isinstance(req.quality, int) and req.quality >= rungs:
+            have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (lego-export tune writes one)"
+            raise RequestError(400, f"quality {req.quality}: this model has {have}")
         req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
         hw = canvas or (model.img_resolution, model.img_resolution)
         check_request(req.num, req.num, req.seed, hw, model.img_channels)
