@@ -1,0 +1,157 @@
+"""The quality ladder: settings cheaper than the recommended one, measured on seeds the tuner never saw.
+
+    python benchmarks/ladder.py --engines engines --write checkpoints/fmnist-pg-s.recommended.json
+
+Every candidate (and the recommended setting, the top rung) samples --num images of the same noise
+and classes (seed --seed; the tuner searched on seed 0 and validated on seed 1) and is scored as
+in quality.py: FID against the 10k test images in the committed classifier's feature space, and the
+classifier's accuracy on the classes asked for. A candidate is accepted as a rung when its FID is at
+most --max-fid-ratio times the top rung's and its class accuracy at most --max-accuracy-drop below
+it, and it costs fewer brick FLOPs than the rung above it. lego-serve steps down these rungs under
+load (serve/service.py). --write adds the ladder to a recommended-setting JSON (lego-export tune
+--save's), which lego-export build --recommended puts into the manifest.
+Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, write_json  # noqa: E402
+from quality import features_and_logits, load_classifier, to_input  # noqa: E402
+
+from lego_export.atomic import atomic_write  # noqa: E402
+from lego_export.edm import evaluations  # noqa: E402
+from lego_export.fid import fid  # noqa: E402
+from lego_export.flops import model_brick_flops  # noqa: E402
+from lego_export.manifest import Recommended, Rung, parse_recommended  # noqa: E402
+from lego_export.options import SamplingOptions  # noqa: E402
+from lego_export.plan import flop_fraction_saved, plan  # noqa: E402
+from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_train.data import load_idx_dir  # noqa: E402
+
+# sampler:steps:skip rules:reuse (the recommended setting's skip rule with fewer steps, then more skipping)
+CANDIDATES = ",".join(
+    [*(f"dpm2m:{steps}:1@0.318283::reuse" for steps in (6, 5, 4)), *(f"dpm2m:{steps}:1@0.8::reuse" for steps in (6, 4))]
+)
+
+
+def parse_candidates(text: str) -> list[SamplingOptions]:
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        sampler, steps, rest = item.split(":", 2)
+        skip, _, reuse = rest.rpartition(":")
+        out.append(
+            SamplingOptions(sampler=sampler, steps=int(steps), skip=skip or "none", reuse_residual=reuse == "reuse")
+        )
+    return out
+
+
+def flops_vs_reference(options: SamplingOptions, pipe: LegoPipeline) -> float:
+    """Brick FLOPs per image over those of Heun 50 with the full chain."""
+    cfg = pipe.manifest.model
+    steps = plan(options, cfg, (cfg.img_resolution,) * 2)
+    full = evaluations(options.sampler, options.steps) * (1 - flop_fraction_saved(steps, model_brick_flops(cfg)))
+    return full / evaluations("heun", 50)
+
+
+@click.command()
+@click.option("--engines", default="engines", show_default=True)
+@click.option("--num", default=2000, show_default=True, help="Images per setting.")
+@click.option("--seed", default=2, show_default=True, help="Noise seed (the tuner used 0 and 1).")
+@click.option("--candidates", default=CANDIDATES, show_default=True, help="SAMPLER:STEPS:SKIP:reuse|-,...")
+@click.option("--max-fid-ratio", default=1.10, show_default=True)
+@click.option("--max-accuracy-drop", default=0.01, show_default=True)
+@click.option("--write", "write_to", default=None, help="A recommended-setting JSON to add the ladder to.")
+@click.option("--out", default="benchmarks/results/ladder", show_default=True)
+def main(engines, num, seed, candidates, max_fid_ratio, max_accuracy_drop, write_to, out) -> None:
+    """Measure the candidates and keep those within the acceptance rule as the ladder."""
+    torch.set_num_threads(2)
+    pipe = LegoPipeline.from_engines(engines, "onnxruntime")
+    top = pipe.manifest.recommended
+    if top is None:
+        raise click.ClickException(f"{engines}: no recommended setting (lego-export tune) to build a ladder under")
+    classifier = load_classifier(retrain=False)
+    test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
+    test_feats, _ = features_and_logits(classifier, to_input(test.images))
+    rows = []
+    for i, options in enumerate([top.options, *parse_candidates(candidates)]):
+        result = pipe(options, num=num, seed=seed, batch=100)
+        images = torch.from_numpy(result.images)
+        feats, logits = features_and_logits(classifier, images)
+        labels = result.labels
+        accuracy = float(np.mean([(logits.argmax(1)[labels == k] == k).mean() for k in range(10)]))
+        row = {
+            "setting": options.describe(),
+            "options": options.to_dict(),
+            "fid": fid(feats, test_feats),
+            "class_accuracy": accuracy,
+            "brick_flops_vs_reference": flops_vs_reference(options, pipe),
+            "images_per_s": result.timing.images / result.timing.total_s,
+            "top": i == 0,
+        }
+        rows.append(row)
+        click.echo(f"{row['setting']}: FID {row['fid']:.2f}, class acc. {accuracy:.3f}", err=True)
+    head = rows[0]
+    ladder, cost = [], head["brick_flops_vs_reference"]
+    for options, row in zip(parse_candidates(candidates), rows[1:], strict=True):
+        ok = (
+            row["fid"] <= max_fid_ratio * head["fid"]
+            and row["class_accuracy"] >= head["class_accuracy"] - max_accuracy_drop
+        )
+        row["accepted"] = bool(ok and row["brick_flops_vs_reference"] < cost)
+        if row["accepted"]:
+            cost = row["brick_flops_vs_reference"]
+            measured = {k: row[k] for k in ("fid", "class_accuracy", "brick_flops_vs_reference")}
+            ladder.append(Rung(options, {**measured, "images": num, "seed": seed, "top_fid": head["fid"]}))
+    data = {
+        "command": "python benchmarks/ladder.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "rule": {"max_fid_ratio": max_fid_ratio, "max_accuracy_drop": max_accuracy_drop},
+        "rows": rows,
+        "ladder": [r.to_dict() for r in ladder],
+    }
+    write_json(Path(out + ".json"), data)
+    table = markdown_table(
+        rows,
+        [
+            ("setting", "setting", "s"),
+            ("fid", "FID", ".2f"),
+            ("class_accuracy", "class acc.", ".3f"),
+            ("brick_flops_vs_reference", "brick FLOPs / Heun 50", ".4f"),
+            ("images_per_s", "images/s (this run)", ".1f"),
+            ("accepted", "rung", "s"),
+        ],
+    )
+    text = "\n".join(
+        [
+            "# The quality ladder",
+            "",
+            f"`{data['command']}`",
+            "",
+            f"{num} images per setting, seed {seed} (not the tuner's); accepted: FID at most {max_fid_ratio}x the "
+            f"top rung's, class accuracy at most {max_accuracy_drop} below it, fewer brick FLOPs than the rung above.",
+            "",
+            table,
+            "",
+        ]
+    )
+    Path(out + ".md").write_text(text)
+    print(text)
+    if write_to:
+        current = parse_recommended(json.loads(Path(write_to).read_text()), write_to)
+        updated = Recommended(current.options, current.checkpoint_sha256, current.measured, ladder)
+        with atomic_write(Path(write_to)) as f:
+            f.write((json.dumps(updated.to_dict(), indent=2) + "\n").encode())
+        click.echo(f"wrote {len(ladder)} rungs into {write_to}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""lego-serve under load: requests are priced when they arrive, run least slack first, refused at once
+when they cannot meet their deadline, degraded down the quality ladder when that lets them, and end
+as expired rather than late; a job's status, result and progress are separate resources.
+
+The cost model in these tests is synthetic (1 ms per engine row), so that what is admitted, degraded
+and ordered does not depend on this machine's speed; the benchmark measures the real one's error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="lego-serve needs FastAPI: pip install '.[serve]'")
+pytest.importorskip("httpx", reason="the HTTP tests need httpx: pip install '.[dev]'")
+
+from lego_export.manifest import Recommended, Rung  # noqa: E402
+from lego_export.options import SamplingOptions  # noqa: E402
+from lego_export.plan import engine_work  # noqa: E402
+from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.serve.cost import CostModel, EngineCost  # noqa: E402
+from lego_export.serve.service import ImageService, ServeConfig, parse_slo  # noqa: E402
+from tests.test_serve import TINY, HookedBackend, finished, npz_images, one_line_error, running, wait_for  # noqa: E402
+
+MS_PER_ROW = 1e-3
+RUNG = SamplingOptions(sampler="dpm2m", steps=3)  # the ladder's cheap rung in these tests
+
+
+def per_row_cost(manifest, seconds: float = MS_PER_ROW) -> CostModel:
+    return CostModel({s.name: EngineCost({1: seconds}, s.batch["max"]) for s in manifest.engines})
+
+
+def service_with(
+    hook=None, ladder: bool = False, seconds_per_row: float = MS_PER_ROW, **config
+) -> tuple[ImageService, HookedBackend]:
+    """A server over the tiny engines with the synthetic cost model, and (ladder) a recommended
+    setting of DPM-Solver++(2M) 6 steps with one cheaper rung, RUNG."""
+    backend = HookedBackend(hook)
+    manifest = backend.manifest
+    if ladder:
+        top = SamplingOptions(sampler="dpm2m", steps=6)
+        manifest = dataclasses.replace(manifest, recommended=Recommended(top, "0" * 64, {}, [Rung(RUNG, {})]))
+    service = ImageService(ServeConfig(engines=str(TINY), calibrate=False, **config), backend, manifest)
+    service.cost = service.batcher.cost = per_row_cost(manifest, seconds_per_row)
+    return service, backend
+
+
+def test_engine_work_counts_every_call_of_the_plan():
+    model = HookedBackend().manifest.model  # pg-tiny: 16 x 16, bricks of 4, 8 and 16 pixels
+    work = engine_work(SamplingOptions(steps=3), model, (16, 16), num=2)
+    assert len(work) == 5  # Heun: two evaluations per step, one on the last
+    assert work[0] == {"embedder": 2, "brick0": 2 * 16, "brick1": 2 * 4, "brick2": 2 * 1}
+    wide = engine_work(SamplingOptions(steps=3, sampler="euler", guidance=2.0), model, (16, 32), num=2)
+    assert len(wide) == 3 and wide[0] == {"embedder": 4, "brick0": 4 * 32, "brick1": 4 * 8, "brick2": 4 * 2}
+    skipping = engine_work(SamplingOptions(steps=10, skip="2@1:"), model, (16, 16), num=1)
+    assert 0 < sum("brick2" not in calls for calls in skipping) < len(skipping)  # brick 2 off below sigma 1
+
+
+def test_cost_model_prices_chunks_and_fits_the_host_terms():
+    cost = EngineCost({1: 0.010, 4: 0.004, 16: 0.005}, max_rows=16)
+    assert cost.call_seconds(4) == pytest.approx(0.016)
+    assert cost.call_seconds(2) == pytest.approx(0.010 + (0.016 - 0.010) / 3)  # between the sizes measured
+    assert cost.call_seconds(32) == pytest.approx(2 * 0.080)  # two chunks of 16
+    model = CostModel({"embedder": cost})
+    runs = [([{"embedder": n}] * evals, model.seconds([{"embedder": n}] * evals) + evals * (0.002 + 0.0005 * n))
+            for n, evals in ((1, 10), (4, 10), (4, 30))]  # fmt: skip
+    fitted = model.fit_host(runs)
+    assert fitted.per_evaluation_s == pytest.approx(0.002) and fitted.per_row_s == pytest.approx(0.0005)
+    assert not model.merge_pays("embedder", 16, 16) and model.merge_pays("embedder", 1, 1)
+
+
+def test_predictions_follow_the_work_of_each_request():
+    service, _ = service_with()
+    try:
+        ask = service.parse({"steps": 10})
+        rows = 16 + 4 + 1 + 1  # per image per evaluation at 16 x 16
+        assert service.predict(ask, ask.options) == pytest.approx(19 * rows * MS_PER_ROW)
+        double = service.parse({"steps": 10, "num": 2})
+        assert service.predict(double, double.options) == pytest.approx(2 * service.predict(ask, ask.options))
+    finally:
+        service.close(5)
+
+
+def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
+    def classes_of_embedder_calls(order: str) -> list[int]:
+        seen: list[int] = []
+        release = threading.Event()
+
+        def hook(engine, feeds):
+            if engine == "embedder":
+                seen.append(sorted(set(feeds["class_onehot"].argmax(1).tolist())))
+                if len(seen) == 3:  # the long request waits here until the short one has arrived
+                    release.wait(30)
+            time.sleep(0.002)
+
+        service, _ = service_with(hook, order=order)
+        with running(service) as http:
+            long = http.post("/v1/images", json={"steps": 30, "class": 0, "async": True}).json()["id"]
+            wait_for(lambda: len(seen) >= 3, what="the long request sampling")
+            short = http.post("/v1/images", json={"steps": 2, "class": 1, "async": True}).json()["id"]
+            wait_for(lambda: service.batcher.pending >= 1, what="the short request's first call")
+            release.set()
+            assert finished(http, short).status_code == 200 and finished(http, long).status_code == 200
+        return seen
+
+    slack = classes_of_embedder_calls("slack")
+    short_calls = [i for i, c in enumerate(slack) if c == [1]]
+    assert len(short_calls) == 3 and short_calls == list(range(short_calls[0], short_calls[0] + 3)), slack
+    assert [0, 1] not in slack  # never merged: on these engines a merged call costs as much as two
+    merged = classes_of_embedder_calls("merge")
+    assert [0, 1] in merged, merged  # the old order puts both requests' rows in one call
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_or_degraded():
+    service, _ = service_with(ladder=True, seconds_per_row=0.01)
+    with running(service) as http:
+        # At 10 ms a row (22 rows an evaluation): Heun 50 (99 evaluations) about 22 s, the recommended
+        # setting (6) 1.3 s, the cheap rung (3) 0.66 s: with 1 s allowed, only the cheap rung is in time.
+        slow = {"steps": 50, "deadline_s": 1.0, "format": "npz", "class": 2}
+        refused = http.post("/v1/images", json={**slow, "quality": "exact"})
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert "deadline" in one_line_error(refused)
+        served = http.post("/v1/images", json=slow)  # elastic (the default): down the ladder
+        assert served.status_code == 200, served.text
+        run = json.loads(served.headers["X-Lego-Run"])
+        assert run["rung"] == 1 and run["degraded"] and run["options"]["steps"] == RUNG.steps
+        pipe = LegoPipeline.from_engines(TINY, "onnxruntime")
+        expected = pipe(RUNG, num=1, resolution=(16, 16), classes=[2]).images
+        np.testing.assert_allclose(npz_images(served), expected, atol=1e-5, rtol=0)
+        relaxed = http.post("/v1/images", json={**slow, "deadline_s": 60})  # time enough: as asked
+        assert json.loads(relaxed.headers["X-Lego-Run"])["degraded"] is False
+        metrics = http.get("/metrics").text
+        assert 'outcome="refused"} 1' in metrics and 'rung="1"} 1' in metrics and 'rung="asked"} 1' in metrics
+
+
+def test_the_server_slo_sets_deadlines_and_admission_protects_admitted_jobs():
+    gate = threading.Event()  # 10 ms a row: each request about 4 s predicted, its deadline 3x that
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), slo="3x", seconds_per_row=0.01)
+    with running(service) as http:
+        first = http.post("/v1/images", json={"steps": 10, "async": True, "quality": "exact"}).json()
+        assert 0 < first["deadline_in_s"] <= 3 * first["predicted_s"]
+        # Nine more of the same could not all finish within 3x their own time behind the first.
+        answers = [http.post("/v1/images", json={"steps": 10, "async": True}).status_code for _ in range(9)]
+        assert 202 in answers and 429 in answers, answers
+        gate.set()
+
+
+def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
+    gate = threading.Event()
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), max_active=2)
+    with running(service) as http:
+        held = http.post("/v1/images", json={"steps": 2, "async": True}).json()["id"]
+        wait_for(lambda: service.batcher.pending == 0 and service.in_flight == 1, what="the first call held")
+        waiting = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.5}).json()["id"]
+        queued = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.5}).json()["id"]
+        for job in (waiting, queued):  # one waits on the engines, one for a slot
+            gone = finished(http, job, 10)
+            assert gone.status_code == 504 and "deadline passed" in one_line_error(gone)
+            assert http.get(f"/v1/jobs/{job}").json()["status"] == "expired"
+        gate.set()
+        assert finished(http, held).status_code == 200
+        assert 'lego_serve_requests_total{outcome="expired"} 2' in http.get("/metrics").text
+
+
+def test_a_job_is_json_its_result_is_bytes_and_its_progress_streams():
+    gate = threading.Event()
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), max_active=1)
+    with running(service) as http:
+        first = http.post("/v1/images", json={"steps": 4, "async": True}).json()
+        second = http.post("/v1/images", json={"steps": 4, "async": True}).json()
+        urgent = http.post("/v1/images", json={"steps": 4, "async": True, "priority": 5}).json()
+        assert first["status"] == "running" and urgent["queue_position"] == 0
+        assert http.get(f"/v1/jobs/{second['id']}").json()["queue_position"] == 1
+        early = http.get(f"/v1/jobs/{first['id']}/result")
+        assert early.status_code == 409 and "running" in one_line_error(early)
+        events = []
+        with http.stream("GET", f"/v1/jobs/{first['id']}/events") as stream:
+            gate.set()
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        assert events[-1]["status"] == "done" and events[-1]["result"] == f"/v1/jobs/{first['id']}/result"
+        steps = [e["progress"]["steps_done"] for e in events]
+        assert steps == sorted(steps) and steps[-1] == 4 and len(set(steps)) > 1, steps
+        image = http.get(events[-1]["result"])
+        assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+        assert http.get(f"/v1/jobs/{first['id']}").headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"deadline_s": 0}, "deadline_s must be"),
+        ({"deadline_s": "soon"}, "deadline_s must be"),
+        ({"priority": 10}, "priority must be from 0 to 9"),
+        ({"quality": "best"}, "quality must be"),
+        ({"quality": 3}, "quality 3: this model has no quality ladder"),
+    ],
+)
+def test_bad_deadline_priority_and_quality_fields_are_named(body, needle):
+    service, _ = service_with()
+    try:
+        with pytest.raises(Exception) as e:
+            service.parse({"steps": 2, **body})
+        assert e.value.status == 400 and str(e.value).startswith(needle), str(e.value)
+    finally:
+        service.close(5)
+
+
+def test_slo_values():
+    assert parse_slo("none") is None and parse_slo("5x") == ("x", 5.0) and parse_slo("30s") == ("s", 30.0)
+    for bad in ("0.5x", "-1", "fast", "nan", "1e9"):
+        with pytest.raises(Exception, match="slo must be"):
+            parse_slo(bad)
