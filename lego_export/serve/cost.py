@@ -4,8 +4,8 @@ A request's work is a list of denoiser evaluations, each a few engine calls of k
 (plan.engine_work). Each engine's time per call size was measured at startup (calibrate.py); a call
 is cut into the same near-equal chunks the runner cuts it into, and each chunk is priced by linear
 interpolation between the sizes measured. What happens between engine calls (tiling, the sampler,
-thread hand-offs) is priced per evaluation and per image row, fitted at startup on two real runs
-(:meth:`CostModel.fit_host`). Only the ratio of requests' costs orders work; the absolute numbers
+thread hand-offs) is priced per request, per evaluation and per image row, fitted at startup on
+three real runs (:meth:`CostModel.fit_host`). Only the ratio of requests' costs orders work; the absolute numbers
 decide admission and deadlines, so the fit matters (benchmarks/serve.py reports its error).
 """
 
@@ -47,7 +47,8 @@ class CostModel:
     """Seconds of engine and host time for engine calls, evaluations and whole requests."""
 
     engines: dict[str, EngineCost]
-    per_evaluation_s: float = 0.0  # host time per denoiser evaluation (fitted)
+    per_request_s: float = 0.0  # host time per request (fitted)
+    per_evaluation_s: float = 0.0  # per denoiser evaluation (fitted)
     per_row_s: float = 0.0  # and per image row of an evaluation (fitted)
     fitted: list = field(default_factory=list)  # (predicted engine s, measured s) of the fit's runs
 
@@ -66,7 +67,7 @@ class CostModel:
 
     def seconds(self, work: list[dict[str, int]]) -> float:
         """A request's service time alone on the machine (plan.engine_work gives its work)."""
-        return sum(self.evaluation_seconds(calls) for calls in work)
+        return self.per_request_s + sum(self.evaluation_seconds(calls) for calls in work)
 
     def merge_pays(self, engine: str, rows: int, more: int, gain: float = 0.9) -> bool:
         """Whether one call of rows + more rows takes at most `gain` of two separate calls."""
@@ -75,12 +76,19 @@ class CostModel:
 
     def fit_host(self, runs: list[tuple[list[dict[str, int]], float]]) -> CostModel:
         """A copy with the host terms fitted to measured runs [(work, seconds)]: least squares of
-        (measured - engine time) on (evaluations, image rows), neither term below zero."""
+        (measured - engine time) on (1, evaluations, image rows), no term below zero (a term that
+        would be is dropped and the rest fitted again)."""
         engine = [sum(self.call_seconds(n, r) for calls in work for n, r in calls.items()) for work, _ in runs]
-        a = np.array([[len(work), sum(c.get("embedder", 0) for c in work)] for work, _ in runs], dtype=float)
+        a = np.array([[1.0, len(work), sum(c.get("embedder", 0) for c in work)] for work, _ in runs])
         b = np.array([s - e for (_, s), e in zip(runs, engine, strict=True)])
-        per_eval, per_row = np.linalg.lstsq(a, b, rcond=None)[0]
-        if per_row < 0 or per_eval < 0:  # one term only: the one that fits alone
-            per_eval, per_row = max(0.0, float(b.sum() / a[:, 0].sum())), 0.0
+        keep = [0, 1, 2]
+        while True:
+            terms = np.zeros(3)
+            terms[keep] = np.linalg.lstsq(a[:, keep], b, rcond=None)[0]
+            if (terms >= 0).all() or len(keep) == 1:
+                break
+            keep.remove(int(np.argmin(terms)))
+        terms = np.maximum(terms, 0.0)
         fitted = [(e, s) for e, (_, s) in zip(engine, runs, strict=True)]
-        return replace(self, per_evaluation_s=float(per_eval), per_row_s=float(per_row), fitted=fitted)
+        per_request, per_eval, per_row = (float(t) for t in terms)
+        return replace(self, per_request_s=per_request, per_evaluation_s=per_eval, per_row_s=per_row, fitted=fitted)

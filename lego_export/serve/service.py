@@ -207,20 +207,24 @@ class ImageService:
         self._reaper.start()
 
     def _fit_cost(self, cost: CostModel) -> CostModel:
-        """The host terms of the cost model, from two short runs of the model's default setting
-        (one image and four, at the training size) through the batcher, alone."""
+        """The host terms of the cost model, from short runs of the model's default setting through
+        the batcher, alone: one image and four, and one image at half the steps (each run twice, the
+        first warms up)."""
         options = self.manifest.recommended.options if self.manifest.recommended else SamplingOptions(steps=4)
         canvas = (self.manifest.model.img_resolution,) * 2
         runs = []
-        for num in (1, 1, 4, 4):  # each size twice: the first run warms up
-            slot = self.batcher.join()
-            try:
-                start = time.perf_counter()
-                self.batcher.pipeline(slot)(options, num=num, batch=num, seed=0)
-                runs.append((engine_work(options, self.manifest.model, canvas, num), time.perf_counter() - start))
-            finally:
-                self.batcher.leave(slot)
-        return cost.fit_host(runs[1::2])
+        for run_options, num in ((options, 1), (options, 4), (replace(options, steps=max(1, options.steps // 2)), 1)):
+            for warm in (True, False):
+                slot = self.batcher.join()
+                try:
+                    start = time.perf_counter()
+                    self.batcher.pipeline(slot)(run_options, num=num, batch=num, seed=0)
+                    seconds = time.perf_counter() - start
+                finally:
+                    self.batcher.leave(slot)
+                if not warm:
+                    runs.append((engine_work(run_options, self.manifest.model, canvas, num), seconds))
+        return cost.fit_host(runs)
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -384,6 +388,7 @@ class ImageService:
             "options": choice.options.to_dict(),
             "rung": choice.rung,
             "degraded": choice is not job.choices[0],
+            "predicted_s": round(choice.predicted_s, 4),
             "quality": request.quality,
             "backend": self.backend_name,
             "precision": {"files": self.files_precision, "runtime": self.precision},
