@@ -62,27 +62,13 @@ def flops_vs_reference(options: SamplingOptions, pipe: LegoPipeline) -> float:
     return full / evaluations("heun", 50)
 
 
-@click.command()
-@click.option("--engines", default="engines", show_default=True)
-@click.option("--num", default=2000, show_default=True, help="Images per setting.")
-@click.option("--seed", default=2, show_default=True, help="Noise seed (the tuner used 0 and 1).")
-@click.option("--candidates", default=CANDIDATES, show_default=True, help="SAMPLER:STEPS:SKIP:reuse|-,...")
-@click.option("--max-fid-ratio", default=1.15, show_default=True, help="Most FID of a rung over the top rung's.")
-@click.option("--max-accuracy-drop", default=0.01, show_default=True)
-@click.option("--write", "write_to", default=None, help="A recommended-setting JSON to add the ladder to.")
-@click.option("--out", default="benchmarks/results/ladder", show_default=True)
-def main(engines, num, seed, candidates, max_fid_ratio, max_accuracy_drop, write_to, out) -> None:
-    """Measure the candidates and keep those within the acceptance rule as the ladder."""
-    torch.set_num_threads(2)
-    pipe = LegoPipeline.from_engines(engines, "onnxruntime")
-    top = pipe.manifest.recommended
-    if top is None:
-        raise click.ClickException(f"{engines}: no recommended setting (lego-export tune) to build a ladder under")
+def measure(pipe: LegoPipeline, settings: list[SamplingOptions], num: int, seed: int) -> list[dict]:
+    """FID, class accuracy and brick FLOPs of each setting on the same noise and classes."""
     classifier = load_classifier(retrain=False)
     test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
     test_feats, _ = features_and_logits(classifier, to_input(test.images))
     rows = []
-    for i, options in enumerate([top.options, *parse_candidates(candidates)]):
+    for i, options in enumerate(settings):
         result = pipe(options, num=num, seed=seed, batch=100)
         images = torch.from_numpy(result.images)
         feats, logits = features_and_logits(classifier, images)
@@ -99,20 +85,66 @@ def main(engines, num, seed, candidates, max_fid_ratio, max_accuracy_drop, write
         }
         rows.append(row)
         click.echo(f"{row['setting']}: FID {row['fid']:.2f}, class acc. {accuracy:.3f}", err=True)
+    return rows
+
+
+def select_rungs(rows: list[dict], max_fid_ratio: float, max_accuracy_drop: float) -> list[int]:
+    """Indices of the rows (after the top, rows[0]) that become rungs, most expensive first: within
+    the rule, cheaper than the top, and not dominated (no cheaper row with FID as low and class
+    accuracy as high)."""
     head = rows[0]
-    ladder, cost = [], head["brick_flops_vs_reference"]
-    for options, row in zip(parse_candidates(candidates), rows[1:], strict=True):
-        ok = (
-            row["fid"] <= max_fid_ratio * head["fid"]
-            and row["class_accuracy"] >= head["class_accuracy"] - max_accuracy_drop
-        )
-        row["accepted"] = bool(ok and row["brick_flops_vs_reference"] < cost)
-        if row["accepted"]:
-            cost = row["brick_flops_vs_reference"]
-            measured = {k: row[k] for k in ("fid", "class_accuracy", "brick_flops_vs_reference")}
-            ladder.append(Rung(options, {**measured, "images": num, "seed": seed, "top_fid": head["fid"]}))
+    for row in rows[1:]:
+        row["accepted"] = False
+    ok = [
+        i
+        for i, row in enumerate(rows[1:], 1)
+        if row["fid"] <= max_fid_ratio * head["fid"]
+        and row["class_accuracy"] >= head["class_accuracy"] - max_accuracy_drop
+        and row["brick_flops_vs_reference"] < head["brick_flops_vs_reference"]
+    ]
+    ok.sort(key=lambda i: -rows[i]["brick_flops_vs_reference"])
+    kept = []
+    for i in ok:
+        cheaper = [rows[j] for j in ok if rows[j]["brick_flops_vs_reference"] < rows[i]["brick_flops_vs_reference"]]
+        if not any(c["fid"] <= rows[i]["fid"] and c["class_accuracy"] >= rows[i]["class_accuracy"] for c in cheaper):
+            if not kept or rows[i]["brick_flops_vs_reference"] < rows[kept[-1]]["brick_flops_vs_reference"]:
+                kept.append(i)
+    for i in kept:
+        rows[i]["accepted"] = True
+    return kept
+
+
+@click.command()
+@click.option("--engines", default="engines", show_default=True)
+@click.option("--num", default=2000, show_default=True, help="Images per setting.")
+@click.option("--seed", default=2, show_default=True, help="Noise seed (the tuner used 0 and 1).")
+@click.option("--candidates", default=CANDIDATES, show_default=True, help="SAMPLER:STEPS:SKIP:reuse|-,...")
+@click.option("--max-fid-ratio", default=1.15, show_default=True, help="Most FID of a rung over the top rung's.")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True)
+@click.option("--write", "write_to", default=None, help="A recommended-setting JSON to add the ladder to.")
+@click.option("--out", default="benchmarks/results/ladder", show_default=True)
+@click.option("--rescore", is_flag=True, help="Apply the rule to the rows of OUT.json again (no sampling).")
+def main(engines, num, seed, candidates, max_fid_ratio, max_accuracy_drop, write_to, out, rescore) -> None:
+    """Measure the candidates and keep those within the acceptance rule as the ladder."""
+    torch.set_num_threads(2)
+    pipe = LegoPipeline.from_engines(engines, "onnxruntime")
+    top = pipe.manifest.recommended
+    if top is None:
+        raise click.ClickException(f"{engines}: no recommended setting (lego-export tune) to build a ladder under")
+    command = "python benchmarks/ladder.py " + " ".join(sys.argv[1:])
+    if rescore:  # the rows measured before, under this run's rule
+        before = json.loads(Path(out + ".json").read_text())
+        rows, command = before["rows"], f"{before['command']} (rescored: {command})"
+    else:
+        rows = measure(pipe, [top.options, *parse_candidates(candidates)], num, seed)
+
+    ladder = []
+    for i in select_rungs(rows, max_fid_ratio, max_accuracy_drop):
+        measured = {k: rows[i][k] for k in ("fid", "class_accuracy", "brick_flops_vs_reference")}
+        options = SamplingOptions(**{k: v for k, v in rows[i]["options"].items() if k != "churn"})
+        ladder.append(Rung(options, {**measured, "images": num, "seed": seed, "top_fid": rows[0]["fid"]}))
     data = {
-        "command": "python benchmarks/ladder.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "machine": machine(),
         "rule": {"max_fid_ratio": max_fid_ratio, "max_accuracy_drop": max_accuracy_drop},
         "rows": rows,

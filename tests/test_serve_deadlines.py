@@ -218,3 +218,13 @@ def test_slo_values():
     for bad in ("0.5x", "-1", "fast", "nan", "1e9"):
         with pytest.raises(Exception, match="slo must be"):
             parse_slo(bad)
+
+
+def test_lego_serve_refuses_a_bad_slo_in_one_line():
+    from click.testing import CliRunner
+
+    from lego_export.serve.cli import main as lego_serve
+
+    result = CliRunner().invoke(lego_serve, ["--engines", str(TINY), "--slo", "fast"])
+    assert result.exit_code == 1 and "slo must be" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -1,0 +1,273 @@
+"""Deadlines under load: a one-at-a-time server against lego-serve, exact and elastic.
+
+    python benchmarks/serve_load.py --engines engines        # about 15 minutes on 2 quiet cores
+
+Every request carries a deadline: --slo times its own service time alone (measured first, one
+request at a time on the one-at-a-time server). C_FIFO is the highest Poisson arrival rate at which
+the one-at-a-time server (serve.py's baseline) answers 99% of the requests within their deadline,
+found by bisection. Then 0.5, 1, 1.5, 2 and 3 x C_FIFO are offered, with the same arrival times, to
+three servers, one after another, each alone on the machine:
+
+  baseline       one request at a time, in arrival order (answers late rather than never);
+  lego-serve     exact: every request as asked ("quality": "exact"): least slack first, refused
+                 (429) when it cannot finish in time, expired (504) when its deadline passes;
+  lego-serve     elastic (the default): as exact, and a request that would be late runs at the
+                 highest rung of the model's quality ladder that finishes in time.
+
+The workload asks for the model's recommended setting (no sampling options) on a fixed mix of
+canvases (32x32, 32x96, 64x64) and 1 or 2 images. Per server and load: share of requests answered
+within their deadline, refused and expired shares, p50 / p99 latency per canvas, p99 over the
+canvas's service time alone, requests per rung, and the quality of what was served, as the
+ladder's measured FID and class accuracy (benchmarks/ladder.py, 2,000 images per rung) weighted by
+the rungs served. Also the cost model's error: lego-serve's predicted service time of each request
+alone against its measured latency alone. Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, write_json  # noqa: E402
+from serve import BASELINE, LEGO, Server, poisson_arrivals  # noqa: E402
+
+from lego_export.manifest import Manifest  # noqa: E402
+
+CANVASES = ("32x32", "32x96", "64x64")
+SMALL_CANVASES = ("16x16", "16x32", "32x32")  # the tiny test engines
+SERVERS = ((BASELINE, None), (LEGO, "exact"), (LEGO, "elastic"))
+
+
+def workload(n: int, seed: int, num_classes: int, sides: tuple[str, ...]) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for i in range(n):
+        body = {
+            "resolution": str(rng.choice(sides, p=[0.6, 0.25, 0.15])),
+            "num": int(rng.choice([1, 2], p=[0.7, 0.3])),
+            "seed": i,
+            "format": "npz",
+        }
+        if num_classes:
+            body["class"] = int(rng.integers(num_classes))
+        bodies.append(body)
+    return bodies
+
+
+def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict]:
+    """Send request i at arrivals[i]; per request: HTTP status, latency, and its X-Lego-Run."""
+    out: list[dict] = [{} for _ in bodies]
+    start = time.perf_counter()
+
+    def one(i: int) -> None:
+        delay = arrivals[i] - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.perf_counter()
+        r = server.http.post("/v1/images", json=bodies[i], timeout=600)
+        run = json.loads(r.headers["X-Lego-Run"]) if "X-Lego-Run" in r.headers else None
+        out[i] = {"status": r.status_code, "latency_s": time.perf_counter() - sent, "run": run}
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    return out
+
+
+def attainment(answers: list[dict], bodies: list[dict]) -> float:
+    ok = [a["status"] == 200 and a["latency_s"] <= b["deadline_s"] for a, b in zip(answers, bodies, strict=True)]
+    return float(np.mean(ok))
+
+
+def summarize(answers: list[dict], bodies: list[dict], alone: dict[str, float], ladder: list[dict]) -> dict:
+    """One server at one load; alone: median service time alone per canvas."""
+    n = len(answers)
+    row = {
+        "within_deadline": attainment(answers, bodies),
+        "refused": sum(a["status"] == 429 for a in answers) / n,
+        "expired": sum(a["status"] == 504 for a in answers) / n,
+        "other_errors": sum(a["status"] not in (200, 429, 504) for a in answers),
+    }
+    for canvas in alone:
+        lat = [
+            a["latency_s"]
+            for a, b in zip(answers, bodies, strict=True)
+            if a["status"] == 200 and b["resolution"] == canvas
+        ]
+        row[f"p50_{canvas}"] = float(np.percentile(lat, 50)) if lat else None
+        row[f"p99_{canvas}"] = float(np.percentile(lat, 99)) if lat else None
+        row[f"p99_over_alone_{canvas}"] = row[f"p99_{canvas}"] / alone[canvas] if lat and canvas in alone else None
+    rungs: dict[str, int] = {}
+    for a in answers:
+        if a["status"] == 200:
+            rung = a["run"]["rung"] if a["run"] else 0  # the baseline runs every request as asked (rung 0)
+            rungs[str(rung)] = rungs.get(str(rung), 0) + 1
+    row["rungs"] = rungs
+    served = sum(rungs.values())
+    if served and ladder:
+        row["fid_served"] = sum(ladder[int(k)]["fid"] * v for k, v in rungs.items()) / served
+        row["class_accuracy_served"] = sum(ladder[int(k)]["class_accuracy"] * v for k, v in rungs.items()) / served
+    return row
+
+
+@click.command()
+@click.option("--engines", default="engines", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--threads", default=0, show_default=True)
+@click.option("--requests", "n", default=120, show_default=True, help="Requests per load.")
+@click.option("--slo", default=5.0, show_default=True, help="Deadline: this many times the request's time alone.")
+@click.option("--loads", default="0.5,1,1.5,2,3", show_default=True, help="Offered loads, x C_FIFO.")
+@click.option("--ladder", "ladder_json", default="benchmarks/results/ladder.json", show_default=True)
+@click.option("--probes", default=6, show_default=True, help="Bisection steps for C_FIFO.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
+@click.option("--out", default="benchmarks/results/serve-load", show_default=True)
+def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, out) -> None:
+    """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
+    manifest = Manifest.read(engines)
+    canvases = SMALL_CANVASES if small else CANVASES
+    bodies = workload(n, seed, manifest.model.num_classes, canvases)
+    ladder = []
+    if Path(ladder_json).exists():
+        rows = json.loads(Path(ladder_json).read_text())["rows"]
+        ladder = [rows[0]] + [r for r in rows[1:] if r.get("accepted")]
+    lego_options = ["--max-queue", str(4 * n), "--drain-timeout", "5"]
+
+    # 1. Service time alone of every request: one at a time on the baseline.
+    base = Server(BASELINE, engines, backend, threads, [])
+    try:
+        print("service times alone (baseline, one at a time) ...", flush=True)
+        alone_each = []
+        for body in bodies:
+            start = time.perf_counter()
+            assert base.http.post("/v1/images", json=body, timeout=600).status_code == 200
+            alone_each.append(time.perf_counter() - start)
+        for body, t in zip(bodies, alone_each, strict=True):
+            body["deadline_s"] = round(slo * t, 4)
+        alone = {c: float(np.median([t for b, t in zip(bodies, alone_each, strict=True) if b["resolution"] == c]))
+                 for c in canvases if any(b["resolution"] == c for b in bodies)}  # fmt: skip
+        capacity = n / sum(alone_each)
+        # 2. C_FIFO by bisection between 0 and the baseline's capacity.
+        lo, hi, probes_run = 0.0, capacity, []
+        for _ in range(probes):
+            rate = (lo + hi) / 2
+            share = attainment(send(base, bodies, poisson_arrivals(n, rate, np.random.default_rng(seed + 1))), bodies)
+            probes_run.append({"rate": rate, "within_deadline": share})
+            print(f"  baseline at {rate:.3f} requests/s: {share:.1%} within deadline", flush=True)
+            lo, hi = (rate, hi) if share >= 0.99 else (lo, rate)
+        c_fifo = lo if lo > 0 else hi / 2
+        print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
+        fractions = [float(x) for x in loads.split(",")]
+        patterns = {f: poisson_arrivals(n, f * c_fifo, np.random.default_rng(seed + 2)) for f in fractions}
+        results = []
+        for f in fractions:
+            results.append(
+                {
+                    "server": BASELINE,
+                    "quality": "-",
+                    "load": f,
+                    **summarize(send(base, bodies, patterns[f]), bodies, alone, ladder),
+                }
+            )
+            print(f"  {BASELINE} at {f}x: {results[-1]['within_deadline']:.1%}", flush=True)
+    finally:
+        base.close()
+
+    lego = Server(LEGO, engines, backend, threads, lego_options)
+    try:
+        # 3. The cost model alone: each request exact, one at a time.
+        errors = []
+        for body in bodies[: min(n, 40)]:
+            start = time.perf_counter()
+            r = lego.http.post("/v1/images", json={**body, "quality": "exact", "deadline_s": None}, timeout=600)
+            measured = time.perf_counter() - start
+            predicted = json.loads(r.headers["X-Lego-Run"])["predicted_s"]
+            errors.append((predicted - measured) / measured)
+        for quality in ("exact", "elastic"):
+            for f in fractions:
+                asked = [{**b, "quality": quality} for b in bodies]
+                row = summarize(send(lego, asked, patterns[f]), asked, alone, ladder)
+                results.append({"server": LEGO, "quality": quality, "load": f, **row})
+                print(f"  {LEGO} {quality} at {f}x: {row['within_deadline']:.1%}, rungs {row['rungs']}", flush=True)
+    finally:
+        lego.close()
+
+    error = {
+        "median_abs": float(np.median(np.abs(errors))),
+        "median_signed": float(np.median(errors)),
+        "requests": len(errors),
+    }
+    data = {
+        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "slo_multiple": slo,
+        "requests_per_load": n,
+        "workload": bodies,
+        "service_time_alone_s": alone,
+        "capacity_alone_requests_per_s": capacity,
+        "c_fifo_requests_per_s": c_fifo,
+        "c_fifo_probes": probes_run,
+        "cost_model_error": error,
+        "ladder": ladder,
+        "rows": results,
+    }
+    write_json(Path(out + ".json"), data)
+    columns = [("server", "server", "s"), ("quality", "quality", "s"), ("load", "x C_FIFO", ".1f"),
+               ("within_deadline", "within deadline", ".1%"), ("refused", "refused", ".1%"),
+               ("expired", "expired", ".1%")]  # fmt: skip
+    for c in canvases:
+        columns += [(f"p50_{c}", f"p50 {c} (s)", ".2f"), (f"p99_{c}", f"p99 {c} (s)", ".2f")]
+    columns += [(f"p99_over_alone_{canvases[-1]}", f"p99 / alone {canvases[-1]}", ".1f"),
+                ("fid_served", "FID served", ".2f"), ("class_accuracy_served", "class acc. served", ".3f")]  # fmt: skip
+    for r in results:
+        r["rungs_text"] = " ".join(f"{k}:{v}" for k, v in sorted(r["rungs"].items()))
+    columns.append(("rungs_text", "requests per rung", "s"))
+    ladder_rows = [{"rung": i, **r} for i, r in enumerate(ladder)]
+    text = "\n".join(
+        [
+            "# Deadlines under load",
+            "",
+            f"`{data['command']}`",
+            "",
+            f"{n} requests per load (the recommended setting, canvases {', '.join(canvases)}, 1-2 images), each due "
+            f"{slo:g}x its own service time alone; {machine()['cores']} cores ({machine()['cpu']}). "
+            f"C_FIFO = **{c_fifo:.3f} requests/s** (one-at-a-time capacity {capacity:.3f}). "
+            f"Service time alone (median per canvas): " + ", ".join(f"{c} {t:.3f} s" for c, t in alone.items()) + ".",
+            "",
+            markdown_table(results, columns),
+            "",
+            f"Cost model (lego-serve's prediction of each request alone against its latency alone, {len(errors)} "
+            f"requests): median absolute error **{error['median_abs']:.1%}** "
+            f"(median signed {error['median_signed']:+.1%}).",
+            "",
+            "Ladder (FID and class accuracy from benchmarks/ladder.py; the served quality is their mean over the "
+            "rungs served):",
+            "",
+            markdown_table(
+                ladder_rows,
+                [
+                    ("rung", "rung", "d"),
+                    ("setting", "setting", "s"),
+                    ("fid", "FID", ".2f"),
+                    ("class_accuracy", "class acc.", ".3f"),
+                    ("brick_flops_vs_reference", "brick FLOPs / Heun 50", ".4f"),
+                ],
+            ),  # fmt: skip
+            "",
+        ]
+    )
+    Path(out + ".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
