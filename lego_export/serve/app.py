@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lego_export.serve.service import CANCELLED, DONE, EXPIRED, FAILED, ImageService, Job, ServiceUnavailable
-from lego_export.serve.validation import MAX_BODY_BYTES, RequestError, parse_body
+from lego_export.serve.validation import MAX_BODY_BYTES, Limits, RequestError, parse_body, request_schema
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 EVENTS_POLL_S = 0.05  # how often an event stream looks for progress
@@ -35,13 +35,28 @@ def error(status: int, message: str, retry_after: int | None = None) -> JSONResp
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+ERROR = {"description": "one line of JSON naming the problem", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}  # fmt: skip
+JOB = {"description": "the job's JSON (status, queue_position, progress, run, result, error)",
+       "content": {"application/json": {"schema": {"type": "object"}}}}  # fmt: skip
+
+
 def create_app(
-    service: ImageService | Callable[[], ImageService], on_shutdown: Callable[[], None] | None = None
+    service: ImageService | Callable[[], ImageService],
+    on_shutdown: Callable[[], None] | None = None,
+    *,
+    docs: bool = True,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The FastAPI app. service: the service, or a callable returning it (looked up per request, so
     a Ray replica can build its service after the app exists). on_shutdown runs (in a worker
-    thread) when the server stops: lego-serve drains the service there."""
+    thread) when the server stops: lego-serve drains the service there. docs: serve the OpenAPI
+    document at /openapi.json and its browser view at /docs, the request schema stating limits
+    (the service's, or these when it is built later)."""
     current = service if callable(service) and not isinstance(service, ImageService) else lambda: service
+    known = service if isinstance(service, ImageService) else None
+    limits = known.config.limits if known is not None else limits or Limits()
+    body_schema = request_schema(limits, known.manifest if known is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -49,7 +64,14 @@ def create_app(
         if on_shutdown is not None:
             await asyncio.to_thread(on_shutdown)
 
-    app = FastAPI(title="lego-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="lego-serve",
+        summary="LEGO brick engines over HTTP: deadlines, least-slack-first order, a quality ladder under load",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+        lifespan=lifespan,
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -59,8 +81,20 @@ def create_app(
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
         return error(500, f"internal error: {type(exc).__name__}")
 
-    @app.post("/v1/images")
+    @app.post(
+        "/v1/images",
+        openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": body_schema}}}},
+        responses={
+            200: {
+                "description": "the images: a PNG grid, or an npz (format)",
+                "content": {"image/png": {}, "application/octet-stream": {}},
+            },  # fmt: skip
+            202: JOB,
+            **{code: ERROR for code in (400, 413, 429, 500, 503, 504)},
+        },
+    )
     async def images(request: Request) -> Response:
+        """Sample images; with "async": true, a job to poll, stream or fetch."""
         svc = current()
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -88,13 +122,15 @@ def create_app(
         job = current().get(job_id)
         return job if job is not None else error(404, f"no job {job_id!r} (unknown, or its result has expired)")
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", responses={200: JOB, 404: ERROR})
     async def job_status(job_id: str) -> Response:
+        """A job's status as JSON, always."""
         job = find(job_id)
         return job if isinstance(job, Response) else JSONResponse(job.describe(current().position(job)))
 
-    @app.get("/v1/jobs/{job_id}/result")
+    @app.get("/v1/jobs/{job_id}/result", responses={**{c: ERROR for c in (404, 409, 410, 500, 503, 504)}})
     async def job_result(job_id: str) -> Response:
+        """A finished job's image bytes (or its error)."""
         job = find(job_id)
         if isinstance(job, Response):
             return job
@@ -102,15 +138,17 @@ def create_app(
             return error(409, f"job {job_id} is {job.state}, not done: GET /v1/jobs/{job_id} for its progress")
         return job_response(job)
 
-    @app.get("/v1/jobs/{job_id}/events")
+    @app.get("/v1/jobs/{job_id}/events", responses={404: ERROR})
     async def job_events(job_id: str) -> Response:
+        """Server-sent events: the job's JSON on every change, until it ends."""
         job = find(job_id)
         if isinstance(job, Response):
             return job
         return StreamingResponse(events(current(), job), media_type="text/event-stream")
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", responses={200: JOB, 404: ERROR})
     async def cancel_job(job_id: str) -> Response:
+        """Cancel a job (or drop a finished one's result)."""
         svc = current()
         job = svc.get(job_id)
         if job is None:

@@ -132,9 +132,15 @@ def _range(name: str) -> click.IntRange:
     help="On SIGTERM / Ctrl-C: seconds running requests may take to finish before they are failed.",
 )
 @click.option(
+    "--docs/--no-docs",
+    default=True,
+    show_default=True,
+    help="Serve the OpenAPI document (/openapi.json: every request field, its type and limits) and /docs.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
-def main(host: str, port: int, ckpt: str | None, drain_timeout: float, log_level: str, **settings) -> None:
+def main(host: str, port: int, ckpt: str | None, drain_timeout: float, docs: bool, log_level: str, **settings) -> None:
     """Serve LEGO brick engines over HTTP, batching tiles of all requests in flight.
 
     \b
@@ -148,7 +154,7 @@ def main(host: str, port: int, ckpt: str | None, drain_timeout: float, log_level
         service = load_service(make_config(**settings), ckpt)
     except LegoError as e:
         raise click.ClickException(str(e)) from None
-    serve(service, host, port, drain_timeout, log_level)
+    serve(service, host, port, drain_timeout, log_level, docs=docs)
 
 
 def make_config(
@@ -222,7 +228,9 @@ def load_service(config, ckpt: str | None = None):
     return ImageService(config, backend=backend, manifest=manifest)
 
 
-def serve(service, host: str, port: int, drain_timeout: float, log_level: str = "info", sockets=None) -> None:
+def serve(
+    service, host: str, port: int, drain_timeout: float, log_level: str = "info", sockets=None, docs: bool = True
+) -> None:
     """Run uvicorn until SIGTERM / Ctrl-C, then drain: stop accepting, let running requests finish
     within drain_timeout, fail the rest, stop the batcher."""
     try:
@@ -252,7 +260,7 @@ def serve(service, host: str, port: int, drain_timeout: float, log_level: str = 
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(
-        create_app(service, on_shutdown=drain),
+        create_app(service, on_shutdown=drain, docs=docs),
         host=host,
         port=port,
         log_level=log_level,

@@ -97,6 +97,56 @@ class ImageRequest:
         return {"options": self.options.to_dict(), "recommended": self.recommended, "seed": self.seed}
 
 
+def request_schema(limits: Limits, manifest: Manifest | None = None) -> dict:
+    """The JSON schema of a request body (the OpenAPI document's): every field, its type and its
+    limits as this server checks them. The server's own checks stay the authority; the schema says
+    what they accept."""
+    from lego_export.edm import SAMPLERS
+    from lego_export.options import MAX_GUIDANCE
+
+    classes = manifest.model.num_classes if manifest is not None else 0
+    names = list(manifest.class_names or []) if manifest is not None else []
+    label = {"oneOf": [{"type": "integer", "minimum": 0, **({"maximum": classes - 1} if classes else {})},
+                       {"type": "string", **({"enum": names} if names else {})}]}  # fmt: skip
+    number = {"type": "number"}
+    churn_object = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"s_churn": number, "s_min": number, "s_max": {"type": ["number", "null"]}, "s_noise": number},
+    }
+    properties = {
+        "class": {**label, "description": "one class for every image: an index, or a name from the manifest"},
+        "classes": {"type": "array", "items": label, "minItems": 1, "description": "cycled over the images"},
+        "num": {"type": "integer", "minimum": 1, "maximum": limits.max_images, "default": 1},
+        "resolution": {
+            "type": "string",
+            "pattern": "^[0-9]+[xX][0-9]+$",
+            "description": f"HxW, at most {limits.max_resolution} a side, multiples of the largest brick",
+        },  # fmt: skip
+        "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps},
+        "sampler": {"type": "string", "enum": list(SAMPLERS)},
+        "skip": {"type": "string", "description": '"none", "late", or rules "K@LO:HI,..." in sigma'},
+        "t_break": {"type": "number", "minimum": 0, "maximum": 1, "description": 'only with skip "late"'},
+        "reuse_residual": {"type": "boolean"},
+        "recommended": {"type": "boolean", "default": True},
+        "cfg": {"type": "number", "minimum": -MAX_GUIDANCE, "maximum": MAX_GUIDANCE, "default": 1.0},
+        "churn": {"oneOf": [{"type": "number", "minimum": 0}, churn_object]},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0},
+        "tile_shift": {"type": ["boolean", "null"]},
+        "format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "png"},
+        "columns": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 8},
+        "async": {"type": "boolean", "default": False},
+        "deadline_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_S},
+        "priority": {"type": "integer", "minimum": 0, "maximum": MAX_PRIORITY, "default": 0},
+        "quality": {
+            "oneOf": [{"type": "string", "enum": list(QUALITIES)}, {"type": "integer", "minimum": 0}],
+            "default": "elastic",
+        },  # fmt: skip
+    }
+    assert set(properties) == FIELDS, set(properties) ^ FIELDS  # the schema names every field, no other
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
 def parse_body(body: bytes) -> dict:
     """JSON object from the raw body; NaN and Infinity literals are refused like any bad JSON."""
     if len(body) > MAX_BODY_BYTES:
