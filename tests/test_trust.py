@@ -574,3 +574,34 @@ def test_build_batch_ranges_are_checked(tmp_path):
         )
         refused(result, f"Invalid value for '{flag}'")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    "moment, sig", [("brick1: export", signal.SIGINT), ("brick2: verify brick2.onnx", signal.SIGTERM)]
+)
+def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, moment, sig):
+    """At any moment of a build, a signal leaves a new --out folder absent and an old build whole."""
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    base = ["build", "--ckpt", str(CKPT), "--max-batch", "2"]
+    assert CliRunner().invoke(export_main, [*base, "--out", str(old)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    for out, extra in ((fresh, []), (old, ["--force"])):
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "lego-export"), *base, "--out", str(out), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err = Lines(proc.stderr)
+        try:
+            err.wait_for(moment)  # the build prints each step as a line when stderr is not a terminal
+            proc.send_signal(sig)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = err.text(timeout=10)
+        assert proc.returncode == 1 and "interrupted; nothing partial was left behind" in text, text
+        assert "Traceback" not in text
+    assert not fresh.exists(), list(fresh.iterdir())
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before and not leftovers(tmp_path)
