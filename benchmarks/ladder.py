@@ -94,7 +94,7 @@ def select_rungs(rows: list[dict], max_fid_ratio: float, max_accuracy_drop: floa
     accuracy as high)."""
     head = rows[0]
     for row in rows[1:]:
-        row["accepted"] = False
+        row["accepted"], row["rung"] = False, "-"
     ok = [
         i
         for i, row in enumerate(rows[1:], 1)
@@ -109,8 +109,9 @@ def select_rungs(rows: list[dict], max_fid_ratio: float, max_accuracy_drop: floa
         if not any(c["fid"] <= rows[i]["fid"] and c["class_accuracy"] >= rows[i]["class_accuracy"] for c in cheaper):
             if not kept or rows[i]["brick_flops_vs_reference"] < rows[kept[-1]]["brick_flops_vs_reference"]:
                 kept.append(i)
-    for i in kept:
-        rows[i]["accepted"] = True
+    for n, i in enumerate(kept, 1):
+        rows[i]["accepted"], rows[i]["rung"] = True, str(n)
+    rows[0]["rung"] = "0 (the recommended setting)"
     return kept
 
 
@@ -159,7 +160,7 @@ def main(engines, num, seed, candidates, max_fid_ratio, max_accuracy_drop, write
             ("class_accuracy", "class acc.", ".3f"),
             ("brick_flops_vs_reference", "brick FLOPs / Heun 50", ".4f"),
             ("images_per_s", "images/s (this run)", ".1f"),
-            ("accepted", "rung", "s"),
+            ("rung", "rung", "s"),
         ],
     )
     text = "\n".join(
