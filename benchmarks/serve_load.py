@@ -130,8 +130,9 @@ def summarize(answers: list[dict], bodies: list[dict], alone: dict[str, float], 
 @click.option("--probes", default=6, show_default=True, help="Bisection steps for C_FIFO.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
+@click.option("--max-active", default=None, type=int, help="lego-serve's --max-active (default: its own).")
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
-def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, out) -> None:
+def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, out) -> None:
     """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
     manifest = Manifest.read(engines)
     canvases = SMALL_CANVASES if small else CANVASES
@@ -141,6 +142,7 @@ def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, sm
         rows = json.loads(Path(ladder_json).read_text())["rows"]
         ladder = [rows[0]] + [r for r in rows[1:] if r.get("accepted")]
     lego_options = ["--max-queue", str(4 * n), "--drain-timeout", "5"]
+    lego_options += ["--max-active", str(max_active)] if max_active else []
 
     # 1. Service time alone of every request: one at a time on the baseline.
     base = Server(BASELINE, engines, backend, threads, [])
@@ -231,7 +233,7 @@ def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, sm
     for r in results:
         r["rungs_text"] = " ".join(f"{k}:{v}" for k, v in sorted(r["rungs"].items()))
     columns.append(("rungs_text", "requests per rung", "s"))
-    ladder_rows = [{"rung": i, **r} for i, r in enumerate(ladder)]
+    ladder_rows = [{**r, "rung": i} for i, r in enumerate(ladder)]
     text = "\n".join(
         [
             "# Deadlines under load",

@@ -65,12 +65,12 @@ def test_cost_model_prices_chunks_and_fits_the_host_terms():
     assert cost.call_seconds(4) == pytest.approx(0.016)
     assert cost.call_seconds(2) == pytest.approx(0.010 + (0.016 - 0.010) / 3)  # between the sizes measured
     assert cost.call_seconds(32) == pytest.approx(2 * 0.080)  # two chunks of 16
-    model = CostModel({"embedder": cost})
-    host = [0.03, 0.002, 0.0005]  # per request, per evaluation, per image row
-    works = [[{"embedder": n}] * evals for n, evals in ((1, 10), (4, 10), (4, 30), (2, 5))]
-    runs = [(w, model.seconds(w) + host[0] + len(w) * (host[1] + host[2] * w[0]["embedder"])) for w in works]
+    model = CostModel({"embedder": cost, "brick0": cost})
+    host = [0.03, 0.002, 0.0005]  # per request, per evaluation, per first-brick tile
+    works = [[{"embedder": n, "brick0": 16 * n}] * evals for n, evals in ((1, 10), (4, 10), (4, 30), (2, 5))]
+    runs = [(w, model.seconds(w) + host[0] + len(w) * (host[1] + host[2] * w[0]["brick0"])) for w in works]
     fitted = model.fit_host(runs)
-    assert [fitted.per_request_s, fitted.per_evaluation_s, fitted.per_row_s] == pytest.approx(host)
+    assert [fitted.per_request_s, fitted.per_evaluation_s, fitted.per_tile_s] == pytest.approx(host)
     assert model.fit_host(runs[:2]).per_request_s >= 0  # too few runs for three terms: still no negative one
     assert not model.merge_pays("embedder", 16, 16) and model.merge_pays("embedder", 1, 1)
 

@@ -415,12 +415,8 @@ class CallBatcher:
     def _finish_locked(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
         call.outputs, call.error = outputs, error
         slot = call.slot
-        if self.cost is not None and outputs is not None:
-            slot.done_s += (
-                self.cost.evaluation_seconds({call.engine: call.n})
-                if call.engine == "embedder"
-                else (self.cost.call_seconds(call.engine, call.n))
-            )
+        if self.cost is not None and outputs is not None:  # progress, in predicted seconds
+            slot.done_s += self.cost.call_seconds(call.engine, call.n) + self.cost.host_share(call.engine, call.n)
         if slot.blocked and slot.call is call:
             slot.blocked, slot.call = False, None
             if slot in self._active:

@@ -4,8 +4,9 @@ A request's work is a list of denoiser evaluations, each a few engine calls of k
 (plan.engine_work). Each engine's time per call size was measured at startup (calibrate.py); a call
 is cut into the same near-equal chunks the runner cuts it into, and each chunk is priced by linear
 interpolation between the sizes measured. What happens between engine calls (tiling, the sampler,
-thread hand-offs) is priced per request, per evaluation and per image row, fitted at startup on
-three real runs (:meth:`CostModel.fit_host`). Only the ratio of requests' costs orders work; the absolute numbers
+thread hand-offs) is priced per request, per evaluation and per tile of the first brick (which
+grows with images times canvas pixels, as the host's array work does), fitted at startup on three
+real runs (:meth:`CostModel.fit_host`). Only the ratio of requests' costs orders work; the absolute numbers
 decide admission and deadlines, so the fit matters (benchmarks/serve.py reports its error).
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from lego_export.runtime.runner import balanced_chunks
+
+HOST_ROWS = "brick0"  # its tiles count images x canvas pixels: the host's work per evaluation follows them
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class CostModel:
     engines: dict[str, EngineCost]
     per_request_s: float = 0.0  # host time per request (fitted)
     per_evaluation_s: float = 0.0  # per denoiser evaluation (fitted)
-    per_row_s: float = 0.0  # and per image row of an evaluation (fitted)
+    per_tile_s: float = 0.0  # and per tile of the first brick in an evaluation (fitted)
     fitted: list = field(default_factory=list)  # (predicted engine s, measured s) of the fit's runs
 
     @classmethod
@@ -62,8 +65,19 @@ class CostModel:
         return cost.call_seconds(rows) if cost is not None else 0.0
 
     def evaluation_seconds(self, calls: dict[str, int]) -> float:
-        engines = sum(self.call_seconds(name, rows) for name, rows in calls.items())
-        return engines + self.per_evaluation_s + self.per_row_s * calls.get("embedder", 0)
+        return self.engine_seconds(calls) + self.host_seconds(calls)
+
+    def engine_seconds(self, calls: dict[str, int]) -> float:
+        return sum(self.call_seconds(name, rows) for name, rows in calls.items())
+
+    def host_seconds(self, calls: dict[str, int]) -> float:
+        """Time around the engines in one evaluation."""
+        return sum(self.host_share(name, rows) for name, rows in calls.items())
+
+    def host_share(self, engine: str, rows: int) -> float:
+        """The host time counted with one engine call: an evaluation's with its embedder call (one per
+        evaluation), the per-tile part with the first brick's."""
+        return self.per_evaluation_s if engine == "embedder" else self.per_tile_s * rows if engine == HOST_ROWS else 0.0
 
     def seconds(self, work: list[dict[str, int]]) -> float:
         """A request's service time alone on the machine (plan.engine_work gives its work)."""
@@ -76,10 +90,10 @@ class CostModel:
 
     def fit_host(self, runs: list[tuple[list[dict[str, int]], float]]) -> CostModel:
         """A copy with the host terms fitted to measured runs [(work, seconds)]: least squares of
-        (measured - engine time) on (1, evaluations, image rows), no term below zero (a term that
-        would be is dropped and the rest fitted again)."""
-        engine = [sum(self.call_seconds(n, r) for calls in work for n, r in calls.items()) for work, _ in runs]
-        a = np.array([[1.0, len(work), sum(c.get("embedder", 0) for c in work)] for work, _ in runs])
+        (measured - engine time) on (1, evaluations, first-brick tiles), no term below zero (a term
+        that would be is dropped and the rest fitted again)."""
+        engine = [sum(self.engine_seconds(calls) for calls in work) for work, _ in runs]
+        a = np.array([[1.0, len(work), sum(c.get(HOST_ROWS, 0) for c in work)] for work, _ in runs])
         b = np.array([s - e for (_, s), e in zip(runs, engine, strict=True)])
         keep = [0, 1, 2]
         while True:
@@ -90,5 +104,5 @@ class CostModel:
             keep.remove(int(np.argmin(terms)))
         terms = np.maximum(terms, 0.0)
         fitted = [(e, s) for e, (_, s) in zip(engine, runs, strict=True)]
-        per_request, per_eval, per_row = (float(t) for t in terms)
-        return replace(self, per_request_s=per_request, per_evaluation_s=per_eval, per_row_s=per_row, fitted=fitted)
+        per_request, per_eval, per_tile = (float(t) for t in terms)
+        return replace(self, per_request_s=per_request, per_evaluation_s=per_eval, per_tile_s=per_tile, fitted=fitted)

@@ -306,11 +306,20 @@ class ImageService:
     def _live_locked(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]
 
-    def _finishes(self, jobs: list[Job], now: float) -> dict[str, float]:
-        """Predicted finish time of each job, run one after another in the batcher's order."""
+    def _finishes(self, jobs: list[Job], now: float, planned: Job) -> dict[str, float]:
+        """Predicted finish time of each job, run one after another in the batcher's order: the
+        planned job at its current choice, the others that have not started at their cheapest (each
+        is planned again when it starts, down to that), the running ones at what they have left."""
+
+        def work(j: Job) -> float:
+            if j is planned or j.slot is not None or not j.choices:
+                return j.remaining_s
+            return j.choices[-1].predicted_s
+
         finish, out = now, {}
-        for j in sorted(jobs, key=lambda j: j.urgency(now)):
-            finish += j.remaining_s
+        order = sorted(jobs, key=lambda j: (-j.request.priority, j.order_by - now - work(j), j.created))
+        for j in order:
+            finish += work(j)
             out[j.id] = finish
         return out
 
@@ -320,11 +329,12 @@ class ImageService:
         if job.deadline is None:
             return job.choices[0]
         others = [j for j in self._live_locked() if j is not job]
-        before = self._finishes(others, now)
+        job.choice = job.choices[-1]
+        before = self._finishes(others, now, job)
         on_time = {j.id for j in others if j.deadline is None or before[j.id] <= j.deadline}
         for choice in job.choices:
             job.choice = choice
-            after = self._finishes([*others, job], now)
+            after = self._finishes([*others, job], now, job)
             late = [j for j in others if j.id in on_time and j.deadline is not None and after[j.id] > j.deadline]
             if after[job.id] <= job.deadline and not late:
                 return choice
