@@ -228,3 +228,14 @@ def test_lego_serve_refuses_a_bad_slo_in_one_line():
     result = CliRunner().invoke(lego_serve, ["--engines", str(TINY), "--slo", "fast"])
     assert result.exit_code == 1 and "slo must be" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_the_pace_corrects_predictions_from_finished_work():
+    # Predicted 1 ms a row; every engine call really takes at least 10 ms: the machine is slower
+    # than the cost model says, and the server learns so from the jobs it finishes.
+    service, _ = service_with(lambda engine, feeds: time.sleep(0.01))
+    with running(service) as http:
+        assert http.get("/healthz").json()["pace"] == 1.0
+        for _ in range(2):  # 0.42 s predicted each: the pace is updated after 0.5 s of work
+            assert http.post("/v1/images", json={"steps": 10}).status_code == 200
+        assert http.get("/healthz").json()["pace"] > 1.1

@@ -414,10 +414,9 @@ def run(
     canvas = parse_canvas(resolution) if resolution else (model.img_resolution,) * 2
     tuned = None if no_recommended else manifest.recommended
     options, recommended = resolve(fields, tuned.options if tuned else None)
-    options.validate(model)
+    steps = plan(options, model, canvas, seed)  # every option and the canvas checked before loading
     if recommended:
         click.echo(f"sampling setting: the model's recommended ({describe_recommended(tuned)})")
-    steps = plan(options, model, canvas, seed)  # every option and the canvas checked before loading
     if plan_only:
         click.echo(f"options: {options.describe()}; skip policy: {options.skip_policy(model).description}")
         click.echo(plan_table_for(model, steps))

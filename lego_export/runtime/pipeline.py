@@ -149,14 +149,14 @@ class LegoPipeline:
         """The options a call with these arguments runs, checked: options (or the defaults) with the
         fields given by keyword; with no options and no trajectory field, the model's recommended
         setting when it has one and recommended is true (the rule of options.resolve)."""
-        return self._choose(options, recommended, fields)[0]
+        return self._choose(options, recommended, fields)[0].validate(self.cfg)
 
     def _choose(self, options, recommended: bool, fields: dict) -> tuple[SamplingOptions, bool]:
+        """The options of a call and whether they are the recommended setting (checked by plan())."""
         if options is not None:
-            return (replace(options, **fields) if fields else options).validate(self.cfg), False
+            return (replace(options, **fields) if fields else options), False
         tuned = self.manifest.recommended
-        chosen, used = resolve(fields, tuned.options if recommended and tuned is not None else None)
-        return chosen.validate(self.cfg), used
+        return resolve(fields, tuned.options if recommended and tuned is not None else None)
 
     def plan(self, options: SamplingOptions, resolution: tuple[int, int] | None = None, seed: int = 0):
         """The per-step table of bricks run and tile-grid offsets (plan.py)."""
@@ -197,8 +197,8 @@ class LegoPipeline:
         same images for the same seed; churn's fresh noise also depends only on (seed, index, step)."""
         chosen, used_recommended = self._choose(options, recommended, fields)
         h, w = check_canvas_sides(resolution) if resolution is not None else (self.resolution, self.resolution)
+        steps = self.plan(chosen, (h, w), seed)  # checks the options against the model, once
         check_request(num, batch, seed, (h, w), self.channels, indices)
-        steps = self.plan(chosen, (h, w), seed)
         indices = list(range(num)) if indices is None else [int(i) for i in indices]
         labels = self.labels_for(num, classes, indices)
         sigmas = self.edm.sigmas(chosen.steps)

@@ -168,6 +168,7 @@ def create_app(
             "backend": svc.backend_name,
             "in_flight": svc.in_flight,
             "queued": svc.queued,
+            "pace": round(svc.pace, 4),  # wall seconds per predicted second of work, while busy
             "instance": svc.instance,
             "config": svc.describe_config(),
         }
@@ -221,7 +222,13 @@ async def events(svc: ImageService, job: Job):
 def job_response(job: Job) -> Response:
     """A finished job as HTTP: its bytes, or its error."""
     if job.state == DONE:
-        headers = {"X-Lego-Run": json.dumps(job.run, sort_keys=True)} if job.run else None
+        headers = {"X-Lego-Run": json.dumps(job.run, sort_keys=True)} if job.run else {}
+        if job.started is not None and job.finished is not None:  # where its time went, in the server
+            timing = {
+                "queued_s": round(job.started - job.created, 6),
+                "service_s": round(job.finished - job.started, 6),
+            }
+            headers["X-Lego-Timing"] = json.dumps(timing)
         return Response(job.body, media_type=job.request.media_type, headers=headers)
     if job.state in (FAILED, EXPIRED):
         return JSONResponse({"error": job.error, "id": job.id, "status": job.state}, status_code=job.status)

@@ -76,6 +76,7 @@ class ServeConfig:
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done", "failed", "cancelled", "expired"
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
+SCALE_WORK_S = 0.5  # the pace is updated once this much predicted work has finished (seconds)
 EXPIRED_STATUS = 504
 
 
@@ -130,6 +131,7 @@ class Job:
     deadline: float | None = None  # time.monotonic() by which it must finish (None: no deadline)
     order_by: float = math.inf  # the deadline the order uses (a job without one still ages)
     steps_done: int = 0
+    started: float | None = None  # when it got its slot
 
     @property
     def terminal(self) -> bool:
@@ -203,13 +205,18 @@ class ImageService:
         self._accepting = True
         self.closed = False
         self.instance = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (replicas)
+        # The pace: wall seconds the machine takes, while busy, per second of predicted work. It
+        # corrects the cost model for what a run alone does not show (HTTP, contention, drift).
+        self.pace = 1.0
+        self._busy_s = self._pace_work = 0.0
+        self._last_event = time.monotonic()
         self._reaper = threading.Thread(target=self._expire_loop, name="lego-deadlines", daemon=True)
         self._reaper.start()
 
     def _fit_cost(self, cost: CostModel) -> CostModel:
         """The host terms of the cost model, from short runs of the model's default setting through
-        the batcher, alone: one image and four, and one image at half the steps (each run twice, the
-        first warms up)."""
+        the batcher and the answer's encoding, alone: one image and four, and one image at half the
+        steps (each run twice, the first warms up)."""
         options = self.manifest.recommended.options if self.manifest.recommended else SamplingOptions(steps=4)
         canvas = (self.manifest.model.img_resolution,) * 2
         runs = []
@@ -218,7 +225,8 @@ class ImageService:
                 slot = self.batcher.join()
                 try:
                     start = time.perf_counter()
-                    self.batcher.pipeline(slot)(run_options, num=num, batch=num, seed=0)
+                    result = self.batcher.pipeline(slot)(run_options, num=num, batch=num, seed=0)
+                    encode(result, ImageRequest(num=num))
                     seconds = time.perf_counter() - start
                 finally:
                     self.batcher.leave(slot)
@@ -319,9 +327,21 @@ class ImageService:
         finish, out = now, {}
         order = sorted(jobs, key=lambda j: (-j.request.priority, j.order_by - now - work(j), j.created))
         for j in order:
-            finish += work(j)
+            finish += self.pace * work(j)
             out[j.id] = finish
         return out
+
+    def _account_locked(self, finished_work_s: float = 0.0) -> None:
+        """Count busy wall time up to now, and work finished; update the pace every SCALE_WORK_S."""
+        now = time.monotonic()
+        if self._active > 0:
+            self._busy_s += now - self._last_event
+        self._last_event = now
+        self._pace_work += finished_work_s
+        if self._pace_work >= SCALE_WORK_S:
+            measured = min(3.0, max(0.5, self._busy_s / self._pace_work))
+            self.pace = 0.7 * self.pace + 0.3 * measured
+            self._busy_s = self._pace_work = 0.0
 
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
         """The most expensive of the job's choices that meets its deadline without making a job that
@@ -429,7 +449,8 @@ class ImageService:
             except RequestCancelled:
                 self._end_locked(job, CANCELLED, None, "the server is shutting down", 503)
                 continue
-            job.slot, job.state = slot, RUNNING
+            self._account_locked()  # busy time is counted from here when the machine was idle
+            job.slot, job.state, job.started = slot, RUNNING, time.monotonic()
             self.metrics.count_rung(choice.rung)
             self._active += 1
             threading.Thread(target=self._work, args=(job, slot), name=f"lego-job-{job.id[:8]}", daemon=True).start()
@@ -469,6 +490,7 @@ class ImageService:
                 log.exception("request %s: encoding failed", job.id)
                 state, error, status = FAILED, f"encoding failed: {type(e).__name__}", 500
         with self._lock:
+            self._account_locked(slot.done_s)
             self._active -= 1
             self._end_locked(job, state, body, error, status)
             self._dispatch_locked()

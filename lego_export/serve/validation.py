@@ -240,7 +240,6 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
         steps = options.steps
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > limits.max_steps:
             raise RequestError(413, f"steps {steps} is over this server's limit of {limits.max_steps}")
-        options.validate(model)
         canvas = parse_canvas(data["resolution"]) if data.get("resolution") is not None else None
         if canvas is not None and max(canvas) > limits.max_resolution:
             limit = limits.max_resolution
@@ -265,10 +264,10 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
         if isinstance(req.quality, int) and req.quality >= rungs:
             have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (lego-export tune writes one)"
             raise RequestError(400, f"quality {req.quality}: this model has {have}")
-        req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
         hw = canvas or (model.img_resolution, model.img_resolution)
+        plan(options, model, hw, req.seed)  # every option against the model, the canvas against the bricks
+        req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
         check_request(req.num, req.num, req.seed, hw, model.img_channels)
-        plan(options, model, hw, req.seed)  # the canvas against the bricks
     except OptionError as e:
         raise RequestError(400, str(e.renamed(names))) from None
     except LegoError as e:
