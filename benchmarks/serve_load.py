@@ -20,7 +20,8 @@ within their deadline, refused and expired shares, p50 / p99 latency per canvas,
 canvas's service time alone, requests per rung, and the quality of what was served, as the
 ladder's measured FID and class accuracy (benchmarks/ladder.py, 2,000 images per rung) weighted by
 the rungs served. Also the cost model's error: lego-serve's predicted service time of each request
-alone against its measured latency alone. Writes OUT.json and OUT.md.
+alone against its measured latency alone. Writes OUT.json, OUT.md and OUT.png (deadline attainment
+and served FID against offered load; `--replot` redraws it from OUT.json).
 """
 
 from __future__ import annotations
@@ -119,6 +120,30 @@ def summarize(answers: list[dict], bodies: list[dict], alone: dict[str, float], 
     return row
 
 
+def plot(data: dict, path: Path) -> None:
+    """Deadline attainment and the FID served, against offered load, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (server, quality), style in zip(SERVERS, ("s--", "o-", "^-"), strict=True):
+        rows = [r for r in data["rows"] if r["server"] == server and (quality is None or r["quality"] == quality)]
+        label = server if quality is None else f"{server} ({quality})"
+        loads = [r["load"] for r in rows]
+        axes[0].plot(loads, [100 * r["within_deadline"] for r in rows], style, label=label)
+        axes[1].plot(loads, [r.get("fid_served") for r in rows], style, label=label)
+    axes[0].axhline(99, color="grey", linestyle=":", linewidth=1)
+    axes[0].set(ylabel="requests within deadline (%)", title="deadline attainment")
+    axes[1].set(ylabel="FID of the images served", title="quality served")
+    for ax in axes:
+        ax.set_xlabel(f"offered load (x C_FIFO = {data['c_fifo_requests_per_s']:.2f} requests/s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 @click.command()
 @click.option("--engines", default="engines", show_default=True)
 @click.option("--backend", default="onnxruntime", show_default=True)
@@ -133,8 +158,14 @@ def summarize(answers: list[dict], bodies: list[dict], alone: dict[str, float], 
 @click.option("--max-active", default=None, type=int, help="lego-serve's --max-active (default: its own).")
 @click.option("--c-fifo", "given_c_fifo", default=None, type=float, help="Use this C_FIFO (requests/s); no search.")
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
-def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, given_c_fifo, out):
+@click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
+def main(
+    engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, given_c_fifo, out, replot
+):
     """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
+    if replot:
+        plot(json.loads(Path(out + ".json").read_text()), Path(out + ".png"))
+        return
     manifest = Manifest.read(engines)
     canvases = SMALL_CANVASES if small else CANVASES
     bodies = workload(n, seed, manifest.model.num_classes, canvases)
@@ -282,6 +313,10 @@ def main(engines, backend, threads, n, slo, loads, ladder_json, probes, seed, sm
     )
     Path(out + ".md").write_text(text)
     print(text)
+    try:
+        plot(data, Path(out + ".png"))
+    except ImportError:
+        click.echo("matplotlib not installed: no plot (pip install -e '.[bench]')", err=True)
 
 
 if __name__ == "__main__":
