@@ -159,9 +159,11 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--c-fifo", "given_c_fifo", default=None, type=float, help="Use this C_FIFO (requests/s); no search.")
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
 @click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
+@click.option("--servers", default="baseline,exact,elastic", show_default=True, help="Which servers to load.")
 def main(
-    engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, given_c_fifo, out, replot
-):
+    engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, given_c_fifo, out, replot,
+    servers,
+):  # fmt: skip
     """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
     if replot:
         plot(json.loads(Path(out + ".json").read_text()), Path(out + ".png"))
@@ -208,7 +210,7 @@ def main(
         fractions = [float(x) for x in loads.split(",")]
         patterns = {f: poisson_arrivals(n, f * c_fifo, np.random.default_rng(seed + 2)) for f in fractions}
         results = []
-        for f in fractions:
+        for f in fractions if "baseline" in servers.split(",") else []:
             results.append(
                 {
                     "server": BASELINE,
@@ -233,7 +235,7 @@ def main(
             service = json.loads(r.headers["X-Lego-Timing"])["service_s"]  # slot to answer, in the server
             errors.append((predicted - service) / service)
             latency_errors.append((predicted - latency) / latency)
-        for quality in ("exact", "elastic"):
+        for quality in [q for q in ("exact", "elastic") if q in servers.split(",")]:
             for f in fractions:
                 asked = [{**b, "quality": quality} for b in bodies]
                 row = summarize(send(lego, asked, patterns[f]), asked, alone, ladder)

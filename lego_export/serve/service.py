@@ -76,6 +76,7 @@ class ServeConfig:
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done", "failed", "cancelled", "expired"
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
+HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare
 SCALE_WORK_S = 0.5  # the pace is updated once this much predicted work has finished (seconds)
 EXPIRED_STATUS = 504
 
@@ -344,22 +345,27 @@ class ImageService:
             self._busy_s = self._pace_work = 0.0
 
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
-        """The most expensive of the job's choices that meets its deadline without making a job that
-        would finish in time late; None if none does. A job without a deadline runs as asked."""
+        """How a job runs: the most expensive of its choices that finishes within HEADROOM of the
+        time to its deadline; failing that (a loaded server), the cheapest that still meets the
+        deadline, so that the load sheds work; None if none does. A choice must not make a job that
+        would finish in time late. A job without a deadline runs as asked."""
         if job.deadline is None:
             return job.choices[0]
         others = [j for j in self._live_locked() if j is not job]
         job.choice = job.choices[-1]
         before = self._finishes(others, now, job)
         on_time = {j.id for j in others if j.deadline is None or before[j.id] <= j.deadline}
+        in_time = []
         for choice in job.choices:
             job.choice = choice
             after = self._finishes([*others, job], now, job)
             late = [j for j in others if j.id in on_time and j.deadline is not None and after[j.id] > j.deadline]
             if after[job.id] <= job.deadline and not late:
-                return choice
-        job.choice = None
-        return None
+                if after[job.id] - now <= HEADROOM * (job.deadline - now):
+                    return choice
+                in_time.append(choice)
+        job.choice = in_time[-1] if in_time else None
+        return job.choice
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
