@@ -38,8 +38,6 @@ class _Progress:
             self.bar.update(1)
         self.current = engine
         self.bar.set_description(message)
-        if self.bar.disable:  # not a terminal (a log, a pipe): one line per step instead of a bar
-            click.echo(message, err=True)
 
     def close(self) -> None:
         self.bar.close()
