@@ -67,6 +67,7 @@ def test_fuzzed_requests_never_get_a_server_error(caplog):
                     max_examples=EXAMPLES.get(operation.method.upper(), 15),
                     deadline=None,
                     database=None,
+                    derandomize=True,
                     suppress_health_check=list(HealthCheck),
                 )
                 def check(case) -> None:

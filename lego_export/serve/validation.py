@@ -245,7 +245,7 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
             limit = limits.max_resolution
             raise RequestError(413, f"resolution {data['resolution']!r} is over this server's limit of {limit} a side")
         format = data.get("format", "png")
-        if format not in RESPONSE_FORMATS:
+        if not isinstance(format, str) or format not in RESPONSE_FORMATS:
             raise RequestError(400, f"format must be one of {', '.join(RESPONSE_FORMATS)}, got {format!r}")
         req = ImageRequest(
             options=options,
