@@ -7,13 +7,14 @@ interpolation between the sizes measured. What happens between engine calls (til
 thread hand-offs) is priced per request, per evaluation and per tile of the first brick (which
 grows with images times canvas pixels, as the host's array work does), fitted at startup on three
 real runs (:meth:`CostModel.fit_host`). Only the ratio of requests' costs orders work; the absolute numbers
-decide admission and deadlines, so the fit matters (benchmarks/serve.py reports its error).
+decide admission and deadlines, so the fit matters (benchmarks/serve_load.py reports its error).
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field, replace
+import functools
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,12 +30,17 @@ class EngineCost:
     per_row: dict[int, float]
     max_rows: int
 
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """The call sizes measured, ascending (sorted once: every engine call is priced)."""
+        return sorted(self.per_row)
+
     def call_seconds(self, rows: int) -> float:
         """Seconds for a call of `rows` rows, as the runner runs it (chunks of at most max_rows)."""
         return sum(self._chunk_seconds(hi - lo) for lo, hi in balanced_chunks(rows, self.max_rows)) if rows else 0.0
 
     def _chunk_seconds(self, n: int) -> float:
-        sizes = sorted(self.per_row)
+        sizes = self.sizes
         i = bisect.bisect_left(sizes, n)
         if i < len(sizes) and sizes[i] == n:
             return n * self.per_row[n]
@@ -53,7 +59,6 @@ class CostModel:
     per_request_s: float = 0.0  # host time per request (fitted)
     per_evaluation_s: float = 0.0  # per denoiser evaluation (fitted)
     per_tile_s: float = 0.0  # and per tile of the first brick in an evaluation (fitted)
-    fitted: list = field(default_factory=list)  # (predicted engine s, measured s) of the fit's runs
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, dict[int, float]], chunks: dict[str, int]) -> CostModel:
@@ -102,7 +107,5 @@ class CostModel:
             if (terms >= 0).all() or len(keep) == 1:
                 break
             keep.remove(int(np.argmin(terms)))
-        terms = np.maximum(terms, 0.0)
-        fitted = [(e, s) for e, (_, s) in zip(engine, runs, strict=True)]
-        per_request, per_eval, per_tile = (float(t) for t in terms)
-        return replace(self, per_request_s=per_request, per_evaluation_s=per_eval, per_tile_s=per_tile, fitted=fitted)
+        per_request, per_eval, per_tile = (float(t) for t in np.maximum(terms, 0.0))
+        return replace(self, per_request_s=per_request, per_evaluation_s=per_eval, per_tile_s=per_tile)
