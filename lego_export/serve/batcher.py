@@ -18,8 +18,8 @@ Which calls a tick runs is the batcher's order:
     less now, less its predicted remaining work; cost.py), higher priority before lower. Calls of
     other requests join it only where one merged call is measurably cheaper than separate ones
     (on a CPU a tile costs about the same in any batch, so merging mostly makes short requests wait
-    on long ones). A request whose expiring deadline has passed fails with RequestExpired at its
-    next call instead of taking the engines.
+    on long ones). When a request's deadline passes, the service ends it (``expire``): its pending
+    call fails with RequestExpired instead of taking the engines.
   - ``merge``: every request's calls merged, the earliest engine of the chain first (``align``), so
     that requests fall into step and later engines see them all in one call.
 """
@@ -119,7 +119,6 @@ class Slot:
         *,
         work_s: float = 0.0,
         deadline: float | None = None,
-        expires: bool = False,
         priority: int = 0,
     ):
         self.number = number
@@ -129,8 +128,7 @@ class Slot:
         self.call: EngineCall | None = None
         self.work_s = work_s  # predicted seconds of the whole request (cost.py); 0: unknown
         self.done_s = 0.0  # predicted seconds of the calls it has had
-        self.deadline = math.inf if deadline is None else deadline  # time.monotonic() by which to finish
-        self.expires = expires  # the deadline is the client's (it expires), not only an ordering aid
+        self.deadline = math.inf if deadline is None else deadline  # time.monotonic() it is ordered by
         self.priority = priority
 
     @property
@@ -243,21 +241,19 @@ class CallBatcher:
 
     def cancel(self, slot: Slot) -> None:
         """Cancel a request: its pending call (if any) fails at once, later calls fail when submitted."""
-        with self._cond:
-            slot.cancelled = True
-            call = slot.call
-            if call is not None and call in self._pending:
-                self._pending.remove(call)
-                self._finish_locked(call, None, RequestCancelled("cancelled"))
+        self._stop(slot, "cancelled", RequestCancelled("cancelled"))
 
     def expire(self, slot: Slot) -> None:
-        """End a request whose deadline passed: its pending call fails with RequestExpired at once."""
+        """End a request whose deadline passed (the service decides when): as cancel, with RequestExpired."""
+        self._stop(slot, "expired", RequestExpired("deadline passed"))
+
+    def _stop(self, slot: Slot, flag: str, error: Exception) -> None:
         with self._cond:
-            slot.expired = True
+            setattr(slot, flag, True)
             call = slot.call
             if call is not None and call in self._pending:
                 self._pending.remove(call)
-                self._finish_locked(call, None, RequestExpired("deadline passed"))
+                self._finish_locked(call, None, error)
 
     def submit(self, slot: Slot, engine: str, feeds: dict) -> dict:
         """Queue one engine call and block until the tick that ran it hands back its rows."""
@@ -318,7 +314,7 @@ class CallBatcher:
                     return
                 groups = self._choose(self._pending)
                 chosen = {id(c) for group in groups for c in group}
-                self._pending = [c for c in self._pending if id(c) not in chosen and not c.done.is_set()]
+                self._pending = [c for c in self._pending if id(c) not in chosen]
                 for call in self._pending:
                     call.waited += 1
             self._tick(groups)
@@ -328,18 +324,9 @@ class CallBatcher:
 
     def _most_urgent(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
         """The most urgent request's call, with the calls that are cheaper merged into it than run
-        apart (same engine and row shapes, within the engine's limit); expired requests' calls end."""
+        apart (same engine and row shapes, within the engine's limit)."""
         now = time.monotonic()
-        live = []
-        for call in calls:
-            if call.slot.expires and call.slot.deadline < now:
-                call.slot.expired = True
-                self._finish_locked(call, None, RequestExpired("deadline passed"))
-            else:
-                live.append(call)
-        if not live:
-            return []
-        live.sort(key=lambda c: c.slot.urgency(now))
+        live = sorted(calls, key=lambda c: c.slot.urgency(now))
         group, rows = [live[0]], live[0].n
         if self.cost is not None:
             for call in live[1:]:

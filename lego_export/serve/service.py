@@ -449,7 +449,6 @@ class ImageService:
                 slot = self.batcher.join(
                     work_s=choice.predicted_s,
                     deadline=job.order_by,
-                    expires=job.deadline is not None,
                     priority=job.request.priority,
                 )
             except RequestCancelled:
@@ -533,8 +532,15 @@ class ImageService:
                     self._queue.remove(job)
                     self._end_locked(job, EXPIRED, None, "deadline passed while queued", EXPIRED_STATUS)
                 for job in self._live_locked():
-                    if job.state == RUNNING and job.deadline is not None and job.deadline < now and job.slot:
-                        self.batcher.expire(job.slot)
+                    slot = job.slot
+                    if (
+                        job.state == RUNNING
+                        and job.deadline is not None
+                        and job.deadline < now
+                        and slot
+                        and not slot.expired
+                    ):
+                        self.batcher.expire(slot)
                 upcoming = [j.deadline for j in self._live_locked() if j.deadline is not None and j.deadline >= now]
                 self._lock.wait(timeout=min([1.0, *(d - now + 1e-3 for d in upcoming)]))
 
