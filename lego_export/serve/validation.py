@@ -32,8 +32,8 @@ RESPONSE_FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
 JSON_NAMES = {"guidance": "cfg", "skip.late": "skip"}  # SamplingOptions field -> JSON field, where they differ
 OPTION_NAMES = {"cfg": "guidance"}  # and back
 OPTION_FIELDS = {JSON_NAMES.get(name, name) for name in OPTION_FIELD_NAMES}
-REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async"}
-REQUEST_FIELDS |= {"deadline_s", "priority", "quality"}
+REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async",
+                  "deadline_s", "priority", "quality"}  # fmt: skip
 MAX_DEADLINE_S = 86_400.0
 MAX_PRIORITY = 9
 QUALITIES = ("elastic", "exact")  # or a rung number: degrade at most to that rung of the ladder
@@ -209,11 +209,17 @@ def _deadline(data: dict) -> float | None:
     return float(value)
 
 
-def _quality(data: dict) -> str | int:
+def _quality(data: dict, rungs: int) -> str | int:
+    """The quality asked for: "elastic", "exact", or a rung of the ladder (rungs: how many, the top included)."""
     value = data.get("quality", "elastic")
-    if value in QUALITIES or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000):
+    if value in QUALITIES:
         return value
-    raise RequestError(400, f'quality must be "elastic", "exact" or a rung number of the ladder, got {value!r}')
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RequestError(400, f'quality must be "elastic", "exact" or a rung number of the ladder, got {value!r}')
+    if value >= rungs:
+        have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (benchmarks/ladder.py writes one)"
+        raise RequestError(400, f"quality {value}: this model has {have}")
+    return value
 
 
 def _bool(data: dict, name: str, default: bool) -> bool:
@@ -258,12 +264,8 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
             recommended=used,
             deadline_s=_deadline(data),
             priority=_int(data, "priority", 0, 0, MAX_PRIORITY),
-            quality=_quality(data),
+            quality=_quality(data, len(manifest.recommended.rungs) if manifest.recommended is not None else 0),
         )
-        rungs = len(manifest.recommended.rungs) if manifest.recommended is not None else 0
-        if isinstance(req.quality, int) and req.quality >= rungs:
-            have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (lego-export tune writes one)"
-            raise RequestError(400, f"quality {req.quality}: this model has {have}")
         hw = canvas or (model.img_resolution, model.img_resolution)
         plan(options, model, hw, req.seed)  # every option against the model, the canvas against the bricks
         req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
