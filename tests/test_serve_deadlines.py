@@ -153,10 +153,12 @@ def test_the_server_slo_sets_deadlines_and_admission_protects_admitted_jobs():
 
 def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
     gate = threading.Event()
-    service, _ = service_with(lambda engine, feeds: gate.wait(30), max_active=2)
+    service, backend = service_with(lambda engine, feeds: gate.wait(30), max_active=2)
     with running(service) as http:
         held = http.post("/v1/images", json={"steps": 2, "async": True}).json()["id"]
-        wait_for(lambda: service.batcher.pending == 0 and service.in_flight == 1, what="the first call held")
+        # Held inside the engine, not merely dispatched: otherwise the urgent job's call could run
+        # first and be the one held (an engine call in progress is not interrupted).
+        wait_for(lambda: len(backend.calls) == 1, what="the first call held in the engine")
         waiting = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.5}).json()["id"]
         queued = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.5}).json()["id"]
         for job in (waiting, queued):  # one waits on the engines, one for a slot
