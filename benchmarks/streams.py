@@ -1,0 +1,144 @@
+"""Parallel inference streams: do two 1-thread engine streams serve more than one 2-thread stream?
+
+    python benchmarks/streams.py --engines engines        # about 3 minutes on 2 quiet cores
+
+lego-serve runs one engine call at a time, each with every core (the batcher's tick). On a CPU a
+small call may not keep every core busy, so two calls side by side, each on its own share of the
+cores, could serve more. This measures it on the serving workload's requests (the recommended
+setting, the same canvas and image-count mix as serve_load.py): R requests run back to back by S
+worker threads, each with its own pipeline whose engines use T threads, for (S, T) = (1, cores)
+and (cores, 1). Each configuration runs in its own process (one runtime's spinning thread pool
+slows the next), alternating, ROUNDS times; the medians and their ratio are printed and written to
+OUT.json / OUT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, write_json  # noqa: E402
+from serve_load import CANVASES, workload  # noqa: E402
+
+
+def run_streams(engines: str, backend: str, streams: int, threads: int, n: int, seed: int) -> dict:
+    """R requests through `streams` pipelines at once; requests/s and per-request seconds."""
+    from lego_export.runtime.pipeline import LegoPipeline
+
+    pipes = [LegoPipeline.from_engines(engines, backend, threads=threads) for _ in range(streams)]
+    bodies = workload(n, seed, pipes[0].manifest.model.num_classes, CANVASES)
+    calls = [
+        dict(
+            num=b["num"],
+            seed=b["seed"],
+            resolution=tuple(int(s) for s in b["resolution"].split("x")),
+            classes=[b["class"]] * b["num"] if "class" in b else None,
+        )
+        for b in bodies
+    ]
+    for pipe in pipes:  # warm-up: every canvas once per pipeline
+        for side in CANVASES:
+            pipe(num=1, resolution=tuple(int(s) for s in side.split("x")))
+    todo, lock, seconds = list(calls), threading.Lock(), []
+
+    def worker(pipe) -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                call = todo.pop(0)
+            start = time.perf_counter()
+            pipe(**call)
+            seconds.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(p,)) for p in pipes]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    return {"requests_per_s": n / wall, "median_request_s": statistics.median(seconds)}
+
+
+@click.command()
+@click.option("--engines", default="engines", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or openvino")
+@click.option("--requests", "n", default=60, show_default=True, help="Requests per measurement.")
+@click.option("--rounds", default=3, show_default=True, help="Alternating repeats; medians reported.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="benchmarks/results/streams", show_default=True, help="Writes OUT.json and OUT.md.")
+@click.option("--child", default=None, hidden=True, help="STREAMS,THREADS: run one measurement and print JSON.")
+def main(engines: str, backend: str, n: int, rounds: int, seed: int, out: str, child: str | None) -> None:
+    if child is not None:
+        streams, threads = (int(x) for x in child.split(","))
+        print(json.dumps(run_streams(engines, backend, streams, threads, n, seed)))
+        return
+    cores = os.cpu_count() or 2
+    configs = [(1, cores), (cores, 1)]
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for streams, threads in configs:
+            command = [
+                sys.executable,
+                __file__,
+                "--engines",
+                engines,
+                "--backend",
+                backend,
+                "--requests",
+                str(n),
+                "--seed",
+                str(seed),
+                "--child",
+                f"{streams},{threads}",
+            ]
+            line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            runs[(streams, threads)].append(json.loads(line))
+            print(
+                f"round {r + 1}: {streams} stream(s) x {threads} thread(s): {runs[(streams, threads)][-1]}", flush=True
+            )
+    result = {"machine": machine(), "backend": backend, "requests": n, "rounds": rounds, "configs": []}
+    base = statistics.median(x["requests_per_s"] for x in runs[configs[0]])
+    for streams, threads in configs:
+        rate = statistics.median(x["requests_per_s"] for x in runs[(streams, threads)])
+        result["configs"].append(
+            {
+                "setup": f"{streams} x {threads}",
+                "streams": streams,
+                "threads": threads,
+                "requests_per_s": rate,
+                "vs_one": rate / base,
+                "median_request_s": statistics.median(x["median_request_s"] for x in runs[(streams, threads)]),
+                "runs": runs[(streams, threads)],
+            }
+        )
+    columns = [
+        ("setup", "streams x threads", ""),
+        ("requests_per_s", "requests/s", ".2f"),
+        ("vs_one", "vs 1 stream", ".2f"),
+        ("median_request_s", "median request (s)", ".3f"),
+    ]
+    table = markdown_table(result["configs"], columns)
+    print(table)
+    write_json(Path(out + ".json"), result)
+    Path(out + ".md").write_text(
+        "# Parallel inference streams\n\n"
+        f"`python benchmarks/streams.py --engines {engines} --backend {backend} --requests {n} --rounds {rounds}`\n\n"
+        f"{n} requests of the serving workload (recommended setting; canvases {', '.join(CANVASES)}; 1-2 images), "
+        f"run back to back by each stream; medians of {rounds} alternating rounds, each configuration in its "
+        f"own process; {backend}; {machine().get('cpu', '')}.\n\n{table}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
