@@ -14,13 +14,12 @@ else is in the batch (each tile is computed on its own), so every request gets t
 get offline.
 
 Which calls a tick runs is the batcher's order:
-  - ``slack`` (the default): higher priority first; then first come, first served while that meets
-    every deadline, least slack first (its deadline, less now, less its predicted remaining work;
-    cost.py) once it would not. Calls of other requests join it only where one merged call is
-    measurably cheaper than separate ones (on a CPU a tile costs about the same in any batch, so
-    merging mostly makes short requests wait on long ones). When a request's deadline passes, the
-    service ends it (``expire``): its pending call fails with RequestExpired instead of taking the
-    engines.
+  - ``slack`` (the default): the call of the most urgent request, least slack first (its deadline,
+    less now, less its predicted remaining work; cost.py), higher priority before lower. Calls of
+    other requests join it only where one merged call is measurably cheaper than separate ones
+    (on a CPU a tile costs about the same in any batch, so merging mostly makes short requests wait
+    on long ones). When a request's deadline passes, the service ends it (``expire``): its pending
+    call fails with RequestExpired instead of taking the engines.
   - ``merge``: every request's calls merged, the earliest engine of the chain first (``align``), so
     that requests fall into step and later engines see them all in one call.
 """
@@ -324,20 +323,10 @@ class CallBatcher:
         return self._most_urgent(calls) if self.config.order == "slack" else self._aligned(calls)
 
     def _most_urgent(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
-        """The call of the request that goes first, with the calls that are cheaper merged into it
-        than run apart (same engine and row shapes, within the engine's limit).
-
-        First come, first served while that meets every deadline: each request then runs through as
-        on a one-at-a-time server, and no long request is held back by short ones it had time for.
-        Once some request would miss its deadline in that order, least slack first, which meets
-        every deadline whenever any order does (one machine, work split at engine calls)."""
+        """The most urgent request's call, with the calls that are cheaper merged into it than run
+        apart (same engine and row shapes, within the engine's limit)."""
         now = time.monotonic()
-        arrival = sorted(calls, key=lambda c: (-c.slot.priority, c.slot.number))
-        finish, in_time = now, True
-        for call in arrival:
-            finish += call.slot.remaining_s
-            in_time = in_time and finish <= call.slot.deadline
-        live = arrival if in_time else sorted(calls, key=lambda c: c.slot.urgency(now))
+        live = sorted(calls, key=lambda c: c.slot.urgency(now))
         group, rows = [live[0]], live[0].n
         if self.cost is not None:
             for call in live[1:]:

@@ -275,10 +275,9 @@ class ImageService:
                     max(1, math.ceil(backlog)),
                 )
             self._evict_locked()
-            job.run = self.run_record(job)
             self._jobs[job.id] = job
             self._queue.append(job)
-            self._dispatch_locked()
+            self._dispatch_locked(planned=job)
             self._lock.notify_all()  # the deadline watcher looks again
             return job
 
@@ -435,14 +434,16 @@ class ImageService:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def _dispatch_locked(self) -> None:
+    def _dispatch_locked(self, planned: Job | None = None) -> None:
         """Start the most urgent queued jobs while slots are free; each takes the best choice that
-        still meets its deadline now (the queue may have drained since it arrived)."""
+        still meets its deadline now (the queue may have drained since it arrived), except the job
+        admission planned just now (planned)."""
         while self._queue and self._active < self.config.max_active:
             now = time.monotonic()
             job = min(self._queue, key=lambda j: j.urgency(now))
             self._queue.remove(job)
-            job.choice = self._choose_locked(job, now) or job.choices[-1]
+            if job is not planned:
+                job.choice = self._choose_locked(job, now) or job.choices[-1]
             job.run = self.run_record(job)
             choice = job.choice
             try:
