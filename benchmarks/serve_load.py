@@ -156,13 +156,14 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
 @click.option("--max-active", default=None, type=int, help="lego-serve's --max-active (default: its own).")
+@click.option("--streams", default=1, show_default=True, help="lego-serve's --streams (parallel engine calls).")
 @click.option("--c-fifo", "given_c_fifo", default=None, type=float, help="Use this C_FIFO (requests/s); no search.")
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
 @click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
 @click.option("--servers", default="baseline,exact,elastic", show_default=True, help="Which servers to load.")
 def main(
-    engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, given_c_fifo, out, replot,
-    servers,
+    engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, streams, given_c_fifo, out,
+    replot, servers,
 ):  # fmt: skip
     """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
     if replot:
@@ -177,6 +178,7 @@ def main(
         ladder = [rows[0]] + [r for r in rows[1:] if r.get("accepted")]
     lego_options = ["--max-queue", str(4 * n), "--drain-timeout", "5"]
     lego_options += ["--max-active", str(max_active)] if max_active else []
+    lego_options += ["--streams", str(streams)] if streams > 1 else []
 
     # 1. Service time alone of every request: one at a time on the baseline.
     base = Server(BASELINE, engines, backend, threads, [])

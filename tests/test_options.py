@@ -137,8 +137,11 @@ def test_classes_by_name_everywhere(engines, tmp_path):
         parse_image_request({"class": "sneakers", "steps": 2}, Manifest.read(engines), Limits())
 
 
-def test_one_pipeline_runs_two_calls_at_once(engines):
-    pipe = LegoPipeline.from_engines(engines, "onnxruntime")
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_one_pipeline_runs_two_calls_at_once(engines, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]'): not tested")
+    pipe = LegoPipeline.from_engines(engines, backend)
     a = dict(num=3, steps=4, seed=1, classes=[2])
     b = dict(num=2, steps=6, seed=9, resolution=(16, 32), skip="late", guidance=2.0)
     expected = [pipe(**a), pipe(**b)]

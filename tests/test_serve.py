@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from lego_export.arrays import NumpyArrays  # noqa: E402
 from lego_export.edm import Churn  # noqa: E402
+from lego_export.errors import LegoError  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
 from lego_export.runtime.backends import make_backend  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
@@ -351,6 +353,38 @@ def test_the_models_recommended_setting_is_the_default_unless_the_request_says_h
     assert bad.status_code == 400 and "recommended must be true or false" in one_line_error(bad)
 
 
+@pytest.mark.parametrize("streams", [1, 2])
+def test_streams_run_that_many_requests_engine_calls_at_once_and_images_stay_exact(streams):
+    inside, peak, lock, paired = [0], [0], threading.Lock(), threading.Event()
+
+    def hook(engine, feeds):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+            if inside[0] == streams:
+                paired.set()
+        if streams > 1:
+            paired.wait(10)  # the first call in holds its stream until a second runs beside it
+        else:
+            time.sleep(0.002)
+        with lock:
+            inside[0] -= 1
+
+    service, _ = make_service(hook, streams=streams, max_active=2)
+    bodies = [{"steps": 3, "seed": seed, "class": 1, "format": "npz"} for seed in (1, 2)]
+    with running(service) as http:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda body: http.post("/v1/images", json=body), bodies))
+    assert peak[0] == streams
+    for body, answer in zip(bodies, answers, strict=True):
+        np.testing.assert_allclose(npz_images(answer), offline(body), atol=1e-5, rtol=0)
+
+
+def test_streams_need_a_backend_that_runs_calls_side_by_side():
+    with pytest.raises(LegoError, match="streams 2: parallel engine streams run on onnxruntime and openvino"):
+        make_backend("tensorrt", TINY, Manifest.read(TINY), streams=2)
+
+
 def test_a_request_larger_than_memory_is_refused_before_allocation():
     service, backend = make_service(limits=Limits(max_resolution=16384, max_steps=100, max_images=1_000_000))
     with pytest.raises(RequestError, match="needs about") as refused:
@@ -558,8 +592,8 @@ def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
     body = {"steps": 4, "num": 2, "class": 5, "format": "npz", "seed": 3}
     port = free_port()
     # every lego-serve setting away from its default, to be read back inside the replicas
-    settings = dict(backend="onnxruntime", threads=1, max_batch_tiles=7, max_active=3, order="merge", align=False)
-    settings.update(slo="600s")
+    settings = dict(backend="onnxruntime", threads=1, streams=2, max_batch_tiles=7, max_active=3, order="merge")
+    settings.update(align=False, slo="600s")
     settings.update(calibrate=False, max_queue=5, max_resolution=32, max_steps=300, max_images=40)
     with ray_app.local_deployment(str(TINY), port=port, cluster_cpus=2, min_replicas=2, max_replicas=2,
                                   **settings) as url:  # fmt: skip

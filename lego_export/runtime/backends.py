@@ -15,6 +15,8 @@ works where PyTorch is not installed.
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -194,7 +196,7 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int = 0, precision: str = "fp32"):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 0, precision: str = "fp32", streams: int = 1):
         try:
             import openvino as ov
         except ImportError:
@@ -213,6 +215,8 @@ class OpenVinoBackend:
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
+        if streams > 1:  # OpenVINO's own throughput streams, the threads split among them
+            self.config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
         self.arrays = NumpyArrays()
 
     def runner(self, spec: EngineSpec) -> Runner:
@@ -239,11 +243,15 @@ class OpenVinoBackend:
 
 class _OpenVinoRunner:
     def __init__(self, compiled, outputs: list[str]):
-        self.request = compiled.create_infer_request()
+        self.compiled = compiled
         self.outputs = [(name, compiled.output(name)) for name in outputs]
+        self._local = threading.local()  # an infer request is not shared between threads
 
     def infer(self, feeds: dict) -> dict:
-        result = self.request.infer(feeds)
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer(feeds)
         return {name: np.array(result[port]) for name, port in self.outputs}  # a copy: the next call reuses its buffer
 
 
@@ -443,8 +451,10 @@ def make_backend(
     threads: int = 0,
     cuda_graphs: bool = False,
     precision: str = "fp32",
+    streams: int = 1,
 ):
-    """The backend asked for; 'auto' as in _auto_backend."""
+    """The backend asked for; 'auto' as in _auto_backend. streams: engine calls that may run at once
+    from different threads (a server's parallel streams), the cores shared among them."""
     if name not in BACKENDS:
         raise LegoError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in COMPUTE_PRECISIONS:
@@ -454,6 +464,8 @@ def make_backend(
     allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)
     if name not in allowed:
         raise LegoError(f"--precision {precision} runs on {' and '.join(allowed)} only, not on --backend {name}")
+    if streams > 1 and name not in ("onnxruntime", "openvino"):
+        raise LegoError(f"streams {streams}: parallel engine streams run on onnxruntime and openvino, not on {name}")
     if name == "torch":
         if ckpt is None:
             raise LegoError("--backend torch needs --ckpt CHECKPOINT (the reference runs the PyTorch model)")
@@ -463,7 +475,9 @@ def make_backend(
     if name == "tensorrt":
         return TensorRTBackend(folder, manifest, cuda_graphs)
     if name == "openvino":
-        return OpenVinoBackend(folder, manifest, threads, precision)
+        return OpenVinoBackend(folder, manifest, threads, precision, streams=streams)
     if importlib.util.find_spec("onnxruntime") is None:
         raise LegoError("--backend onnxruntime needs the onnxruntime package, which is not installed")
+    if streams > 1:  # each call runs on the thread that makes it, with its share of the cores
+        threads = max(1, (threads or os.cpu_count() or 1) // streams)
     return OnnxRuntimeBackend(folder, manifest, threads=threads, precision=precision)

@@ -72,11 +72,12 @@ class BatcherConfig:
     order: str = "slack"  # which calls a tick runs (ORDERS, see the module docstring)
     align: bool = True  # merge order: run the earliest engine of the chain first, so requests fall into step
     max_wait_ticks: int = 0  # with align: a call waits at most this many ticks (0: engines in the chain)
+    streams: int = 1  # ticks that may run at once, each on its own thread (the backend shares the cores)
 
 
 @dataclass
 class EngineStats:
-    """Counters of one engine, written by the batcher thread only."""
+    """Counters of one engine, written by the batcher's streams (under its stats lock)."""
 
     calls: int = 0
     tiles: int = 0
@@ -200,8 +201,13 @@ class CallBatcher:
         self._running = 0  # active slots not blocked on a call
         self._numbers = itertools.count()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="lego-batcher", daemon=True)
-        self._thread.start()
+        self._stats_lock = threading.Lock()  # ticks of several streams count into the same stats
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"lego-batcher-{i}", daemon=True)
+            for i in range(self.config.streams)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def chunks(self) -> dict[str, int]:
@@ -299,8 +305,10 @@ class CallBatcher:
                 self._finish_locked(call, None, RequestCancelled("the server is shutting down"))
             self._pending = []
             self._cond.notify_all()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():  # nothing can call an engine any more
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        if not any(t.is_alive() for t in self._threads):  # nothing can call an engine any more
             for runner in self.runners.values():
                 runner.close()
 
@@ -308,7 +316,8 @@ class CallBatcher:
         while True:
             with self._cond:
                 # A tick starts when every active request waits on a call: then the batch holds all
-                # the work there is, and nobody is left out until the next tick.
+                # the work there is, and nobody is left out until the next tick. With several
+                # streams, the requests whose calls another stream runs count as waiting.
                 self._cond.wait_for(lambda: self._closing or (self._pending and self._running <= 0))
                 if self._closing and not self._pending:
                     return
@@ -355,8 +364,9 @@ class CallBatcher:
         start = time.perf_counter()
         for group in groups:
             self._run_group(group)
-        self.stats.ticks += 1
-        self.stats.tick_seconds += time.perf_counter() - start
+        with self._stats_lock:
+            self.stats.ticks += 1
+            self.stats.tick_seconds += time.perf_counter() - start
 
     def _run_group(self, group: list[EngineCall]) -> None:
         """One engine over the concatenated rows of several calls, in chunks; rows go back per call."""
@@ -367,8 +377,9 @@ class CallBatcher:
         if not live:
             return
         stats = self.stats.engines[live[0].engine]
-        stats.groups += 1
-        stats.group_requests += len(live)
+        with self._stats_lock:
+            stats.groups += 1
+            stats.group_requests += len(live)
         try:
             outputs = self._run_rows(live)
         except Exception:
@@ -377,7 +388,8 @@ class CallBatcher:
                 try:
                     self._finish(call, self._run_rows([call]), None)
                 except Exception as e:  # noqa: BLE001 - any engine error becomes this request's failure
-                    self.stats.engines[call.engine].failures += 1
+                    with self._stats_lock:
+                        self.stats.engines[call.engine].failures += 1
                     self._finish(call, None, EngineFailed(call.engine, str(e).splitlines()[0] if str(e) else repr(e)))
             return
         offset = 0
@@ -393,7 +405,7 @@ class CallBatcher:
             merged = calls[0].feeds
         else:
             merged = {k: runner.arrays.concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
-        return runner.infer(merged, _Counted(self.stats, runner.max_rows))
+        return runner.infer(merged, _Counted(self.stats, runner.max_rows, self._stats_lock))
 
     def _finish(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
         with self._cond:
@@ -436,16 +448,17 @@ class _BatchingRunner:
 class _Counted:
     """Reports each chunk an EngineRunner runs into the batcher's counters."""
 
-    def __init__(self, stats: BatcherStats, chunk_rows: int):
-        self.stats, self.chunk_rows = stats, chunk_rows
+    def __init__(self, stats: BatcherStats, chunk_rows: int, lock: threading.Lock):
+        self.stats, self.chunk_rows, self.lock = stats, chunk_rows, lock
 
     def add(self, name: str, seconds: float | None, rows: int) -> None:
         stats = self.stats.engines[name]
         seconds = seconds or 0.0
-        stats.calls += 1
-        stats.tiles += rows
-        stats.capacity += self.chunk_rows
-        stats.seconds += seconds
         bucket = tile_bucket(rows)
-        stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
-        self.stats.engine_seconds += seconds
+        with self.lock:
+            stats.calls += 1
+            stats.tiles += rows
+            stats.capacity += self.chunk_rows
+            stats.seconds += seconds
+            stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
+            self.stats.engine_seconds += seconds

@@ -61,6 +61,7 @@ class ServeConfig:
     backend: str = "auto"  # as lego-run: TensorRT plans where usable, else OpenVINO on a CPU, else ONNX Runtime
     precision: str = "fp32"  # what the bricks compute in (backends.COMPUTE_PRECISIONS)
     threads: int = 0  # ONNX Runtime / OpenVINO threads; 0: all cores
+    streams: int = 1  # engine calls run at once, each on its share of the threads (ONNX Runtime, OpenVINO)
     max_batch_tiles: int = 0  # cap on tiles per engine call; 0: the manifest's N range
     max_active: int = 16  # requests sampling at once (their tiles share engine calls)
     order: str = "slack"  # batcher: which calls run first (batcher.ORDERS)
@@ -177,7 +178,12 @@ class ImageService:
         self.manifest = manifest or Manifest.read(folder)
         if backend is None:
             backend = make_backend(
-                config.backend, folder, self.manifest, threads=config.threads, precision=config.precision
+                config.backend,
+                folder,
+                self.manifest,
+                threads=config.threads,
+                precision=config.precision,
+                streams=config.streams,
             )
         self.backend_name = getattr(backend, "name", type(backend).__name__)
         self.precision = getattr(backend, "precision", "fp32")
@@ -191,6 +197,7 @@ class ImageService:
                 calibrate=config.calibrate,
                 order=config.order,
                 align=config.align,
+                streams=config.streams,
             ),
         )
         self.cost: CostModel | None = None
