@@ -189,8 +189,7 @@ def make_config(
     from lego_export.serve.service import ServeConfig
 
     given = dict(threads=threads, streams=streams, max_batch_tiles=max_batch_tiles, max_active=max_active)
-    given.update(max_queue=max_queue)
-    given.update(max_resolution=max_resolution, max_steps=max_steps, max_images=max_images)
+    given.update(max_queue=max_queue, max_resolution=max_resolution, max_steps=max_steps, max_images=max_images)
     for name, value in given.items():
         lo, hi = RANGES[name]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
