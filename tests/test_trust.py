@@ -263,30 +263,43 @@ def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(engines, tmp_path)
 
 
 class Lines:
-    """Every line of a child's stream, read in a thread, so a test can wait for one with a deadline."""
+    """Every line of a child's stream, read in a thread, so that a test can look at them while it runs."""
 
     def __init__(self, stream):
         self.lines: list[str] = []
-        self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
     def _read(self, stream) -> None:
         for line in stream:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> None:
-        with self.changed:
-            found = self.changed.wait_for(
-                lambda: any(text in line for line in self.lines) or not self.thread.is_alive(), timeout
-            )
-        assert found and any(text in line for line in self.lines), f"no {text!r} in {self.text()!r}"
+            self.lines.append(line)
 
     def text(self, timeout: float = 0.0) -> str:
         self.thread.join(timeout)
         return "".join(self.lines)
+
+
+def signalled(script: str, args: list, ready, sig: int) -> tuple[int, str]:
+    """Run one of the console scripts, send it sig as soon as ready(stderr so far) is true (polled,
+    120 s at most), and return its exit status and its whole stderr (killed if not ended in 60 s)."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / script), *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = Lines(proc.stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(err.text()):
+            assert proc.poll() is None and time.monotonic() < deadline, err.text()
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err.text(timeout=10)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -294,22 +307,9 @@ def test_a_signal_while_sampling_cleans_up_and_says_so(engines, tmp_path, sig):
     out = tmp_path / "out"
     args = ["--engines", str(engines), "--steps", "1000", "--num", "4", "--batch", "1", "--out", str(out / "g.png")]
     args += ["--out-dir", str(out / "each")]
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "lego-run"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    err = Lines(proc.stderr)
-    try:
-        err.wait_for("sampling 4 image(s)")  # printed before the first of 4000 steps
-        proc.send_signal(sig)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = err.text(timeout=10)
-    assert proc.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
+    # "sampling 4 image(s)" is printed before the first of 4000 steps
+    status, err = signalled("lego-run", args, lambda err: "sampling 4 image(s)" in err, sig)
+    assert status == 1 and "interrupted" in err and "Traceback" not in err, err
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -584,26 +584,11 @@ def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, moment, sig):
     base = ["build", "--ckpt", str(CKPT), "--max-batch", "2"]
     assert CliRunner().invoke(export_main, [*base, "--out", str(old)]).exit_code == 0
     before = {p.name: p.read_bytes() for p in old.iterdir()}
+    staged = f".build.*.lego-staging/{moment}"  # the moment: its file in the build's staging folder
     for out, extra in ((fresh, []), (old, ["--force"])):
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "lego-export"), *base, "--out", str(out), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        err = Lines(proc.stderr)
-        try:
-            deadline = time.monotonic() + 120  # poll the staging folder for the moment's file
-            while not list(out.glob(f".build.*.lego-staging/{moment}")):
-                assert proc.poll() is None and time.monotonic() < deadline, err.text()
-                time.sleep(0.01)
-            proc.send_signal(sig)
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        text = err.text(timeout=10)
-        assert proc.returncode == 1 and "interrupted; nothing partial was left behind" in text, text
+        reached = lambda _, out=out: any(out.glob(staged))  # noqa: E731
+        status, text = signalled("lego-export", [*base, "--out", out, *extra], reached, sig)
+        assert status == 1 and "interrupted; nothing partial was left behind" in text, text
         assert "Traceback" not in text
     assert not fresh.exists(), list(fresh.iterdir())
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before and not leftovers(tmp_path)
