@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lego_export.atomic import atomic_write
+
 
 def random_feeds(spec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Inputs of an engine's shapes for timing (values do not change the work): unit Gaussians,
@@ -89,9 +91,14 @@ def machine() -> dict:
     }
 
 
+def write_text(path: Path, text: str) -> None:
+    """A result file, whole or not at all (an exclusive temporary file, then an atomic replace)."""
+    with atomic_write(path) as f:
+        f.write(text.encode())
+
+
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -26,8 +26,10 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 from serve_load import CANVASES, workload  # noqa: E402
+
+from lego_export.options import parse_canvas  # noqa: E402
 
 
 def run_streams(engines: str, backend: str, streams: int, threads: int, n: int, seed: int) -> dict:
@@ -40,14 +42,14 @@ def run_streams(engines: str, backend: str, streams: int, threads: int, n: int, 
         dict(
             num=b["num"],
             seed=b["seed"],
-            resolution=tuple(int(s) for s in b["resolution"].split("x")),
+            resolution=parse_canvas(b["resolution"]),
             classes=[b["class"]] * b["num"] if "class" in b else None,
         )
         for b in bodies
     ]
     for pipe in pipes:  # warm-up: every canvas once per pipeline
         for side in CANVASES:
-            pipe(num=1, resolution=tuple(int(s) for s in side.split("x")))
+            pipe(num=1, resolution=parse_canvas(side))
     todo, lock, seconds = list(calls), threading.Lock(), []
 
     def worker(pipe) -> None:
@@ -131,12 +133,13 @@ def main(engines: str, backend: str, n: int, rounds: int, seed: int, out: str, c
     table = markdown_table(result["configs"], columns)
     print(table)
     write_json(Path(out + ".json"), result)
-    Path(out + ".md").write_text(
+    write_text(
+        Path(out + ".md"),
         "# Parallel inference streams\n\n"
         f"`python benchmarks/streams.py --engines {engines} --backend {backend} --requests {n} --rounds {rounds}`\n\n"
         f"{n} requests of the serving workload (recommended setting; canvases {', '.join(CANVASES)}; 1-2 images), "
         f"run back to back by each stream; medians of {rounds} alternating rounds, each configuration in its "
-        f"own process; {backend}; {machine().get('cpu', '')}.\n\n{table}\n"
+        f"own process; {backend}; {machine().get('cpu', '')}.\n\n{table}\n",
     )
 
 
