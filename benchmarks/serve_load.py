@@ -169,6 +169,10 @@ def main(
     if replot:
         plot(json.loads(Path(out + ".json").read_text()), Path(out + ".png"))
         return
+    chosen = set(servers.split(","))
+    if not chosen <= {"baseline", "exact", "elastic"}:
+        hint = "a comma-separated list of baseline, exact, elastic"
+        raise click.BadParameter(f"{servers!r}: {hint}", param_hint="--servers")
     manifest = Manifest.read(engines)
     canvases = SMALL_CANVASES if small else CANVASES
     bodies = workload(n, seed, manifest.model.num_classes, canvases)
@@ -212,7 +216,7 @@ def main(
         fractions = [float(x) for x in loads.split(",")]
         patterns = {f: poisson_arrivals(n, f * c_fifo, np.random.default_rng(seed + 2)) for f in fractions}
         results = []
-        for f in fractions if "baseline" in servers.split(",") else []:
+        for f in fractions if "baseline" in chosen else []:
             results.append(
                 {
                     "server": BASELINE,
@@ -237,7 +241,7 @@ def main(
             service = json.loads(r.headers["X-Lego-Timing"])["service_s"]  # slot to answer, in the server
             errors.append((predicted - service) / service)
             latency_errors.append((predicted - latency) / latency)
-        for quality in [q for q in ("exact", "elastic") if q in servers.split(",")]:
+        for quality in [q for q in ("exact", "elastic") if q in chosen]:
             for f in fractions:
                 asked = [{**b, "quality": quality} for b in bodies]
                 row = summarize(send(lego, asked, patterns[f]), asked, alone, ladder)
