@@ -585,6 +585,25 @@ def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
     assert "manifest" in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("streams", "0", "streams must be an integer from 1 to 64"),
+        ("streams", True, "streams must be an integer"),
+        ("threads", "1e9", "threads must be an integer"),
+        ("num_cpus", "x", "num_cpus must be a number"),
+        ("drain_timeout", "nan", "drain_timeout must be 0 to 86400 seconds"),
+        ("drain_timeout", "-5", "drain_timeout must be 0 to 86400 seconds"),
+        ("target_ongoing_requests", "nan", "target_ongoing_requests must be 0 or more"),
+    ],
+)
+def test_ray_options_are_checked_before_any_replica_starts(key, value, needle):
+    from lego_export.serve.ray_app import RayOptions
+
+    with pytest.raises(LegoError, match=needle):
+        RayOptions.from_args({"engines": str(TINY), key: value})
+
+
 def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]'): not tested")
     from lego_export.serve import ray_app

@@ -32,6 +32,7 @@ RANGES = {
     "max_steps": (1, MAX_STEPS),
     "max_images": (1, MAX_IMAGES),
 }
+MAX_DRAIN_S = 86_400  # --drain-timeout's bound, for lego-serve and Ray alike
 
 
 def _range(name: str) -> click.IntRange:
@@ -136,7 +137,7 @@ def _range(name: str) -> click.IntRange:
 @click.option("--max-images", type=_range("max_images"), default=64, show_default=True, help="Most images per request.")
 @click.option(
     "--drain-timeout",
-    type=click.FloatRange(0, 86_400),
+    type=click.FloatRange(0, MAX_DRAIN_S),
     default=30.0,
     show_default=True,
     help="On SIGTERM / Ctrl-C: seconds running requests may take to finish before they are failed.",

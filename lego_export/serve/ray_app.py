@@ -68,6 +68,12 @@ class RayOptions:
         options.serve_config()  # refuse bad settings here, not in every replica
         if not (math.isfinite(options.num_cpus) and options.num_cpus > 0):
             raise LegoError(f"num_cpus must be a positive number, got {options.num_cpus}")
+        from lego_export.serve.cli import MAX_DRAIN_S
+
+        if not 0 <= options.drain_timeout <= MAX_DRAIN_S:  # NaN fails too
+            raise LegoError(f"drain_timeout must be 0 to {MAX_DRAIN_S} seconds, got {options.drain_timeout}")
+        if not (math.isfinite(options.target_ongoing_requests) and options.target_ongoing_requests >= 0):
+            raise LegoError(f"target_ongoing_requests must be 0 or more, got {options.target_ongoing_requests}")
         if not 1 <= options.min_replicas <= options.max_replicas:
             raise LegoError(
                 f"replicas: need 1 <= min_replicas <= max_replicas, got {options.min_replicas}, {options.max_replicas}"
@@ -92,12 +98,12 @@ def _typed(key: str, value, kind: str):
             return str(value).lower() in ("true", "1", "yes")
         raise LegoError(f"{key} must be true or false, got {value!r}")
     converter = {"int": int, "float": float}.get(kind, str)
-    if converter is int and isinstance(value, float):
+    if converter is int and isinstance(value, bool | float):
         raise LegoError(f"{key} must be an integer, got {value!r}")
     try:
         return converter(value)
     except ValueError:
-        raise LegoError(f"{key} must be a {converter.__name__}, got {value!r}") from None
+        raise LegoError(f"{key} must be {'an integer' if converter is int else 'a number'}, got {value!r}") from None
 
 
 class SharedJobsService(ImageService):
