@@ -383,6 +383,8 @@ def test_streams_run_that_many_requests_engine_calls_at_once_and_images_stay_exa
 def test_streams_need_a_backend_that_runs_calls_side_by_side():
     with pytest.raises(LegoError, match="streams 2: parallel engine streams run on onnxruntime and openvino"):
         make_backend("tensorrt", TINY, Manifest.read(TINY), streams=2)
+    with pytest.raises(LegoError, match="streams must be at least 1, got 0"):  # no tick thread would ever run
+        make_service(streams=0)
 
 
 def test_a_request_larger_than_memory_is_refused_before_allocation():

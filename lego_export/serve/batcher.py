@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from lego_export.arrays import NumpyArrays
+from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec, Manifest
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
@@ -166,6 +167,8 @@ class CallBatcher:
         """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work."""
         self.manifest, self.backend = manifest, backend
         self.config = config or BatcherConfig()
+        if self.config.streams < 1:  # no tick thread: every request would wait forever
+            raise LegoError(f"streams must be at least 1, got {self.config.streams}")
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
         self.runners = {  # a latent decoder runs on host arrays on every backend

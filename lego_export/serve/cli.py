@@ -65,8 +65,8 @@ def _range(name: str) -> click.IntRange:
     default=1,
     show_default=True,
     help="Engine calls of different requests that run at once, the threads shared among them (ONNX Runtime, "
-    "OpenVINO). On a CPU, small calls leave cores idle: 2 one-thread streams served 1.5x the requests/s of one "
-    "two-thread stream here, each request alone about 20% slower (docs/serving.md).",
+    "OpenVINO). On a CPU small calls leave cores idle, so more streams serve more requests/s, each request "
+    "alone somewhat slower (measured: docs/serving.md).",
 )
 @click.option(
     "--max-batch-tiles",
