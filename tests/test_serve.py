@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -604,6 +605,40 @@ def test_ray_options_are_checked_before_any_replica_starts(key, value, needle):
 
     with pytest.raises(LegoError, match=needle):
         RayOptions.from_args({"engines": str(TINY), key: value})
+
+
+class InlineActor:
+    """A JobDirectory whose `.remote` calls run at once: the replicas' shared state without Ray."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __getattr__(self, name):
+        method = getattr(self.target, name)
+        return types.SimpleNamespace(remote=lambda *args: ("written", method(*args)))
+
+
+def test_a_cancel_is_published_when_it_is_said_not_when_the_engine_call_ends(monkeypatch):
+    """A replica answers 'cancelled' at once, while the job's engine call runs on: the directory,
+    which the other replicas read, must say so by then too (else a client that saw 'cancelled'
+    and asks another replica for the result is told it is still running)."""
+    from lego_export.serve import ray_app
+
+    monkeypatch.setattr(ray_app, "_ray", lambda: types.SimpleNamespace(get=lambda ref: ref[1]))
+    gate = threading.Event()
+    backend = HookedBackend(lambda engine, feeds: gate.wait(30))
+    directory = ray_app.JobDirectory()
+    config = ServeConfig(engines=str(TINY), calibrate=False)
+    service = ray_app.SharedJobsService(config, InlineActor(directory), backend=backend, manifest=backend.manifest)
+    try:
+        job = service.submit(service.parse({"steps": 4, "async": True}))
+        wait_for(lambda: len(backend.calls) == 1, what="the job's first call held in the engine")
+        service.cancel(job, "cancelled by the client")
+        assert job.state == "cancelled" and directory.get(job.id)["state"] == "cancelled"
+        assert service.get(job.id) is job
+    finally:
+        gate.set()
+        service.close(10)
 
 
 def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():

@@ -112,6 +112,10 @@ class SharedJobsService(ImageService):
     def __init__(self, config: ServeConfig, directory, **kwargs):
         super().__init__(config, **kwargs)
         self.directory = directory
+        # job id -> its last record written to the directory; a job this replica says has ended is
+        # answered only once the directory says so too, so no later read through another replica
+        # sees it still running
+        self._written: dict[str, object] = {}
         self._poller = threading.Thread(target=self._poll_cancels, name="lego-cancels", daemon=True)
         self._poller.start()
 
@@ -124,25 +128,46 @@ class SharedJobsService(ImageService):
     def get(self, job_id: str) -> Job | None:
         job = super().get(job_id)
         if job is not None:
+            written = self._written.get(job_id)
+            if written is not None:
+                _ray().get(written)
+                if self._written.get(job_id) is written:
+                    self._written.pop(job_id, None)
             return job
         record = _ray().get(self.directory.get.remote(job_id))
         return None if record is None else _remote_job(job_id, record)
 
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
         if super().get(job.id) is job:
-            super().cancel(job, reason)
+            self._cancel_here(job, reason)
         else:  # running on another replica: it sees the flag within CANCEL_POLL_S
             _ray().get(self.directory.cancel.remote(job.id))
+
+    def _cancel_here(self, job: Job, reason: str) -> None:
+        # A running job says cancelled at once but ends at its next engine call: publish it now,
+        # under the lock (a reentrant one), so no read sees it cancelled before the write is sent.
+        with self._lock:
+            super().cancel(job, reason)
+            self._publish(job)
+
+    def _publish(self, job: Job) -> None:
+        if job.request.is_async:
+            self._written[job.id] = self.directory.put.remote(job.id, _record(job))
 
     def forget(self, job: Job) -> None:
         super().forget(job)
         if job.request.is_async:
+            self._written.pop(job.id, None)
             self.directory.forget.remote(job.id)
 
     def _end_locked(self, job: Job, state: str, body, error, status: int) -> None:
         super()._end_locked(job, state, body, error, status)
-        if job.request.is_async:
-            self.directory.put.remote(job.id, _record(job))
+        self._publish(job)
+
+    def _evict_locked(self) -> None:
+        super()._evict_locked()
+        for job_id in [j for j in self._written if j not in self._jobs]:
+            del self._written[job_id]
 
     def _poll_cancels(self) -> None:
         while not self.closed:
@@ -155,7 +180,7 @@ class SharedJobsService(ImageService):
                 for job_id in _ray().get(self.directory.cancelled.remote(mine)):
                     job = super().get(job_id)
                     if job is not None:
-                        super().cancel(job, "cancelled by the client")
+                        self._cancel_here(job, "cancelled by the client")
 
 
 def _ray():
