@@ -2,8 +2,9 @@
 
     python benchmarks/feature_files.py
 
-Writes benchmarks/classifier/fmnist-features.onnx (the classifier up to its 128-d feature layer, the
-space quality.py and frontier.py measure FID in) and benchmarks/classifier/fmnist-test.ref.npz (mean
+Writes benchmarks/classifier/fmnist-features.onnx (the classifier: its 128-d feature layer, the
+space quality.py and frontier.py measure FID in, and its 10 logits, for the tuner's class-accuracy
+check) and benchmarks/classifier/fmnist-test.ref.npz (mean
 and covariance of the 10k Fashion-MNIST test images' features). Then:
 
     lego-export tune --engines engines --features benchmarks/classifier/fmnist-features.onnx \\
@@ -33,12 +34,12 @@ def main() -> None:
     features_path = FOLDER / "fmnist-features.onnx"
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(
-            classifier.body,
+            classifier,
             (torch.zeros(2, 1, 32, 32),),
             str(features_path),
             input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "N"}, "features": {0: "N"}},
+            output_names=["features", "logits"],
+            dynamic_axes={"images": {0: "N"}, "features": {0: "N"}, "logits": {0: "N"}},
             opset_version=17,
             dynamo=False,
         )

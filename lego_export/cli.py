@@ -335,6 +335,26 @@ def import_checkpoint(checkpoint: str, out: str, entry: str, force: bool) -> Non
 )
 @click.option("--max-fid-increase", default=0.05, show_default=True, help="Budget: FID <= reference FID x (1 + this).")
 @click.option(
+    "--max-accuracy-drop",
+    default=0.01,
+    show_default=True,
+    help="Budget, where --features also outputs logits: class accuracy at most this below the reference's "
+    "(and a rung's at most this below the recommended setting's).",
+)
+@click.option(
+    "--rungs",
+    type=click.IntRange(0, 8),
+    default=3,
+    show_default=True,
+    help="Most rungs of the quality ladder (cheaper settings lego-serve uses under load); 0: no ladder.",
+)
+@click.option(
+    "--rung-fid-ratio",
+    default=1.15,
+    show_default=True,
+    help="A rung's FID is at most this times the recommended setting's (both measured on seed + 2).",
+)
+@click.option(
     "--candidates",
     default="dpm2m:8,dpm2m:10,dpm2m:12,dpm2m:18",
     show_default=True,
@@ -360,6 +380,9 @@ def tune(
     features,
     reference,
     max_fid_increase,
+    max_accuracy_drop,
+    rungs,
+    rung_fid_ratio,
     candidates,
     reference_setting,
     reuse_residual,
@@ -371,9 +394,10 @@ def tune(
     save,
     dry_run,
 ) -> None:
-    """Find the sampling setting with the fewest brick FLOPs whose FID stays within budget of the
-    reference, and write it into manifest.json as the model's recommended default (lego-run uses it
-    when given no sampling option).
+    """Find the sampling setting with the fewest brick FLOPs whose FID (and class accuracy, given a
+    classifier) stays within budget of the reference, and the quality ladder of cheaper settings
+    below it, and write them into manifest.json: the recommended setting is the model's default in
+    lego-run, lego-serve and the Python API; lego-serve steps down the ladder under load.
 
     \b
     lego-export tune --engines engines/ --features features.onnx --reference data-stats.npz
@@ -388,8 +412,13 @@ def tune(
     from lego_export.runtime.pipeline import LegoPipeline
     from lego_export.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
 
-    if not (math.isfinite(max_fid_increase) and 0 <= max_fid_increase <= 10):
-        raise LegoError(f"--max-fid-increase must be from 0 to 10, got {max_fid_increase}")
+    for flag, value, lo, hi in (
+        ("--max-fid-increase", max_fid_increase, 0, 10),
+        ("--max-accuracy-drop", max_accuracy_drop, 0, 1),
+        ("--rung-fid-ratio", rung_fid_ratio, 1, 10),
+    ):
+        if not (math.isfinite(value) and lo <= value <= hi):  # a click FloatRange lets NaN through
+            raise LegoError(f"{flag} must be from {lo} to {hi}, got {value}")
     search = parse_settings(candidates)
     ref_settings = parse_settings(reference_setting)
     if len(ref_settings) != 1:
@@ -405,7 +434,7 @@ def tune(
     if most_steps > MAX_STEPS:
         raise LegoError(f"steps must be at most {MAX_STEPS}, got {most_steps}")
     try:
-        for trial_seed in (seed, seed + 1):  # the search's seeds, then the validation's
+        for trial_seed in (seed, seed + 1, seed + 2):  # the search's seeds, the validation's, the ladder's
             check_request(num, batch, trial_seed, (side, side), model.img_channels)
     except OptionError as e:
         raise e.renamed({"num": "--num", "batch": "--batch", "seed": "--seed"}) from None
@@ -415,13 +444,17 @@ def tune(
     stats = load_reference(reference, net)
     pipe = LegoPipeline.from_engines(engines, backend, threads=threads)
     tuner = Tuner(pipe, net, stats, num, batch, seed, log=lambda m: click.echo(m, err=True))
-    result = tuner.run(Setting(ref_sampler, ref_steps), search, max_fid_increase, reuse_residual)
+    if not tuner.classify:
+        click.echo("--features has no logits output (or the model no classes): class accuracy not checked", err=True)
+    result = tuner.run(Setting(ref_sampler, ref_steps), search, max_fid_increase, reuse_residual, max_accuracy_drop)
     tuner.validate(result, seed + 1)
+    ladder = tuner.ladder(result, seed + 2, rungs, rung_fid_ratio)
     chosen = recommendation(
         result,
         pipe,
         manifest.source["sha256"],
         {"max_fid_increase": max_fid_increase, "images": num, "seed": seed, "backend": backend},
+        ladder,
     )
     click.echo(
         f"recommended: {chosen.describe()}: FID {result.winner.fid:.3f} vs {result.reference.fid:.3f} "
@@ -440,4 +473,4 @@ def tune(
             raise LegoError(f"{engines} was rebuilt from another checkpoint while tuning; nothing written")
         current.recommended = chosen
         current.write(engines)
-    click.echo(f"wrote the recommended setting into {Path(engines) / 'manifest.json'}")
+    click.echo(f"wrote the recommended setting and {len(ladder)} rungs below it into {Path(engines) / 'manifest.json'}")

@@ -1,9 +1,12 @@
-"""Choose a model's recommended sampling setting: the fewest brick FLOPs whose FID stays in budget.
+"""Choose a model's recommended sampling setting, the fewest brick FLOPs whose FID (and class
+accuracy) stays in budget, and the quality ladder of cheaper settings below it.
 
 The search, on a fixed set of seeds and classes (every trial sees the same noise):
 
 1. The reference setting (default Heun, 50 steps, full chain) sets the budget:
-   FID <= FID_reference * (1 + max_fid_increase).
+   FID <= FID_reference * (1 + max_fid_increase), and, where the feature extractor is a classifier
+   too, class accuracy >= accuracy_reference - max_accuracy_drop (FID alone can let a skip setting
+   lose two points of class accuracy).
 2. For each candidate sampler and step count (unless even brick 0 alone at every step would cost
    more than the best setting found so far): the full chain, then per-brick skip windows found
    greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
@@ -14,14 +17,20 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
    drift with the machine as wall time does).
 4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
    are the ones recorded, so the recorded numbers are not the ones the choice was fitted to.
+5. The ladder: the winner with fewer steps, and the search's cheaper trials near its FID, measured
+   with the winner on a third set of seeds; those within the rung rule (FID at most a ratio of the
+   winner's, class accuracy at most max_accuracy_drop below it) and not beaten by a cheaper one
+   become the rungs lego-serve steps down under load.
 
 FID is measured in the feature space of an ONNX feature extractor the user provides (images in, one
-feature vector per image out) against reference statistics (mean and covariance of the real data's
-features), as EDM's and pytorch-fid's reference files are. No PyTorch needed.
+feature vector per image out; optionally a second output `logits`, one score per class) against
+reference statistics (mean and covariance of the real data's features), as EDM's and pytorch-fid's
+reference files are. No PyTorch needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +43,7 @@ from lego_export.edm import SAMPLERS, evaluations
 from lego_export.errors import LegoError
 from lego_export.fid import FeatureStats, frechet_distance
 from lego_export.flops import model_brick_flops
-from lego_export.manifest import Recommended
+from lego_export.manifest import Recommended, Rung
 from lego_export.options import SamplingOptions
 from lego_export.plan import plan, skip_window
 from lego_export.runtime.pipeline import LegoPipeline
@@ -81,20 +90,32 @@ class Trial:
     flops: float  # brick FLOPs per image, in full-chain evaluations
     images_per_s: float
     in_budget: bool = False
+    class_accuracy: float | None = None  # None: the feature extractor has no logits
 
 
 @dataclass
 class TuneResult:
     reference: Trial
     budget: float
+    max_accuracy_drop: float = 0.01  # class accuracy at most this far below the reference's
     trials: list[Trial] = field(default_factory=list)  # every setting sampled, in order
     by_plan: dict = field(default_factory=dict)  # (sampler, steps, reuse, plan) -> its trial
     winner: Trial | None = None
     validation: dict = field(default_factory=dict)
 
+    @property
+    def min_accuracy(self) -> float | None:
+        ref = self.reference.class_accuracy
+        return None if ref is None else ref - self.max_accuracy_drop
+
+    def admits(self, fid: float, accuracy: float | None) -> bool:
+        """Within the budget: FID, and class accuracy where it is measured."""
+        return fid <= self.budget and (self.min_accuracy is None or accuracy >= self.min_accuracy)
+
 
 class FeatureNet:
-    """An ONNX feature extractor (float32 N x C x H x W in [-1, 1] -> N x D), run by ONNX Runtime."""
+    """An ONNX feature extractor (float32 N x C x H x W in [-1, 1] -> N x D), run by ONNX Runtime;
+    with a second output named ``logits`` (N x classes) a classifier too."""
 
     def __init__(self, path: str | Path, image_shape: tuple[int, int, int], threads: int = 0):
         """image_shape: the model's C, H, W; a fixed input size of the extractor must match it."""
@@ -122,22 +143,40 @@ class FeatureNet:
             raise LegoError(
                 f"--features {path}: takes images of {shown}; the model makes {' x '.join(map(str, image_shape))}"
             )
+        names = [o.name for o in self.session.get_outputs()]
+        features = [n for n in names if n != "logits"]
+        if len(names) > 2 or not features:
+            raise LegoError(f"--features {path}: expected the outputs features and (optionally) logits, got {names}")
+        self.outputs = [features[0], *(["logits"] if "logits" in names else [])]
+        self.has_logits = len(self.outputs) == 2
 
-    def __call__(self, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images)[0]
+
+    def run(self, images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features (float64) and, from a classifier, logits of the images."""
         parts = []
         for i in range(0, len(images), chunk):
+            batch = np.ascontiguousarray(images[i : i + chunk], np.float32)
             try:
-                out = self.session.run(None, {self.input: np.ascontiguousarray(images[i : i + chunk], np.float32)})[0]
+                out = self.session.run(self.outputs, {self.input: batch})
             except Exception as e:  # ONNX Runtime's own types, e.g. reference images of another size
                 reason = str(e).splitlines()[0][:200]
                 raise LegoError(f"the feature extractor cannot take images of {images.shape[1:]}: {reason}") from None
-            if out.ndim != 2 or out.shape[1] > MAX_FEATURE_DIM:
-                raise LegoError(f"the feature extractor returned shape {out.shape}; expected N x D")
-            parts.append(out.astype(np.float64))
-        features = np.concatenate(parts)
-        if not np.isfinite(features).all():
+            for name, array in zip(self.outputs, out, strict=True):
+                if array.ndim != 2 or len(array) != len(batch) or array.shape[1] > MAX_FEATURE_DIM:
+                    raise LegoError(f"the feature extractor's {name} have shape {array.shape}; expected N x D")
+            parts.append(out)
+        features, *logits = (np.concatenate(p).astype(np.float64) for p in zip(*parts, strict=True))
+        if not (np.isfinite(features).all() and all(np.isfinite(a).all() for a in logits)):
             raise LegoError("the feature extractor returned NaN or infinity")
-        return features
+        return features, logits[0] if logits else None
+
+
+def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over the classes asked for of the share of their images the classifier puts in them."""
+    predicted = logits.argmax(1)
+    return float(np.mean([(predicted[labels == k] == k).mean() for k in np.unique(labels)]))
 
 
 def load_reference(path: str | Path, features: FeatureNet) -> FeatureStats:
@@ -190,7 +229,7 @@ def parse_settings(text: str) -> list[tuple[str, int]]:
 
 
 class Tuner:
-    """Runs trials (sample, featurise, FID) on one fixed set of seeds and classes."""
+    """Runs trials (sample, featurise, FID and class accuracy) on one fixed set of seeds and classes."""
 
     def __init__(
         self,
@@ -202,9 +241,14 @@ class Tuner:
         seed: int = 0,
         log: Callable[[str], None] = lambda _m: None,
     ):
-        if len(reference.mu) != features(np.zeros((2, pipe.channels, pipe.resolution, pipe.resolution))).shape[1]:
+        feats, logits = features.run(np.zeros((2, pipe.channels, pipe.resolution, pipe.resolution)))
+        if len(reference.mu) != feats.shape[1]:
             raise LegoError("the reference statistics and the feature extractor have different feature sizes")
+        classes = pipe.cfg.num_classes
+        if logits is not None and classes and logits.shape[1] != classes:
+            raise LegoError(f"the feature extractor scores {logits.shape[1]} classes; the model has {classes}")
         self.pipe, self.features, self.reference = pipe, features, reference
+        self.classify = logits is not None and bool(classes)  # class accuracy needs labels to compare with
         self.model = pipe.cfg
         self.num, self.batch, self.seed, self.log = num, batch, seed, log
 
@@ -213,17 +257,25 @@ class Tuner:
         options = setting.options(self.model)
         result = self.pipe(options, num=self.num, batch=self.batch, seed=self.seed if seed is None else seed)
         seconds = time.perf_counter() - start
-        score = frechet_distance(FeatureStats.of(self.features(result.images)), self.reference)
+        features, logits = self.features.run(result.images)
+        score = frechet_distance(FeatureStats.of(features), self.reference)
+        accuracy = class_accuracy(logits, result.labels) if self.classify else None
         flops = evaluations(setting.sampler, setting.steps) * (1.0 - result.timing.flops_saved)
-        return Trial(setting, score, flops, self.num / seconds)
+        return Trial(setting, score, flops, self.num / seconds, class_accuracy=accuracy)
 
     def run(
-        self, reference: Setting, candidates: list[tuple[str, int]], max_fid_increase: float, reuse: bool
+        self,
+        reference: Setting,
+        candidates: list[tuple[str, int]],
+        max_fid_increase: float,
+        reuse: bool,
+        max_accuracy_drop: float = 0.01,
     ) -> TuneResult:
         ref = self.trial(reference)
-        result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase))
+        result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase), max_accuracy_drop)
         ref.in_budget = True
-        self.log(f"reference {reference.label()}: FID {ref.fid:.3f}; budget {result.budget:.3f}")
+        floor = "" if result.min_accuracy is None else f", class accuracy at least {result.min_accuracy:.3f}"
+        self.log(f"reference {reference.label()}: {_scores(ref)}; budget: FID at most {result.budget:.3f}{floor}")
         skippable = len(self.model.bricks) - 1
         flops = model_brick_flops(self.model)
         brick0_share = flops[0] / sum(flops)
@@ -258,22 +310,26 @@ class Tuner:
         canvas = (self.model.img_resolution, self.model.img_resolution)
         return tuple(p.bricks for p in plan(setting.options(self.model), self.model, canvas))
 
+    def _key(self, setting: Setting) -> tuple:
+        """Settings with the same key sample the same images."""
+        return setting.sampler, setting.steps, setting.reuse_residual, self._plan(setting)
+
     def _measure(self, result: TuneResult, setting: Setting) -> Trial:
         """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
         earlier round already sampled)."""
-        key = (setting.sampler, setting.steps, setting.reuse_residual, self._plan(setting))
+        key = self._key(setting)
         earlier = result.by_plan.get(key)
         if earlier is not None:
-            return Trial(setting, earlier.fid, earlier.flops, earlier.images_per_s, earlier.in_budget)
+            return dataclasses.replace(earlier, setting=setting)
         result.by_plan[key] = self._keep(result, self.trial(setting))
         return result.by_plan[key]
 
     def _keep(self, result: TuneResult, trial: Trial) -> Trial:
-        trial.in_budget = trial.fid <= result.budget
+        trial.in_budget = result.admits(trial.fid, trial.class_accuracy)
         result.trials.append(trial)
         verdict = "in budget" if trial.in_budget else "over budget"
         self.log(
-            f"  {trial.setting.label()}: FID {trial.fid:.3f} ({verdict}), "
+            f"  {trial.setting.label()}: {_scores(trial)} ({verdict}), "
             f"{trial.flops:.1f} full-chain evaluations/image, {trial.images_per_s:.1f} images/s"
         )
         return trial
@@ -281,6 +337,9 @@ class Tuner:
     def validate(self, result: TuneResult, seed: int) -> None:
         """Measure the winner and the reference again on seeds the search never saw."""
         ref, win = self.trial(result.reference.setting, seed), self.trial(result.winner.setting, seed)
+        in_budget = win.fid <= ref.fid * result.budget / result.reference.fid
+        if ref.class_accuracy is not None:
+            in_budget &= win.class_accuracy >= ref.class_accuracy - result.max_accuracy_drop
         result.validation = {
             "seed": seed,
             "reference_fid": ref.fid,
@@ -288,28 +347,90 @@ class Tuner:
             "fid_vs_reference": win.fid / ref.fid,
             "reference_images_per_s": ref.images_per_s,
             "images_per_s": win.images_per_s,
-            "in_budget": win.fid <= ref.fid * result.budget / result.reference.fid,
+            "in_budget": bool(in_budget),
         }
-        verdict = (
-            "within"
-            if result.validation["in_budget"]
-            else "OVER (the choice may be fitted to the seeds: try more --num)"
-        )
+        if ref.class_accuracy is not None:
+            result.validation.update(reference_class_accuracy=ref.class_accuracy, class_accuracy=win.class_accuracy)
+        verdict = "within" if in_budget else "OVER (the choice may be fitted to the seeds: try more --num)"
         self.log(
-            f"validation on seed {seed}: FID {win.fid:.3f} vs reference {ref.fid:.3f} ({win.fid / ref.fid:.3f}x), "
-            f"{verdict} the budget"
+            f"validation on seed {seed}: {_scores(win)} vs reference {_scores(ref)} "
+            f"(FID {win.fid / ref.fid:.3f}x), {verdict} the budget"
         )
 
+    def ladder(self, result: TuneResult, seed: int, most: int, max_fid_ratio: float) -> list[Rung]:
+        """Up to `most` rungs below the winner, measured with it on seeds neither the search nor the
+        validation saw (see the module's docstring, step 5)."""
+        win = result.winner
+        candidates = [dataclasses.replace(win.setting, steps=win.setting.steps - k) for k in (1, 2, 3)]
+        near = [t for t in result.trials if t.flops < win.flops and t.fid <= max_fid_ratio * win.fid]
+        candidates += [t.setting for t in sorted(near, key=lambda t: -t.flops)]
+        seen, unique = {self._key(win.setting)}, []
+        for setting in candidates:
+            if setting.steps >= 1 and self._key(setting) not in seen and len(unique) < 2 * most:
+                seen.add(self._key(setting))
+                unique.append(setting)
+        if most == 0 or not unique:
+            return []
+        self.log(f"ladder: {len(unique)} cheaper settings measured with the winner on seed {seed}")
+        top, *trials = (self.trial(s, seed) for s in [win.setting, *unique])
+        for t in trials:
+            self.log(f"  {t.setting.label()}: {_scores(t)}, {t.flops:.1f} full-chain evaluations/image")
+        rungs = select_rungs(top, trials, max_fid_ratio, result.max_accuracy_drop)[:most]
+        self.log(f"ladder: {len(rungs)} rungs, {', '.join(t.setting.label() for t in rungs) or 'none within the rule'}")
+        measured = {"images": self.num, "seed": seed, "top_fid": top.fid, "top_class_accuracy": top.class_accuracy}
+        return [
+            Rung(
+                t.setting.options(self.model),
+                {
+                    "fid": t.fid,
+                    "class_accuracy": t.class_accuracy,
+                    "brick_flops_vs_reference": t.flops / result.reference.flops,
+                    **measured,
+                },
+            )
+            for t in rungs
+        ]
 
-def recommendation(result: TuneResult, pipe: LegoPipeline, checkpoint_sha256: str, measured: dict) -> Recommended:
-    """The winner as the manifest's recommended setting, with what was measured choosing it."""
+
+def select_rungs(top: Trial, trials: list[Trial], max_fid_ratio: float, max_accuracy_drop: float) -> list[Trial]:
+    """The trials that become rungs, most expensive first: cheaper than the top, FID at most
+    max_fid_ratio times the top's, class accuracy at most max_accuracy_drop below it, and none
+    beaten by a cheaper one (as low an FID and as high an accuracy)."""
+
+    def accuracy(t: Trial) -> float:
+        return 0.0 if t.class_accuracy is None else t.class_accuracy
+
+    ok = [
+        t
+        for t in trials
+        if t.flops < top.flops and t.fid <= max_fid_ratio * top.fid and accuracy(t) >= accuracy(top) - max_accuracy_drop
+    ]
+    return sorted(
+        (t for t in ok if not any(c.flops < t.flops and c.fid <= t.fid and accuracy(c) >= accuracy(t) for c in ok)),
+        key=lambda t: -t.flops,
+    )
+
+
+def _scores(trial: Trial) -> str:
+    accuracy = "" if trial.class_accuracy is None else f", class accuracy {trial.class_accuracy:.3f}"
+    return f"FID {trial.fid:.3f}{accuracy}"
+
+
+def recommendation(
+    result: TuneResult, pipe: LegoPipeline, checkpoint_sha256: str, measured: dict, ladder: list[Rung] | None = None
+) -> Recommended:
+    """The winner as the manifest's recommended setting (and its ladder), with what was measured."""
     win, ref = result.winner, result.reference
+    accuracy = {}
+    if ref.class_accuracy is not None:
+        accuracy = {"class_accuracy": win.class_accuracy, "max_accuracy_drop": result.max_accuracy_drop}
     return Recommended(
         options=win.setting.options(pipe.cfg),
         checkpoint_sha256=checkpoint_sha256,
         measured={
             "fid": win.fid,
-            "reference": {"setting": ref.setting.label(), "fid": ref.fid},
+            **accuracy,
+            "reference": {"setting": ref.setting.label(), "fid": ref.fid, "class_accuracy": ref.class_accuracy},
             "budget": result.budget,
             "brick_flops_vs_reference": win.flops / ref.flops,
             "speedup_in_flops": ref.flops / win.flops,
@@ -319,4 +440,5 @@ def recommendation(result: TuneResult, pipe: LegoPipeline, checkpoint_sha256: st
             "validation": result.validation,
             **measured,
         },
+        ladder=list(ladder or []),
     )

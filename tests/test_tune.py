@@ -1,5 +1,6 @@
 """lego-export tune: the search, the manifest's recommended setting, and lego-run using it."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -23,19 +24,29 @@ from lego_export.tune import Setting, Trial, Tuner
 TINY = Path(__file__).parent / "fixtures" / "tiny-engines"
 
 
-def write_features(path: Path, side: int = 16, dim: int = 6) -> Path:
-    """A fixed random projection of the flattened image through tanh: N x 1 x side x side -> N x dim."""
-    weights = np.random.default_rng(0).standard_normal((side * side, dim)).astype(np.float32) / side
+def write_features(path: Path, side: int = 16, dim: int = 6, classes: int = 0) -> Path:
+    """A fixed random projection of the flattened image through tanh: N x 1 x side x side -> N x dim;
+    with classes, also logits N x classes, a random projection of those features."""
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((side * side, dim)).astype(np.float32) / side
+    to_logits = rng.standard_normal((dim, max(classes, 1))).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["proj"]),
+        helper.make_node("Tanh", ["proj"], ["features"]),
+        helper.make_node("MatMul", ["features", "v"], ["logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])]
+    outputs += [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])] if classes else []
     graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["images"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "w"], ["proj"]),
-            helper.make_node("Tanh", ["proj"], ["features"]),
-        ],
+        nodes if classes else nodes[:3],
         "features",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, side, side])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])],
-        [helper.make_tensor("w", TensorProto.FLOAT, weights.shape, weights.ravel())],
+        outputs,
+        [
+            helper.make_tensor("w", TensorProto.FLOAT, weights.shape, weights.ravel()),
+            *([helper.make_tensor("v", TensorProto.FLOAT, to_logits.shape, to_logits.ravel())] if classes else []),
+        ],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
@@ -68,17 +79,20 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
 
 
 class ScriptedTuner(Tuner):
-    """The search without sampling: FID is a fixed function of the setting."""
+    """The search without sampling: FID (and class accuracy) is a fixed function of the setting."""
 
-    def __init__(self, manifest, fid_of):
-        self.model, self.fid_of, self.seen = manifest.model, fid_of, []
+    def __init__(self, manifest, fid_of, accuracy_of=None):
+        self.model, self.fid_of, self.accuracy_of, self.seen = manifest.model, fid_of, accuracy_of, []
         self.flops = model_brick_flops(manifest.model)
         self.log = lambda _m: None
+        self.num = 100
 
     def trial(self, setting, seed=None):
         self.seen.append(setting)
         saved = flop_fraction_saved(plan(setting.options(self.model), self.model, (16, 16)), self.flops)
-        return Trial(setting, self.fid_of(setting), evaluations(setting.sampler, setting.steps) * (1 - saved), 1.0)
+        flops = evaluations(setting.sampler, setting.steps) * (1 - saved)
+        accuracy = self.accuracy_of(setting) if self.accuracy_of else None
+        return Trial(setting, self.fid_of(setting), flops, 1.0, class_accuracy=accuracy)
 
 
 def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_plan():
@@ -106,6 +120,53 @@ def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_pla
     assert result.winner.setting.reuse_residual
     plans = [(s.sampler, s.steps, tuner._plan(s)) for s in tuner.seen]
     assert len(plans) == len(set(plans))  # no plan is ever sampled twice
+
+
+def test_the_accuracy_floor_turns_down_a_setting_that_keeps_fid_and_loses_classes():
+    """The same FIDs as above; skipping brick 1 now also costs class accuracy (a point per tenth)."""
+    manifest = Manifest.read(TINY)
+
+    def fid_of(s: Setting) -> float:
+        return {("heun", 20): 10.0, ("dpm2m", 8): 10.0}[(s.sampler, s.steps)] + 2 * max(s.skipped or (0.0,))
+
+    def accuracy_of(s: Setting) -> float:
+        return 0.80 - 0.1 * (s.skipped or (0.0,))[0]
+
+    def winner(drop: float) -> Setting:
+        tuner = ScriptedTuner(manifest, fid_of, accuracy_of)
+        result = tuner.run(Setting("heun", 20), [("dpm2m", 8)], 0.1, reuse=True, max_accuracy_drop=drop)
+        assert result.min_accuracy == pytest.approx(0.80 - drop)
+        assert all(t.class_accuracy >= 0.80 - drop for t in result.trials if t.in_budget)
+        return result.winner.setting
+
+    # FID alone allows half the trajectory without brick 1 or brick 2 (10 + 2 x 0.5 = 11)
+    assert winner(1.0).skipped[0] == pytest.approx(0.5)
+    assert winner(0.0).skipped[0] == 0.0  # any skip of brick 1 loses accuracy: only brick 2 skipped
+    assert winner(0.0).skipped[1] == pytest.approx(0.5)
+    assert winner(0.025).skipped[0] == pytest.approx(0.2)  # two tenths lose 0.02, three 0.03
+
+
+def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one():
+    from lego_export.tune import select_rungs
+
+    def trial(flops, fid, accuracy):
+        return Trial(Setting("dpm2m", 8), fid, flops, 1.0, class_accuracy=accuracy)
+
+    top = trial(8.0, 10.0, 0.80)
+    rows = [
+        trial(7.0, 10.5, 0.80),  # a rung
+        trial(6.5, 10.8, 0.79),  # beaten by the next: cheaper, lower FID, as accurate
+        trial(6.0, 10.6, 0.795),  # a rung
+        trial(5.0, 11.6, 0.80),  # FID over 1.15x
+        trial(4.0, 11.0, 0.78),  # accuracy more than 0.01 below the top's
+        trial(9.0, 9.0, 0.85),  # dearer than the top
+    ]
+    assert select_rungs(top, rows, 1.15, 0.01) == [rows[0], rows[2]]
+    assert select_rungs(top, rows, 1.2, 0.01) == [rows[0], rows[2], rows[3]]  # the ratio lets one more in
+    assert select_rungs(top, rows, 1.15, 0.05) == [rows[0], rows[2], rows[4]]  # the drop lets one more in
+    without_accuracy = [dataclasses.replace(r, class_accuracy=None) for r in rows]
+    got = select_rungs(dataclasses.replace(top, class_accuracy=None), without_accuracy, 1.15, 0.01)
+    assert got == [without_accuracy[i] for i in (0, 2, 4)]  # FID and FLOPs alone decide
 
 
 def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_folder, tmp_path):
@@ -143,6 +204,35 @@ def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_fo
     plain_explicit, _ = images("--steps", "50")
     np.testing.assert_array_equal(plain, plain_explicit)
     assert np.abs(plain - default).max() > 1e-2
+
+
+def test_with_a_classifier_tune_checks_class_accuracy_and_writes_a_measured_ladder(tuned_folder, tmp_path):
+    engines, _, reference = tuned_folder
+    classifier = write_features(tmp_path / "classifier.onnx", classes=10)
+    loose = ["--max-fid-increase", "10", "--max-accuracy-drop", "1", "--rung-fid-ratio", "10"]
+    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose))
+    assert out.exit_code == 0, out.output
+    tuned = Manifest.read(engines).recommended
+    assert 0 <= tuned.measured["class_accuracy"] <= 1 and "class_accuracy" in tuned.measured["validation"]
+    assert 1 <= len(tuned.ladder) <= 3 and f"{len(tuned.ladder)} rungs below it" in out.output
+    costs = [r.measured["brick_flops_vs_reference"] for r in [tuned, *tuned.ladder]]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # each rung cheaper
+    for rung in tuned.ladder:
+        assert rung.measured["seed"] == 2 and 0 <= rung.measured["class_accuracy"] <= 1
+        assert rung.measured["fid"] <= 10 * rung.measured["top_fid"]
+
+    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose, "--rungs", "0"))
+    assert out.exit_code == 0 and Manifest.read(engines).recommended.ladder == [], out.output
+    plain = CliRunner().invoke(export_main, tune_args(engines, tuned_folder[1], reference, *loose))  # no logits
+    assert plain.exit_code == 0 and "class accuracy not checked" in plain.output, plain.output
+    assert "class_accuracy" not in Manifest.read(engines).recommended.measured
+
+
+def test_a_classifier_of_another_class_count_is_refused(tuned_folder, tmp_path):
+    engines, _, reference = tuned_folder
+    classifier = write_features(tmp_path / "seven.onnx", classes=7)
+    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference))
+    assert out.exit_code == 1 and "scores 7 classes; the model has 10" in out.output, out.output
 
 
 def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
