@@ -48,6 +48,13 @@ COMBOS = [
 ]
 # Other runtimes and precisions: the rows near the frontier (plus the recommended one), not all.
 OTHER_RUNTIME_COMBOS = [("dpm2m", 18, 0.0, False), ("dpm2m", 12, 0.0, False), ("dpm2m", 12, 0.3, True)]
+# The recommended setting with classifier-free guidance (first runtime only): at every step, and only
+# at the steps within a sigma interval (a guided step runs its bricks twice).
+GUIDED = [
+    {"guidance": 1.25},
+    {"guidance": 1.5, "guidance_interval": "4:5"},
+    {"guidance": 1.5, "guidance_interval": "4:14"},
+]
 RUNTIMES = ("onnxruntime:fp32", "openvino:fp32", "openvino:int8", "openvino:bf16")
 
 
@@ -58,9 +65,10 @@ def worker(engines: str, runtime: str, combos: list, num: int, batch: int, folde
     backend, precision = runtime.split(":")
     pipe = LegoPipeline.from_engines(engines, backend, precision=precision)
     rows = []
-    for i, (sampler, steps, skip, reuse, name) in enumerate(combos):
+    for i, (sampler, steps, skip, reuse, name, *guided) in enumerate(combos):
         start = time.perf_counter()
         kwargs = {"skip": "late", "t_break": skip} if isinstance(skip, float) else {"skip": skip or "none"}
+        kwargs.update(*guided)
         result = pipe(num=num, steps=steps, sampler=sampler, batch=batch, reuse_residual=reuse, **kwargs)
         seconds = time.perf_counter() - start
         np.savez(folder / f"{i}.npz", images=result.images, labels=result.labels)
@@ -70,15 +78,20 @@ def worker(engines: str, runtime: str, combos: list, num: int, batch: int, folde
 
 
 def combos_for(runtime: str, manifest: Manifest, headline: bool = False) -> list:
-    """(sampler, steps, skip, reuse, name) rows one runtime samples; headline: the reference (first
-    runtime) and the recommended setting only."""
+    """(sampler, steps, skip, reuse, name[, guidance fields]) rows one runtime samples; headline: the
+    reference (first runtime) and the recommended setting (guided too, on the first runtime) only."""
     base = COMBOS if runtime == RUNTIMES[0] else OTHER_RUNTIME_COMBOS
     if headline:
         base = COMBOS[:1] if runtime == RUNTIMES[0] else []
     rows = [(*c, f"{c[0]} {c[1]}, t-break {c[2]:.1f}{', reuse' if c[3] else ''}") for c in base]
     if manifest.recommended is not None:
         rec = manifest.recommended.options
-        rows.append((rec.sampler, rec.steps, "" if rec.skip == "none" else rec.skip, rec.reuse_residual, "recommended"))
+        top = (rec.sampler, rec.steps, "" if rec.skip == "none" else rec.skip, rec.reuse_residual)
+        rows.append((*top, "recommended"))
+        if runtime == RUNTIMES[0]:
+            for g in GUIDED:
+                at = f" at sigma {g['guidance_interval']}" if "guidance_interval" in g else ""
+                rows.append((*top, f"recommended, cfg {g['guidance']:g}{at}", g))
     return rows
 
 
@@ -204,7 +217,7 @@ def main(
             if not rows:
                 test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
                 test_feats, _ = features_and_logits(classifier, to_input(test.images))
-            for i, ((sampler, steps, skip, reuse, label), timing) in enumerate(
+            for i, ((sampler, steps, skip, reuse, label, *_), timing) in enumerate(
                 zip(combos_for(runtime, manifest, headline), timings, strict=True)
             ):
                 data = np.load(Path(folder) / f"{i}.npz")

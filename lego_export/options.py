@@ -22,7 +22,7 @@ import numpy as np
 
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
-from lego_export.plan import SkipPolicy, late_brick_policy, parse_policy
+from lego_export.plan import SkipPolicy, late_brick_policy, parse_interval, parse_policy
 
 if TYPE_CHECKING:
     from lego_export.config import LegoConfig
@@ -65,6 +65,7 @@ class SamplingOptions:
     reuse_residual: bool = False  # a skipped brick's last correction is added back (denoiser.py)
     churn: Churn | None = None  # EDM's stochastic sampler; None: deterministic
     guidance: float = 1.0  # classifier-free guidance scale (1: none)
+    guidance_interval: str | None = None  # "lo:hi": guidance only at steps with lo <= sigma <= hi; None: all
     tile_shift: bool | None = None  # roll the tile grid between steps; None: on above the training size
 
     def __post_init__(self) -> None:
@@ -97,6 +98,13 @@ class SamplingOptions:
         _number("guidance", self.guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
         if self.guidance != 1.0 and not model.num_classes:
             raise OptionError("guidance", "needs a class-conditional model (classifier-free guidance); this one is not")
+        if self.guidance_interval is not None:
+            if self.guidance == 1.0:
+                raise OptionError("guidance_interval", "applies only with guidance (a scale other than 1)")
+            try:
+                parse_interval(self.guidance_interval)
+            except LegoError as e:
+                raise OptionError("guidance_interval", str(e)) from None
         if self.churn is not None:
             c = self.churn
             for name in ("s_churn", "s_min", "s_noise"):
@@ -131,6 +139,7 @@ class SamplingOptions:
         parts += ["residual reuse"] if self.reuse_residual else []
         parts += [f"churn {self.churn.s_churn:g}"] if self.churn else []
         parts += [f"cfg {self.guidance:g}"] if self.guidance != 1.0 else []
+        parts += [f"at sigma {self.guidance_interval}"] if self.guidance_interval else []
         return ", ".join(parts)
 
     def to_dict(self) -> dict:

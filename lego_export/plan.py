@@ -14,6 +14,9 @@ Policies:
     local one: it is dropped at high noise, the first F of the trajectory.
   - an explicit SPEC ``"k@lo:hi,..."``: brick k (0-based) runs only while lo <= sigma <= hi
     (either bound may be left out), e.g. ``2@0.5:`` keeps brick 2 for sigma >= 0.5 only.
+
+Classifier-free guidance runs at every step, or (a guidance interval ``"lo:hi"``) only at the steps
+with lo <= sigma <= hi: a guided step runs its bricks twice, for the conditional and the null label.
 """
 
 from __future__ import annotations
@@ -113,12 +116,25 @@ def parse_policy(spec: str, num_bricks: int) -> SkipPolicy:
     return SkipPolicy(tuple(windows), f"rules {spec}")
 
 
+def parse_interval(spec: str) -> tuple[float, float]:
+    """``"lo:hi"`` (either bound may be left out) as (lo, hi), for the guidance interval."""
+    try:
+        lo_text, hi_text = spec.split(":")
+        lo, hi = float(lo_text) if lo_text.strip() else 0.0, float(hi_text) if hi_text.strip() else math.inf
+    except (AttributeError, ValueError):
+        raise LegoError(f"{spec!r} cannot be read; write LO:HI in sigma, e.g. 4:14 or 4:") from None
+    if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or lo < 0 or lo > hi:
+        raise LegoError(f"{spec!r}: bounds must be numbers with 0 <= LO <= HI (leave a bound out for none)")
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class StepPlan:
     step: int
     sigma: float
     bricks: int  # run bricks 0 .. bricks-1
     shift: tuple[int, int]  # tile-grid offset (dy, dx) for this step
+    guided: bool = False  # classifier-free guidance at this step: the bricks run for both halves
 
 
 def tile_shift(step: int, period: int, seed: int = 0) -> tuple[int, int]:
@@ -139,7 +155,11 @@ def plan(options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], s
     if shift is None:
         shift = h > model.img_resolution or w > model.img_resolution
     period = max(b.size for b in model.bricks) if shift else None
-    return make_plan(model.edm.sigmas(options.steps), len(model.bricks), options.skip_policy(model), period, seed)
+    guide = None
+    if options.guidance != 1.0 and model.num_classes:
+        guide = parse_interval(options.guidance_interval) if options.guidance_interval else (0.0, math.inf)
+    sigmas = model.edm.sigmas(options.steps)
+    return make_plan(sigmas, len(model.bricks), options.skip_policy(model), period, seed, guide)
 
 
 def make_plan(
@@ -148,13 +168,16 @@ def make_plan(
     policy: SkipPolicy,
     shift_period: int | None = None,
     seed: int = 0,
+    guide: tuple[float, float] | None = None,
 ) -> list[StepPlan]:
-    """One StepPlan per step; Heun's second evaluation at sigmas[i + 1] uses step i's plan."""
+    """One StepPlan per step; Heun's second evaluation at sigmas[i + 1] uses step i's plan. guide:
+    the sigma interval where guidance runs (None: no guidance)."""
     plans = []
     for i in range(len(sigmas) - 1):
         sigma = float(sigmas[i])
         shift = tile_shift(i, shift_period, seed) if shift_period else (0, 0)
-        plans.append(StepPlan(i, sigma, policy.bricks_at(sigma, num_bricks), shift))
+        guided = guide is not None and guide[0] <= sigma <= guide[1]
+        plans.append(StepPlan(i, sigma, policy.bricks_at(sigma, num_bricks), shift, guided))
     return plans
 
 
@@ -162,24 +185,31 @@ def engine_work(
     options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], num: int, seed: int = 0
 ) -> list[dict[str, int]]:
     """Rows each engine is called with, per denoiser evaluation of one run of num images: the
-    embedder once per image (twice with guidance: the null-label half), brick k once per tile of
+    embedder once per image (twice at a guided step: the null-label half), brick k once per tile of
     its size, for the bricks the plan runs. What a run costs follows from this and each engine's
     time per call (the server's cost model); a latent model's decoder is not included."""
     steps = plan(options, model, canvas, seed)
     h, w = canvas
-    rows = num * (2 if options.guidance != 1.0 and model.num_classes else 1)
-    tiles = [rows * (h // b.size) * (w // b.size) for b in model.bricks]
     work = []
     for i, step in enumerate(steps):
+        rows = num * (2 if step.guided else 1)
+        calls = {"embedder": rows}
+        for k, b in enumerate(model.bricks[: step.bricks]):
+            calls[f"brick{k}"] = rows * (h // b.size) * (w // b.size)
         # Heun corrects every step but the last, with a second evaluation under the same plan.
-        evaluations = 2 if options.sampler == "heun" and i < len(steps) - 1 else 1
-        calls = {"embedder": rows, **{f"brick{k}": tiles[k] for k in range(step.bricks)}}
-        work += [calls] * evaluations
+        work += [calls] * (2 if options.sampler == "heun" and i < len(steps) - 1 else 1)
     return work
 
 
 def flop_fraction_saved(plans: list[StepPlan], brick_flops: list[float]) -> float:
-    """Fraction of brick FLOPs a plan skips relative to running every brick at every step."""
+    """Fraction of brick FLOPs a plan saves relative to running every brick once at every step. A
+    guided step runs its bricks twice, so a guided plan can save less than nothing (-1: guidance at
+    every step of the full chain)."""
     full = len(plans) * sum(brick_flops)
-    run = sum(sum(brick_flops[: p.bricks]) for p in plans)
+    run = sum(sum(brick_flops[: p.bricks]) * (2 if p.guided else 1) for p in plans)
     return 1.0 - run / full if full else 0.0
+
+
+def describe_saving(saved: float) -> str:
+    """flop_fraction_saved for people, guided plans (which may save less than nothing) included."""
+    return f"{saved:.1%} of brick FLOPs saved" if saved >= 0 else f"{-saved:.1%} more brick FLOPs than unguided"

@@ -50,6 +50,11 @@ def engines(tmp_path) -> Path:
         (dict(skip="7@1:"), "skip"),
         (dict(guidance=float("inf")), "guidance"),
         (dict(guidance=-1e308), "guidance"),
+        (dict(guidance_interval="4:14"), "guidance_interval"),  # without guidance it would change nothing
+        (dict(guidance=2.0, guidance_interval="14:4"), "guidance_interval"),
+        (dict(guidance=2.0, guidance_interval="nan:"), "guidance_interval"),
+        (dict(guidance=2.0, guidance_interval="4"), "guidance_interval"),
+        (dict(guidance=2.0, guidance_interval=4), "guidance_interval"),
         (dict(churn=Churn(10, s_min=-1)), "churn.s_min"),
         (dict(churn=Churn(10, s_max=float("nan"))), "churn.s_max"),
         (dict(churn=Churn(10), sampler="dpm2m"), "churn"),

@@ -87,3 +87,22 @@ def test_tile_shifts_are_reproducible_and_vary():
     assert shifts == [tile_shift(i, 32) for i in range(20)]
     assert len(set(shifts)) > 10 and all(0 <= d < 32 for s in shifts for d in s)
     assert all(p.shift == (0, 0) for p in make_plan(np.array([80.0, 1.0, 0.0]), 3, late_brick_policy([4, 8], 0, EDM)))
+
+
+def test_guided_steps_are_those_in_the_interval_and_their_rows_and_flops_count_twice():
+    from lego_export.config import get_preset
+    from lego_export.options import SamplingOptions
+    from lego_export.plan import describe_saving, engine_work, flop_fraction_saved, plan
+
+    model = get_preset("pg-tiny")
+    options = SamplingOptions(sampler="dpm2m", steps=6, guidance=1.5, guidance_interval="1:20")
+    steps = plan(options, model, (16, 16))
+    assert [p.guided for p in steps] == [1 <= p.sigma <= 20 for p in steps] and 0 < sum(p.guided for p in steps) < 6
+    work = engine_work(options, model, (16, 16), num=3)
+    assert [w["embedder"] for w in work] == [6 if p.guided else 3 for p in steps]
+    assert all(w["brick0"] == w["embedder"] * 16 for w in work)  # 4-pixel tiles of a 16 x 16 canvas
+    saved = flop_fraction_saved(steps, [1.0, 1.0, 1.0])
+    assert saved == pytest.approx(-sum(p.guided for p in steps) / 6)
+    assert describe_saving(saved).endswith("more brick FLOPs than unguided")
+    unguided = plan(SamplingOptions(sampler="dpm2m", steps=6), model, (16, 16))
+    assert not any(p.guided for p in unguided) and describe_saving(0.25) == "25.0% of brick FLOPs saved"

@@ -48,10 +48,11 @@ class CallCounter:
     """Wraps a runner and counts calls (one per chunk of tiles)."""
 
     def __init__(self, runner):
-        self.runner, self.calls = runner, 0
+        self.runner, self.calls, self.rows = runner, 0, 0
 
     def infer(self, feeds):
         self.calls += 1
+        self.rows += len(next(iter(feeds.values())))
         return self.runner.infer(feeds)
 
 
@@ -197,6 +198,30 @@ def test_skipping_changes_the_images_and_holds_under_guidance(models):
     assert np.abs(guided.images - skipped).max() > 1e-3  # and guidance itself changed the images
 
 
+def test_a_guidance_interval_guides_exactly_the_steps_within_it(models):
+    """Guidance over an interval holding every step is guidance at every step; over one holding
+    none it is no guidance; in between it differs from both, and costs the guided steps twice."""
+    _, engines = models["pg"]
+    pipe = LegoPipeline.from_engines(engines)
+    base = dict(num=2, steps=6, batch=2, seed=2, sampler="dpm2m")
+    sigmas = pipe.edm.sigmas(6)
+    everywhere, nowhere = pipe(**base, guidance=2.0), pipe(**base)
+    np.testing.assert_array_equal(pipe(**base, guidance=2.0, guidance_interval="0:").images, everywhere.images)
+    np.testing.assert_array_equal(pipe(**base, guidance=2.0, guidance_interval="1000:").images, nowhere.images)
+    middle = f"{sigmas[3] * 0.99}:{sigmas[2] * 1.01}"  # steps 2 and 3 of 6
+    counters = count_calls(pipe)
+    pipe(**base)
+    unguided = [c.rows for c in counters]
+    partial = pipe(**base, guidance=2.0, guidance_interval=middle)
+    assert [c.rows - u for c, u in zip(counters, unguided, strict=True)] == [u * 8 // 6 for u in unguided]
+    # (the test model's guidance is weak: differences of 1e-4, far above float rounding's 1e-7)
+    assert np.abs(partial.images - everywhere.images).max() > 1e-5
+    assert np.abs(partial.images - nowhere.images).max() > 1e-5
+    assert everywhere.timing.flops_saved == pytest.approx(-1.0) and nowhere.timing.flops_saved == 0.0
+    assert partial.timing.flops_saved == pytest.approx(-2 / 6)
+    assert "at sigma" in partial.options.describe()
+
+
 def test_non_square_canvases_and_tile_shift(models):
     _, engines = models["pg"]
     pipe = LegoPipeline.from_engines(engines)
@@ -285,6 +310,8 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
         (["--engines", engines, "--resolution", "big"], "write HxW"),
         (["--engines", engines, "--class", 12], "class 12 is out of range"),
         (["--engines", uncond, "--cfg", 2], "needs a class-conditional model"),
+        (["--engines", engines, "--cfg-interval", "4:14"], "--cfg-interval applies only with guidance"),
+        (["--engines", engines, "--cfg", 2, "--cfg-interval", "x"], "--cfg-interval 'x' cannot be read"),
         (["--engines", engines, "--backend", "tensorrt"], "TensorRT is not installed"),
         (["--engines", engines, "--backend", "torch"], "needs --ckpt"),
         (["--engines", engines, "--skip-policy", "9@1:"], "brick index must be 0 to 2"),

@@ -132,6 +132,7 @@ def offline(body: dict, engines: Path = TINY, backend: str = "onnxruntime") -> n
     classes = [body["class"]] if "class" in body else body.get("classes")
     fields = dict(steps=body["steps"], sampler=body.get("sampler", "heun"), skip=body.get("skip", "none"))
     fields.update(t_break=body.get("t_break"), guidance=body.get("cfg", 1.0), tile_shift=body.get("tile_shift"))
+    fields.update(guidance_interval=body.get("cfg_interval"))
     fields.update(churn=churn, reuse_residual=body.get("reuse_residual", False))
     kwargs = dict(num=body.get("num", 1), resolution=(h, w), classes=classes, seed=body.get("seed", 0))
     return pipe(**kwargs, **fields).images
@@ -196,6 +197,7 @@ MIXED = [
     {"num": 2, "steps": 12, "sampler": "euler", "resolution": "32x32", "seed": 5, "churn": 5},
     {"num": 5, "steps": 4, "resolution": "16x32", "seed": 6, "tile_shift": False, "class": 9},
     {"num": 2, "steps": 8, "resolution": "32x32", "seed": 7, "skip": "2@:5,1@0.1:", "cfg": 3.0},
+    {"num": 2, "steps": 6, "sampler": "dpm2m", "seed": 9, "cfg": 2.0, "cfg_interval": "1:20", "class": 4},
     {"num": 2, "steps": 6, "sampler": "dpm2m", "seed": 8, "skip": "late", "t_break": 0.5, "reuse_residual": True},
 ]
 
@@ -263,6 +265,9 @@ BAD = [
     (b'{"cfg": NaN}', 400),
     (b'{"cfg": 1e400}', 400),
     (b'{"cfg": "2"}', 400),
+    (b'{"cfg_interval": "1:5"}', 400),
+    (b'{"cfg": 2, "cfg_interval": 5}', 400),
+    (b'{"cfg": 2, "cfg_interval": "5:1"}', 400),
     (b'{"class": 10}', 400),
     (b'{"class": -1}', 400),
     (b'{"class": 1.5}', 400),
@@ -310,6 +315,8 @@ def test_every_invalid_field_is_refused_with_a_one_line_json_error_before_anythi
             assert http.request(method, path).status_code == status
         assert http.get("/v1/images").status_code == 405
         assert "Method Not Allowed" in one_line_error(http.get("/v1/images"))
+        alone = http.post("/v1/images", json={"cfg_interval": "1:5"})  # the JSON name, not the library's
+        assert one_line_error(alone).startswith("cfg_interval applies only with guidance"), alone.text
     assert service.batcher.stats.requests_joined == 0 and backend.calls == []
 
 

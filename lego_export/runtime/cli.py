@@ -28,7 +28,7 @@ from lego_export.options import (
     parse_canvas,
     resolve,
 )
-from lego_export.plan import flop_fraction_saved, plan
+from lego_export.plan import describe_saving, flop_fraction_saved, plan
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import Timing
@@ -48,6 +48,7 @@ FLAGS = {
     "churn.s_max": "--s-max",
     "churn.s_noise": "--s-noise",
     "guidance": "--cfg",
+    "guidance_interval": "--cfg-interval",
     "tile_shift": "--tile-shift",
     "num": "--num",
     "batch": "--batch",
@@ -63,11 +64,12 @@ def plan_table_for(model, plan) -> str:
     names = [f"brick{k}({b.size})" for k, b in enumerate(model.bricks)]
     lines = [f"{'step':>4} {'sigma':>9}  {'shift':>8}  bricks run"]
     for p in plan:
-        lines.append(f"{p.step:>4} {p.sigma:>9.4f}  {str(p.shift):>8}  {' > '.join(names[: p.bricks])}")
+        guided = " (guided: twice)" if p.guided else ""
+        lines.append(f"{p.step:>4} {p.sigma:>9.4f}  {str(p.shift):>8}  {' > '.join(names[: p.bricks])}{guided}")
     skipped = sum(len(names) - p.bricks for p in plan)
     lines.append(
         f"{skipped} of {len(plan) * len(names)} brick runs skipped; "
-        f"{flop_fraction_saved(plan, model_brick_flops(model)):.1%} of brick FLOPs saved"
+        f"{describe_saving(flop_fraction_saved(plan, model_brick_flops(model)))}"
     )
     return "\n".join(lines)
 
@@ -166,6 +168,8 @@ def given_options(params: dict) -> dict:
         fields["churn"] = Churn(params["s_churn"], params["s_min"], params["s_max"], params["s_noise"])
     if given("cfg"):
         fields["guidance"] = params["cfg"]
+    if given("cfg_interval"):
+        fields["guidance_interval"] = params["cfg_interval"]
     return fields
 
 
@@ -271,6 +275,13 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
     default=1.0,
     show_default=True,
     help="Classifier-free guidance scale (1 = none).",
+)
+@click.option(
+    "--cfg-interval",
+    default=None,
+    metavar="LO:HI",
+    help="Guide only the steps whose noise level sigma is within LO:HI (a bound may be left out), e.g. 4:14: "
+    "a guided step costs twice an unguided one (see the steps' sigmas with --plan). Default: every step.",
 )
 @click.option(
     "--churn",

@@ -215,7 +215,8 @@ class LegoPipeline:
             reuse = {} if chosen.reuse_residual else None  # one per batch: the corrections of its own images
 
             def evaluate(x, sigma, step, onehot=onehot, reuse=reuse):
-                return self._denoise(call, x, sigma, steps[step], onehot, chosen.guidance, reuse)
+                guidance = chosen.guidance if steps[step].guided else 1.0  # the plan knows the interval
+                return self._denoise(call, x, sigma, steps[step], onehot, guidance, reuse)
 
             def fresh_noise(step, chunk=chunk):
                 return self.arrays.from_numpy(churn_noise(seed, chunk, (self.channels, h, w), step))

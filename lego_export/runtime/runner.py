@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec
+from lego_export.plan import describe_saving
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Timing:
     images: int = 0
     brick_evaluations: int = 0  # brick calls on one batch (one per brick per denoiser evaluation)
     bricks_skipped: int = 0
-    flops_saved: float = 0.0  # fraction of brick FLOPs the plan skipped
+    flops_saved: float = 0.0  # fraction of brick FLOPs the plan saved (plan.flop_fraction_saved)
     per_engine: bool = True  # False on an asynchronous device unless profiling: engine_ms stays empty
     precision: str = "fp32"  # the runtime's compute precision (backends.COMPUTE_PRECISIONS)
     built: str = "fp32"  # the precision of the brick files it ran (manifest.FILE_PRECISIONS)
@@ -89,7 +90,7 @@ class Timing:
         lines.append(
             f"total {s['total_s']:.2f} s for {s['images']} images over {s['steps']} steps: "
             f"{s['ms_per_step']:.1f} ms/step, {s['s_per_image']:.3f} s/image, {s['images_per_s']:.2f} images/s; "
-            f"bricks skipped {s['bricks_skipped']}/{s['brick_evaluations']} ({s['flops_saved']:.1%} of brick FLOPs); "
+            f"bricks skipped {s['bricks_skipped']}/{s['brick_evaluations']} ({describe_saving(s['flops_saved'])}); "
             f"runtime overhead {overhead}; brick files {self.built}, runtime precision {self.precision}"
         )
         return "\n".join(lines)

@@ -29,8 +29,9 @@ from lego_export.plan import plan
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes; anything this large is not one
 RESPONSE_FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
-JSON_NAMES = {"guidance": "cfg", "skip.late": "skip"}  # SamplingOptions field -> JSON field, where they differ
-OPTION_NAMES = {"cfg": "guidance"}  # and back
+# SamplingOptions field -> JSON field, where they differ, and back
+JSON_NAMES = {"guidance": "cfg", "guidance_interval": "cfg_interval", "skip.late": "skip"}
+OPTION_NAMES = {"cfg": "guidance", "cfg_interval": "guidance_interval"}
 OPTION_FIELDS = {JSON_NAMES.get(name, name) for name in OPTION_FIELD_NAMES}
 REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async",
                   "deadline_s", "priority", "quality"}  # fmt: skip
@@ -130,6 +131,7 @@ def request_schema(limits: Limits, manifest: Manifest | None = None) -> dict:
         "reuse_residual": {"type": "boolean"},
         "recommended": {"type": "boolean", "default": True},
         "cfg": {"type": "number", "minimum": -MAX_GUIDANCE, "maximum": MAX_GUIDANCE, "default": 1.0},
+        "cfg_interval": {"type": "string", "description": 'guidance only at steps with LO <= sigma <= HI: "LO:HI"'},
         "churn": {"oneOf": [{"type": "number", "minimum": 0}, churn_object]},
         "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0},
         "tile_shift": {"type": ["boolean", "null"]},
@@ -217,7 +219,7 @@ def _quality(data: dict, rungs: int) -> str | int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise RequestError(400, f'quality must be "elastic", "exact" or a rung number of the ladder, got {value!r}')
     if value >= rungs:
-        have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (benchmarks/ladder.py writes one)"
+        have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (lego-export tune writes one)"
         raise RequestError(400, f"quality {value}: this model has {have}")
     return value
 
