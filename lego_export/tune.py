@@ -148,7 +148,6 @@ class FeatureNet:
         if len(names) > 2 or not features:
             raise LegoError(f"--features {path}: expected the outputs features and (optionally) logits, got {names}")
         self.outputs = [features[0], *(["logits"] if "logits" in names else [])]
-        self.has_logits = len(self.outputs) == 2
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.run(images)[0]
