@@ -235,6 +235,19 @@ def test_a_classifier_of_another_class_count_is_refused(tuned_folder, tmp_path):
     assert out.exit_code == 1 and "scores 7 classes; the model has 10" in out.output, out.output
 
 
+def test_a_feature_model_with_outputs_other_than_features_and_logits_is_refused(tuned_folder, tmp_path):
+    engines, _, reference = tuned_folder
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], [name], axis=1) for name in ("a", "b", "c")],
+        "three",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 256]) for name in ("a", "b", "c")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "three.onnx")
+    out = CliRunner().invoke(export_main, tune_args(engines, tmp_path / "three.onnx", reference))
+    assert out.exit_code == 1 and "expected the outputs features and (optionally) logits" in out.output, out.output
+
+
 def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
     from lego_export.checkpoint import save_checkpoint
     from lego_export.config import get_preset
