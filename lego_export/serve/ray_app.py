@@ -128,11 +128,13 @@ class SharedJobsService(ImageService):
     def get(self, job_id: str) -> Job | None:
         job = super().get(job_id)
         if job is not None:
-            written = self._written.get(job_id)
+            with self._lock:  # _written is read and changed under the lock only
+                written = self._written.get(job_id)
             if written is not None:
-                _ray().get(written)
-                if self._written.get(job_id) is written:
-                    self._written.pop(job_id, None)
+                _ray().get(written)  # outside the lock: the write may take a moment
+                with self._lock:
+                    if self._written.get(job_id) is written:
+                        del self._written[job_id]
             return job
         record = _ray().get(self.directory.get.remote(job_id))
         return None if record is None else _remote_job(job_id, record)
@@ -157,7 +159,8 @@ class SharedJobsService(ImageService):
     def forget(self, job: Job) -> None:
         super().forget(job)
         if job.request.is_async:
-            self._written.pop(job.id, None)
+            with self._lock:
+                self._written.pop(job.id, None)
             self.directory.forget.remote(job.id)
 
     def _end_locked(self, job: Job, state: str, body, error, status: int) -> None:
