@@ -141,18 +141,12 @@ class SharedJobsService(ImageService):
 
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
         if super().get(job.id) is job:
-            self._cancel_here(job, reason)
+            super().cancel(job, reason)
         else:  # running on another replica: it sees the flag within CANCEL_POLL_S
             _ray().get(self.directory.cancel.remote(job.id))
 
-    def _cancel_here(self, job: Job, reason: str) -> None:
-        # A running job says cancelled at once but ends at its next engine call: publish it now,
-        # under the lock (a reentrant one), so no read sees it cancelled before the write is sent.
-        with self._lock:
-            super().cancel(job, reason)
-            self._publish(job)
-
-    def _publish(self, job: Job) -> None:
+    def _said_locked(self, job: Job) -> None:
+        # Sent under the lock that changed the job, so no read sees the change before the write is sent.
         if job.request.is_async:
             self._written[job.id] = self.directory.put.remote(job.id, _record(job))
 
@@ -162,10 +156,6 @@ class SharedJobsService(ImageService):
             with self._lock:
                 self._written.pop(job.id, None)
             self.directory.forget.remote(job.id)
-
-    def _end_locked(self, job: Job, state: str, body, error, status: int) -> None:
-        super()._end_locked(job, state, body, error, status)
-        self._publish(job)
 
     def _evict_locked(self) -> None:
         super()._evict_locked()
@@ -183,7 +173,7 @@ class SharedJobsService(ImageService):
                 for job_id in _ray().get(self.directory.cancelled.remote(mine)):
                     job = super().get(job_id)
                     if job is not None:
-                        self._cancel_here(job, "cancelled by the client")
+                        super().cancel(job, "cancelled by the client")
 
 
 def _ray():

@@ -392,6 +392,7 @@ class ImageService:
             elif job.state == RUNNING and job.slot is not None:
                 job.state, job.error, job.status, job.finished = CANCELLED, reason, status, time.monotonic()
                 self.batcher.cancel(job.slot)
+                self._said_locked(job)
 
     def position(self, job: Job) -> int | None:
         """How many queued jobs run before this one (None once it runs)."""
@@ -519,7 +520,12 @@ class ImageService:
         else:
             self.metrics.count(state)
         job.future.set_result(job)
+        self._said_locked(job)
         self._lock.notify_all()
+
+    def _said_locked(self, job: Job) -> None:
+        """What a job says of itself changed: it ended, or says cancelled while its call runs on.
+        Nothing to do here; replicas that share jobs (ray_app) publish it."""
 
     def _evict_locked(self) -> None:
         """Bound the finished jobs kept: the oldest go first, and any past their time to live."""
