@@ -203,6 +203,7 @@ def main(
     from quality import features_and_logits, load_classifier, to_input
 
     from lego_export.fid import fid
+    from lego_export.tune import class_accuracy
     from lego_train.data import load_idx_dir
 
     torch.set_num_threads(2)
@@ -223,7 +224,7 @@ def main(
                 data = np.load(Path(folder) / f"{i}.npz")
                 feats, logits = features_and_logits(classifier, torch.from_numpy(data["images"]))
                 labels = data["labels"]
-                accuracy = float(np.mean([(logits.argmax(1)[labels == k] == k).mean() for k in range(10)]))
+                accuracy = class_accuracy(logits, labels)
                 backend, precision = runtime.split(":")
                 rows.append(
                     {

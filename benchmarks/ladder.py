@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,6 +25,7 @@ from quality import features_and_logits, load_classifier, to_input  # noqa: E402
 from lego_export.edm import evaluations  # noqa: E402
 from lego_export.fid import fid  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.tune import class_accuracy  # noqa: E402
 from lego_train.data import load_idx_dir  # noqa: E402
 
 
@@ -48,8 +48,7 @@ def main(engines: str, num: int, seed: int, out: str) -> None:
     for rung, options in enumerate(recommended.rungs):
         result = pipe(options, num=num, seed=seed, batch=100)
         feats, logits = features_and_logits(classifier, torch.from_numpy(result.images))
-        labels = result.labels
-        accuracy = float(np.mean([(logits.argmax(1)[labels == k] == k).mean() for k in range(10)]))
+        accuracy = class_accuracy(logits, result.labels)
         full_chain = evaluations(options.sampler, options.steps) * (1 - result.timing.flops_saved)
         rows.append(
             {

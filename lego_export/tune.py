@@ -368,7 +368,7 @@ class Tuner:
             if setting.steps >= 1 and self._key(setting) not in seen and len(unique) < 2 * most:
                 seen.add(self._key(setting))
                 unique.append(setting)
-        if most == 0 or not unique:
+        if not unique:  # also when most is 0
             return []
         self.log(f"ladder: {len(unique)} cheaper settings measured with the winner on seed {seed}")
         top, *trials = (self.trial(s, seed) for s in [win.setting, *unique])
