@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 
 from lego_export.edm import evaluations  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
@@ -164,14 +164,15 @@ def write_results(rows: list[dict], out: Path, command: str, num: int, host: dic
         ("flops_vs_reference", "brick FLOPs / ref. (inverse)", ".2f"),
     ]
     table = markdown_table(rows, columns)
-    Path(f"{out}.md").write_text(
+    write_text(
+        Path(f"{out}.md"),
         f"# Quality against speed ({num} images per row, same noise)\n\n`{command}`\n\n"
         f"Reference: Heun, 50 steps, full chain, fp32 (first row); default: `--steps 50 --skip-late-bricks` "
         f"(second row). Rows ran one after another on {host['cpu']}, each runtime in its own process.\n\n"
         f"Fastest within 1.05x the reference FID: {best['label']} ({best['backend']}, {best['precision']}), "
         f"FID {best['fid']:.2f}, {best['images_per_s']:.2f} images/s"
         + (f" = {best['speed_vs_default']:.2f}x the default." if default else ".")
-        + f"\n\n![frontier]({out.name}.png)\n\n{table}\n"
+        + f"\n\n![frontier]({out.name}.png)\n\n{table}\n",
     )
     plot(rows, Path(f"{out}.png"))
     print(table)

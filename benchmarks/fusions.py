@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_feeds  # noqa: E402
+from common import random_feeds, write_text  # noqa: E402
 
 from lego_export.checkpoint import load_model  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
@@ -76,7 +76,7 @@ def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, json_o
         )
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"images": images, "rounds": rounds, "rows": rows}, indent=2))
+        write_text(Path(json_out), json.dumps({"images": images, "rounds": rounds, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

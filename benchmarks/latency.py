@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, matmul_peak_gflops, random_feeds, time_calls, write_json  # noqa: E402
+from common import machine, markdown_table, matmul_peak_gflops, random_feeds, time_calls, write_json, write_text  # noqa: E402
 
 from lego_export.checkpoint import load_model  # noqa: E402
 from lego_export.edm import sample  # noqa: E402
@@ -345,7 +345,7 @@ def main(engines: str, ckpt: str, quick: bool, threads: int, out: str) -> None:
     out_dir = Path(out)
     write_json(out_dir / f"{name}.json", results)
     text = report(results)
-    (out_dir / f"{name}.md").write_text(text)
+    write_text(out_dir / f"{name}.md", text)
     try:
         plot(results, out_dir / f"{name}.png")
     except ImportError:

@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, random_feeds, write_json  # noqa: E402
+from common import machine, markdown_table, random_feeds, write_json, write_text  # noqa: E402
 
 from lego_export.manifest import Manifest  # noqa: E402
 
@@ -70,9 +70,10 @@ def main(engines: str, batch: int, calls: int, out: str) -> None:
     columns = [("brick", "brick", ""), ("share_of_step", "share of step", ".0%")]
     columns += [(k, k, ".1%") for _, k in KINDS]
     table = markdown_table(rows, columns)
-    Path(f"{out}.md").write_text(
+    write_text(
+        Path(f"{out}.md"),
         f"# Kernel time by kind of operation, batch {batch}\n\n`{command}`\n\nONNX Runtime fused graphs, "
-        f"{calls} calls per brick, profile of every node.\n\n{table}\n"
+        f"{calls} calls per brick, profile of every node.\n\n{table}\n",
     )
     print(table)
 

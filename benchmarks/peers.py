@@ -29,7 +29,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, matmul_peak_gflops, write_json  # noqa: E402
+from common import machine, markdown_table, matmul_peak_gflops, write_json, write_text  # noqa: E402
 
 PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused", "openvino-bf16", "ort-int8", "openvino-int8")
 LOW_PRECISION = {"openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
@@ -196,10 +196,11 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
         ("of_peak", "of matmul peak", ".0%"),
     ]
     table = markdown_table(rows, columns)
-    Path(f"{out}.md").write_text(
+    write_text(
+        Path(f"{out}.md"),
         f"# One full-chain step, batch {batch}, {cfg.img_resolution}x{cfg.img_resolution}\n\n`{command}`\n\n"
         f"{gflop:.2f} GFLOP per step; matmul peak {peak:.0f} GFLOP/s; {rounds} rounds x {reps} calls per peer.\n\n"
-        f"{table}\n"
+        f"{table}\n",
     )
     print(table)
 

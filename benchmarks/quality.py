@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 
 from lego_export.fid import fid  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
@@ -235,7 +235,7 @@ def main(engines, num, steps, t_breaks, batch, quick, retrain_classifier, out) -
             + ", ".join(f"t-break {r['t_break']:.1f}: {r['fid'] / full['fid']:.2f}x" for r in rows),
         ]
     text = "\n".join(lines) + "\n"
-    (out_dir / f"{name}.md").write_text(text)
+    write_text(out_dir / f"{name}.md", text)
     try:
         plot(rows, floor["fid"], out_dir / f"{name}.png")
     except ImportError:

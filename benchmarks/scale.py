@@ -40,7 +40,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 
 PROTOBUF_LIMIT = 2**31  # bytes: one serialised ONNX ModelProto must stay below 2 GiB
 # dit-paper-xl (the one-brick DiT-XL/2 baseline) is the one preset whose brick passes 2 GiB: a probe of the limit.
@@ -516,7 +516,7 @@ def write_markdown(path: Path, data: dict) -> None:
             ],
         )
     )
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 @click.command()
@@ -549,7 +549,7 @@ def main(presets, max_batch, opt_batch, no_fuse, batches, reps, seed, work, keep
             data = phase_export(Path(work), max_batch, opt_batch, not no_fuse)
         else:
             data = phase_run(Path(work), batch_list, reps, seed)
-        Path(result).write_text(json.dumps(data, indent=2))
+        write_text(Path(result), json.dumps(data, indent=2))
         return
 
     command = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])

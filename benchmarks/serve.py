@@ -43,7 +43,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.validation import Limits, RequestError, parse_body, parse_image_request  # noqa: E402
@@ -517,7 +517,7 @@ def main(
     data["targets"] = targets(rows, ratio)
     write_json(Path(out + ".json"), data)
     text = report(data)
-    Path(out + ".md").write_text(text)
+    write_text(Path(out + ".md"), text)
     try:
         plot(rows, Path(out + ".png"))
     except ImportError:

@@ -36,7 +36,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 from serve import BASELINE, LEGO, Server, poisson_arrivals  # noqa: E402
 
 from lego_export.manifest import Manifest  # noqa: E402
@@ -319,7 +319,7 @@ def main(
             "",
         ]
     )
-    Path(out + ".md").write_text(text)
+    write_text(Path(out + ".md"), text)
     print(text)
     try:
         plot(data, Path(out + ".png"))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json  # noqa: E402
+from common import machine, markdown_table, write_json, write_text  # noqa: E402
 from quality import features_and_logits, fid, load_classifier, to_input  # noqa: E402
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
@@ -125,7 +125,7 @@ def main(engines, num, steps, canvases, batch, out) -> None:
             ),
         ]
     )
-    (out_dir / "wide.md").write_text(text + "\n")
+    write_text(out_dir / "wide.md", text + "\n")
     click.echo(text)
 
 
