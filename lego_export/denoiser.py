@@ -103,9 +103,23 @@ def denoise(
             reuse.update({j + 1: features[-1] - f for j, f in enumerate(features[:-1])})
             features = features if return_all else features[-1:]
         elif k in reuse:
-            features[-1] = features[-1] + reuse[k]
+            features[-1] = features[-1] + _rows_for(reuse[k], n, a)
 
     estimates = [c_skip * x + c_out * a.cast_like(f, x) for f in features]
     if guided:
         estimates = [d[b:] + guidance * (d[:b] - d[b:]) for d in estimates]
     return estimates if return_all else estimates[0]
+
+
+def _rows_for(correction, n: int, a):
+    """A stored correction for a batch of n rows. A guided evaluation stores 2b rows (conditional
+    half first) and an unguided one b; the guidance interval can make the last full-chain step
+    guided and the skipped steps after it not, or the other way round. An unguided step takes the
+    conditional half, which is what an unguided full chain would have stored; a guided one takes
+    the correction for both halves (the unconditional one was never computed)."""
+    rows = correction.shape[0]
+    if rows == 2 * n:
+        return correction[:n]
+    if 2 * rows == n:
+        return a.concat([correction, correction])
+    return correction

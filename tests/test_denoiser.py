@@ -122,3 +122,21 @@ def test_residual_reuse_restores_the_skipped_correction():
     for k in (1, 2):
         torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=k, reuse=reuse, **kwargs), full)
     assert (plain - full).abs().max() > 1e-3  # the correction is not nothing
+
+
+@torch.no_grad()
+def test_residual_reuse_across_the_edge_of_a_guidance_interval():
+    """A guided full chain stores corrections of both halves; an unguided skipped step after it
+    uses the conditional half, as if the full chain had been unguided (and the other way round,
+    the one correction serves both halves)."""
+    model = make("pg-tiny")
+    x, sigma, onehot = torch.randn(2, 1, 16, 16), 0.8, torch.eye(10)[[1, 6]]
+    kwargs = dict(embed=model.embedder, bricks=model.bricks, brick_sizes=[4, 8, 16], edm=model.cfg.edm)
+    guided, unguided = {}, {}
+    denoise(x, sigma, onehot, guidance=2.0, reuse=guided, **kwargs)
+    full = denoise(x, sigma, onehot, reuse=unguided, **kwargs)
+    assert guided[1].shape[0] == 4 and unguided[1].shape[0] == 2
+    torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=1, reuse=guided, **kwargs), full)
+    skipped = denoise(x, sigma, onehot, num_bricks=1, guidance=2.0, reuse=unguided, **kwargs)
+    doubled = {k: torch.cat([r, r]) for k, r in unguided.items()}
+    torch.testing.assert_close(skipped, denoise(x, sigma, onehot, num_bricks=1, guidance=2.0, reuse=doubled, **kwargs))

@@ -220,6 +220,12 @@ def test_a_guidance_interval_guides_exactly_the_steps_within_it(models):
     assert everywhere.timing.flops_saved == pytest.approx(-1.0) and nowhere.timing.flops_saved == 0.0
     assert partial.timing.flops_saved == pytest.approx(-2 / 6)
     assert "at sigma" in partial.options.describe()
+    # Guided up to the last full-chain step, then skipping with residual reuse (once a crash: the
+    # stored corrections had the guided batch's twice as many rows).
+    edge = dict(skip=f"1@{sigmas[3] * 0.99}:", reuse_residual=True, guidance=2.0)
+    reused = pipe(**base, **edge, guidance_interval=f"{sigmas[3] * 0.99}:{sigmas[3] * 1.01}")
+    assert np.isfinite(reused.images).all() and reused.timing.bricks_skipped > 0
+    assert np.abs(reused.images - pipe(**base, **edge, guidance_interval="1000:").images).max() > 1e-5
 
 
 def test_non_square_canvases_and_tile_shift(models):
