@@ -88,7 +88,7 @@ def test_predictions_follow_the_work_of_each_request():
 
 
 def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
-    def classes_of_embedder_calls(order: str) -> list[int]:
+    def classes_of_embedder_calls(order: str, deadline_s: float | None = None) -> list[int]:
         seen: list[int] = []
         release = threading.Event()
 
@@ -101,18 +101,25 @@ def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
 
         service, _ = service_with(hook, order=order)
         with running(service) as http:
-            long = http.post("/v1/images", json={"steps": 30, "class": 0, "async": True}).json()["id"]
+            due = {} if deadline_s is None else {"deadline_s": deadline_s}
+            long = http.post("/v1/images", json={"steps": 30, "class": 0, "async": True, **due}).json()["id"]
             wait_for(lambda: len(seen) >= 3, what="the long request sampling")
-            short = http.post("/v1/images", json={"steps": 2, "class": 1, "async": True}).json()["id"]
+            short = http.post("/v1/images", json={"steps": 2, "class": 1, "async": True, **due}).json()["id"]
             wait_for(lambda: service.batcher.pending >= 1, what="the short request's first call")
             release.set()
             assert finished(http, short).status_code == 200 and finished(http, long).status_code == 200
         return seen
 
+    # No deadlines: each is ordered as if due at ten times its own predicted time (about 1.3 s for
+    # the long one, 0.03 s for the short one), so arrival order would make the short one late.
     slack = classes_of_embedder_calls("slack")
     short_calls = [i for i, c in enumerate(slack) if c == [1]]
     assert len(short_calls) == 3 and short_calls == list(range(short_calls[0], short_calls[0] + 3)), slack
+    assert short_calls[-1] < len(slack) - 1  # ahead of the long one's last calls
     assert [0, 1] not in slack  # never merged: on these engines a merged call costs as much as two
+    # A minute to spare for both: arrival order keeps both in time, so the short one waits its turn.
+    patient = classes_of_embedder_calls("slack", deadline_s=60)
+    assert patient[-3:] == [[1]] * 3 and [1] not in patient[:-3], patient
     merged = classes_of_embedder_calls("merge")
     assert [0, 1] in merged, merged  # the old order puts both requests' rows in one call
 

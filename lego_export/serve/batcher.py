@@ -141,6 +141,10 @@ class Slot:
         """Sort key, most urgent first: higher priority, then least slack, then arrival."""
         return (-self.priority, self.deadline - now - self.remaining_s, self.number)
 
+    def arrival(self) -> tuple:
+        """Sort key while nobody is late: higher priority, then arrival."""
+        return (-self.priority, self.number)
+
 
 @dataclass(eq=False)  # calls are compared by identity: their feeds are arrays
 class EngineCall:
@@ -190,6 +194,7 @@ class CallBatcher:
         # Prices engine calls for the slack order and the service's predictions (None: uncalibrated,
         # then requests are taken in arrival order and calls are never merged in the slack order).
         self.cost = CostModel.from_calibration(self.calibration, self.chunks) if self.calibration else None
+        self.pace = 1.0  # wall seconds per predicted second while busy; the service keeps it current
         # Chain order: embedder, bricks, then a latent model's decoder.
         chain = [manifest.embedder, *manifest.bricks] + [e for e in manifest.engines if e.role == "decoder"]
         self._order = {spec.name: i for i, spec in enumerate(chain)}
@@ -335,10 +340,15 @@ class CallBatcher:
         return self._most_urgent(calls) if self.config.order == "slack" else self._aligned(calls)
 
     def _most_urgent(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
-        """The most urgent request's call, with the calls that are cheaper merged into it than run
-        apart (same engine and row shapes, within the engine's limit)."""
+        """The next request's call, with the calls that are cheaper merged into it than run apart
+        (same engine and row shapes, within the engine's limit). The next request is the earliest
+        to arrive while arrival order keeps every request in time, else the one with least slack:
+        taking short requests first whenever it is safe would make the largest ones wait on every
+        small one that arrives, so they would fare worse than on a one-at-a-time server."""
         now = time.monotonic()
-        live = sorted(calls, key=lambda c: c.slot.urgency(now))
+        live = sorted(calls, key=lambda c: c.slot.arrival())
+        if self._late_in_order(live, now):
+            live.sort(key=lambda c: c.slot.urgency(now))
         group, rows = [live[0]], live[0].n
         if self.cost is not None:
             for call in live[1:]:
@@ -347,6 +357,16 @@ class CallBatcher:
                     group.append(call)
                     rows += call.n
         return [group]
+
+    def _late_in_order(self, calls: list[EngineCall], now: float) -> bool:
+        """Whether running the calls' requests one after another in this order, at the service's
+        pace, finishes one after its deadline (without a cost model every deadline is "now")."""
+        finish = now
+        for call in calls:
+            finish += self.pace * call.slot.remaining_s
+            if finish > call.slot.deadline:
+                return True
+        return False
 
     def _aligned(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
         """The groups this tick runs: the engine earliest in the chain, and any call kept waiting

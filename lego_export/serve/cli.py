@@ -87,8 +87,9 @@ def _range(name: str) -> click.IntRange:
     type=click.Choice(ORDERS),
     default="slack",
     show_default=True,
-    help="Which engine calls run first. slack: the most urgent request's (least slack to its deadline, "
-    "less its predicted remaining work), merged with others only where that is measurably cheaper; "
+    help="Which engine calls run first. slack: the earliest request's while arrival order keeps every "
+    "request in time, else the most urgent one's (least slack to its deadline, less its predicted "
+    "remaining work), merged with others only where that is measurably cheaper; "
     "merge: every request's calls merged into one call per engine.",
 )
 @click.option(

@@ -7,12 +7,12 @@ frees the slot and starts the next queued job.
 
 Deadlines. A request's work is priced when it arrives (cost.py over plan.engine_work). Its deadline
 is its ``deadline_s`` or the server's ``--slo`` (seconds, or a multiple of its own predicted time
-alone). Admission simulates the live jobs in the order the batcher will run them (least slack
-first) and takes the most expensive way of running the request that finishes in time without
-making an admitted job late: the request's own options, else the rungs of the model's quality
-ladder below them (unless the request pins ``"quality": "exact"``). When none does, the request is
-refused at once (429 with Retry-After). A job whose deadline passes before it finishes ends as
-``expired``, never as a late success.
+alone). Admission simulates the live jobs in the order the batcher falls back to when arrival
+order would make one late (least slack first) and takes the most expensive way of running the
+request that finishes in time without making an admitted job late: the request's own options,
+else the rungs of the model's quality ladder below them (unless the request pins ``"quality":
+"exact"``). When none does, the request is refused at once (429 with Retry-After). A job whose
+deadline passes before it finishes ends as ``expired``, never as a late success.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ class ImageService:
         self._pace_work += finished_work_s
         if self._pace_work >= SCALE_WORK_S:
             measured = min(3.0, max(0.5, self._busy_s / self._pace_work))
-            self.pace = 0.7 * self.pace + 0.3 * measured
+            self.pace = self.batcher.pace = 0.7 * self.pace + 0.3 * measured
             self._busy_s = self._pace_work = 0.0
 
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
