@@ -87,7 +87,11 @@ def combos_for(runtime: str, manifest: Manifest, headline: bool = False) -> list
     if manifest.recommended is not None:
         rec = manifest.recommended.options
         top = (rec.sampler, rec.steps, "" if rec.skip == "none" else rec.skip, rec.reuse_residual)
-        rows.append((*top, "recommended"))
+        guided = rec.guidance != 1.0
+        own = {"guidance": rec.guidance, "guidance_interval": rec.guidance_interval} if guided else {}
+        rows.append((*top, "recommended", own))
+        if runtime == RUNTIMES[0] and guided:
+            rows.append((*top, "recommended without guidance", {}))
         if runtime == RUNTIMES[0]:
             for g in GUIDED:
                 at = f" at sigma {g['guidance_interval']}" if "guidance_interval" in g else ""

@@ -342,6 +342,19 @@ def import_checkpoint(checkpoint: str, out: str, entry: str, force: bool) -> Non
     "(and a rung's at most this below the recommended setting's).",
 )
 @click.option(
+    "--min-accuracy",
+    type=float,
+    default=None,
+    help="Budget, where --features also outputs logits: class accuracy at least this as well.",
+)
+@click.option(
+    "--guidance",
+    default=1.0,
+    show_default=True,
+    help="Also search guiding one step of each candidate at this classifier-free guidance scale "
+    "(1: no guidance searched).",
+)
+@click.option(
     "--rungs",
     type=click.IntRange(0, 8),
     default=3,
@@ -381,6 +394,8 @@ def tune(
     reference,
     max_fid_increase,
     max_accuracy_drop,
+    min_accuracy,
+    guidance,
     rungs,
     rung_fid_ratio,
     candidates,
@@ -407,7 +422,7 @@ def tune(
 
     from lego_export.atomic import atomic_write, check_output, folder_lock
     from lego_export.manifest import Manifest
-    from lego_export.options import MAX_STEPS, OptionError, check_request
+    from lego_export.options import MAX_GUIDANCE, MAX_STEPS, OptionError, check_request
     from lego_export.runtime.backends import MAX_THREADS
     from lego_export.runtime.pipeline import LegoPipeline
     from lego_export.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
@@ -416,6 +431,8 @@ def tune(
         ("--max-fid-increase", max_fid_increase, 0, 10),
         ("--max-accuracy-drop", max_accuracy_drop, 0, 1),
         ("--rung-fid-ratio", rung_fid_ratio, 1, 10),
+        ("--min-accuracy", 0.0 if min_accuracy is None else min_accuracy, 0, 1),
+        ("--guidance", guidance, 1, MAX_GUIDANCE),
     ):
         if not (math.isfinite(value) and lo <= value <= hi):  # a click FloatRange lets NaN through
             raise LegoError(f"{flag} must be from {lo} to {hi}, got {value}")
@@ -429,6 +446,8 @@ def tune(
     check_output(save, "--save")
     manifest = Manifest.read(engines)
     model = manifest.model
+    if guidance != 1.0 and not model.num_classes:
+        raise LegoError("--guidance needs a class-conditional model (classifier-free guidance); this one is not")
     most_steps = max(ref_steps, *(steps for _, steps in search))
     side = model.img_resolution
     if most_steps > MAX_STEPS:
@@ -446,7 +465,17 @@ def tune(
     tuner = Tuner(pipe, net, stats, num, batch, seed, log=lambda m: click.echo(m, err=True))
     if not tuner.classify:
         click.echo("--features has no logits output (or the model no classes): class accuracy not checked", err=True)
-    result = tuner.run(Setting(ref_sampler, ref_steps), search, max_fid_increase, reuse_residual, max_accuracy_drop)
+    if min_accuracy is not None and not tuner.classify:
+        raise LegoError("--min-accuracy needs class accuracy: --features with a logits output, and a class model")
+    result = tuner.run(
+        Setting(ref_sampler, ref_steps),
+        search,
+        max_fid_increase,
+        reuse_residual,
+        max_accuracy_drop=max_accuracy_drop,
+        min_accuracy=min_accuracy,
+        guidance=guidance,
+    )
     tuner.validate(result, seed + 1)
     ladder = tuner.ladder(result, seed + 2, rungs, rung_fid_ratio)
     chosen = recommendation(

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from lego_export import contract
@@ -86,12 +86,15 @@ class Rung:
 
 def _options_dict(o: SamplingOptions) -> dict:
     """A setting's flat JSON form (the recommended setting and the ladder's rungs)."""
-    return {
+    d = {
         "sampler": o.sampler,
         "steps": o.steps,
         "skip_policy": "" if o.skip == "none" else o.skip,
         "reuse_residual": o.reuse_residual,
     }
+    if o.guidance != 1.0:  # written only when set, so settings without guidance read as before
+        d.update(guidance=o.guidance, guidance_interval=o.guidance_interval)
+    return d
 
 
 @dataclass
@@ -100,7 +103,8 @@ class Recommended:
 
     lego-run, lego-serve and the Python API use them when no trajectory option is given
     (options.resolve); ``measured`` is for people (FID, budget, FLOPs). The JSON form is flat:
-    sampler, steps, skip_policy ("k@lo:hi,..."; "" is the full chain) and reuse_residual.
+    sampler, steps, skip_policy ("k@lo:hi,..."; "" is the full chain) and reuse_residual, and
+    where the setting guides, guidance and guidance_interval ("lo:hi" or null: every step).
     """
 
     options: SamplingOptions
@@ -410,6 +414,12 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
         raise LegoError(f"{where}: engines: two entries name the same file")
     recommended = None if d.get("recommended") is None else parse_recommended(d["recommended"], f"{where}: recommended")
+    for rung, options in enumerate(recommended.rungs if recommended else []):
+        try:  # here, so that a bad value is reported as the manifest's, not as a flag the user gave
+            options.validate(cfg)
+        except LegoError as e:
+            at = "" if rung == 0 else f".ladder[{rung - 1}]"
+            raise LegoError(f"{where}: recommended{at}: {e}") from None
     names = d.get("class_names", [])
     if names != [] and not valid_class_names(names, cfg.num_classes):
         shown = repr(names)[:120]
@@ -420,12 +430,14 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
 
 
 _SETTING_FIELDS = {"sampler", "steps", "skip_policy", "reuse_residual", "measured"}
+_GUIDANCE_FIELDS = {"guidance", "guidance_interval"}  # optional: absent is no guidance
 MAX_RUNGS = 16
 
 
 def parse_recommended(value, where: str) -> Recommended:
     """A Recommended from its JSON form (a manifest's section, or the file `lego-export tune --save` wrote)."""
-    r = _obj(value, where, _SETTING_FIELDS | {"checkpoint_sha256", "ladder"}, _SETTING_FIELDS | {"checkpoint_sha256"})
+    also = {"checkpoint_sha256", "ladder"}
+    r = _obj(value, where, _SETTING_FIELDS | _GUIDANCE_FIELDS | also, _SETTING_FIELDS | {"checkpoint_sha256"})
     sha = _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256)
     ladder = r.get("ladder", [])
     if not isinstance(ladder, list) or len(ladder) > MAX_RUNGS:
@@ -436,7 +448,7 @@ def parse_recommended(value, where: str) -> Recommended:
 
 
 def _rung(value, where: str, also: frozenset = frozenset()) -> Rung:
-    r = _obj(value, where, _SETTING_FIELDS | also, _SETTING_FIELDS)
+    r = _obj(value, where, _SETTING_FIELDS | _GUIDANCE_FIELDS | also, _SETTING_FIELDS)
     _finite_tree(_obj(r["measured"], f"{where}.measured"), f"{where}.measured")
     if not isinstance(r["reuse_residual"], bool):
         raise LegoError(f"{where}.reuse_residual: expected true or false, got {r['reuse_residual']!r}")
@@ -448,4 +460,13 @@ def _rung(value, where: str, also: frozenset = frozenset()) -> Rung:
         skip=r["skip_policy"] or "none",
         reuse_residual=r["reuse_residual"],
     )
+    if "guidance" in r:
+        guidance, interval = r["guidance"], r.get("guidance_interval")
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float):
+            raise LegoError(f"{where}.guidance: expected a number, got {guidance!r}")
+        if interval is not None and not isinstance(interval, str):
+            raise LegoError(f"{where}.guidance_interval: expected 'LO:HI' or null, got {interval!r}")
+        options = replace(options, guidance=float(guidance), guidance_interval=interval)
+    elif "guidance_interval" in r:
+        raise LegoError(f"{where}.guidance_interval: given without guidance")
     return Rung(options, dict(r["measured"]))

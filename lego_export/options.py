@@ -154,6 +154,7 @@ FIELDS = tuple(f.name for f in fields(SamplingOptions))
 # Giving any of these says how to sample the trajectory: then the model's recommended setting is not
 # used. guidance and tile_shift combine with it.
 TRAJECTORY_FIELDS = ("sampler", "steps", "skip", "t_break", "reuse_residual", "churn")
+GUIDANCE_FIELDS = ("guidance", "guidance_interval")  # given either, neither comes from the recommended
 
 
 def resolve(given: Mapping[str, Any], recommended: SamplingOptions | None = None) -> tuple[SamplingOptions, bool]:
@@ -164,7 +165,10 @@ def resolve(given: Mapping[str, Any], recommended: SamplingOptions | None = None
     if unknown:
         raise OptionError(unknown[0], f"is not a sampling option; known: {', '.join(FIELDS)}")
     use = recommended is not None and not set(given) & set(TRAJECTORY_FIELDS)
-    return replace(recommended if use else SamplingOptions(), **given), use
+    base = recommended if use else SamplingOptions()
+    if set(given) & set(GUIDANCE_FIELDS):  # `--cfg 2` means every step, not the recommended interval
+        base = replace(base, guidance=1.0, guidance_interval=None)
+    return replace(base, **given), use
 
 
 def parse_canvas(text: str) -> tuple[int, int]:

@@ -6,13 +6,17 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
 1. The reference setting (default Heun, 50 steps, full chain) sets the budget:
    FID <= FID_reference * (1 + max_fid_increase), and, where the feature extractor is a classifier
    too, class accuracy >= accuracy_reference - max_accuracy_drop (FID alone can let a skip setting
-   lose two points of class accuracy).
+   lose two points of class accuracy), and >= min_accuracy where one is given.
 2. For each candidate sampler and step count (unless even brick 0 alone at every step would cost
    more than the best setting found so far): the full chain, then per-brick skip windows found
    greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
    (a tenth of it) and keeps the move that saves the most brick FLOPs while staying in budget; the
    search stops when no move does. Global bricks (tiles no smaller than brick 0's) are skipped at
-   low noise, local ones at high noise, as in the LEGO paper (plan.skip_window).
+   low noise, local ones at high noise, as in the LEGO paper (plan.skip_window). With a guidance
+   scale to search (--guidance), the candidate is then tried guided at one step, each step in turn
+   (a guided step costs twice), from its cheapest setting in budget or else its full chain; the
+   best of those in budget is widened again. Guiding one step can bring a cheap step count back
+   within the budget: it raises class accuracy more than any skip window lowers it.
 3. The winner is the trial in budget with the fewest brick FLOPs per image (counted, so it does not
    drift with the machine as wall time does).
 4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
@@ -60,17 +64,36 @@ class Setting:
     steps: int
     skipped: tuple[float, ...] = ()  # per brick 1..K-1: fraction of the trajectory it is skipped
     reuse_residual: bool = False
+    guidance: float = 1.0  # classifier-free guidance scale at the steps within guidance_interval
+    guidance_interval: str | None = None
 
     def options(self, model: LegoConfig) -> SamplingOptions:
         """The sampling options this setting stands for: its skip fractions as sigma windows."""
         sizes = [b.size for b in model.bricks]
         windows = [skip_window(sizes, k, f, model.edm) for k, f in enumerate(self.skipped, start=1) if f > 0]
         reuse = self.reuse_residual and bool(windows)  # with nothing skipped there is nothing to reuse
-        return SamplingOptions(self.sampler, self.steps, policy_spec(windows) or "none", reuse_residual=reuse)
+        return SamplingOptions(
+            self.sampler,
+            self.steps,
+            policy_spec(windows) or "none",
+            reuse_residual=reuse,
+            guidance=self.guidance,
+            guidance_interval=self.guidance_interval,
+        )
 
     def label(self) -> str:
         skip = "/".join(f"{f:.1f}" for f in self.skipped) if any(self.skipped) else "none"
-        return f"{self.sampler} {self.steps} steps, skipped {skip}{', reuse' if self.reuse_residual else ''}"
+        guided = f", cfg {self.guidance:g} at sigma {self.guidance_interval}" if self.guidance != 1.0 else ""
+        return f"{self.sampler} {self.steps} steps, skipped {skip}{', reuse' if self.reuse_residual else ''}{guided}"
+
+
+def one_step_interval(sigmas, step: int) -> str:
+    """A guidance interval ("lo:hi") holding exactly one step's sigma: its bounds are the geometric
+    means with the neighbouring steps' sigmas (open at the ends of the schedule)."""
+    steps = len(sigmas) - 1  # the schedule ends with sigma 0
+    lo = f"{np.sqrt(sigmas[step] * sigmas[step + 1]):.6g}" if step + 1 < steps else ""
+    hi = f"{np.sqrt(sigmas[step - 1] * sigmas[step]):.6g}" if step > 0 else ""
+    return f"{lo}:{hi}"
 
 
 def policy_spec(windows) -> str:
@@ -98,6 +121,7 @@ class TuneResult:
     reference: Trial
     budget: float
     max_accuracy_drop: float = 0.01  # class accuracy at most this far below the reference's
+    accuracy_floor: float | None = None  # and at least this (--min-accuracy)
     trials: list[Trial] = field(default_factory=list)  # every setting sampled, in order
     by_plan: dict = field(default_factory=dict)  # (sampler, steps, reuse, plan) -> its trial
     winner: Trial | None = None
@@ -106,7 +130,10 @@ class TuneResult:
     @property
     def min_accuracy(self) -> float | None:
         ref = self.reference.class_accuracy
-        return None if ref is None else ref - self.max_accuracy_drop
+        if ref is None:
+            return None
+        floor = ref - self.max_accuracy_drop
+        return floor if self.accuracy_floor is None else max(floor, self.accuracy_floor)
 
     def admits(self, fid: float, accuracy: float | None) -> bool:
         """Within the budget: FID, and class accuracy where it is measured."""
@@ -269,9 +296,14 @@ class Tuner:
         max_fid_increase: float,
         reuse: bool,
         max_accuracy_drop: float = 0.01,
+        min_accuracy: float | None = None,
+        guidance: float = 1.0,
     ) -> TuneResult:
+        """The search (the module's docstring, steps 1-3). guidance: other than 1, each candidate is
+        also tried guided at one step, each step in turn, from its cheapest setting in budget (else
+        its full chain), and the best guided one in budget has its skip windows widened again."""
         ref = self.trial(reference)
-        result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase), max_accuracy_drop)
+        result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase), max_accuracy_drop, min_accuracy)
         ref.in_budget = True
         floor = "" if result.min_accuracy is None else f", class accuracy at least {result.min_accuracy:.3f}"
         self.log(f"reference {reference.label()}: {_scores(ref)}; budget: FID at most {result.budget:.3f}{floor}")
@@ -284,34 +316,56 @@ class Tuner:
             if evaluations(sampler, steps) * brick0_share >= best:
                 self.log(f"  {sampler} {steps} steps: cannot beat {best:.1f} full-chain evaluations/image; not tried")
                 continue
-            current = self._measure(result, Setting(sampler, steps, (0.0,) * skippable, False))
-            while current is not None and current.in_budget:
-                moves, current_plan = [], self._plan(current.setting)
-                for k in range(skippable):
-                    skipped = list(current.setting.skipped)
-                    skipped[k] = round(skipped[k] + NOTCH, 6)
-                    move = Setting(sampler, steps, tuple(skipped), reuse)
-                    # A brick skipped inside a stretch where an earlier one already is changes nothing
-                    # (a step runs a prefix of the chain): widen it without a trial.
-                    while skipped[k] <= 1.0 and self._plan(move) == current_plan:
-                        skipped[k] = round(skipped[k] + NOTCH, 6)
-                        move = Setting(sampler, steps, tuple(skipped), reuse)
-                    if skipped[k] <= 1.0:
-                        moves.append(self._measure(result, move))
-                fitting = [m for m in moves if m.in_budget]
-                current = min(fitting, key=lambda t: (t.flops, t.fid)) if fitting else None
+            full = self._measure(result, Setting(sampler, steps, (0.0,) * skippable, False))
+            cheapest = self._widen(result, full, reuse)
+            if guidance != 1.0:
+                start = (cheapest or full).setting
+                sigmas = self.model.edm.sigmas(steps)
+                guided = [
+                    self._measure(
+                        result,
+                        dataclasses.replace(start, guidance=guidance, guidance_interval=one_step_interval(sigmas, i)),
+                    )
+                    for i in range(steps)
+                ]
+                fitting = [t for t in guided if t.in_budget]
+                if fitting:
+                    self._widen(result, min(fitting, key=lambda t: (t.flops, t.fid)), reuse)
         in_budget = [t for t in [ref, *result.trials] if t.in_budget]
         result.winner = min(in_budget, key=lambda t: (t.flops, t.fid))
         return result
 
-    def _plan(self, setting: Setting) -> tuple[int, ...]:
-        """Bricks run at each step: two settings with the same plan sample the same images."""
+    def _widen(self, result: TuneResult, current: Trial, reuse: bool) -> Trial | None:
+        """Greedy skip windows from a trial (the module's docstring, step 2): the cheapest trial in
+        budget on the way, or None if the first is not."""
+        best = None
+        while current is not None and current.in_budget:
+            best = current
+            moves, current_plan = [], self._plan(current.setting)
+            for k in range(len(current.setting.skipped)):
+                skipped = list(current.setting.skipped)
+                skipped[k] = round(skipped[k] + NOTCH, 6)
+                move = dataclasses.replace(current.setting, skipped=tuple(skipped), reuse_residual=reuse)
+                # A brick skipped inside a stretch where an earlier one already is changes nothing
+                # (a step runs a prefix of the chain): widen it without a trial.
+                while skipped[k] <= 1.0 and self._plan(move) == current_plan:
+                    skipped[k] = round(skipped[k] + NOTCH, 6)
+                    move = dataclasses.replace(move, skipped=tuple(skipped))
+                if skipped[k] <= 1.0:
+                    moves.append(self._measure(result, move))
+            fitting = [m for m in moves if m.in_budget]
+            current = min(fitting, key=lambda t: (t.flops, t.fid)) if fitting else None
+        return best
+
+    def _plan(self, setting: Setting) -> tuple[tuple[int, bool], ...]:
+        """Bricks run at each step, and whether it is guided: two settings with the same plan (and
+        guidance scale) sample the same images."""
         canvas = (self.model.img_resolution, self.model.img_resolution)
-        return tuple(p.bricks for p in plan(setting.options(self.model), self.model, canvas))
+        return tuple((p.bricks, p.guided) for p in plan(setting.options(self.model), self.model, canvas))
 
     def _key(self, setting: Setting) -> tuple:
         """Settings with the same key sample the same images."""
-        return setting.sampler, setting.steps, setting.reuse_residual, self._plan(setting)
+        return setting.sampler, setting.steps, setting.reuse_residual, setting.guidance, self._plan(setting)
 
     def _measure(self, result: TuneResult, setting: Setting) -> Trial:
         """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
@@ -339,6 +393,7 @@ class Tuner:
         in_budget = win.fid <= ref.fid * result.budget / result.reference.fid
         if ref.class_accuracy is not None:
             in_budget &= win.class_accuracy >= ref.class_accuracy - result.max_accuracy_drop
+            in_budget &= result.accuracy_floor is None or win.class_accuracy >= result.accuracy_floor
         result.validation = {
             "seed": seed,
             "reference_fid": ref.fid,
@@ -423,6 +478,8 @@ def recommendation(
     accuracy = {}
     if ref.class_accuracy is not None:
         accuracy = {"class_accuracy": win.class_accuracy, "max_accuracy_drop": result.max_accuracy_drop}
+        if result.accuracy_floor is not None:
+            accuracy["min_accuracy"] = result.accuracy_floor
     return Recommended(
         options=win.setting.options(pipe.cfg),
         checkpoint_sha256=checkpoint_sha256,

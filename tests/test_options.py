@@ -86,6 +86,12 @@ def test_one_rule_for_the_recommended_setting():
         options, used = resolve({field: value}, TUNED)
         assert not used and options == replace(SamplingOptions(), **{field: value})
     assert resolve({}, None) == (SamplingOptions(), False)
+    # A guided recommended setting: guidance given replaces its scale and interval together.
+    guided = replace(TUNED, guidance=1.5, guidance_interval="0.3:3")
+    assert resolve({}, guided) == (guided, True)
+    assert resolve({"guidance": 2.0}, guided) == (replace(TUNED, guidance=2.0), True)  # every step
+    assert resolve({"guidance": 1.0}, guided)[0].validate(MODEL) == TUNED  # guidance off, not an error
+    assert resolve({"steps": 9}, guided)[0] == SamplingOptions(steps=9)
     with pytest.raises(OptionError, match="nonsense is not a sampling option"):
         resolve({"nonsense": 1}, TUNED)
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -35,15 +36,15 @@ def per_row_cost(manifest, seconds: float = MS_PER_ROW) -> CostModel:
 
 
 def service_with(
-    hook=None, ladder: bool = False, seconds_per_row: float = MS_PER_ROW, **config
+    hook=None, ladder: bool = False, seconds_per_row: float = MS_PER_ROW, top=None, rung=RUNG, **config
 ) -> tuple[ImageService, HookedBackend]:
     """A server over the tiny engines with the synthetic cost model, and (ladder) a recommended
-    setting of DPM-Solver++(2M) 6 steps with one cheaper rung, RUNG."""
+    setting (top; default DPM-Solver++(2M) 6 steps) with one cheaper rung (default RUNG)."""
     backend = HookedBackend(hook)
     manifest = backend.manifest
     if ladder:
-        top = SamplingOptions(sampler="dpm2m", steps=6)
-        manifest = dataclasses.replace(manifest, recommended=Recommended(top, "0" * 64, {}, [Rung(RUNG, {})]))
+        top = top or SamplingOptions(sampler="dpm2m", steps=6)
+        manifest = dataclasses.replace(manifest, recommended=Recommended(top, "0" * 64, {}, [Rung(rung, {})]))
     service = ImageService(ServeConfig(engines=str(TINY), calibrate=False, **config), backend, manifest)
     service.cost = service.batcher.cost = per_row_cost(manifest, seconds_per_row)
     return service, backend
@@ -144,6 +145,19 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_or_degraded(
         assert json.loads(relaxed.headers["X-Lego-Run"])["degraded"] is False
         metrics = http.get("/metrics").text
         assert 'outcome="refused"} 1' in metrics and 'rung="1"} 1' in metrics and 'rung="asked"} 1' in metrics
+
+
+def test_a_guided_rung_brings_its_guidance_unless_the_request_gave_its_own():
+    top = SamplingOptions(sampler="dpm2m", steps=6, guidance=1.5, guidance_interval="0.5:3")
+    rung = SamplingOptions(sampler="dpm2m", steps=3, guidance=1.5, guidance_interval="1:20")
+    service, _ = service_with(ladder=True, top=top, rung=rung)
+    try:
+        as_recommended = service.choices(service.parse({}))
+        assert [c.options for c in as_recommended] == [top, rung]
+        own = service.choices(service.parse({"cfg": 3.0}))
+        assert own[0].options.guidance == 3.0 and own[-1].options == replace(rung, guidance=3.0, guidance_interval=None)
+    finally:
+        service.close(5)
 
 
 def test_the_server_slo_sets_deadlines_and_admission_protects_admitted_jobs():

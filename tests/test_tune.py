@@ -146,6 +146,39 @@ def test_the_accuracy_floor_turns_down_a_setting_that_keeps_fid_and_loses_classe
     assert winner(0.025).skipped[0] == pytest.approx(0.2)  # two tenths lose 0.02, three 0.03
 
 
+def test_guiding_one_step_brings_a_setting_within_an_accuracy_floor():
+    """A floor no unguided setting meets: the search guides one step at a time and keeps the step
+    that lifts accuracy over it, then widens the skip windows of that guided setting."""
+    from lego_export.tune import one_step_interval
+
+    manifest = Manifest.read(TINY)
+    sigmas = manifest.model.edm.sigmas(8)
+    lifting = one_step_interval(sigmas, 5)  # only guidance at step 5 (of 0-7) helps in this script
+
+    def fid_of(s: Setting) -> float:
+        return {("heun", 20): 10.0, ("dpm2m", 8): 10.0}[(s.sampler, s.steps)] + 2 * max(s.skipped or (0.0,))
+
+    def accuracy_of(s: Setting) -> float:
+        return 0.85 if s.guidance_interval == lifting else 0.78
+
+    def search(guidance: float):
+        tuner = ScriptedTuner(manifest, fid_of, accuracy_of)
+        result = tuner.run(Setting("heun", 20), [("dpm2m", 8)], 0.1, reuse=True, min_accuracy=0.8, guidance=guidance)
+        return tuner, result
+
+    tuner, result = search(1.0)
+    assert result.winner is result.reference and not any(s.guidance != 1.0 for s in tuner.seen)
+    tuner, result = search(1.5)
+    win = result.winner.setting
+    assert (win.steps, win.guidance, win.guidance_interval) == (8, 1.5, lifting)
+    assert any(win.skipped) and result.winner.flops < result.reference.flops
+    guided = [s for s in tuner.seen if s.guidance != 1.0 and not any(s.skipped)]
+    assert len({s.guidance_interval for s in guided}) == 8  # each step tried once
+    steps = [p for p in plan(win.options(manifest.model), manifest.model, (16, 16)) if p.guided]
+    assert [p.step for p in steps] == [5]  # the interval holds exactly that step
+    assert all(t.class_accuracy >= 0.8 for t in result.trials if t.in_budget)
+
+
 def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one():
     from lego_export.tune import select_rungs
 
@@ -223,6 +256,9 @@ def test_with_a_classifier_tune_checks_class_accuracy_and_writes_a_measured_ladd
 
     out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose, "--rungs", "0"))
     assert out.exit_code == 0 and Manifest.read(engines).recommended.ladder == [], out.output
+    guided = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose, "--guidance", "2",
+                                                       "--min-accuracy", "0", "--dry-run"))  # fmt: skip
+    assert guided.exit_code == 0 and "cfg 2 at sigma" in guided.output, guided.output  # guided trials ran
     plain = CliRunner().invoke(export_main, tune_args(engines, tuned_folder[1], reference, *loose))  # no logits
     assert plain.exit_code == 0 and "class accuracy not checked" in plain.output, plain.output
     assert "class_accuracy" not in Manifest.read(engines).recommended.measured
@@ -259,10 +295,10 @@ def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
     save_checkpoint(ckpt, LegoModel(get_preset("pg-tiny")))
     options = BuildOptions(ckpt=str(ckpt), out=str(tmp_path / "e"), max_batch=4, opt_batch=2, fuse=False)
     manifest = build(options)
-    tuned = SamplingOptions("euler", 7, "2@1:")
+    tuned = SamplingOptions("euler", 7, "2@1:", guidance=1.5, guidance_interval="0.5:3")
     manifest.recommended = Recommended(tuned, manifest.source["sha256"], {"fid": 1.0})
     manifest.write(tmp_path / "e")
-    assert build(options).recommended == manifest.recommended
+    assert build(options).recommended == manifest.recommended  # guidance and its interval kept
     (tmp_path / "rec.json").write_text(json.dumps({**manifest.recommended.to_dict(), "checkpoint_sha256": "0" * 64}))
     out = CliRunner().invoke(export_main, ["build", "--ckpt", str(ckpt), "--out", str(tmp_path / "e"),
                                            "--recommended", str(tmp_path / "rec.json")])  # fmt: skip
@@ -278,6 +314,9 @@ def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
         ("reuse_residual", "yes", "expected true or false"),
         ("measured", {"fid": float("nan")}, "not a number JSON allows"),
         ("checkpoint_sha256", "abc", "sha256"),
+        ("guidance", "lots", "guidance: expected a number"),
+        ("guidance", 1e9, "guidance must be"),
+        ("guidance_interval", "3:1", "given without guidance"),
     ],
 )
 def test_a_bad_recommended_setting_in_a_manifest_is_refused(tmp_path, field, value, message):
@@ -324,6 +363,11 @@ def test_bad_reference_files_are_refused_in_one_line(tuned_folder, tmp_path, ref
         (["--max-accuracy-drop", "2"], "--max-accuracy-drop must be from 0 to 1"),
         (["--rung-fid-ratio", "0.5"], "--rung-fid-ratio must be from 1 to 10"),
         (["--rung-fid-ratio", "inf"], "--rung-fid-ratio must be from 1 to 10"),
+        (["--min-accuracy", "nan"], "--min-accuracy must be from 0 to 1"),
+        (["--min-accuracy", "1.5"], "--min-accuracy must be from 0 to 1"),
+        (["--min-accuracy", "0.5"], "--min-accuracy needs class accuracy"),  # these features have no logits
+        (["--guidance", "0.5"], "--guidance must be from 1 to 100"),
+        (["--guidance", "inf"], "--guidance must be from 1 to 100"),
         (["--num", "1"], "--num must be at least 2"),
         (["--num", str(10**7)], "--num must be an integer from 1"),
         (["--candidates", "dpm2m:0"], "cannot read 'dpm2m:0'"),

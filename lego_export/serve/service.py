@@ -295,6 +295,10 @@ class ImageService:
         if request.quality == "exact" or request.options.churn is not None or self.cost is None:
             return [own]
         lowest = len(self.ladder) - 1 if request.quality == "elastic" else request.quality
+        top = self.ladder[0] if self.ladder else None
+        # The rungs' own guidance applies unless the request asked for guidance of its own.
+        own_guidance = (request.options.guidance, request.options.guidance_interval)
+        keeps_guidance = top is None or own_guidance != (top.guidance, top.guidance_interval)
         out = [own]
         for rung, setting in enumerate(self.ladder[: lowest + 1]):
             options = replace(
@@ -305,6 +309,8 @@ class ImageService:
                 t_break=setting.t_break,
                 reuse_residual=setting.reuse_residual,
             )
+            if not keeps_guidance:
+                options = replace(options, guidance=setting.guidance, guidance_interval=setting.guidance_interval)
             predicted = self.predict(request, options)
             if predicted < 0.97 * out[-1].predicted_s:  # cheaper by a margin the cost model resolves
                 out.append(Choice(options, rung, predicted))
