@@ -21,10 +21,11 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
    drift with the machine as wall time does).
 4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
    are the ones recorded, so the recorded numbers are not the ones the choice was fitted to.
-5. The ladder: the winner with fewer steps, and the search's cheaper trials near its FID, measured
-   with the winner on a third set of seeds; those within the rung rule (FID at most a ratio of the
-   winner's, class accuracy at most max_accuracy_drop below it) and not beaten by a cheaper one
-   become the rungs lego-serve steps down under load.
+5. The ladder: the winner with fewer steps and, if it guides, without its guidance, and the
+   search's cheaper trials near its FID, measured with the winner on a third set of seeds; those
+   within the rung rule (FID at most a ratio of the winner's, class accuracy at most
+   max_accuracy_drop below it) and not beaten by a cheaper one become the rungs lego-serve steps
+   down under load.
 
 FID is measured in the feature space of an ONNX feature extractor the user provides (images in, one
 feature vector per image out; optionally a second output `logits`, one score per class) against
@@ -415,7 +416,10 @@ class Tuner:
         """Up to `most` rungs below the winner, measured with it on seeds neither the search nor the
         validation saw (see the module's docstring, step 5)."""
         win = result.winner
-        candidates = [dataclasses.replace(win.setting, steps=win.setting.steps - k) for k in (1, 2, 3)]
+        bases = [win.setting]
+        if win.setting.guidance != 1.0:  # guidance is a cost like any other: the winner without it
+            bases.append(dataclasses.replace(win.setting, guidance=1.0, guidance_interval=None))
+        candidates = [dataclasses.replace(b, steps=b.steps - k) for b in bases for k in (0, 1, 2, 3)]
         near = [t for t in result.trials if t.flops < win.flops and t.fid <= max_fid_ratio * win.fid]
         candidates += [t.setting for t in sorted(near, key=lambda t: -t.flops)]
         seen, unique = {self._key(win.setting)}, []
