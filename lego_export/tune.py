@@ -365,8 +365,11 @@ class Tuner:
         return tuple((p.bricks, p.guided) for p in plan(setting.options(self.model), self.model, canvas))
 
     def _key(self, setting: Setting) -> tuple:
-        """Settings with the same key sample the same images."""
-        return setting.sampler, setting.steps, setting.reuse_residual, setting.guidance, self._plan(setting)
+        """Settings with the same key sample the same images (a guidance interval that holds no step
+        of the schedule is no guidance)."""
+        steps = self._plan(setting)
+        guidance = setting.guidance if any(guided for _, guided in steps) else 1.0
+        return setting.sampler, setting.steps, setting.reuse_residual, guidance, steps
 
     def _measure(self, result: TuneResult, setting: Setting) -> Trial:
         """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
