@@ -179,7 +179,10 @@ def main(
     ladder = []
     if Path(ladder_json).exists():
         rows = json.loads(Path(ladder_json).read_text())["rows"]
-        ladder = [rows[0]] + [r for r in rows[1:] if r.get("accepted")]
+        ladder = sorted(rows, key=lambda r: r["rung"])  # ladder.py measures the manifest's rungs, all of them
+        rungs = manifest.recommended.rungs if manifest.recommended else []
+        if [r["setting"] for r in ladder] != [o.describe() for o in rungs]:
+            raise click.ClickException(f"{ladder_json} measured another ladder than {engines}'s: rerun ladder.py")
     lego_options = ["--max-queue", str(4 * n), "--drain-timeout", "5"]
     lego_options += ["--max-active", str(max_active)] if max_active else []
     lego_options += ["--streams", str(streams)] if streams > 1 else []

@@ -13,8 +13,20 @@ from lego_export.errors import LegoError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+_signalled = threading.Event()
+
+
 def _terminate(signum, frame):
+    # Noted as well as raised: native code (OpenVINO's bindings, seen here) can swallow the
+    # exception, and a long loop then ends the run anyway at its next check_interrupted().
+    _signalled.set()
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary files and staging folders go
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if SIGINT or SIGTERM came (call it once per step of long work)."""
+    if _signalled.is_set():
+        raise KeyboardInterrupt
 
 
 def one_line_errors(interrupted: str = "interrupted; nothing partial was left behind"):
@@ -27,7 +39,10 @@ def one_line_errors(interrupted: str = "interrupted; nothing partial was left be
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             in_main = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+            previous = {}
+            if in_main:
+                _signalled.clear()
+                previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 return fn(*args, **kwargs)
             except LegoError as e:
@@ -40,8 +55,8 @@ def one_line_errors(interrupted: str = "interrupted; nothing partial was left be
             except KeyboardInterrupt:
                 raise click.ClickException(interrupted) from None
             finally:
-                if in_main:
-                    signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
         return wrapper
 

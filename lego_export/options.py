@@ -152,7 +152,7 @@ class SamplingOptions:
 
 FIELDS = tuple(f.name for f in fields(SamplingOptions))
 # Giving any of these says how to sample the trajectory: then the model's recommended setting is not
-# used. guidance and tile_shift combine with it.
+# used. tile_shift combines with it; guidance given replaces the recommended setting's guidance.
 TRAJECTORY_FIELDS = ("sampler", "steps", "skip", "t_break", "reuse_residual", "churn")
 GUIDANCE_FIELDS = ("guidance", "guidance_interval")  # given either, neither comes from the recommended
 

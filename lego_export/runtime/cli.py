@@ -12,7 +12,7 @@ import numpy as np
 from click.core import ParameterSource
 
 from lego_export.atomic import atomic_write, check_output, publish_dir, staging_dir
-from lego_export.cli_common import CONTEXT, one_line_errors
+from lego_export.cli_common import CONTEXT, check_interrupted, one_line_errors
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
@@ -461,7 +461,7 @@ def run(
             seed=seed,
             batch=batch,
             indices=indices,
-            progress=lambda _i: bar.update(1),
+            progress=lambda _i: (check_interrupted(), bar.update(1)),
         )
     result.recommended = recommended
     if save_latents and result.latents is None:
