@@ -23,7 +23,7 @@ from lego_export.contract import TensorSpec
 from lego_export.edm import SAMPLERS, EDMConfig
 from lego_export.errors import LegoError
 from lego_export.jsonio import read_json
-from lego_export.options import MAX_STEPS, SamplingOptions
+from lego_export.options import GUIDANCE_FIELDS, MAX_STEPS, SamplingOptions
 
 # 2: the model entry is the full model config, EDM constants included (1 had a separate "edm").
 SCHEMA_VERSION = 2
@@ -430,7 +430,7 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
 
 
 _SETTING_FIELDS = {"sampler", "steps", "skip_policy", "reuse_residual", "measured"}
-_GUIDANCE_FIELDS = {"guidance", "guidance_interval"}  # optional: absent is no guidance
+_GUIDANCE_FIELDS = set(GUIDANCE_FIELDS)  # optional, named as the options are: absent is no guidance
 MAX_RUNGS = 16
 
 

@@ -329,16 +329,13 @@ class Tuner:
                     )
                     for i in range(steps)
                 ]
-                fitting = [t for t in guided if t.in_budget]
-                if fitting:
-                    self._widen(result, min(fitting, key=lambda t: (t.flops, t.fid)), reuse)
-        in_budget = [t for t in [ref, *result.trials] if t.in_budget]
-        result.winner = min(in_budget, key=lambda t: (t.flops, t.fid))
+                self._widen(result, cheapest_in_budget(guided), reuse)
+        result.winner = cheapest_in_budget([ref, *result.trials])
         return result
 
-    def _widen(self, result: TuneResult, current: Trial, reuse: bool) -> Trial | None:
+    def _widen(self, result: TuneResult, current: Trial | None, reuse: bool) -> Trial | None:
         """Greedy skip windows from a trial (the module's docstring, step 2): the cheapest trial in
-        budget on the way, or None if the first is not."""
+        budget on the way, or None if the first is not (or is None)."""
         best = None
         while current is not None and current.in_budget:
             best = current
@@ -354,8 +351,7 @@ class Tuner:
                     move = dataclasses.replace(move, skipped=tuple(skipped))
                 if skipped[k] <= 1.0:
                     moves.append(self._measure(result, move))
-            fitting = [m for m in moves if m.in_budget]
-            current = min(fitting, key=lambda t: (t.flops, t.fid)) if fitting else None
+            current = cheapest_in_budget(moves)
         return best
 
     def _plan(self, setting: Setting) -> tuple[tuple[int, bool], ...]:
@@ -451,6 +447,12 @@ class Tuner:
             )
             for t in rungs
         ]
+
+
+def cheapest_in_budget(trials: list[Trial]) -> Trial | None:
+    """The trial in budget with the fewest brick FLOPs (then the lowest FID); None if none is."""
+    fitting = [t for t in trials if t.in_budget]
+    return min(fitting, key=lambda t: (t.flops, t.fid)) if fitting else None
 
 
 def select_rungs(top: Trial, trials: list[Trial], max_fid_ratio: float, max_accuracy_drop: float) -> list[Trial]:
