@@ -59,11 +59,17 @@ RUNTIMES = ("onnxruntime:fp32", "openvino:fp32", "openvino:int8", "openvino:bf16
 
 
 def worker(engines: str, runtime: str, combos: list, num: int, batch: int, folder: Path) -> None:
-    """Sample every combo with one runtime; save images, labels and timings in folder."""
+    """Sample every combo with one runtime; save images, labels and timings in folder (or, where
+    this machine cannot run the runtime, why not, in refused.txt)."""
+    from lego_export.errors import LegoError
     from lego_export.runtime.pipeline import LegoPipeline
 
     backend, precision = runtime.split(":")
-    pipe = LegoPipeline.from_engines(engines, backend, precision=precision)
+    try:
+        pipe = LegoPipeline.from_engines(engines, backend, precision=precision)
+    except LegoError as e:  # e.g. bf16 on a CPU without bf16 units: the other runtimes still run
+        (folder / "refused.txt").write_text(str(e))
+        return
     rows = []
     for i, (sampler, steps, skip, reuse, name, *guided) in enumerate(combos):
         start = time.perf_counter()
@@ -137,8 +143,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_results(rows: list[dict], out: Path, command: str, num: int, host: dict) -> None:
-    """OUT.json, OUT.md (the table) and OUT.png (the plot) from the scored rows."""
+def write_results(rows: list[dict], out: Path, command: str, num: int, host: dict, skipped: list[str]) -> None:
+    """OUT.json, OUT.md (the table) and OUT.png (the plot) from the scored rows; skipped: the
+    runtimes this machine could not run, each with why."""
     reference = rows[0]
     default = next((r for r in rows if r["is_default"]), None)  # absent from a --headline run
     for r in rows:
@@ -154,7 +161,8 @@ def write_results(rows: list[dict], out: Path, command: str, num: int, host: dic
         },
         "its_speed_vs_default": best["speed_vs_default"],
     }
-    write_json(Path(f"{out}.json"), {"command": command, "machine": host, "num": num, "summary": summary, "rows": rows})
+    data = {"command": command, "machine": host, "num": num, "summary": summary, "skipped": skipped, "rows": rows}
+    write_json(Path(f"{out}.json"), data)
     columns = [
         ("label", "setting", ""),
         ("backend", "backend", ""),
@@ -178,6 +186,7 @@ def write_results(rows: list[dict], out: Path, command: str, num: int, host: dic
         f"Fastest within 1.05x the reference FID: {best['label']} ({best['backend']}, {best['precision']}), "
         f"FID {best['fid']:.2f}, {best['images_per_s']:.2f} images/s"
         + (f" = {best['speed_vs_default']:.2f}x the default." if default else ".")
+        + "".join(f"\n\nNot run on this machine: {s}." for s in skipped)
         + f"\n\n![frontier]({out.name}.png)\n\n{table}\n",
     )
     plot(rows, Path(f"{out}.png"))
@@ -199,7 +208,9 @@ def main(
 ) -> None:
     if replot:
         saved = json.loads(Path(f"{out}.json").read_text())
-        write_results(saved["rows"], Path(out), saved["command"], saved["num"], saved["machine"])
+        write_results(
+            saved["rows"], Path(out), saved["command"], saved["num"], saved["machine"], saved.get("skipped", [])
+        )
         return
     manifest = Manifest.read(engines)
     if worker_runtime:
@@ -214,12 +225,16 @@ def main(
     from lego_train.data import load_idx_dir
 
     torch.set_num_threads(2)
-    rows = []
+    rows, skipped = [], []
     for runtime in runtimes.split(","):
         with tempfile.TemporaryDirectory() as folder:
             command = [sys.executable, __file__, "--engines", engines, "--num", str(num), "--batch", str(batch)]
             command += ["--headline"] if headline else []
             subprocess.run([*command, "--worker-runtime", runtime, "--worker-folder", folder], check=True)
+            if (Path(folder) / "refused.txt").exists():
+                skipped.append(f"{runtime} ({(Path(folder) / 'refused.txt').read_text()})")
+                click.echo(f"not run: {skipped[-1]}", err=True)
+                continue
             timings = json.loads((Path(folder) / "rows.json").read_text())
             classifier = load_classifier(False)
             if not rows:
@@ -254,7 +269,7 @@ def main(
                 )
                 click.echo(f"{runtime} {label}: FID {rows[-1]['fid']:.2f}", err=True)
     command = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
-    write_results(rows, Path(out), command, num, machine())
+    write_results(rows, Path(out), command, num, machine(), skipped)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,30 @@ def test_wide_canvas_cells_and_seam_ratio():
     # a step at every cell border stands out
     steps = ramp + 10 * (np.arange(24) // 8)
     assert seam_ratio(steps, 8) > 5
+
+
+def test_serve_load_targets_follow_the_rows():
+    """Each target line says met or not met from the measured rows, naming the worst cell."""
+    from serve_load import targets
+
+    def row(server, quality, load, p99, within=1.0, refused=0.0, expired=0.0, rungs=None, fid=9.0, over=2.0):
+        return {
+            "server": server, "quality": quality, "load": load, "within_deadline": within, "refused": refused,
+            "expired": expired, "p99_a": p99, "p99_b": p99, "p99_all": p99, "rungs": rungs or {"0": 10},
+            "fid_served": fid, "p99_over_alone_b": over,
+        }  # fmt: skip
+
+    rows = [
+        row("baseline", "-", 1.0, 0.20),
+        row("lego-serve", "exact", 1.0, 0.204),  # 1.02x: within 5%
+        row("lego-serve", "elastic", 1.0, 0.22),  # 1.10x: not
+        row("lego-serve", "elastic", 2.0, 0.3, within=0.99, expired=0.01, rungs={"0": 8, "1": 2}, fid=9.9, over=5.5),
+        row("lego-serve", "elastic", 3.0, 0.4, within=0.94),
+    ]
+    lines = targets(rows, ("a", "b"), 0.02, 9.0)
+    assert lines[0].endswith(": met") and "1.02x" in lines[0]
+    assert lines[1].endswith("**not met**") and "1.10x" in lines[1]
+    assert "FID served 1.100x" in lines[2] and lines[2].endswith(": met")
+    assert "94.0%" in lines[3] and lines[3].endswith("**not met**")
+    assert "5.5x" in lines[4] and lines[4].endswith("**not met**")
+    assert lines[-1] == "- cost model median error 2.0% (<= 10%): met"

@@ -127,48 +127,38 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
     metric("lego_serve_request_latency_seconds", "histogram", "Arrival to result, per request.", latency_lines)
 
     engines = dict(stats.engines)
-    metric(
-        "lego_serve_engine_calls_total",
-        "counter",
-        "Engine calls (merged across requests).",
-        [f'lego_serve_engine_calls_total{{engine="{k}"}} {e.calls}' for k, e in sorted(engines.items())],
+    per_engine = (  # name, type, help, value of one engine (name, its stats)
+        ("lego_serve_engine_calls_total", "counter", "Engine calls (merged across requests).", lambda k, e: e.calls),
+        (
+            "lego_serve_engine_tiles_total",
+            "counter",
+            "Rows (tiles, or embeddings) run through each engine.",
+            lambda k, e: e.tiles,
+        ),
+        (
+            "lego_serve_engine_chunk_rows",
+            "gauge",
+            "Rows per call aimed at (the engine's fastest N per row, measured at startup, or its maximum).",
+            lambda k, e: chunks.get(k, 0),
+        ),
+        (
+            "lego_serve_engine_fill_ratio",
+            "gauge",
+            "Tiles per call over the rows per call aimed at, over all calls so far.",
+            lambda k, e: e.tiles / e.capacity if e.capacity else 0.0,
+        ),
+        (
+            "lego_serve_requests_per_call",
+            "gauge",
+            "Requests whose rows shared each merged engine call, on average.",
+            lambda k, e: e.group_requests / e.groups if e.groups else 0.0,
+        ),
+        ("lego_serve_engine_failures_total", "counter", "Engine calls that raised.", lambda k, e: e.failures),
+        ("lego_serve_engine_seconds_total", "counter", "Time inside engines.", lambda k, e: e.seconds),
     )
-    metric(
-        "lego_serve_engine_tiles_total",
-        "counter",
-        "Rows (tiles, or embeddings) run through each engine.",
-        [f'lego_serve_engine_tiles_total{{engine="{k}"}} {e.tiles}' for k, e in sorted(engines.items())],
-    )
-    metric(
-        "lego_serve_engine_chunk_rows",
-        "gauge",
-        "Rows per call aimed at (the engine's fastest N per row, measured at startup, or its maximum).",
-        [f'lego_serve_engine_chunk_rows{{engine="{k}"}} {v}' for k, v in sorted(chunks.items())],
-    )
-    metric(
-        "lego_serve_engine_fill_ratio",
-        "gauge",
-        "Tiles per call over the rows per call aimed at, over all calls so far.",
-        [
-            f'lego_serve_engine_fill_ratio{{engine="{k}"}} {_num(e.tiles / e.capacity if e.capacity else 0.0)}'
-            for k, e in sorted(engines.items())
-        ],
-    )
-    metric(
-        "lego_serve_requests_per_call",
-        "gauge",
-        "Requests whose rows shared each merged engine call, on average.",
-        [
-            f'lego_serve_requests_per_call{{engine="{k}"}} {_num(e.group_requests / e.groups if e.groups else 0.0)}'
-            for k, e in sorted(engines.items())
-        ],
-    )
-    metric(
-        "lego_serve_engine_failures_total",
-        "counter",
-        "Engine calls that raised.",
-        [f'lego_serve_engine_failures_total{{engine="{k}"}} {e.failures}' for k, e in sorted(engines.items())],
-    )
+    for name, kind, help_text, value in per_engine:
+        samples = [f'{name}{{engine="{k}"}} {_num(value(k, e))}' for k, e in sorted(engines.items())]
+        metric(name, kind, help_text, samples)
     samples = []
     for k, e in sorted(engines.items()):
         counts = dict(e.tiles_per_call)
@@ -182,12 +172,6 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
             f'lego_serve_tiles_per_call_count{{engine="{k}"}} {e.calls}',
         ]
     metric("lego_serve_tiles_per_call", "histogram", "Tiles per engine call.", samples)
-    metric(
-        "lego_serve_engine_seconds_total",
-        "counter",
-        "Time inside engines.",
-        [f'lego_serve_engine_seconds_total{{engine="{k}"}} {_num(e.seconds)}' for k, e in sorted(engines.items())],
-    )
     metric("lego_serve_ticks_total", "counter", "CallBatcher ticks.", [f"lego_serve_ticks_total {stats.ticks}"])
     metric(
         "lego_serve_tick_seconds_total",
@@ -205,5 +189,7 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
 
 
 def _num(value: float) -> str:
-    """A sample value or bucket bound as Prometheus writes it."""
+    """A sample value or bucket bound as Prometheus writes it (counts as integers, in full)."""
+    if isinstance(value, int):
+        return str(value)
     return ("+Inf" if value > 0 else "-Inf") if math.isinf(value) else f"{value:.9g}"
