@@ -231,8 +231,9 @@ def main(
             command = [sys.executable, __file__, "--engines", engines, "--num", str(num), "--batch", str(batch)]
             command += ["--headline"] if headline else []
             subprocess.run([*command, "--worker-runtime", runtime, "--worker-folder", folder], check=True)
-            if (Path(folder) / "refused.txt").exists():
-                skipped.append(f"{runtime} ({(Path(folder) / 'refused.txt').read_text()})")
+            refused = Path(folder) / "refused.txt"
+            if refused.exists():
+                skipped.append(f"{runtime} ({refused.read_text()})")
                 click.echo(f"not run: {skipped[-1]}", err=True)
                 continue
             timings = json.loads((Path(folder) / "rows.json").read_text())
