@@ -6,13 +6,18 @@ Every request carries a deadline: --slo times the median service time alone of i
 and image count; measured first, one request at a time on the one-at-a-time server). C_FIFO is the
 highest Poisson arrival rate at which the one-at-a-time server (serve.py's baseline) answers 99% of
 the requests within their deadline, found by bisection. Then 0.5, 1, 1.5, 2 and 3 x C_FIFO are
-offered, with the same arrival times, to three servers, one after another, each alone on the machine:
+offered, with the same arrival times, to three servers, each alone on the machine while loaded:
 
   baseline       one request at a time, in arrival order (answers late rather than never);
   lego-serve     exact: every request as asked ("quality": "exact"): least slack first, refused
                  (429) when it cannot finish in time, expired (504) when its deadline passes;
   lego-serve     elastic (the default): as exact, and a request that would be late runs at the
                  highest rung of the model's quality ladder that finishes in time.
+
+Each load's requests are sent in --rounds consecutive blocks, each block to the three servers in
+turn (the order rotating from block to block), and a server's answers at a load are pooled over the
+blocks: the speed of these shared machines drifts by up to 2x within minutes, so servers loaded one
+after another would compare the machine's moods as much as the servers.
 
 The workload asks for the model's recommended setting (no sampling options) on a fixed mix of
 canvases (32x32, 32x96, 64x64) and 1 or 2 images. Per server and load: share of requests answered
@@ -206,6 +211,7 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--slo", default=5.0, show_default=True, help="Deadline: this many times the request's time alone.")
 @click.option("--loads", default="0.5,1,1.5,2,3", show_default=True, help="Offered loads, x C_FIFO.")
 @click.option("--ladder", "ladder_json", default="benchmarks/results/ladder.json", show_default=True)
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1), help="Blocks per load (see above).")
 @click.option("--probes", default=6, show_default=True, help="Bisection steps for C_FIFO.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
@@ -216,8 +222,8 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
 @click.option("--servers", default="baseline,exact,elastic", show_default=True, help="Which servers to load.")
 def main(
-    engines, backend, threads, n, slo, loads, ladder_json, probes, seed, small, max_active, streams, given_c_fifo, out,
-    replot, servers,
+    engines, backend, threads, n, slo, loads, ladder_json, rounds, probes, seed, small, max_active, streams,
+    given_c_fifo, out, replot, servers,
 ):  # fmt: skip
     """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
     if replot:
@@ -272,42 +278,50 @@ def main(
         print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
         fractions = [float(x) for x in loads.split(",")]
         patterns = {f: poisson_arrivals(n, f * c_fifo, np.random.default_rng(seed + 2)) for f in fractions}
-        results = []
-        for f in fractions if "baseline" in chosen else []:
-            results.append(
-                {
-                    "server": BASELINE,
-                    "quality": "-",
-                    "load": f,
-                    **summarize(send(base, bodies, patterns[f]), bodies, alone, ladder),
-                }
-            )
-            print(f"  {BASELINE} at {f}x: {results[-1]['within_deadline']:.1%}", flush=True)
+
+        lego = Server(LEGO, engines, backend, threads, lego_options)  # the baseline waits idle meanwhile
+        try:
+            # 3. The cost model alone: each request exact, one at a time, each also on the baseline
+            # just before, so that the two servers' times alone are measured side by side.
+            errors, latency_errors, lego_alone_each, base_alone_each = [], [], {}, {}
+            for body in bodies[: min(n, 40)]:
+                start = time.perf_counter()
+                assert base.http.post("/v1/images", json=body, timeout=600).status_code == 200
+                base_alone_each.setdefault(body["resolution"], []).append(time.perf_counter() - start)
+                start = time.perf_counter()
+                r = lego.http.post("/v1/images", json={**body, "quality": "exact", "deadline_s": None}, timeout=600)
+                latency = time.perf_counter() - start
+                predicted = json.loads(r.headers["X-Lego-Run"])["predicted_s"]
+                service = json.loads(r.headers["X-Lego-Timing"])["service_s"]  # slot to answer, in the server
+                errors.append((predicted - service) / service)
+                latency_errors.append((predicted - latency) / latency)
+                lego_alone_each.setdefault(body["resolution"], []).append(latency)
+            lego_alone = {c: float(np.median(t)) for c, t in lego_alone_each.items()}
+            base_alone = {c: float(np.median(t)) for c, t in base_alone_each.items()}
+
+            # 4. Each load in blocks, each block to every chosen server in turn.
+            runs = [(base, BASELINE, "-")] if "baseline" in chosen else []
+            runs += [(lego, LEGO, q) for q in ("exact", "elastic") if q in chosen]
+            results = []
+            for f in fractions:
+                answers: dict[int, list] = {i: [None] * n for i in range(len(runs))}
+                blocks = np.array_split(np.arange(n), rounds)
+                for b, block in enumerate(blocks):
+                    arrivals = [patterns[f][i] - patterns[f][block[0]] for i in block]
+                    for k in range(len(runs)):
+                        i = (b + k) % len(runs)  # rotate who goes first
+                        server, _, quality = runs[i]
+                        asked = [bodies[j] if quality == "-" else {**bodies[j], "quality": quality} for j in block]
+                        for j, answer in zip(block, send(server, asked, arrivals), strict=True):
+                            answers[i][j] = answer
+                for i, (_, name, quality) in enumerate(runs):
+                    row = summarize(answers[i], bodies, alone, ladder)
+                    results.append({"server": name, "quality": quality, "load": f, **row})
+                    print(f"  {name} {quality} at {f}x: {row['within_deadline']:.1%}, rungs {row['rungs']}", flush=True)
+        finally:
+            lego.close()
     finally:
         base.close()
-
-    lego = Server(LEGO, engines, backend, threads, lego_options)
-    try:
-        # 3. The cost model alone: each request exact, one at a time.
-        errors, latency_errors, lego_alone_each = [], [], {}
-        for body in bodies[: min(n, 40)]:
-            start = time.perf_counter()
-            r = lego.http.post("/v1/images", json={**body, "quality": "exact", "deadline_s": None}, timeout=600)
-            latency = time.perf_counter() - start
-            predicted = json.loads(r.headers["X-Lego-Run"])["predicted_s"]
-            service = json.loads(r.headers["X-Lego-Timing"])["service_s"]  # slot to answer, in the server
-            errors.append((predicted - service) / service)
-            latency_errors.append((predicted - latency) / latency)
-            lego_alone_each.setdefault(body["resolution"], []).append(latency)
-        lego_alone = {c: float(np.median(t)) for c, t in lego_alone_each.items()}
-        for quality in [q for q in ("exact", "elastic") if q in chosen]:
-            for f in fractions:
-                asked = [{**b, "quality": quality} for b in bodies]
-                row = summarize(send(lego, asked, patterns[f]), asked, alone, ladder)
-                results.append({"server": LEGO, "quality": quality, "load": f, **row})
-                print(f"  {LEGO} {quality} at {f}x: {row['within_deadline']:.1%}, rungs {row['rungs']}", flush=True)
-    finally:
-        lego.close()
 
     error = {
         "median_abs": float(np.median(np.abs(errors))),
@@ -323,7 +337,7 @@ def main(
         "requests_per_load": n,
         "workload": bodies,
         "service_time_alone_s": alone,
-        "lego_serve_time_alone_s": lego_alone,  # the same, on lego-serve (its first 40 requests, exact)
+        "time_alone_side_by_side_s": {"baseline": base_alone, LEGO: lego_alone},  # first 40 requests, in turn
         "capacity_alone_requests_per_s": capacity,
         "c_fifo_requests_per_s": c_fifo,
         "c_fifo_probes": probes_run,
@@ -350,12 +364,14 @@ def main(
             "",
             f"`{data['command']}`",
             "",
-            f"{n} requests per load (the recommended setting, canvases {', '.join(canvases)}, 1-2 images), each due "
+            f"{n} requests per load in {rounds} blocks, each block to every server in turn (the recommended "
+            f"setting, canvases {', '.join(canvases)}, 1-2 images), each due "
             f"{slo:g}x the median service time alone of its kind (canvas, images); "
             f"{machine()['cores']} cores ({machine()['cpu']}). "
             f"C_FIFO = **{c_fifo:.3f} requests/s** (one-at-a-time capacity {capacity:.3f}). "
-            "Service time alone (median per canvas, one-at-a-time server / lego-serve): "
-            + ", ".join(f"{c} {t:.3f} / {lego_alone.get(c, float('nan')):.3f} s" for c, t in alone.items())
+            "Service time alone (median per canvas of 40 requests, each sent to the one-at-a-time server and then "
+            "to lego-serve): "
+            + ", ".join(f"{c} {t:.3f} / {lego_alone.get(c, float('nan')):.3f} s" for c, t in base_alone.items())
             + ".",
             "",
             markdown_table(results, columns),

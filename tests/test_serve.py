@@ -711,6 +711,28 @@ def test_the_load_benchmark_runs_both_servers_and_checks_their_images(tmp_path):
     assert "Saturation throughput ratio" in out.with_suffix(".md").read_text()
 
 
+def test_the_deadline_benchmark_sends_every_block_to_every_server(tmp_path):
+    """benchmarks/serve_load.py end to end on the tiny engines: each load's requests in blocks, each
+    block to the three servers in turn, every server's answers pooled over the blocks."""
+    import json
+
+    out = tmp_path / "serve-load"
+    cmd = [sys.executable, "benchmarks/serve_load.py", "--engines", str(TINY), "--small", "--requests", "6"]
+    cmd += ["--rounds", "3", "--loads", "1", "--c-fifo", "2", "--threads", "1", "--ladder", str(tmp_path / "none")]
+    run = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["server"], r["quality"]) for r in data["rows"]] == [
+        ("baseline", "-"),
+        ("lego-serve", "exact"),
+        ("lego-serve", "elastic"),
+    ]
+    for row in data["rows"]:  # all six requests of the three blocks answered, none lost between blocks
+        assert row["other_errors"] == 0 and sum(row["rungs"].values()) + 6 * (row["refused"] + row["expired"]) == 6
+    assert set(data["time_alone_side_by_side_s"]) == {"baseline", "lego-serve"}
+    assert "in 3 blocks" in out.with_suffix(".md").read_text()
+
+
 def test_serving_needs_no_torch(tmp_path):
     """The server runs where the runtime runs: ONNX Runtime on the CPU, no PyTorch imported."""
     code = (

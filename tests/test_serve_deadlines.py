@@ -125,6 +125,51 @@ def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
     assert [0, 1] in merged, merged  # the old order puts both requests' rows in one call
 
 
+def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
+    from lego_export.serve.batcher import BatcherConfig, CallBatcher
+
+    backend = HookedBackend()
+
+    def sample(batcher: CallBatcher, slot, result: dict) -> threading.Thread:
+        thread = threading.Thread(target=lambda: result.update(r=batcher.pipeline(slot)(steps=2, num=1)))
+        thread.start()
+        return thread
+
+    def check(order: str) -> None:
+        batcher = CallBatcher(backend.manifest, backend, BatcherConfig(order=order))
+        try:
+            head, busy = batcher.join(), batcher.join()  # busy: joined, still on host work, no call yet
+            result: dict = {}
+            worker = sample(batcher, head, result)
+            if order == "slack":  # its calls run at once, every one of them, while busy never calls
+                worker.join(30)
+                assert "r" in result and result["r"].images.shape[0] == 1
+            else:  # the merge order waits for every active request, so that their calls merge
+                wait_for(lambda: batcher.pending == 1, what="the head's first call")
+                with batcher._cond:
+                    assert not batcher._ready()
+            batcher.leave(busy)
+            worker.join(30)
+            assert "r" in result
+            batcher.leave(head)
+            # A request later in the order waits while the head is on its host work.
+            late, first = batcher.join(), batcher.join(priority=1)
+            later: dict = {}
+            thread = sample(batcher, late, later)
+            wait_for(lambda: batcher.pending == 1, what="the later request's call")
+            with batcher._cond:
+                assert not batcher._ready()
+            batcher.leave(first)
+            thread.join(30)
+            assert "r" in later
+            batcher.leave(late)
+        finally:
+            batcher.close()
+
+    check("slack")
+    check("merge")
+
+
 def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_or_degraded():
     service, _ = service_with(ladder=True, seconds_per_row=0.01)
     with running(service) as http:
