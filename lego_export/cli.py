@@ -422,7 +422,7 @@ def tune(
 
     from lego_export.atomic import atomic_write, check_output, folder_lock
     from lego_export.manifest import Manifest
-    from lego_export.options import MAX_GUIDANCE, MAX_STEPS, OptionError, check_request
+    from lego_export.options import MAX_GUIDANCE, MAX_STEPS, OptionError, SamplingOptions, check_request
     from lego_export.runtime.backends import MAX_THREADS
     from lego_export.runtime.pipeline import LegoPipeline
     from lego_export.tune import FeatureNet, Setting, Tuner, load_reference, parse_settings, recommendation
@@ -468,7 +468,7 @@ def tune(
     if min_accuracy is not None and not tuner.classify:
         raise LegoError("--min-accuracy needs class accuracy: --features with a logits output, and a class model")
     result = tuner.run(
-        Setting(ref_sampler, ref_steps),
+        Setting(SamplingOptions(ref_sampler, ref_steps)),
         search,
         max_fid_increase,
         reuse_residual,

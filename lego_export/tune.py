@@ -61,31 +61,28 @@ MAX_FEATURE_DIM = 8192
 
 @dataclass(frozen=True)
 class Setting:
-    sampler: str
-    steps: int
-    skipped: tuple[float, ...] = ()  # per brick 1..K-1: fraction of the trajectory it is skipped
-    reuse_residual: bool = False
-    guidance: float = 1.0  # classifier-free guidance scale at the steps within guidance_interval
-    guidance_interval: str | None = None
+    """A point of the search: sampling options with the skip windows held as the fraction of the
+    trajectory each brick 1..K-1 is skipped, the coordinates the search moves (base.skip unused)."""
+
+    base: SamplingOptions
+    skipped: tuple[float, ...] = ()
+
+    def but(self, skipped: tuple[float, ...] | None = None, **fields) -> Setting:
+        """This setting with other skip fractions and option fields."""
+        return Setting(dataclasses.replace(self.base, **fields), self.skipped if skipped is None else skipped)
 
     def options(self, model: LegoConfig) -> SamplingOptions:
         """The sampling options this setting stands for: its skip fractions as sigma windows."""
         sizes = [b.size for b in model.bricks]
         windows = [skip_window(sizes, k, f, model.edm) for k, f in enumerate(self.skipped, start=1) if f > 0]
-        reuse = self.reuse_residual and bool(windows)  # with nothing skipped there is nothing to reuse
-        return SamplingOptions(
-            self.sampler,
-            self.steps,
-            policy_spec(windows) or "none",
-            reuse_residual=reuse,
-            guidance=self.guidance,
-            guidance_interval=self.guidance_interval,
-        )
+        reuse = self.base.reuse_residual and bool(windows)  # with nothing skipped there is nothing to reuse
+        return dataclasses.replace(self.base, skip=policy_spec(windows) or "none", reuse_residual=reuse)
 
     def label(self) -> str:
+        b = self.base
         skip = "/".join(f"{f:.1f}" for f in self.skipped) if any(self.skipped) else "none"
-        guided = f", cfg {self.guidance:g} at sigma {self.guidance_interval}" if self.guidance != 1.0 else ""
-        return f"{self.sampler} {self.steps} steps, skipped {skip}{', reuse' if self.reuse_residual else ''}{guided}"
+        guided = f", cfg {b.guidance:g} at sigma {b.guidance_interval}" if b.guidance != 1.0 else ""
+        return f"{b.sampler} {b.steps} steps, skipped {skip}{', reuse' if b.reuse_residual else ''}{guided}"
 
 
 def one_step_interval(sigmas, step: int) -> str:
@@ -287,7 +284,7 @@ class Tuner:
         features, logits = self.features.run(result.images)
         score = frechet_distance(FeatureStats.of(features), self.reference)
         accuracy = class_accuracy(logits, result.labels) if self.classify else None
-        flops = evaluations(setting.sampler, setting.steps) * (1.0 - result.timing.flops_saved)
+        flops = evaluations(setting.base.sampler, setting.base.steps) * (1.0 - result.timing.flops_saved)
         return Trial(setting, score, flops, self.num / seconds, class_accuracy=accuracy)
 
     def run(
@@ -317,16 +314,13 @@ class Tuner:
             if evaluations(sampler, steps) * brick0_share >= best:
                 self.log(f"  {sampler} {steps} steps: cannot beat {best:.1f} full-chain evaluations/image; not tried")
                 continue
-            full = self._measure(result, Setting(sampler, steps, (0.0,) * skippable, False))
+            full = self._measure(result, Setting(SamplingOptions(sampler, steps), (0.0,) * skippable))
             cheapest = self._widen(result, full, reuse)
             if guidance != 1.0:
                 start = (cheapest or full).setting
                 sigmas = self.model.edm.sigmas(steps)
                 guided = [
-                    self._measure(
-                        result,
-                        dataclasses.replace(start, guidance=guidance, guidance_interval=one_step_interval(sigmas, i)),
-                    )
+                    self._measure(result, start.but(guidance=guidance, guidance_interval=one_step_interval(sigmas, i)))
                     for i in range(steps)
                 ]
                 self._widen(result, cheapest_in_budget(guided), reuse)
@@ -343,12 +337,12 @@ class Tuner:
             for k in range(len(current.setting.skipped)):
                 skipped = list(current.setting.skipped)
                 skipped[k] = round(skipped[k] + NOTCH, 6)
-                move = dataclasses.replace(current.setting, skipped=tuple(skipped), reuse_residual=reuse)
+                move = current.setting.but(tuple(skipped), reuse_residual=reuse)
                 # A brick skipped inside a stretch where an earlier one already is changes nothing
                 # (a step runs a prefix of the chain): widen it without a trial.
                 while skipped[k] <= 1.0 and self._plan(move) == current_plan:
                     skipped[k] = round(skipped[k] + NOTCH, 6)
-                    move = dataclasses.replace(move, skipped=tuple(skipped))
+                    move = move.but(tuple(skipped))
                 if skipped[k] <= 1.0:
                     moves.append(self._measure(result, move))
             current = cheapest_in_budget(moves)
@@ -364,8 +358,9 @@ class Tuner:
         """Settings with the same key sample the same images (a guidance interval that holds no step
         of the schedule is no guidance)."""
         steps = self._plan(setting)
-        guidance = setting.guidance if any(guided for _, guided in steps) else 1.0
-        return setting.sampler, setting.steps, setting.reuse_residual, guidance, steps
+        b = setting.base
+        guidance = b.guidance if any(guided for _, guided in steps) else 1.0
+        return b.sampler, b.steps, b.reuse_residual, guidance, steps
 
     def _measure(self, result: TuneResult, setting: Setting) -> Trial:
         """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
@@ -416,14 +411,14 @@ class Tuner:
         validation saw (see the module's docstring, step 5)."""
         win = result.winner
         bases = [win.setting]
-        if win.setting.guidance != 1.0:  # guidance is a cost like any other: the winner without it
-            bases.append(dataclasses.replace(win.setting, guidance=1.0, guidance_interval=None))
-        candidates = [dataclasses.replace(b, steps=b.steps - k) for b in bases for k in (0, 1, 2, 3)]
+        if win.setting.base.guidance != 1.0:  # guidance is a cost like any other: the winner without it
+            bases.append(win.setting.but(guidance=1.0, guidance_interval=None))
+        candidates = [b.but(steps=b.base.steps - k) for b in bases for k in (0, 1, 2, 3)]
         near = [t for t in result.trials if t.flops < win.flops and t.fid <= max_fid_ratio * win.fid]
         candidates += [t.setting for t in sorted(near, key=lambda t: -t.flops)]
         seen, unique = {self._key(win.setting)}, []
         for setting in candidates:
-            if setting.steps >= 1 and self._key(setting) not in seen and len(unique) < 2 * most:
+            if setting.base.steps >= 1 and self._key(setting) not in seen and len(unique) < 2 * most:
                 seen.add(self._key(setting))
                 unique.append(setting)
         if not unique:  # also when most is 0

@@ -78,6 +78,9 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     assert fid(x, x) == pytest.approx(0, abs=1e-8)
 
 
+REFERENCE = Setting(SamplingOptions("heun", 20))
+
+
 class ScriptedTuner(Tuner):
     """The search without sampling: FID (and class accuracy) is a fixed function of the setting."""
 
@@ -90,7 +93,7 @@ class ScriptedTuner(Tuner):
     def trial(self, setting, seed=None):
         self.seen.append(setting)
         saved = flop_fraction_saved(plan(setting.options(self.model), self.model, (16, 16)), self.flops)
-        flops = evaluations(setting.sampler, setting.steps) * (1 - saved)
+        flops = evaluations(setting.base.sampler, setting.base.steps) * (1 - saved)
         accuracy = self.accuracy_of(setting) if self.accuracy_of else None
         return Trial(setting, self.fid_of(setting), flops, 1.0, class_accuracy=accuracy)
 
@@ -103,22 +106,22 @@ def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_pla
 
     def fid_of(s: Setting) -> float:
         skipped = s.skipped or (0.0, 0.0)
-        return base[(s.sampler, s.steps)] + 5 * skipped[0] + 2 * max(skipped)
+        return base[(s.base.sampler, s.base.steps)] + 5 * skipped[0] + 2 * max(skipped)
 
     tuner = ScriptedTuner(manifest, fid_of)
-    result = tuner.run(Setting("heun", 20), [("dpm2m", 16), ("dpm2m", 8), ("euler", 40)], 0.1, reuse=True)
+    result = tuner.run(REFERENCE, [("dpm2m", 16), ("dpm2m", 8), ("euler", 40)], 0.1, reuse=True)
     # 40 steps of brick 0 alone cost more than the best 8-step setting: never sampled
-    assert not any(s.steps == 40 for s in tuner.seen)
+    assert not any(s.base.steps == 40 for s in tuner.seen)
     assert result.budget == pytest.approx(11.0)
     in_budget = [t for t in [result.reference, *result.trials] if t.in_budget]
     assert all(t.fid <= result.budget for t in in_budget)
     assert result.winner.flops == min(t.flops for t in in_budget)
     # Greedy from 8 steps: brick 1 for the last tenth (10.7), then brick 2 widened past the stretch
     # brick 1 already covers, to two tenths (10.9); every further move is over budget.
-    assert (result.winner.setting.sampler, result.winner.setting.steps) == ("dpm2m", 8)
+    assert (result.winner.setting.base.sampler, result.winner.setting.base.steps) == ("dpm2m", 8)
     assert result.winner.setting.skipped == (0.1, 0.2)
-    assert result.winner.setting.reuse_residual
-    plans = [(s.sampler, s.steps, tuner._plan(s)) for s in tuner.seen]
+    assert result.winner.setting.base.reuse_residual
+    plans = [(s.base.sampler, s.base.steps, tuner._plan(s)) for s in tuner.seen]
     assert len(plans) == len(set(plans))  # no plan is ever sampled twice
 
 
@@ -127,14 +130,14 @@ def test_the_accuracy_floor_turns_down_a_setting_that_keeps_fid_and_loses_classe
     manifest = Manifest.read(TINY)
 
     def fid_of(s: Setting) -> float:
-        return {("heun", 20): 10.0, ("dpm2m", 8): 10.0}[(s.sampler, s.steps)] + 2 * max(s.skipped or (0.0,))
+        return {("heun", 20): 10.0, ("dpm2m", 8): 10.0}[(s.base.sampler, s.base.steps)] + 2 * max(s.skipped or (0.0,))
 
     def accuracy_of(s: Setting) -> float:
         return 0.80 - 0.1 * (s.skipped or (0.0,))[0]
 
     def winner(drop: float) -> Setting:
         tuner = ScriptedTuner(manifest, fid_of, accuracy_of)
-        result = tuner.run(Setting("heun", 20), [("dpm2m", 8)], 0.1, reuse=True, max_accuracy_drop=drop)
+        result = tuner.run(REFERENCE, [("dpm2m", 8)], 0.1, reuse=True, max_accuracy_drop=drop)
         assert result.min_accuracy == pytest.approx(0.80 - drop)
         assert all(t.class_accuracy >= 0.80 - drop for t in result.trials if t.in_budget)
         return result.winner.setting
@@ -156,32 +159,33 @@ def test_guiding_one_step_brings_a_setting_within_an_accuracy_floor():
     lifting = one_step_interval(sigmas, 5)  # only guidance at step 5 (of 0-7) helps in this script
 
     def fid_of(s: Setting) -> float:  # fewer steps than 8: far over budget
-        return {("heun", 20): 10.0, ("dpm2m", 8): 10.0}.get((s.sampler, s.steps), 30.0) + 2 * max(s.skipped or (0.0,))
+        fid = {("heun", 20): 10.0, ("dpm2m", 8): 10.0}.get((s.base.sampler, s.base.steps), 30.0)
+        return fid + 2 * max(s.skipped or (0.0,))
 
     def accuracy_of(s: Setting) -> float:
-        return 0.85 if s.guidance_interval == lifting else 0.78
+        return 0.85 if s.base.guidance_interval == lifting else 0.78
 
     def search(guidance: float):
         tuner = ScriptedTuner(manifest, fid_of, accuracy_of)
         result = tuner.run(
-            Setting("heun", 20), [("dpm2m", 8)], 0.1, True, max_accuracy_drop=0.1, min_accuracy=0.8, guidance=guidance
+            REFERENCE, [("dpm2m", 8)], 0.1, True, max_accuracy_drop=0.1, min_accuracy=0.8, guidance=guidance
         )
         return tuner, result
 
     tuner, result = search(1.0)
-    assert result.winner is result.reference and not any(s.guidance != 1.0 for s in tuner.seen)
+    assert result.winner is result.reference and not any(s.base.guidance != 1.0 for s in tuner.seen)
     tuner, result = search(1.5)
     win = result.winner.setting
-    assert (win.steps, win.guidance, win.guidance_interval) == (8, 1.5, lifting)
+    assert (win.base.steps, win.base.guidance, win.base.guidance_interval) == (8, 1.5, lifting)
     assert any(win.skipped) and result.winner.flops < result.reference.flops
-    guided = [s for s in tuner.seen if s.guidance != 1.0 and not any(s.skipped)]
-    assert len({s.guidance_interval for s in guided}) == 8  # each step tried once
+    guided = [s for s in tuner.seen if s.base.guidance != 1.0 and not any(s.skipped)]
+    assert len({s.base.guidance_interval for s in guided}) == 8  # each step tried once
     steps = [p for p in plan(win.options(manifest.model), manifest.model, (16, 16)) if p.guided]
     assert [p.step for p in steps] == [5]  # the interval holds exactly that step
     assert all(t.class_accuracy >= 0.8 for t in result.trials if t.in_budget)
     # The ladder tries the winner without guidance: cheaper, the same FID here, 0.07 less accurate.
     (rung,) = tuner.ladder(result, seed=2, most=3, max_fid_ratio=1.15)
-    assert rung.options == dataclasses.replace(win, guidance=1.0, guidance_interval=None).options(manifest.model)
+    assert rung.options == win.but(guidance=1.0, guidance_interval=None).options(manifest.model)
     assert rung.measured["class_accuracy"] == pytest.approx(0.78)
 
 
@@ -189,7 +193,7 @@ def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one()
     from lego_export.tune import select_rungs
 
     def trial(flops, fid, accuracy):
-        return Trial(Setting("dpm2m", 8), fid, flops, 1.0, class_accuracy=accuracy)
+        return Trial(Setting(SamplingOptions("dpm2m", 8)), fid, flops, 1.0, class_accuracy=accuracy)
 
     top = trial(8.0, 10.0, 0.80)
     rows = [

@@ -34,7 +34,7 @@ import numpy as np
 
 from lego_export.errors import LegoError
 from lego_export.manifest import Manifest
-from lego_export.options import SamplingOptions
+from lego_export.options import GUIDANCE_FIELDS, TRAJECTORY_FIELDS, SamplingOptions
 from lego_export.plan import engine_work
 from lego_export.runtime.backends import make_backend
 from lego_export.runtime.pipeline import SampleResult, files_precision
@@ -301,16 +301,8 @@ class ImageService:
         keeps_guidance = top is None or own_guidance != (top.guidance, top.guidance_interval)
         out = [own]
         for rung, setting in enumerate(self.ladder[: lowest + 1]):
-            options = replace(
-                request.options,
-                sampler=setting.sampler,
-                steps=setting.steps,
-                skip=setting.skip,
-                t_break=setting.t_break,
-                reuse_residual=setting.reuse_residual,
-            )
-            if not keeps_guidance:
-                options = replace(options, guidance=setting.guidance, guidance_interval=setting.guidance_interval)
+            taken = TRAJECTORY_FIELDS + (() if keeps_guidance else GUIDANCE_FIELDS)  # churn: None in both
+            options = replace(request.options, **{name: getattr(setting, name) for name in taken})
             predicted = self.predict(request, options)
             if predicted < 0.97 * out[-1].predicted_s:  # cheaper by a margin the cost model resolves
                 out.append(Choice(options, rung, predicted))
