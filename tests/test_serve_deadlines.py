@@ -306,4 +306,7 @@ def test_the_pace_corrects_predictions_from_finished_work():
         assert http.get("/healthz").json()["pace"] == 1.0
         for _ in range(2):  # 0.42 s predicted each: the pace is updated after 0.5 s of work
             assert http.post("/v1/images", json={"steps": 10}).status_code == 200
-        assert http.get("/healthz").json()["pace"] > 1.1
+        pace = http.get("/healthz").json()["pace"]
+        assert pace > 1.1
+        # The next answer says the pace it was planned with.
+        assert json.loads(http.post("/v1/images", json={"steps": 10}).headers["X-Lego-Run"])["pace"] == pace

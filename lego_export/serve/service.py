@@ -430,6 +430,7 @@ class ImageService:
             "rung": choice.rung,
             "degraded": choice is not job.choices[0],
             "predicted_s": round(choice.predicted_s, 4),
+            "pace": round(self.pace, 4),  # when it started: the server planned with predicted_s x pace
             "quality": request.quality,
             "backend": self.backend_name,
             "precision": {"files": self.files_precision, "runtime": self.precision},
