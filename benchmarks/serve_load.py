@@ -312,7 +312,7 @@ def main(
             results = []
             for f in fractions:
                 answers: dict[int, list] = {i: [None] * n for i in range(len(runs))}
-                blocks = np.array_split(np.arange(n), rounds)
+                blocks = [b for b in np.array_split(np.arange(n), rounds) if len(b)]  # rounds > n: n blocks
                 for b, block in enumerate(blocks):
                     arrivals = [patterns[f][i] - patterns[f][block[0]] for i in block]
                     for k in range(len(runs)):
