@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_json, write_text  # noqa: E402
 from serve import BASELINE, LEGO, Server, poisson_arrivals  # noqa: E402
 
+from lego_export.errors import LegoError  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
 
 CANVASES = ("32x32", "32x96", "64x64")
@@ -238,7 +239,10 @@ def main(
     if not chosen <= {"baseline", "exact", "elastic"}:
         hint = "a comma-separated list of baseline, exact, elastic"
         raise click.BadParameter(f"{servers!r}: {hint}", param_hint="--servers")
-    manifest = Manifest.read(engines)
+    try:
+        manifest = Manifest.read(engines)
+    except LegoError as e:
+        raise click.ClickException(str(e)) from None
     canvases = SMALL_CANVASES if small else CANVASES
     bodies = workload(n, seed, manifest.model.num_classes, canvases)
     ladder = []
@@ -283,6 +287,7 @@ def main(
         print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
         fractions = [float(x) for x in loads.split(",")]
         patterns = {f: poisson_arrivals(n, f * c_fifo, np.random.default_rng(seed + 2)) for f in fractions}
+        blocks = [b for b in np.array_split(np.arange(n), rounds) if len(b)]  # rounds > n: n blocks
 
         lego = Server(LEGO, engines, backend, threads, lego_options)  # the baseline waits idle meanwhile
         try:
@@ -312,7 +317,6 @@ def main(
             results = []
             for f in fractions:
                 answers: dict[int, list] = {i: [None] * n for i in range(len(runs))}
-                blocks = [b for b in np.array_split(np.arange(n), rounds) if len(b)]  # rounds > n: n blocks
                 for b, block in enumerate(blocks):
                     arrivals = [patterns[f][i] - patterns[f][block[0]] for i in block]
                     for k in range(len(runs)):
@@ -373,7 +377,7 @@ def main(
             "",
             f"`{data['command']}`",
             "",
-            f"{n} requests per load in {rounds} blocks, each block to every server in turn (the recommended "
+            f"{n} requests per load in {len(blocks)} blocks, each block to every server in turn (the recommended "
             f"setting, canvases {', '.join(canvases)}, 1-2 images), each due "
             f"{slo:g}x the median service time alone of its kind (canvas, images); "
             f"{machine()['cores']} cores ({machine()['cpu']}). "
