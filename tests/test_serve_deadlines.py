@@ -135,6 +135,12 @@ def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
         thread.start()
         return thread
 
+    def held(batcher: CallBatcher, what: str) -> None:
+        """One call pending, and no tick may start."""
+        wait_for(lambda: batcher.pending == 1, what=what)
+        with batcher._cond:
+            assert not batcher._ready()
+
     def check(order: str) -> None:
         batcher = CallBatcher(backend.manifest, backend, BatcherConfig(order=order))
         try:
@@ -145,9 +151,7 @@ def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
                 worker.join(30)
                 assert "r" in result and result["r"].images.shape[0] == 1
             else:  # the merge order waits for every active request, so that their calls merge
-                wait_for(lambda: batcher.pending == 1, what="the head's first call")
-                with batcher._cond:
-                    assert not batcher._ready()
+                held(batcher, "the head's first call")
             batcher.leave(busy)
             worker.join(30)
             assert "r" in result
@@ -156,9 +160,7 @@ def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
             late, first = batcher.join(), batcher.join(priority=1)
             later: dict = {}
             thread = sample(batcher, late, later)
-            wait_for(lambda: batcher.pending == 1, what="the later request's call")
-            with batcher._cond:
-                assert not batcher._ready()
+            held(batcher, "the later request's call")
             batcher.leave(first)
             thread.join(30)
             assert "r" in later
