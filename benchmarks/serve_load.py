@@ -16,8 +16,8 @@ offered, with the same arrival times, to three servers, each alone on the machin
 
 Each load's requests are sent in --rounds consecutive blocks, each block to the three servers in
 turn (the order rotating from block to block), and a server's answers at a load are pooled over the
-blocks: the speed of these shared machines drifts by up to 2x within minutes, so servers loaded one
-after another would compare the machine's moods as much as the servers.
+blocks: the speed of these shared machines drifts by up to 1.5x within a quarter of an hour, so
+servers loaded one after another would compare the machine's moods as much as the servers.
 
 The workload asks for the model's recommended setting (no sampling options) on a fixed mix of
 canvases (32x32, 32x96, 64x64) and 1 or 2 images. Per server and load: share of requests answered
