@@ -334,9 +334,13 @@ class CallBatcher:
     def _take(self) -> list[list[EngineCall]] | None:
         """The groups of the next tick if one may start now (taken off the pending list, the tick
         counted as running); else None. Called with the lock held."""
-        if self._closing or self._ticking >= self.config.streams or not self._pending or not self._ready():
+        if self._closing or self._ticking >= self.config.streams or not self._pending:
             return None
-        groups = self._choose(self._pending)
+        slack = self.config.order == "slack"
+        order = self._in_order(self._active, time.monotonic()) if slack else None  # once per look
+        if not self._ready(order):
+            return None
+        groups = self._most_urgent(self._pending, order) if slack else self._aligned(self._pending)
         chosen = {id(c) for group in groups for c in group}
         self._pending = [c for c in self._pending if id(c) not in chosen]
         for other in self._pending:
@@ -344,28 +348,25 @@ class CallBatcher:
         self._ticking += 1
         return groups
 
-    def _ready(self) -> bool:
+    def _ready(self, order: list[Slot] | None = None) -> bool:
         """Whether a tick may start: every active request waits on a call (the batch then holds all
         the work there is; with several streams, a request whose call another stream runs counts as
         waiting), or, in the slack order, the request at the head of the order does: the tick runs
-        its call first anyway, so it must not wait for the others' host work between their calls."""
+        its call first anyway, so it must not wait for the others' host work between their calls.
+        order: the slack order of the active requests, when already known."""
         if self._running <= 0:
             return True
         if self.config.order != "slack":
             return False
-        head = self._in_order(self._active, time.monotonic())[0]
+        head = (order or self._in_order(self._active, time.monotonic()))[0]
         return head.blocked and head.call in self._pending
 
-    def _choose(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
-        return self._most_urgent(calls) if self.config.order == "slack" else self._aligned(calls)
-
-    def _most_urgent(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
+    def _most_urgent(self, calls: list[EngineCall], order: list[Slot]) -> list[list[EngineCall]]:
         """The call of the first request in order that has one pending, with the calls that are
         cheaper merged into it than run apart (same engine and row shapes, within the engine's
         limit)."""
-        by_slot = {id(c.slot): c for c in calls}
-        live = [by_slot[id(s)] for s in self._in_order(self._active, time.monotonic()) if id(s) in by_slot]
-        live += [c for c in calls if c not in live]  # none, unless its request already left
+        rank = {id(slot): i for i, slot in enumerate(order)}
+        live = sorted(calls, key=lambda c: rank.get(id(c.slot), len(rank)))
         group, rows = [live[0]], live[0].n
         if self.cost is not None:
             for call in live[1:]:
