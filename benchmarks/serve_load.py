@@ -25,8 +25,9 @@ within their deadline, refused and expired shares, p50 / p99 latency per canvas,
 canvas's service time alone, requests per rung, and the quality of what was served, as the
 ladder's measured FID and class accuracy (benchmarks/ladder.py, 2,000 images per rung) weighted by
 the rungs served. Also the cost model's error: lego-serve's predicted service time of each request
-alone against its measured latency alone. Writes OUT.json, OUT.md and OUT.png (deadline attainment
-and served FID against offered load; `--replot` redraws it from OUT.json).
+alone against its measured service time alone (the median of 3 runs of each). Writes OUT.json,
+OUT.md and OUT.png (deadline attainment and served FID against offered load; `--replot` redraws it
+from OUT.json).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from lego_export.manifest import Manifest  # noqa: E402
 CANVASES = ("32x32", "32x96", "64x64")
 SMALL_CANVASES = ("16x16", "16x32", "32x32")  # the tiny test engines
 SERVERS = ((BASELINE, None), (LEGO, "exact"), (LEGO, "elastic"))
+REPEATS = 3  # runs alone of each request the cost model is checked on
 
 
 def workload(n: int, seed: int, num_classes: int, sides: tuple[str, ...]) -> list[dict]:
@@ -222,7 +224,13 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
 @click.option("--max-active", default=None, type=int, help="lego-serve's --max-active (default: its own).")
-@click.option("--streams", default=1, show_default=True, help="lego-serve's --streams (parallel engine calls).")
+@click.option(
+    "--streams",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="lego-serve's --streams (parallel engine calls; 0: its default).",
+)
 @click.option("--c-fifo", "given_c_fifo", default=None, type=float, help="Use this C_FIFO (requests/s); no search.")
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
 @click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
@@ -254,7 +262,7 @@ def main(
             raise click.ClickException(f"{ladder_json} measured another ladder than {engines}'s: rerun ladder.py")
     lego_options = ["--max-queue", str(4 * n), "--drain-timeout", "5"]
     lego_options += ["--max-active", str(max_active)] if max_active else []
-    lego_options += ["--streams", str(streams)] if streams > 1 else []
+    lego_options += ["--streams", str(streams)]
 
     # 1. Service time alone of every request: one at a time on the baseline.
     base = Server(BASELINE, engines, backend, threads, [])
@@ -292,21 +300,29 @@ def main(
         lego = Server(LEGO, engines, backend, threads, lego_options)  # the baseline waits idle meanwhile
         try:
             # 3. The cost model alone: each request exact, one at a time, each also on the baseline
-            # just before, so that the two servers' times alone are measured side by side.
-            errors, paced_errors, latency_errors, lego_alone_each, base_alone_each = [], [], [], {}, {}
+            # just before, so that the two servers' times alone are measured side by side. Each is
+            # sent to lego-serve REPEATS times: one run's time scatters with the machine's jitter,
+            # which no prediction can follow; the median of the repeats is the request's service time.
+            errors, paced_errors, latency_errors, single_errors, jitter = [], [], [], [], []
+            lego_alone_each, base_alone_each = {}, {}
             for body in bodies[: min(n, 40)]:
                 start = time.perf_counter()
                 assert base.http.post("/v1/images", json=body, timeout=600).status_code == 200
                 base_alone_each.setdefault(body["resolution"], []).append(time.perf_counter() - start)
-                start = time.perf_counter()
-                r = lego.http.post("/v1/images", json={**body, "quality": "exact", "deadline_s": None}, timeout=600)
-                latency = time.perf_counter() - start
-                record = json.loads(r.headers["X-Lego-Run"])
-                predicted = record["predicted_s"]
-                service = json.loads(r.headers["X-Lego-Timing"])["service_s"]  # slot to answer, in the server
+                services, latencies = [], []
+                for _ in range(REPEATS):
+                    start = time.perf_counter()
+                    asked = {**body, "quality": "exact", "deadline_s": None}
+                    r = lego.http.post("/v1/images", json=asked, timeout=600)
+                    latencies.append(time.perf_counter() - start)
+                    record = json.loads(r.headers["X-Lego-Run"])
+                    services.append(json.loads(r.headers["X-Lego-Timing"])["service_s"])  # slot to answer
+                predicted, service, latency = record["predicted_s"], float(np.median(services)), latencies[0]
                 errors.append((predicted - service) / service)
                 paced_errors.append((predicted * record["pace"] - service) / service)
-                latency_errors.append((predicted - latency) / latency)
+                latency_errors.append((predicted - float(np.median(latencies))) / float(np.median(latencies)))
+                single_errors.append((predicted - services[0]) / services[0])
+                jitter.append(abs(services[0] - service) / service)
                 lego_alone_each.setdefault(body["resolution"], []).append(latency)
             lego_alone = {c: float(np.median(lego_alone_each[c])) for c in canvases if c in lego_alone_each}
             base_alone = {c: float(np.median(base_alone_each[c])) for c in canvases if c in base_alone_each}
@@ -341,6 +357,9 @@ def main(
         "median_signed_vs_latency": float(np.median(latency_errors)),
         "median_abs_paced": float(np.median(np.abs(paced_errors))),  # predicted x pace: what admission uses
         "median_signed_paced": float(np.median(paced_errors)),
+        "median_abs_single_run": float(np.median(np.abs(single_errors))),  # against one run's time
+        "median_jitter": float(np.median(jitter)),  # one run against the median of its repeats
+        "repeats": REPEATS,
         "requests": len(errors),
     }
     data = {
@@ -396,8 +415,10 @@ def main(
             ),
             "",
             f"Cost model (lego-serve's prediction of each request's service time alone against the service time "
-            f"it measured, slot to answer, {len(errors)} requests one at a time): median absolute error "
-            f"**{error['median_abs']:.1%}** (median signed {error['median_signed']:+.1%}); against the latency "
+            f"it measured, slot to answer, the median of {REPEATS} runs of each of {len(errors)} requests one at a "
+            f"time): median absolute error **{error['median_abs']:.1%}** (median signed "
+            f"{error['median_signed']:+.1%}); against one run's time: {error['median_abs_single_run']:.1%}, as one "
+            f"run differs from the median of its repeats by {error['median_jitter']:.1%} (median); against the latency "
             f"the client saw (HTTP included): {error['median_abs_vs_latency']:.1%} "
             f"({error['median_signed_vs_latency']:+.1%}); the prediction times the pace at the request's start (the "
             f"startup calibration corrected by the wall time work took since; what admission plans with), against "

@@ -6,9 +6,11 @@ lego-serve runs one engine call at a time, each with every core (the batcher's t
 small call may not keep every core busy, so two calls side by side, each on its own share of the
 cores, could serve more. This measures it on the serving workload's requests (the recommended
 setting, the same canvas and image-count mix as serve_load.py): R requests run back to back by S
-worker threads, each with its own pipeline whose engines use T threads, for (S, T) = (1, cores)
-and (cores, 1). Each configuration runs in its own process (one runtime's spinning thread pool
-slows the next), alternating, ROUNDS times; the medians and their ratio are printed and written to
+worker threads, each with its own pipeline whose engines use T threads, for (S, T) = (1, cores),
+(1, 1) (a request alone on one stream's share: what lego-serve would cost a request alone if it
+never went back to all the threads) and (cores, 1). Each configuration runs in its own process
+(one runtime's spinning thread pool slows the next), alternating, ROUNDS times; the medians and
+their ratio are printed and written to
 OUT.json / OUT.md.
 """
 
@@ -86,7 +88,7 @@ def main(engines: str, backend: str, n: int, rounds: int, seed: int, out: str, c
         print(json.dumps(run_streams(engines, backend, streams, threads, n, seed)))
         return
     cores = os.cpu_count() or 2
-    configs = [(1, cores), (cores, 1)]
+    configs = [(1, cores), (1, 1), (cores, 1)]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for r in range(rounds):
         for streams, threads in configs:

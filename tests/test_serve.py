@@ -388,11 +388,79 @@ def test_streams_run_that_many_requests_engine_calls_at_once_and_images_stay_exa
         np.testing.assert_allclose(npz_images(answer), offline(body), atol=1e-5, rtol=0)
 
 
+def test_a_request_alone_runs_on_every_thread_and_requests_side_by_side_on_their_share():
+    from lego_export.serve.batcher import BatcherConfig, CallBatcher
+
+    inside, peak, lock, paired = [0], [0], threading.Lock(), threading.Event()
+
+    def side_by_side(engine, feeds):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+            if inside[0] == 2:
+                paired.set()
+        paired.wait(5)  # the first call in holds its stream until another request's runs beside it
+        with lock:
+            inside[0] -= 1
+
+    wide, narrow = HookedBackend(), HookedBackend(side_by_side)
+    batcher = CallBatcher(wide.manifest, wide, BatcherConfig(streams=2), narrow_backend=narrow)
+
+    def sample(slot, seed: int, out: dict) -> threading.Thread:
+        def run() -> None:
+            try:
+                out[seed] = batcher.pipeline(slot)(steps=2, num=1, seed=seed).images
+            finally:
+                batcher.leave(slot)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    try:
+        alone, images = batcher.join(), {}
+        sample(alone, 1, images).join(30)
+        assert wide.calls and not narrow.calls and batcher.stats.narrow_ticks == 0
+        # Two requests sampling, and a third joined but still on host work (it never calls): the
+        # second request's calls run beside the first's, on the narrow runners, without waiting for it.
+        first, second, idle = batcher.join(), batcher.join(), batcher.join()
+        threads = [sample(first, 2, images), sample(second, 3, images)]
+        for thread in threads:
+            thread.join(30)
+        batcher.leave(idle)
+        assert paired.is_set() and peak[0] == 2 and batcher.stats.narrow_ticks > 0
+    finally:
+        batcher.close()
+    for seed in (1, 2, 3):
+        np.testing.assert_allclose(images[seed], offline({"steps": 2, "seed": seed}), atol=1e-5, rtol=0)
+
+
+def test_the_default_streams_are_two_on_onnx_runtime_on_a_cpu_else_one():
+    from lego_export.serve.service import default_streams
+
+    def backend(name: str, device: str = "cpu"):
+        return types.SimpleNamespace(name=name, device=device)
+
+    assert default_streams(backend("onnxruntime"), threads=2) == 2
+    assert default_streams(backend("onnxruntime"), threads=1) == 1
+    assert default_streams(backend("onnxruntime", "cuda"), threads=8) == 1
+    assert default_streams(backend("openvino"), threads=8) == 1
+    service = ImageService(ServeConfig(engines=str(TINY), backend="onnxruntime", calibrate=False, threads=2))
+    try:
+        assert service.config.streams == 2 and service.describe_config()["streams"] == 2
+        assert service.batcher.narrow_runners is not service.batcher.runners
+    finally:
+        service.close()
+
+
 def test_streams_need_a_backend_that_runs_calls_side_by_side():
     with pytest.raises(LegoError, match="streams 2: parallel engine streams run on onnxruntime and openvino"):
         make_backend("tensorrt", TINY, Manifest.read(TINY), streams=2)
+    from lego_export.serve.batcher import BatcherConfig, CallBatcher
+
+    backend = HookedBackend()
     with pytest.raises(LegoError, match="streams must be at least 1, got 0"):  # no tick thread would ever run
-        make_service(streams=0)
+        CallBatcher(backend.manifest, backend, BatcherConfig(streams=0))
 
 
 def test_a_request_larger_than_memory_is_refused_before_allocation():
@@ -598,7 +666,7 @@ def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
 @pytest.mark.parametrize(
     "key, value, needle",
     [
-        ("streams", "0", "streams must be an integer from 1 to 64"),
+        ("streams", "65", "streams must be an integer from 0 to 64"),
         ("streams", True, "streams must be an integer"),
         ("threads", "1e9", "threads must be an integer"),
         ("num_cpus", "x", "num_cpus must be a number"),

@@ -10,8 +10,9 @@ or, in the slack order, the request at the head of the order is, it takes the pe
 them by engine, concatenates each group's feeds along N (a tile carries its own conditioning row,
 so tiles of different requests, steps, canvas sizes, skip plans and guidance halves fit one call),
 runs the real engine in chunks within its N range, and hands each request its rows. A tick runs
-in the thread of a waiting request, usually the one whose call it runs. Requests join and leave
-between ticks. Engine outputs do not depend on what else is in the batch (each tile is
+in the thread of a waiting request, usually the one whose call it runs; with several streams,
+several ticks run at once, on engines that each use a share of the threads (a request alone runs
+on all of them). Requests join and leave between ticks. Engine outputs do not depend on what else is in the batch (each tile is
 computed on its own), so every request gets the images it would get offline.
 
 Which calls a tick runs is the batcher's order:
@@ -95,6 +96,7 @@ class EngineStats:
 @dataclass
 class BatcherStats:
     ticks: int = 0
+    narrow_ticks: int = 0  # of which on the narrow runners, beside other requests' calls
     tick_seconds: float = 0.0  # wall time of the ticks (merging, engine calls, scatter)
     engine_seconds: float = 0.0  # of which inside the real engines
     requests_joined: int = 0
@@ -169,23 +171,17 @@ class EngineCall:
 class CallBatcher:
     """Owns one real backend and runs every request's engine calls in merged, chunked batches."""
 
-    def __init__(self, manifest: Manifest, backend, config: BatcherConfig | None = None):
-        """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work."""
+    def __init__(self, manifest: Manifest, backend, config: BatcherConfig | None = None, narrow_backend=None):
+        """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work, with
+        all the engine threads. narrow_backend: the same engines on a 1/streams share of the
+        threads, for ticks that run beside others (None: every tick uses backend's runners)."""
         self.manifest, self.backend = manifest, backend
         self.config = config or BatcherConfig()
         if self.config.streams < 1:  # no tick thread: every request would wait forever
             raise LegoError(f"streams must be at least 1, got {self.config.streams}")
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
-        self.runners = {  # a latent decoder runs on host arrays on every backend
-            spec.name: EngineRunner(
-                spec,
-                backend.runner(spec),
-                NumpyArrays() if spec.role == "decoder" else self.arrays,
-                self.limits[spec.name],
-            )
-            for spec in manifest.engines
-        }
+        self.runners = self._runners(backend)
         self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
         if self.config.calibrate:
             for spec in manifest.engines:
@@ -193,6 +189,13 @@ class CallBatcher:
                 runner.max_rows, self.calibration[spec.name] = best_chunk(
                     runner, spec, self.limits[spec.name], runner.arrays
                 )
+        # A request alone runs on all the threads (intra-op parallelism is all there is to use);
+        # requests side by side each run on their share, which serves more of them per second.
+        self.narrow_runners = self.runners
+        if narrow_backend is not None and self.config.streams > 1:
+            self.narrow_runners = self._runners(narrow_backend)
+            for name, runner in self.narrow_runners.items():
+                runner.max_rows = self.runners[name].max_rows
         # Prices engine calls for the slack order and the service's predictions (None: uncalibrated,
         # then requests are taken in arrival order and calls are never merged in the slack order).
         self.cost = CostModel.from_calibration(self.calibration, self.chunks) if self.calibration else None
@@ -213,6 +216,17 @@ class CallBatcher:
         self._numbers = itertools.count()
         self._closing = False
         self._stats_lock = threading.Lock()  # ticks of several streams count into the same stats
+
+    def _runners(self, backend) -> dict[str, EngineRunner]:
+        return {  # a latent decoder runs on host arrays on every backend
+            spec.name: EngineRunner(
+                spec,
+                backend.runner(spec),
+                NumpyArrays() if spec.role == "decoder" else self.arrays,
+                self.limits[spec.name],
+            )
+            for spec in self.manifest.engines
+        }
 
     @property
     def chunks(self) -> dict[str, int]:
@@ -283,13 +297,13 @@ class CallBatcher:
             # request's thread, with no hand-over between threads (a dedicated tick thread cost
             # a small request about 7% of its time alone).
             while not call.done.is_set():
-                groups = self._take()
-                if groups is None:
+                taken = self._take()
+                if taken is None:
                     self._cond.wait()
                     continue
                 self._cond.release()
                 try:
-                    self._tick(groups)
+                    self._tick(*taken)
                 finally:
                     self._cond.acquire()
                     self._ticking -= 1
@@ -328,12 +342,13 @@ class CallBatcher:
             self._cond.notify_all()
             idle = self._cond.wait_for(lambda: self._ticking == 0, timeout)
         if idle:  # nothing can call an engine any more
-            for runner in self.runners.values():
+            for runner in {*self.runners.values(), *self.narrow_runners.values()}:
                 runner.close()
 
-    def _take(self) -> list[list[EngineCall]] | None:
+    def _take(self) -> tuple[list[list[EngineCall]], dict[str, EngineRunner]] | None:
         """The groups of the next tick if one may start now (taken off the pending list, the tick
-        counted as running); else None. Called with the lock held."""
+        counted as running), and the runners it runs them on: all the threads' for a request alone,
+        the narrow ones while other requests are in flight; else None. Called with the lock held."""
         if self._closing or self._ticking >= self.config.streams or not self._pending:
             return None
         slack = self.config.order == "slack"
@@ -345,19 +360,26 @@ class CallBatcher:
         self._pending = [c for c in self._pending if id(c) not in chosen]
         for other in self._pending:
             other.waited += 1
+        alone = self._ticking == 0 and len(self._active) <= 1
         self._ticking += 1
-        return groups
+        if self._ticking < self.config.streams:  # a waiting request may now lead a tick beside this one
+            self._cond.notify_all()
+        return groups, self.runners if alone else self.narrow_runners
 
     def _ready(self, order: list[Slot] | None = None) -> bool:
         """Whether a tick may start: every active request waits on a call (the batch then holds all
         the work there is; with several streams, a request whose call another stream runs counts as
         waiting), or, in the slack order, the request at the head of the order does: the tick runs
-        its call first anyway, so it must not wait for the others' host work between their calls.
+        its call first anyway, so it must not wait for the others' host work between their calls
+        With several streams, in the slack order, any pending call may start a tick on a free stream:
+        the head's next call then waits at most for one call of another stream.
         order: the slack order of the active requests, when already known."""
         if self._running <= 0:
             return True
         if self.config.order != "slack":
             return False
+        if self.config.streams > 1:
+            return bool(self._pending)
         head = (order or self._in_order(self._active, time.monotonic()))[0]
         return head.blocked and head.call in self._pending
 
@@ -404,15 +426,16 @@ class CallBatcher:
             g for key, g in groups.items() if key == first or max(c.waited for c in g) >= self.config.max_wait_ticks
         ]
 
-    def _tick(self, groups: list[list[EngineCall]]) -> None:
+    def _tick(self, groups: list[list[EngineCall]], runners: dict[str, EngineRunner]) -> None:
         start = time.perf_counter()
         for group in groups:
-            self._run_group(group)
+            self._run_group(group, runners)
         with self._stats_lock:
             self.stats.ticks += 1
+            self.stats.narrow_ticks += runners is not self.runners
             self.stats.tick_seconds += time.perf_counter() - start
 
-    def _run_group(self, group: list[EngineCall]) -> None:
+    def _run_group(self, group: list[EngineCall], runners: dict[str, EngineRunner]) -> None:
         """One engine over the concatenated rows of several calls, in chunks; rows go back per call."""
         live = [c for c in group if not c.slot.cancelled]
         for call in group:
@@ -425,12 +448,12 @@ class CallBatcher:
             stats.groups += 1
             stats.group_requests += len(live)
         try:
-            outputs = self._run_rows(live)
+            outputs = self._run_rows(live, runners)
         except Exception:
             # Find the culprit: each call alone, so a bad request fails only itself.
             for call in live:
                 try:
-                    self._finish(call, self._run_rows([call]), None)
+                    self._finish(call, self._run_rows([call], runners), None)
                 except Exception as e:  # noqa: BLE001 - any engine error becomes this request's failure
                     with self._stats_lock:
                         self.stats.engines[call.engine].failures += 1
@@ -441,10 +464,10 @@ class CallBatcher:
             self._finish(call, {k: v[offset : offset + call.n] for k, v in outputs.items()}, None)
             offset += call.n
 
-    def _run_rows(self, calls: list[EngineCall]) -> dict:
+    def _run_rows(self, calls: list[EngineCall], runners: dict[str, EngineRunner]) -> dict:
         """The engine over all rows of calls, in near-equal chunks of at most its chunk size (the
         runner's max_rows); outputs concatenated."""
-        runner = self.runners[calls[0].engine]
+        runner = runners[calls[0].engine]
         if len(calls) == 1:
             merged = calls[0].feeds
         else:

@@ -24,7 +24,7 @@ from lego_export.serve.validation import Limits
 # Ray Serve's key=value options alike (make_config).
 RANGES = {
     "threads": (0, MAX_THREADS),
-    "streams": (1, 64),
+    "streams": (0, 64),
     "max_batch_tiles": (0, 2**31 - 1),
     "max_active": (1, 4096),
     "max_queue": (0, 1_000_000),
@@ -62,11 +62,11 @@ def _range(name: str) -> click.IntRange:
 @click.option(
     "--streams",
     type=_range("streams"),
-    default=1,
+    default=0,
     show_default=True,
-    help="Engine calls of different requests that run at once, the threads shared among them (ONNX Runtime, "
-    "OpenVINO). On a CPU small calls leave cores idle, so more streams serve more requests/s, each request "
-    "alone somewhat slower (measured: docs/serving.md).",
+    help="Engine calls of different requests that run at once, each on its share of the threads (ONNX Runtime, "
+    "OpenVINO); a request alone still runs on all of them. 0: two on ONNX Runtime on a CPU of two or more "
+    "cores, else one (measured: docs/serving.md).",
 )
 @click.option(
     "--max-batch-tiles",
@@ -175,7 +175,7 @@ def make_config(
     backend: str = "auto",
     precision: str = "fp32",
     threads: int = 0,
-    streams: int = 1,
+    streams: int = 0,
     max_batch_tiles: int = 0,
     max_active: int = 16,
     order: str = "slack",
