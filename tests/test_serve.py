@@ -435,7 +435,7 @@ def test_a_request_alone_runs_on_every_thread_and_requests_side_by_side_on_their
         np.testing.assert_allclose(images[seed], offline({"steps": 2, "seed": seed}), atol=1e-5, rtol=0)
 
 
-def test_the_default_streams_are_two_on_onnx_runtime_on_a_cpu_else_one():
+def test_automatic_streams_are_two_on_onnx_runtime_on_a_cpu_else_one():
     from lego_export.serve.service import default_streams
 
     def backend(name: str, device: str = "cpu"):
@@ -445,7 +445,7 @@ def test_the_default_streams_are_two_on_onnx_runtime_on_a_cpu_else_one():
     assert default_streams(backend("onnxruntime"), threads=1) == 1
     assert default_streams(backend("onnxruntime", "cuda"), threads=8) == 1
     assert default_streams(backend("openvino"), threads=8) == 1
-    service = ImageService(ServeConfig(engines=str(TINY), backend="onnxruntime", calibrate=False, threads=2))
+    service = ImageService(ServeConfig(engines=str(TINY), backend="onnxruntime", calibrate=False, threads=2, streams=0))
     try:
         assert service.config.streams == 2 and service.describe_config()["streams"] == 2
         assert service.batcher.narrow_runners is not service.batcher.runners

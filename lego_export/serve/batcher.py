@@ -12,8 +12,9 @@ so tiles of different requests, steps, canvas sizes, skip plans and guidance hal
 runs the real engine in chunks within its N range, and hands each request its rows. A tick runs
 in the thread of a waiting request, usually the one whose call it runs; with several streams,
 several ticks run at once, on engines that each use a share of the threads (a request alone runs
-on all of them). Requests join and leave between ticks. Engine outputs do not depend on what else is in the batch (each tile is
-computed on its own), so every request gets the images it would get offline.
+on all of them). Requests join and leave between ticks. Engine outputs do not depend on what
+else is in the batch (each tile is computed on its own), so every request gets the images it
+would get offline.
 
 Which calls a tick runs is the batcher's order:
   - ``slack`` (the default): the call of the request at the head of the order: higher priority

@@ -62,7 +62,7 @@ def _range(name: str) -> click.IntRange:
 @click.option(
     "--streams",
     type=_range("streams"),
-    default=0,
+    default=1,
     show_default=True,
     help="Engine calls of different requests that run at once, each on its share of the threads (ONNX Runtime, "
     "OpenVINO); a request alone still runs on all of them. 0: two on ONNX Runtime on a CPU of two or more "
@@ -175,7 +175,7 @@ def make_config(
     backend: str = "auto",
     precision: str = "fp32",
     threads: int = 0,
-    streams: int = 0,
+    streams: int = 1,
     max_batch_tiles: int = 0,
     max_active: int = 16,
     order: str = "slack",

@@ -37,7 +37,7 @@ class RayOptions:
     backend: str = "auto"
     precision: str = "fp32"
     threads: int = 0  # engine threads per replica; 0: the replica's num_cpus
-    streams: int = 0  # 0: default_streams
+    streams: int = 1  # 0: default_streams
     max_batch_tiles: int = 0
     max_active: int = 16
     order: str = "slack"

@@ -61,7 +61,7 @@ class ServeConfig:
     backend: str = "auto"  # as lego-run: TensorRT plans where usable, else OpenVINO on a CPU, else ONNX Runtime
     precision: str = "fp32"  # what the bricks compute in (backends.COMPUTE_PRECISIONS)
     threads: int = 0  # ONNX Runtime / OpenVINO threads; 0: all cores
-    streams: int = 0  # requests' engine calls run at once, each on its share of the threads; 0: default_streams
+    streams: int = 1  # requests' engine calls at once, each on a share of the threads; 0: default_streams
     max_batch_tiles: int = 0  # cap on tiles per engine call; 0: the manifest's N range
     max_active: int = 16  # requests sampling at once (their tiles share engine calls)
     order: str = "slack"  # batcher: which calls run first (batcher.ORDERS)
