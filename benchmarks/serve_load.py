@@ -226,10 +226,10 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--max-active", default=None, type=int, help="lego-serve's --max-active (default: its own).")
 @click.option(
     "--streams",
-    default=0,
+    default=1,
     show_default=True,
     type=click.IntRange(0, 64),
-    help="lego-serve's --streams (parallel engine calls; 0: its default).",
+    help="lego-serve's --streams (parallel engine calls; 0: its automatic choice).",
 )
 @click.option("--c-fifo", "given_c_fifo", default=None, type=float, help="Use this C_FIFO (requests/s); no search.")
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
@@ -317,13 +317,13 @@ def main(
                     latencies.append(time.perf_counter() - start)
                     record = json.loads(r.headers["X-Lego-Run"])
                     services.append(json.loads(r.headers["X-Lego-Timing"])["service_s"])  # slot to answer
-                predicted, service, latency = record["predicted_s"], float(np.median(services)), latencies[0]
+                predicted, service, latency = record["predicted_s"], float(np.median(services)), np.median(latencies)
                 errors.append((predicted - service) / service)
                 paced_errors.append((predicted * record["pace"] - service) / service)
-                latency_errors.append((predicted - float(np.median(latencies))) / float(np.median(latencies)))
+                latency_errors.append(float((predicted - latency) / latency))
                 single_errors.append((predicted - services[0]) / services[0])
                 jitter.append(abs(services[0] - service) / service)
-                lego_alone_each.setdefault(body["resolution"], []).append(latency)
+                lego_alone_each.setdefault(body["resolution"], []).append(latencies[0])
             lego_alone = {c: float(np.median(lego_alone_each[c])) for c in canvases if c in lego_alone_each}
             base_alone = {c: float(np.median(base_alone_each[c])) for c in canvases if c in base_alone_each}
 

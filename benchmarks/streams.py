@@ -10,8 +10,7 @@ worker threads, each with its own pipeline whose engines use T threads, for (S, 
 (1, 1) (a request alone on one stream's share: what lego-serve would cost a request alone if it
 never went back to all the threads) and (cores, 1). Each configuration runs in its own process
 (one runtime's spinning thread pool slows the next), alternating, ROUNDS times; the medians and
-their ratio are printed and written to
-OUT.json / OUT.md.
+their ratio are printed and written to OUT.json / OUT.md.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from lego_export.runtime.backends import make_backend  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.runtime.runner import balanced_chunks  # noqa: E402
 from lego_export.serve.app import create_app  # noqa: E402
+from lego_export.serve.batcher import BatcherConfig, CallBatcher  # noqa: E402
 from lego_export.serve.calibrate import best_chunk  # noqa: E402
 from lego_export.serve.cli import main as lego_serve  # noqa: E402
 from lego_export.serve.service import ImageService, ServeConfig  # noqa: E402
@@ -389,8 +390,6 @@ def test_streams_run_that_many_requests_engine_calls_at_once_and_images_stay_exa
 
 
 def test_a_request_alone_runs_on_every_thread_and_requests_side_by_side_on_their_share():
-    from lego_export.serve.batcher import BatcherConfig, CallBatcher
-
     inside, peak, lock, paired = [0], [0], threading.Lock(), threading.Event()
 
     def side_by_side(engine, feeds):
@@ -456,8 +455,6 @@ def test_automatic_streams_are_two_on_onnx_runtime_on_a_cpu_else_one():
 def test_streams_need_a_backend_that_runs_calls_side_by_side():
     with pytest.raises(LegoError, match="streams 2: parallel engine streams run on onnxruntime and openvino"):
         make_backend("tensorrt", TINY, Manifest.read(TINY), streams=2)
-    from lego_export.serve.batcher import BatcherConfig, CallBatcher
-
     backend = HookedBackend()
     with pytest.raises(LegoError, match="streams must be at least 1, got 0"):  # no tick thread would ever run
         CallBatcher(backend.manifest, backend, BatcherConfig(streams=0))

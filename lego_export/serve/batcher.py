@@ -371,7 +371,7 @@ class CallBatcher:
         """Whether a tick may start: every active request waits on a call (the batch then holds all
         the work there is; with several streams, a request whose call another stream runs counts as
         waiting), or, in the slack order, the request at the head of the order does: the tick runs
-        its call first anyway, so it must not wait for the others' host work between their calls
+        its call first anyway, so it must not wait for the others' host work between their calls.
         With several streams, in the slack order, any pending call may start a tick on a free stream:
         the head's next call then waits at most for one call of another stream.
         order: the slack order of the active requests, when already known."""

@@ -84,7 +84,7 @@ EXPIRED_STATUS = 504
 
 def default_streams(backend, threads: int = 0) -> int:
     """--streams 0: two on ONNX Runtime on a CPU of two or more cores, else one. Measured on the
-    shipped model, 2 cores: two requests side by side on one thread each finished in 0.68-0.73x the
+    shipped model, 2 cores: two requests side by side on one thread each finished in 0.66-0.73x the
     time of the two in turn on both threads, while OpenVINO's throughput streams gained nothing
     (docs/serving.md); a GPU runs one call at a time."""
     cores = threads or os.cpu_count() or 1
@@ -185,14 +185,14 @@ class ImageService:
         """backend: defaults to config.backend over config.engines (tests pass their own)."""
         folder = Path(config.engines)
         self.manifest = manifest or Manifest.read(folder)
-        narrow = None
+        narrow, streams = None, config.streams
         if backend is None:
             settings = dict(threads=config.threads, precision=config.precision)
             backend = make_backend(config.backend, folder, self.manifest, **settings)
-            config = replace(config, streams=config.streams or default_streams(backend, config.threads))
-            if config.streams > 1:  # the same engines again, each on its share of the threads
-                narrow = make_backend(backend.name, folder, self.manifest, **settings, streams=config.streams)
-        self.config = config = replace(config, streams=config.streams or 1)
+            streams = streams or default_streams(backend, config.threads)
+            if streams > 1:  # the same engines again, each on its share of the threads
+                narrow = make_backend(backend.name, folder, self.manifest, **settings, streams=streams)
+        self.config = config = replace(config, streams=streams or 1)
         self.backend_name = getattr(backend, "name", type(backend).__name__)
         self.precision = getattr(backend, "precision", "fp32")
         self.files_precision = files_precision(self.manifest, self.backend_name, self.precision)
