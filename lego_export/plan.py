@@ -181,14 +181,13 @@ def make_plan(
     return plans
 
 
-def engine_work(
-    options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], num: int, seed: int = 0
-) -> list[dict[str, int]]:
+def engine_work(options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], num: int) -> list[dict[str, int]]:
     """Rows each engine is called with, per denoiser evaluation of one run of num images: the
     embedder once per image (twice at a guided step: the null-label half), brick k once per tile of
     its size, for the bricks the plan runs. What a run costs follows from this and each engine's
-    time per call (the server's cost model); a latent model's decoder is not included."""
-    steps = plan(options, model, canvas, seed)
+    time per call (the server's cost model); a latent model's decoder is not included. The seed
+    only moves the tile grid (a roll keeps the tile count), so the work does not depend on it."""
+    steps = plan(options, model, canvas)
     h, w = canvas
     work = []
     for i, step in enumerate(steps):

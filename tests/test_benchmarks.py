@@ -102,3 +102,20 @@ def test_serve_load_targets_follow_the_rows():
     assert "5.5x" in lines[4] and lines[4].endswith("**not met**")
     assert lines[-2] == "- cost model median error 2.0% (<= 10%): met"
     assert lines[-1].endswith("12.0% (<= 10%): **not met**")
+
+
+def test_p99_ratio_interval_brackets_equal_and_slower_servers():
+    """Equal servers' interval holds 1; a server slower on every request by 20% lies near 1.2x."""
+    from serve_load import p99_ratio_intervals
+
+    rng = np.random.default_rng(1)
+    bodies = [{"resolution": "a" if i % 2 else "b"} for i in range(200)]
+    base = [{"status": 200, "latency_s": float(t)} for t in rng.lognormal(-3, 0.3, 200)]
+    noisy = [{"status": 200, "latency_s": a["latency_s"] * float(rng.uniform(0.9, 1.1))} for a in base]
+    slower = [{"status": 200, "latency_s": a["latency_s"] * 1.2} for a in base]
+    lo, hi = p99_ratio_intervals(noisy, base, bodies, ("a", "b"))["all"]
+    assert lo < 1.0 < hi
+    lo, hi = p99_ratio_intervals(slower, base, bodies, ("a", "b"))["a"]
+    assert abs(lo - 1.2) < 1e-9 and abs(hi - 1.2) < 1e-9
+    refused = [{"status": 429, "latency_s": 0.0}] * 200  # nothing served: no interval
+    assert p99_ratio_intervals(refused, base, bodies, ("a", "b")) == {}

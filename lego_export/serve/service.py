@@ -17,6 +17,7 @@ deadline passes before it finishes ends as ``expired``, never as a late success.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -26,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -212,6 +213,7 @@ class ImageService:
         self.cost: CostModel | None = None
         if self.batcher.cost is not None:
             self.cost = self.batcher.cost = self._fit_cost(self.batcher.cost)
+        self._price = functools.lru_cache(maxsize=4096)(self._price)
         recommended = self.manifest.recommended
         self.ladder = recommended.rungs if recommended is not None else []
         self.metrics = ServiceMetrics()
@@ -227,6 +229,9 @@ class ImageService:
         self.pace = 1.0
         self._busy_s = self._pace_work = 0.0
         self._last_event = time.monotonic()
+        # Jobs sample in pooled threads: a runner keeps per-thread state (OpenVINO's infer requests),
+        # which a thread per job would build again for every request.
+        self._workers = ThreadPoolExecutor(max_workers=config.max_active, thread_name_prefix="lego-job")
         self._reaper = threading.Thread(target=self._expire_loop, name="lego-deadlines", daemon=True)
         self._reaper.start()
 
@@ -323,7 +328,12 @@ class ImageService:
             return 0.0
         model = self.manifest.model
         canvas = request.resolution or (model.img_resolution, model.img_resolution)
-        return self.cost.seconds(engine_work(options, model, canvas, request.num, request.seed))
+        return self._price(options, tuple(canvas), request.num)
+
+    def _price(self, options: SamplingOptions, canvas: tuple[int, int], num: int) -> float:
+        """cost.seconds of a run's work (memoised in __init__: requests repeat a few kinds, and
+        planning each of a request's choices again cost a small request about 2% of its time)."""
+        return self.cost.seconds(engine_work(options, self.manifest.model, canvas, num))
 
     def _live_locked(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]
@@ -475,7 +485,7 @@ class ImageService:
             job.slot, job.state, job.started = slot, RUNNING, time.monotonic()
             self.metrics.count_rung(choice.rung)
             self._active += 1
-            threading.Thread(target=self._work, args=(job, slot), name=f"lego-job-{job.id[:8]}", daemon=True).start()
+            self._workers.submit(self._work, job, slot)
 
     def _work(self, job: Job, slot: Slot) -> None:
         """Sample one job through the batcher, then encode its answer."""
@@ -590,6 +600,7 @@ class ImageService:
         with self._lock:
             self._lock.wait_for(lambda: self._active == 0, timeout=5.0)
             self._lock.notify_all()  # the deadline watcher ends
+        self._workers.shutdown(wait=False)
         self.batcher.close()
 
 
