@@ -71,7 +71,8 @@ def workload(n: int, seed: int, num_classes: int, sides: tuple[str, ...]) -> lis
 
 
 def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict]:
-    """Send request i at arrivals[i]; per request: HTTP status, latency, and its X-Lego-Run."""
+    """Send request i at arrivals[i]; per request: HTTP status, latency, its X-Lego-Run and (lego-serve)
+    X-Lego-Timing's queued_s and service_s."""
     out: list[dict] = [{} for _ in bodies]
     start = time.perf_counter()
 
@@ -82,7 +83,8 @@ def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict
         sent = time.perf_counter()
         r = server.http.post("/v1/images", json=bodies[i], timeout=600)
         run = json.loads(r.headers["X-Lego-Run"]) if "X-Lego-Run" in r.headers else None
-        out[i] = {"status": r.status_code, "latency_s": time.perf_counter() - sent, "run": run}
+        timing = json.loads(r.headers["X-Lego-Timing"]) if "X-Lego-Timing" in r.headers else {}
+        out[i] = {"status": r.status_code, "latency_s": time.perf_counter() - sent, "run": run, **timing}
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
     for t in threads:
@@ -369,6 +371,8 @@ def main(
                             answers[i][j] = answer
                 for i, (_, name, quality) in enumerate(runs):
                     row = summarize(answers[i], bodies, alone, ladder)
+                    fields = ("status", "latency_s", "queued_s", "service_s")  # each request, in workload order
+                    row["requests"] = {key: [a.get(key) for a in answers[i]] for key in fields}
                     if name == LEGO and "baseline" in chosen:
                         row["p99_ratio_interval"] = p99_ratio_intervals(answers[i], answers[0], bodies, canvases)
                     results.append({"server": name, "quality": quality, "load": f, **row})

@@ -25,7 +25,16 @@ from lego_export.plan import engine_work  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.cost import CostModel, EngineCost  # noqa: E402
 from lego_export.serve.service import ImageService, ServeConfig, parse_slo  # noqa: E402
-from tests.test_serve import TINY, HookedBackend, finished, npz_images, one_line_error, running, wait_for  # noqa: E402
+from tests.test_serve import (  # noqa: E402
+    TINY,
+    HookedBackend,
+    finished,
+    npz_images,
+    offline,
+    one_line_error,
+    running,
+    wait_for,
+)
 
 MS_PER_ROW = 1e-3
 RUNG = SamplingOptions(sampler="dpm2m", steps=3)  # the ladder's cheap rung in these tests
@@ -261,6 +270,36 @@ def test_a_job_is_json_its_result_is_bytes_and_its_progress_streams():
         image = http.get(events[-1]["result"])
         assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
         assert http.get(f"/v1/jobs/{first['id']}").headers["content-type"] == "application/json"
+
+
+def read_events(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_streamed_request_answers_its_events_then_its_result_and_leaving_cancels_it():
+    gate = threading.Event()
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), max_active=1)
+    with running(service) as http:
+        with http.stream("POST", "/v1/images", json={"steps": 3, "stream": True, "format": "npz"}) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            job = stream.headers["location"]
+            gate.set()
+            events = read_events(stream)
+        assert [e["status"] for e in events][-1] == "done" and events[-1]["progress"]["steps_done"] == 3
+        result = http.get(events[-1]["result"])
+        np.testing.assert_allclose(npz_images(result), offline({"steps": 3}), atol=1e-5, rtol=0)
+        assert http.get(job).json()["status"] == "done"
+
+        gate.clear()  # the next job holds at its first engine call; its client reads one event and leaves
+        with http.stream("POST", "/v1/images", json={"steps": 3, "stream": True}) as stream:
+            job = stream.headers["location"]
+            next(line for line in stream.iter_lines() if line.startswith("data: "))
+        wait_for(lambda: http.get(job).json()["status"] == "cancelled", 10, "the left job to say cancelled")
+        gate.set()
+        wait_for(lambda: http.get("/healthz").json()["in_flight"] == 0, 10, "its slot to be freed")
+        both = http.post("/v1/images", json={"stream": True, "async": True})
+        assert both.status_code == 400 and "async and stream" in one_line_error(both)
+        assert http.post("/v1/images", json={"stream": "yes"}).status_code == 400
 
 
 @pytest.mark.parametrize(

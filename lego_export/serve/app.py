@@ -1,6 +1,7 @@
 """The HTTP API of lego-serve (FastAPI), over one :class:`ImageService`.
 
-    POST   /v1/images              JSON request -> PNG grid or npz bytes; {"async": true} -> 202 and the job
+    POST   /v1/images              JSON request -> PNG grid or npz bytes; {"async": true} -> 202 and the job;
+                                   {"stream": true} -> the job's server-sent events (its result at /v1/jobs/{id}/result)
     GET    /v1/jobs/{id}           the job as JSON, always: status, queue position, progress, what runs
     GET    /v1/jobs/{id}/result    its image bytes once done (409 before; its error after a failure)
     GET    /v1/jobs/{id}/events    server-sent events: the job's JSON at every step, until it ends
@@ -26,6 +27,7 @@ from lego_export.serve.service import CANCELLED, DONE, EXPIRED, FAILED, ImageSer
 from lego_export.serve.validation import MAX_BODY_BYTES, Limits, RequestError, parse_body, request_schema
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
+EVENTS = "text/event-stream"
 EVENTS_POLL_S = 0.05  # how often an event stream looks for progress
 MAX_EVENTS_S = 3600.0  # an event stream ends after this long whatever the job does
 
@@ -86,8 +88,8 @@ def create_app(
         openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": body_schema}}}},
         responses={
             200: {
-                "description": "the images: a PNG grid, or an npz (format)",
-                "content": {"image/png": {}, "application/octet-stream": {}},
+                "description": "the images: a PNG grid, or an npz (format); with stream, the job's events",
+                "content": {"image/png": {}, "application/octet-stream": {}, "text/event-stream": {}},
             },  # fmt: skip
             202: JOB,
             **{code: ERROR for code in (400, 413, 429, 500, 503, 504)},
@@ -110,6 +112,9 @@ def create_app(
         if req.is_async:
             info = job.describe(svc.position(job))
             return JSONResponse(info, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+        if req.stream:  # the job's events; a client that leaves before the end cancels it
+            location = {"Location": f"/v1/jobs/{job.id}"}
+            return StreamingResponse(events(svc, job, cancel_on_exit=True), media_type=EVENTS, headers=location)
         try:
             await wait_or_disconnect(job, request)
         finally:
@@ -144,7 +149,7 @@ def create_app(
         job = find(job_id)
         if isinstance(job, Response):
             return job
-        return StreamingResponse(events(current(), job), media_type="text/event-stream")
+        return StreamingResponse(events(current(), job), media_type=EVENTS)
 
     @app.delete("/v1/jobs/{job_id}", responses={200: JOB, 404: ERROR})
     async def cancel_job(job_id: str) -> Response:
@@ -203,20 +208,25 @@ async def wait_or_disconnect(job: Job, request: Request) -> None:
             return
 
 
-async def events(svc: ImageService, job: Job):
+async def events(svc: ImageService, job: Job, cancel_on_exit: bool = False):
     """Server-sent events: the job's JSON whenever its status, queue position or progress changes,
-    the last one when it ends."""
+    the last one when it ends. cancel_on_exit: cancel the job if the stream stops before it ends
+    (its client left)."""
     last, loop = None, asyncio.get_running_loop()
     deadline = loop.time() + MAX_EVENTS_S
-    while loop.time() < deadline:
-        info = job.describe(svc.position(job))
-        info.pop("deadline_in_s", None)  # changes all the time; not an event
-        if info != last:
-            yield f"event: {job.state}\ndata: {json.dumps(info, sort_keys=True)}\n\n"
-            last = info
-        if job.terminal:
-            return
-        await asyncio.sleep(EVENTS_POLL_S)
+    try:
+        while loop.time() < deadline:
+            info = job.describe(svc.position(job))
+            info.pop("deadline_in_s", None)  # changes all the time; not an event
+            if info != last:
+                yield f"event: {job.state}\ndata: {json.dumps(info, sort_keys=True)}\n\n"
+                last = info
+            if job.terminal:
+                return
+            await asyncio.sleep(EVENTS_POLL_S)
+    finally:
+        if cancel_on_exit and not job.terminal:
+            svc.cancel(job, "the client disconnected")
 
 
 def job_response(job: Job) -> Response:

@@ -17,7 +17,6 @@ deadline passes before it finishes ends as ``expired``, never as a late success.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import math
@@ -79,6 +78,9 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done",
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
 HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare
+MAX_PRICES = 4096  # predictions remembered (request kinds)
+FIT_REPEATS = 3  # timed runs of each case the cost model's host terms are fitted on
+FIT_BUDGET_S = 5.0  # beyond this, each case is timed once (large models)
 SCALE_WORK_S = 0.5  # the pace is updated once this much predicted work has finished (seconds)
 EXPIRED_STATUS = 504
 
@@ -213,7 +215,7 @@ class ImageService:
         self.cost: CostModel | None = None
         if self.batcher.cost is not None:
             self.cost = self.batcher.cost = self._fit_cost(self.batcher.cost)
-        self._price = functools.lru_cache(maxsize=4096)(self._price)
+        self._prices: tuple[CostModel | None, dict] = (self.cost, {})  # predict's memo, for this cost model
         recommended = self.manifest.recommended
         self.ladder = recommended.rungs if recommended is not None else []
         self.metrics = ServiceMetrics()
@@ -236,24 +238,35 @@ class ImageService:
         self._reaper.start()
 
     def _fit_cost(self, cost: CostModel) -> CostModel:
-        """The host terms of the cost model, from short runs of the model's default setting through
-        the batcher and the answer's encoding, alone: one image and four, and one image at half the
-        steps (each run twice, the first warms up)."""
+        """The host terms of the cost model, from short runs alone of the model's default setting
+        through the batcher and the answer's encoding: one image and four, one image at half the
+        steps, and one on a canvas twice the side (the per-tile term then is measured, not
+        extrapolated to larger canvases). Each run is warmed up once, then timed up to FIT_REPEATS
+        times, the median kept (one run scatters by several percent; with one run per case, that
+        scatter went straight into the terms), while the fit stays within FIT_BUDGET_S."""
         options = self.manifest.recommended.options if self.manifest.recommended else SamplingOptions(steps=4)
-        canvas = (self.manifest.model.img_resolution,) * 2
+        side = self.manifest.model.img_resolution
+        half = replace(options, steps=max(1, options.steps // 2))
+        cases = [(options, 1, side), (options, 4, side), (half, 1, side), (options, 1, 2 * side)]
+        budget_end = time.perf_counter() + FIT_BUDGET_S
         runs = []
-        for run_options, num in ((options, 1), (options, 4), (replace(options, steps=max(1, options.steps // 2)), 1)):
-            for warm in (True, False):
+        for run_options, num, canvas_side in cases:
+            canvas = (canvas_side, canvas_side)
+            times = []
+            for attempt in range(1 + FIT_REPEATS):
+                if attempt > 1 and time.perf_counter() > budget_end:
+                    break
                 slot = self.batcher.join()
                 try:
                     start = time.perf_counter()
-                    result = self.batcher.pipeline(slot)(run_options, num=num, batch=num, seed=0)
+                    result = self.batcher.pipeline(slot)(run_options, num=num, batch=num, seed=0, resolution=canvas)
                     encode(result, ImageRequest(num=num))
                     seconds = time.perf_counter() - start
                 finally:
                     self.batcher.leave(slot)
-                if not warm:
-                    runs.append((engine_work(run_options, self.manifest.model, canvas, num), seconds))
+                if attempt > 0:  # the first run warms up (sessions allocate at a new size)
+                    times.append(seconds)
+            runs.append((engine_work(run_options, self.manifest.model, canvas, num), float(np.median(times))))
         return cost.fit_host(runs)
 
     # -- admission --------------------------------------------------------------------------------
@@ -328,12 +341,16 @@ class ImageService:
             return 0.0
         model = self.manifest.model
         canvas = request.resolution or (model.img_resolution, model.img_resolution)
-        return self._price(options, tuple(canvas), request.num)
-
-    def _price(self, options: SamplingOptions, canvas: tuple[int, int], num: int) -> float:
-        """cost.seconds of a run's work (memoised in __init__: requests repeat a few kinds, and
-        planning each of a request's choices again cost a small request about 2% of its time)."""
-        return self.cost.seconds(engine_work(options, self.manifest.model, canvas, num))
+        # Memoised per cost model: requests repeat a few kinds, and planning each of a request's
+        # choices again took about 1% of a small request's time.
+        if self._prices[0] is not self.cost:
+            self._prices = (self.cost, {})
+        prices, key = self._prices[1], (options, tuple(canvas), request.num)
+        if key not in prices:
+            if len(prices) >= MAX_PRICES:
+                prices.clear()
+            prices[key] = self.cost.seconds(engine_work(options, model, key[1], request.num))
+        return prices[key]
 
     def _live_locked(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]

@@ -34,7 +34,7 @@ JSON_NAMES = {"guidance": "cfg", "guidance_interval": "cfg_interval", "skip.late
 OPTION_NAMES = {"cfg": "guidance", "cfg_interval": "guidance_interval"}
 OPTION_FIELDS = {JSON_NAMES.get(name, name) for name in OPTION_FIELD_NAMES}
 REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async",
-                  "deadline_s", "priority", "quality"}  # fmt: skip
+                  "stream", "deadline_s", "priority", "quality"}  # fmt: skip
 MAX_DEADLINE_S = 86_400.0
 MAX_PRIORITY = 9
 QUALITIES = ("elastic", "exact")  # or a rung number: degrade at most to that rung of the ladder
@@ -72,6 +72,7 @@ class ImageRequest:
     format: str = "png"
     columns: int = 8
     is_async: bool = False
+    stream: bool = False  # answer with the job's server-sent events (as GET /v1/jobs/{id}/events)
     recommended: bool = False  # the options are the model's recommended setting
     deadline_s: float | None = None  # finish within this many seconds of arrival (None: the server's --slo)
     priority: int = 0  # higher runs first (0 to MAX_PRIORITY)
@@ -138,6 +139,7 @@ def request_schema(limits: Limits, manifest: Manifest | None = None) -> dict:
         "format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "png"},
         "columns": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 8},
         "async": {"type": "boolean", "default": False},
+        "stream": {"type": "boolean", "default": False},
         "deadline_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_S},
         "priority": {"type": "integer", "minimum": 0, "maximum": MAX_PRIORITY, "default": 0},
         "quality": {
@@ -263,11 +265,14 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
             format=format,
             columns=_int(data, "columns", 8, 1, 1024),
             is_async=_bool(data, "async", False),
+            stream=_bool(data, "stream", False),
             recommended=used,
             deadline_s=_deadline(data),
             priority=_int(data, "priority", 0, 0, MAX_PRIORITY),
             quality=_quality(data, len(manifest.recommended.rungs) if manifest.recommended is not None else 0),
         )
+        if req.is_async and req.stream:
+            raise RequestError(400, "async and stream: choose one (a streamed job's result is at /v1/jobs/{id}/result)")
         hw = canvas or (model.img_resolution, model.img_resolution)
         plan(options, model, hw, req.seed)  # every option against the model, the canvas against the bricks
         req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
