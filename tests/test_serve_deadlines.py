@@ -23,6 +23,7 @@ from lego_export.manifest import Recommended, Rung  # noqa: E402
 from lego_export.options import SamplingOptions  # noqa: E402
 from lego_export.plan import engine_work  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.serve.batcher import Slot  # noqa: E402
 from lego_export.serve.cost import CostModel, EngineCost  # noqa: E402
 from lego_export.serve.service import ImageService, ServeConfig, parse_slo  # noqa: E402
 from tests.test_serve import (  # noqa: E402
@@ -132,6 +133,21 @@ def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
     assert patient[-3:] == [[1]] * 3 and [1] not in patient[:-3], patient
     merged = classes_of_embedder_calls("merge")
     assert [0, 1] in merged, merged  # the old order puts both requests' rows in one call
+
+
+def test_only_the_requests_arrival_order_would_make_late_move_ahead():
+    service, _ = service_with()
+    order = service.batcher._in_order
+    now = 100.0
+    big = Slot(0, work_s=1.0, deadline=now + 5.0)  # arrived first, time to spare
+    mid = Slot(1, work_s=0.5, deadline=now + 4.0)  # in time after it
+    tight = Slot(2, work_s=0.1, deadline=now + 1.2)  # after both it would end at 1.6 s: late
+    assert order([tight, big, mid], now) == ([tight, big, mid], True)  # least slack first: tight, mid, big
+    assert order([mid, big], now) == ([big, mid], False)  # all in time: arrival order
+    first = Slot(3, work_s=1.0, deadline=now + 1.05)  # moving the late one ahead makes this one late:
+    second = Slot(4, work_s=0.1, deadline=now + 1.0)  # least slack first for all
+    assert order([second, first], now) == ([first, second], True)
+    service.close()
 
 
 def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():

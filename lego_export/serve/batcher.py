@@ -98,6 +98,7 @@ class EngineStats:
 class BatcherStats:
     ticks: int = 0
     narrow_ticks: int = 0  # of which on the narrow runners, beside other requests' calls
+    slack_ticks: int = 0  # of which chosen least slack first (arrival order would have made a request late)
     tick_seconds: float = 0.0  # wall time of the ticks (merging, engine calls, scatter)
     engine_seconds: float = 0.0  # of which inside the real engines
     requests_joined: int = 0
@@ -353,9 +354,10 @@ class CallBatcher:
         if self._closing or self._ticking >= self.config.streams or not self._pending:
             return None
         slack = self.config.order == "slack"
-        order = self._in_order(self._active, time.monotonic()) if slack else None  # once per look
+        order, rescued = self._in_order(self._active, time.monotonic()) if slack else (None, False)  # once per look
         if not self._ready(order):
             return None
+        self.stats.slack_ticks += rescued
         groups = self._most_urgent(self._pending, order) if slack else self._aligned(self._pending)
         chosen = {id(c) for group in groups for c in group}
         self._pending = [c for c in self._pending if id(c) not in chosen]
@@ -381,7 +383,7 @@ class CallBatcher:
             return False
         if self.config.streams > 1:
             return bool(self._pending)
-        head = (order or self._in_order(self._active, time.monotonic()))[0]
+        head = (order or self._in_order(self._active, time.monotonic())[0])[0]
         return head.blocked and head.call in self._pending
 
     def _most_urgent(self, calls: list[EngineCall], order: list[Slot]) -> list[list[EngineCall]]:
@@ -399,18 +401,31 @@ class CallBatcher:
                     rows += call.n
         return [group]
 
-    def _in_order(self, slots, now: float) -> list[Slot]:
-        """Requests in the slack order: by arrival while that keeps every request in time, else
-        least slack first. Taking short requests first whenever it is safe would make the largest
-        ones wait on every small one that arrives, so they would fare worse than on a one-at-a-time
-        server."""
+    def _in_order(self, slots, now: float) -> tuple[list[Slot], bool]:
+        """Requests in the slack order, and whether it differs from arrival order: by arrival while
+        that keeps every request in time; else the requests it would make late first (least slack
+        first), the others after them still by arrival; least slack first for all only when that
+        too leaves one late. Taking short requests first whenever it is safe would make the largest
+        ones wait on every small one that arrives, and so would reordering every request whenever
+        one is at risk: the largest would fare worse than on a one-at-a-time server."""
         ordered = sorted(slots, key=Slot.arrival)
-        finish = now  # the requests run one after another at the service's pace
-        for slot in ordered:
+        late = self._late(ordered, now)
+        if not late:
+            return ordered, False
+        rescued = sorted(late, key=lambda s: s.urgency(now)) + [s for s in ordered if s not in late]
+        if not self._late(rescued, now):
+            return rescued, True
+        return sorted(ordered, key=lambda s: s.urgency(now)), True
+
+    def _late(self, order: list[Slot], now: float) -> list[Slot]:
+        """The requests that would finish after their deadline, run one after another in this order
+        at the service's pace (without a cost model, those whose deadline has passed)."""
+        finish, late = now, []
+        for slot in order:
             finish += self.pace * slot.remaining_s
-            if finish > slot.deadline:  # without a cost model every deadline is "now"
-                return sorted(ordered, key=lambda s: s.urgency(now))
-        return ordered
+            if finish > slot.deadline:
+                late.append(slot)
+        return late
 
     def _aligned(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
         """The groups this tick runs: the engine earliest in the chain, and any call kept waiting

@@ -174,6 +174,12 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
     metric("lego_serve_tiles_per_call", "histogram", "Tiles per engine call.", samples)
     metric("lego_serve_ticks_total", "counter", "CallBatcher ticks.", [f"lego_serve_ticks_total {stats.ticks}"])
     metric(
+        "lego_serve_slack_ticks_total",
+        "counter",
+        "Ticks ordered least slack first: in arrival order a request would have been late.",
+        [f"lego_serve_slack_ticks_total {stats.slack_ticks}"],
+    )
+    metric(
         "lego_serve_tick_seconds_total",
         "counter",
         "Wall time of the ticks (merging, engine calls, scattering).",
