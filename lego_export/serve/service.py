@@ -81,6 +81,8 @@ HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its 
 MAX_PRICES = 4096  # predictions remembered (request kinds)
 FIT_REPEATS = 3  # timed runs of each case the cost model's host terms are fitted on
 FIT_BUDGET_S = 5.0  # beyond this, each case is timed once (large models)
+REFIT_RUNS = 32  # the latest jobs that ran alone, which the cost model's host terms are refitted on
+REFIT_EVERY = 8  # refit after this many more
 SCALE_WORK_S = 0.5  # the pace is updated once this much predicted work has finished (seconds)
 EXPIRED_STATUS = 504
 
@@ -147,6 +149,7 @@ class Job:
     order_by: float = math.inf  # the deadline the order uses (a job without one still ages)
     steps_done: int = 0
     started: float | None = None  # when it got its slot
+    alone: bool = False  # no other job ran at any time while it did (its time refits the cost model)
 
     @property
     def terminal(self) -> bool:
@@ -213,6 +216,9 @@ class ImageService:
             narrow_backend=narrow,
         )
         self.cost: CostModel | None = None
+        self._fit_runs: list[tuple[list[dict[str, int]], float]] = []  # startup's (work, seconds)
+        self._alone_runs: deque[tuple[list[dict[str, int]], float]] = deque(maxlen=REFIT_RUNS)
+        self._since_refit = 0
         if self.batcher.cost is not None:
             self.cost = self.batcher.cost = self._fit_cost(self.batcher.cost)
         self._prices: tuple[CostModel | None, dict] = (self.cost, {})  # predict's memo, for this cost model
@@ -267,7 +273,21 @@ class ImageService:
                 if attempt > 0:  # the first run warms up (sessions allocate at a new size)
                     times.append(seconds)
             runs.append((engine_work(run_options, self.manifest.model, canvas, num), float(np.median(times))))
+        self._fit_runs = runs
         return cost.fit_host(runs)
+
+    def _learn_locked(self, job: Job, seconds: float) -> None:
+        """Refit the host terms on the latest jobs that ran alone (each REFIT_EVERY of them): the
+        startup runs alone came out up to a fifth slower than the same work minutes later, and the
+        prediction of every request carried that."""
+        model = self.manifest.model
+        canvas = job.request.resolution or (model.img_resolution, model.img_resolution)
+        work = engine_work(job.choice.options, model, tuple(canvas), job.request.num)
+        self._alone_runs.append((work, seconds))
+        self._since_refit += 1
+        if self._since_refit >= REFIT_EVERY:
+            self._since_refit = 0
+            self.cost = self.batcher.cost = self.cost.fit_host(self._fit_runs + list(self._alone_runs))
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -501,6 +521,10 @@ class ImageService:
             self._account_locked()  # busy time is counted from here when the machine was idle
             job.slot, job.state, job.started = slot, RUNNING, time.monotonic()
             self.metrics.count_rung(choice.rung)
+            job.alone = self._active == 0
+            if not job.alone:
+                for other in self._live_locked():
+                    other.alone = False
             self._active += 1
             self._workers.submit(self._work, job, slot)
 
@@ -541,6 +565,8 @@ class ImageService:
         with self._lock:
             self._account_locked(slot.done_s)
             self._active -= 1
+            if state == DONE and job.alone and self.cost is not None:  # before its answer goes out
+                self._learn_locked(job, time.monotonic() - job.started)
             self._end_locked(job, state, body, error, status)
             self._dispatch_locked()
 
