@@ -109,11 +109,10 @@ def create_app(
             return error(e.status, e.message)
         except ServiceUnavailable as e:
             return error(e.status, e.message, e.retry_after)
+        location = {"Location": f"/v1/jobs/{job.id}"}
         if req.is_async:
-            info = job.describe(svc.position(job))
-            return JSONResponse(info, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+            return JSONResponse(job.describe(svc.position(job)), status_code=202, headers=location)
         if req.stream:  # the job's events; a client that leaves before the end cancels it
-            location = {"Location": f"/v1/jobs/{job.id}"}
             return StreamingResponse(events(svc, job, cancel_on_exit=True), media_type=EVENTS, headers=location)
         try:
             await wait_or_disconnect(job, request)

@@ -176,7 +176,7 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
     metric(
         "lego_serve_slack_ticks_total",
         "counter",
-        "Ticks ordered least slack first: in arrival order a request would have been late.",
+        "Ticks not in arrival order: it would have made a request late.",
         [f"lego_serve_slack_ticks_total {stats.slack_ticks}"],
     )
     metric(

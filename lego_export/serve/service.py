@@ -280,9 +280,8 @@ class ImageService:
         """Refit the host terms on the latest jobs that ran alone (each REFIT_EVERY of them): the
         startup runs alone came out up to a fifth slower than the same work minutes later, and the
         prediction of every request carried that."""
-        model = self.manifest.model
-        canvas = job.request.resolution or (model.img_resolution, model.img_resolution)
-        work = engine_work(job.choice.options, model, tuple(canvas), job.request.num)
+        model, request = self.manifest.model, job.request
+        work = engine_work(job.choice.options, model, request.canvas(model), request.num)
         self._alone_runs.append((work, seconds))
         self._since_refit += 1
         if self._since_refit >= REFIT_EVERY:
@@ -360,12 +359,11 @@ class ImageService:
         if self.cost is None:
             return 0.0
         model = self.manifest.model
-        canvas = request.resolution or (model.img_resolution, model.img_resolution)
         # Memoised per cost model: requests repeat a few kinds, and planning each of a request's
         # choices again took about 1% of a small request's time.
         if self._prices[0] is not self.cost:
             self._prices = (self.cost, {})
-        prices, key = self._prices[1], (options, tuple(canvas), request.num)
+        prices, key = self._prices[1], (options, request.canvas(model), request.num)
         if key not in prices:
             if len(prices) >= MAX_PRICES:
                 prices.clear()
@@ -479,7 +477,7 @@ class ImageService:
         """What makes a job's images (the answer's X-Lego-Run header and PNG text, the job JSON): the
         options that run, and the ladder rung they are (none: as asked) and whether that is degraded."""
         request, choice = job.request, job.choice
-        canvas = request.resolution or (self.manifest.model.img_resolution,) * 2
+        canvas = request.canvas(self.manifest.model)
         return {
             **request.describe(),
             "options": choice.options.to_dict(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lego_export.config import LegoConfig
 from lego_export.edm import Churn
 from lego_export.errors import LegoError
 from lego_export.jsonio import loads_strict
@@ -89,6 +90,10 @@ class ImageRequest:
             seed=self.seed,
             batch=self.num,
         )
+
+    def canvas(self, model: LegoConfig) -> tuple[int, int]:
+        """The canvas it samples: its resolution, else the model's training size."""
+        return self.resolution or (model.img_resolution, model.img_resolution)
 
     @property
     def media_type(self) -> str:
@@ -273,7 +278,7 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
         )
         if req.is_async and req.stream:
             raise RequestError(400, "async and stream: choose one (a streamed job's result is at /v1/jobs/{id}/result)")
-        hw = canvas or (model.img_resolution, model.img_resolution)
+        hw = req.canvas(model)
         plan(options, model, hw, req.seed)  # every option against the model, the canvas against the bricks
         req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
         check_request(req.num, req.num, req.seed, hw, model.img_channels)
