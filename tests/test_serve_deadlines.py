@@ -197,6 +197,46 @@ def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
     check("merge")
 
 
+def test_a_request_waiting_behind_the_head_is_not_woken_by_the_heads_calls():
+    from lego_export.serve.batcher import CallBatcher
+
+    class Counting(threading.Condition):
+        wakes = 0
+
+        def wait(self, timeout=None):
+            woke = super().wait(timeout)
+            self.wakes += 1
+            return woke
+
+    backend = HookedBackend()
+    batcher = CallBatcher(backend.manifest, backend)  # no cost model: arrival order
+    try:
+        head, behind = batcher.join(), batcher.join()
+        behind.wake = Counting(batcher._lock)
+        results: dict = {}
+
+        def sample(slot, name: str) -> threading.Thread:
+            def run() -> None:
+                results[name] = batcher.pipeline(slot)(steps=3, num=1)
+                batcher.leave(slot)
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            return thread
+
+        waiting = sample(behind, "behind")
+        wait_for(lambda: batcher.pending == 1, what="the later request's first call")
+        sample(head, "head").join(30)  # every call of the head runs first, in its own thread
+        head_ticks = batcher.stats.ticks
+        waiting.join(30)
+        assert set(results) == {"head", "behind"} and head_ticks >= 8
+        # Woken once, when the head left and its call could run: not at each of the head's ticks
+        # (on 2 cores a thread woken for nothing takes a core from the engine call beside it).
+        assert behind.wake.wakes <= 2, (behind.wake.wakes, head_ticks)
+    finally:
+        batcher.close()
+
+
 def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_or_degraded():
     service, _ = service_with(ladder=True, seconds_per_row=0.01)
     with running(service) as http:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from lego_export.arrays import NumpyArrays
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec, Manifest
+from lego_export.runtime.cores import cores_left_to_caller, pin_this_thread, thread_cpus
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
 from lego_export.serve.calibrate import best_chunk
@@ -186,7 +187,11 @@ class CallBatcher:
             raise LegoError(f"streams must be at least 1, got {self.config.streams}")
         self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
+        before = thread_cpus()
         self.runners = self._runners(backend)
+        # One tick at a time: the threads that run ticks keep off the cores the engines' own pinned
+        # workers are on (cores.py; the service pins its job threads with pin_caller).
+        self.caller_cpus = cores_left_to_caller(before) if self.config.streams == 1 else None
         self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
         if self.config.calibrate:
             for spec in manifest.engines:
@@ -226,6 +231,10 @@ class CallBatcher:
         self._numbers = itertools.count()
         self._closing = False
         self._stats_lock = threading.Lock()  # ticks of several streams count into the same stats
+
+    def pin_caller(self) -> None:
+        """Keep the calling thread, one that may run ticks, off the engines' pinned workers' cores."""
+        pin_this_thread(self.caller_cpus)
 
     def _runners(self, backend) -> dict[str, EngineRunner]:
         return {  # a latent decoder runs on host arrays on every backend
@@ -311,8 +320,7 @@ class CallBatcher:
                 if taken is None:
                     slot.wake.wait()
                     continue
-                if self._ticking < self.config.streams:  # another request may lead a tick beside this one
-                    self._nudge_locked(but=slot)
+                self._nudge_locked(but=slot)  # with several streams, another may lead a tick beside this one
                 self._cond.release()
                 try:
                     self._tick(*taken)
@@ -379,8 +387,12 @@ class CallBatcher:
         return groups, self.runners if alone else self.narrow_runners
 
     def _nudge_locked(self, but: Slot | None = None) -> None:
-        """Wake one request waiting on a pending call (not but's): it leads the next tick if one may
-        start (any waiting thread may run any call), else waits again until the next change."""
+        """If a tick may start now, wake one request waiting on a pending call (not but's) to lead
+        it (any waiting thread may run any call). Only then: a thread woken for nothing takes a core
+        from the engine call running beside it, and every change that may let a tick start (a call
+        submitted or done, a request leaving, cancelled or expired) looks again."""
+        if self._closing or self._ticking >= self.config.streams or not self._pending or not self._ready():
+            return
         waiting = next((c.slot for c in self._pending if c.slot is not but), None)
         if waiting is not None:
             waiting.wake.notify()

@@ -239,7 +239,10 @@ class ImageService:
         self._last_event = time.monotonic()
         # Jobs sample in pooled threads: a runner keeps per-thread state (OpenVINO's infer requests),
         # which a thread per job would build again for every request.
-        self._workers = ThreadPoolExecutor(max_workers=config.max_active, thread_name_prefix="lego-job")
+        # The batcher runs ticks in these threads; each keeps off the engines' pinned cores (cores.py).
+        self._workers = ThreadPoolExecutor(
+            max_workers=config.max_active, thread_name_prefix="lego-job", initializer=self.batcher.pin_caller
+        )
         self._reaper = threading.Thread(target=self._expire_loop, name="lego-deadlines", daemon=True)
         self._reaper.start()
 
