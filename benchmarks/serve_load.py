@@ -231,6 +231,11 @@ def plot(data: dict, path: Path) -> None:
         axes[1].plot(loads, [r.get("fid_served") for r in rows], style, label=label)
     axes[0].axhline(99, color="grey", linestyle=":", linewidth=1)
     axes[0].set(ylabel="requests within deadline (%)", title="deadline attainment")
+    ladder = [r["fid"] for r in data.get("ladder", [])]
+    if ladder:  # the scale from full quality to the target, so that a sliver of a rung reads as one
+        top = max([1.10 * ladder[0], *ladder])
+        axes[1].axhline(1.10 * ladder[0], color="grey", linestyle=":", linewidth=1, label="1.10x full quality")
+        axes[1].set_ylim(0.98 * min(ladder), 1.02 * top)
     axes[1].set(ylabel="FID of the images served", title="quality served")
     for ax in axes:
         ax.set_xlabel(f"offered load (x C_FIFO = {data['c_fifo_requests_per_s']:.2f} requests/s)")
