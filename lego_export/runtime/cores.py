@@ -53,9 +53,10 @@ def cores_left_to_caller(before: dict[int, frozenset[int]]) -> frozenset[int] | 
     if not hasattr(os, "sched_getaffinity"):
         return None
     allowed = frozenset(os.sched_getaffinity(0))
-    pinned = {cpus for tid, cpus in thread_cpus().items() if tid not in before and cpus < allowed}
-    left = allowed - frozenset().union(*pinned) if pinned else frozenset()
-    return left or None
+    pinned = [cpus for tid, cpus in thread_cpus().items() if tid not in before and cpus < allowed]
+    if not pinned:
+        return None
+    return allowed.difference(*pinned) or None
 
 
 def pin_this_thread(cpus: frozenset[int] | None) -> None:

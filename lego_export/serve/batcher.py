@@ -370,7 +370,7 @@ class CallBatcher:
         """The groups of the next tick if one may start now (taken off the pending list, the tick
         counted as running), and the runners it runs them on: all the threads' for a request alone,
         the narrow ones while other requests are in flight; else None. Called with the lock held."""
-        if self._closing or self._ticking >= self.config.streams or not self._pending:
+        if not self._stream_free():
             return None
         slack = self.config.order == "slack"
         order, rescued = self._in_order(self._active, time.monotonic()) if slack else (None, False)  # once per look
@@ -391,11 +391,15 @@ class CallBatcher:
         it (any waiting thread may run any call). Only then: a thread woken for nothing takes a core
         from the engine call running beside it, and every change that may let a tick start (a call
         submitted or done, a request leaving, cancelled or expired) looks again."""
-        if self._closing or self._ticking >= self.config.streams or not self._pending or not self._ready():
+        if not (self._stream_free() and self._ready()):
             return
         waiting = next((c.slot for c in self._pending if c.slot is not but), None)
         if waiting is not None:
             waiting.wake.notify()
+
+    def _stream_free(self) -> bool:
+        """Whether a call waits and a stream is free for it (a tick starts if _ready too)."""
+        return not self._closing and self._ticking < self.config.streams and bool(self._pending)
 
     def _ready(self, order: list[Slot] | None = None) -> bool:
         """Whether a tick may start: every active request waits on a call (the batch then holds all
