@@ -101,6 +101,12 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, whole or not at all (as write_text)."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (key, header, format spec)."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"

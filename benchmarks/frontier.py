@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
 
 from lego_export.edm import evaluations  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
@@ -140,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(xlabel="images/s (batch 64, 2 CPU cores)", ylabel="FID (classifier features)", title="quality against speed")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def write_results(rows: list[dict], out: Path, command: str, num: int, host: dict, skipped: list[str]) -> None:

@@ -25,7 +25,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, matmul_peak_gflops, random_feeds, time_calls, write_json, write_text  # noqa: E402
+from common import (  # noqa: E402
+    machine,
+    markdown_table,
+    matmul_peak_gflops,
+    random_feeds,
+    save_figure,
+    time_calls,
+    write_json,
+    write_text,
+)
 
 from lego_export.checkpoint import load_model  # noqa: E402
 from lego_export.edm import sample  # noqa: E402
@@ -194,7 +203,7 @@ def plot(results: dict, path: Path) -> None:
     )
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def report(results: dict) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
 
 from lego_export.fid import fid  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
@@ -137,7 +137,7 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 @click.command()

@@ -43,7 +43,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.validation import Limits, RequestError, parse_body, parse_image_request  # noqa: E402
@@ -354,7 +354,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlim(left=0)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def report(data: dict) -> str:

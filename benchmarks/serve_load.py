@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
 from serve import BASELINE, LEGO, Server, poisson_arrivals  # noqa: E402
 
 from lego_export.errors import LegoError  # noqa: E402
@@ -241,7 +241,7 @@ def plot(data: dict, path: Path) -> None:
         ax.set_xlabel(f"offered load (x C_FIFO = {data['c_fifo_requests_per_s']:.2f} requests/s)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 @click.command()

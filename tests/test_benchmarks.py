@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import markdown_table, time_calls  # noqa: E402
+from common import markdown_table, save_figure, time_calls  # noqa: E402
 from quality import fid, kid  # noqa: E402
 
 from lego_export.config import BrickConfig  # noqa: E402
@@ -39,6 +40,26 @@ def test_flops_match_a_hand_count():
         + d * 2 * w
     )
     assert brick_flops_per_tile(brick, 3, 1, d) == expected
+
+
+def test_a_plot_is_written_whole_or_not_at_all(tmp_path):
+    class Figure:  # matplotlib's savefig, as save_figure calls it, failing midway when asked to
+        def __init__(self, fails: bool):
+            self.fails = fails
+
+        def savefig(self, f, format: str, dpi: int) -> None:
+            f.write(b"\x89PNG half")
+            if self.fails:
+                raise RuntimeError("disk full")
+            f.write(b" and the rest")
+
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"the last run's plot")
+    with pytest.raises(RuntimeError):
+        save_figure(Figure(fails=True), path)
+    assert path.read_bytes() == b"the last run's plot" and list(tmp_path.iterdir()) == [path]
+    save_figure(Figure(fails=False), path)
+    assert path.read_bytes() == b"\x89PNG half and the rest" and list(tmp_path.iterdir()) == [path]
 
 
 def test_timing_statistics_and_table():
