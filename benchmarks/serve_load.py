@@ -5,8 +5,9 @@
 Every request carries a deadline: --slo times the median service time alone of its kind (canvas
 and image count; measured first, one request at a time on the one-at-a-time server). C_FIFO is the
 highest Poisson arrival rate at which the one-at-a-time server (serve.py's baseline) answers 99% of
-the requests within their deadline, found by bisection. Then 0.5, 1, 1.5, 2 and 3 x C_FIFO are
-offered, with the same arrival times, to three servers, each alone on the machine while loaded:
+the requests within their deadline, found by bisection, each rate offered as the loads are (below).
+Then 0.5, 1, 1.5, 2 and 3 x C_FIFO are offered, with the same arrival times, to three servers, each
+alone on the machine while loaded:
 
   baseline       one request at a time, in arrival order (answers late rather than never);
   lego-serve     exact: every request as asked ("quality": "exact"): least slack first, refused
@@ -316,19 +317,29 @@ def main(
         alone = {c: float(np.median([t for b, t in zip(bodies, alone_each, strict=True) if b["resolution"] == c]))
                  for c in canvases if any(b["resolution"] == c for b in bodies)}  # fmt: skip
         capacity = n / sum(alone_each)
-        # 2. C_FIFO by bisection between 0 and the baseline's capacity.
+        # 2. C_FIFO by bisection between 0 and the baseline's capacity, each rate offered as the loads
+        # are below (the same arrivals, in the same blocks, each block begun on an idle server): a
+        # trace sent unbroken, or other arrivals, keep fewer requests in time than the loads' blocks
+        # at the same rate, which put the one-at-a-time server's own limit at 1.5-2x "C_FIFO".
+        blocks = [b for b in np.array_split(np.arange(n), rounds) if len(b)]  # rounds > n: n blocks
+        unit = poisson_arrivals(n, 1.0, np.random.default_rng(seed + 2))  # the arrivals at 1 request/s
+
+        def offer(server: Server, block, rate: float, quality: str) -> list[dict]:
+            """One block at `rate` requests/s, each request as asked or with this quality."""
+            arrivals = [(unit[i] - unit[block[0]]) / rate for i in block]
+            asked = [bodies[j] if quality == "-" else {**bodies[j], "quality": quality} for j in block]
+            return send(server, asked, arrivals)
+
         lo, hi, probes_run = 0.0, capacity, []
         for _ in range(0 if given_c_fifo else probes):
             rate = (lo + hi) / 2
-            share = attainment(send(base, bodies, poisson_arrivals(n, rate, np.random.default_rng(seed + 1))), bodies)
+            share = attainment([a for block in blocks for a in offer(base, block, rate, "-")], bodies)
             probes_run.append({"rate": rate, "within_deadline": share})
             print(f"  baseline at {rate:.3f} requests/s: {share:.1%} within deadline", flush=True)
             lo, hi = (rate, hi) if share >= 0.99 else (lo, rate)
         c_fifo = given_c_fifo or (lo if lo > 0 else hi / 2)
         print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
         fractions = [float(x) for x in loads.split(",")]
-        patterns = {f: poisson_arrivals(n, f * c_fifo, np.random.default_rng(seed + 2)) for f in fractions}
-        blocks = [b for b in np.array_split(np.arange(n), rounds) if len(b)]  # rounds > n: n blocks
 
         lego = Server(LEGO, engines, backend, threads, lego_options)  # the baseline waits idle meanwhile
         try:
@@ -367,12 +378,10 @@ def main(
             for f in fractions:
                 answers: dict[int, list] = {i: [None] * n for i in range(len(runs))}
                 for b, block in enumerate(blocks):
-                    arrivals = [patterns[f][i] - patterns[f][block[0]] for i in block]
                     for k in range(len(runs)):
                         i = (b + k) % len(runs)  # rotate who goes first
                         server, _, quality = runs[i]
-                        asked = [bodies[j] if quality == "-" else {**bodies[j], "quality": quality} for j in block]
-                        for j, answer in zip(block, send(server, asked, arrivals), strict=True):
+                        for j, answer in zip(block, offer(server, block, f * c_fifo, quality), strict=True):
                             answers[i][j] = answer
                 for i, (_, name, quality) in enumerate(runs):
                     row = summarize(answers[i], bodies, alone, ladder)

@@ -828,12 +828,13 @@ def test_the_load_benchmark_runs_both_servers_and_checks_their_images(tmp_path):
 
 def test_the_deadline_benchmark_sends_every_block_to_every_server(tmp_path):
     """benchmarks/serve_load.py end to end on the tiny engines: each load's requests in blocks, each
-    block to the three servers in turn, every server's answers pooled over the blocks."""
+    block to the three servers in turn, every server's answers pooled over the blocks; C_FIFO probed
+    with the same blocks on the one-at-a-time server."""
     import json
 
     out = tmp_path / "serve-load"
     cmd = [sys.executable, "benchmarks/serve_load.py", "--engines", str(TINY), "--small", "--requests", "6"]
-    cmd += ["--rounds", "3", "--loads", "1", "--c-fifo", "2", "--threads", "1", "--ladder", str(tmp_path / "none")]
+    cmd += ["--rounds", "3", "--loads", "1", "--probes", "2", "--threads", "1", "--ladder", str(tmp_path / "none")]
     run = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
@@ -846,6 +847,9 @@ def test_the_deadline_benchmark_sends_every_block_to_every_server(tmp_path):
         assert row["other_errors"] == 0 and sum(row["rungs"].values()) + 6 * (row["refused"] + row["expired"]) == 6
     assert set(data["time_alone_side_by_side_s"]) == {"baseline", "lego-serve"}
     assert "in 3 blocks" in out.with_suffix(".md").read_text()
+    probes = data["c_fifo_probes"]  # every block's answers count: shares of six requests
+    assert len(probes) == 2 and all(round(6 * p["within_deadline"], 9).is_integer() for p in probes)
+    assert probes[1]["rate"] in (probes[0]["rate"] / 2, probes[0]["rate"] * 1.5)
 
 
 def test_serving_needs_no_torch(tmp_path):
