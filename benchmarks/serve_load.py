@@ -34,6 +34,7 @@ from OUT.json).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -53,6 +54,24 @@ CANVASES = ("32x32", "32x96", "64x64")
 SMALL_CANVASES = ("16x16", "16x32", "32x32")  # the tiny test engines
 SERVERS = ((BASELINE, None), (LEGO, "exact"), (LEGO, "elastic"))
 REPEATS = 3  # runs alone of each request the cost model is checked on
+
+
+def positive_rate(ctx, param, value: float | None) -> float | None:
+    """--c-fifo: a rate to scale arrivals by, so finite and above 0 (0 would read as not given)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value} is not a positive number of requests per second")
+    return value
+
+
+def positive_loads(ctx, param, value: str) -> list[float]:
+    """--loads: '0.5,1,3' -> [0.5, 1.0, 3.0], each a positive multiple of C_FIFO."""
+    try:
+        loads = [float(x) for x in value.split(",")]
+    except ValueError:
+        loads = []
+    if not loads or not all(math.isfinite(x) and x > 0 for x in loads):
+        raise click.BadParameter(f"{value!r}: a comma-separated list of positive numbers, such as 0.5,1,2")
+    return loads
 
 
 def workload(n: int, seed: int, num_classes: int, sides: tuple[str, ...]) -> list[dict]:
@@ -251,10 +270,12 @@ def plot(data: dict, path: Path) -> None:
 @click.option("--threads", default=0, show_default=True)
 @click.option("--requests", "n", default=120, show_default=True, help="Requests per load.")
 @click.option("--slo", default=5.0, show_default=True, help="Deadline: this many times the request's time alone.")
-@click.option("--loads", default="0.5,1,1.5,2,3", show_default=True, help="Offered loads, x C_FIFO.")
+@click.option(
+    "--loads", default="0.5,1,1.5,2,3", show_default=True, callback=positive_loads, help="Offered loads, x C_FIFO."
+)
 @click.option("--ladder", "ladder_json", default="benchmarks/results/ladder.json", show_default=True)
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1), help="Blocks per load (see above).")
-@click.option("--probes", default=6, show_default=True, help="Bisection steps for C_FIFO.")
+@click.option("--probes", default=6, show_default=True, type=click.IntRange(1), help="Bisection steps for C_FIFO.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
 @click.option("--max-active", default=None, type=int, help="lego-serve's --max-active (default: its own).")
@@ -265,7 +286,10 @@ def plot(data: dict, path: Path) -> None:
     type=click.IntRange(0, 64),
     help="lego-serve's --streams (parallel engine calls; 0: its automatic choice).",
 )
-@click.option("--c-fifo", "given_c_fifo", default=None, type=float, help="Use this C_FIFO (requests/s); no search.")
+@click.option(
+    "--c-fifo", "given_c_fifo", default=None, type=float, callback=positive_rate,
+    help="Use this C_FIFO (requests/s); no search.",
+)  # fmt: skip
 @click.option("--out", default="benchmarks/results/serve-load", show_default=True)
 @click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
 @click.option("--servers", default="baseline,exact,elastic", show_default=True, help="Which servers to load.")
@@ -339,7 +363,6 @@ def main(
             lo, hi = (rate, hi) if share >= 0.99 else (lo, rate)
         c_fifo = given_c_fifo or (lo if lo > 0 else hi / 2)
         print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
-        fractions = [float(x) for x in loads.split(",")]
 
         lego = Server(LEGO, engines, backend, threads, lego_options)  # the baseline waits idle meanwhile
         try:
@@ -375,7 +398,7 @@ def main(
             runs = [(base, BASELINE, "-")] if "baseline" in chosen else []
             runs += [(lego, LEGO, q) for q in ("exact", "elastic") if q in chosen]
             results = []
-            for f in fractions:
+            for f in loads:
                 answers: dict[int, list] = {i: [None] * n for i in range(len(runs))}
                 for b, block in enumerate(blocks):
                     for k in range(len(runs)):

@@ -140,3 +140,17 @@ def test_p99_ratio_interval_brackets_equal_and_slower_servers():
     assert abs(lo - 1.2) < 1e-9 and abs(hi - 1.2) < 1e-9
     refused = [{"status": 429, "latency_s": 0.0}] * 200  # nothing served: no interval
     assert p99_ratio_intervals(refused, base, bodies, ("a", "b")) == {}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--c-fifo", "0"], ["--c-fifo", "-1"], ["--c-fifo", "nan"], ["--c-fifo", "inf"], ["--probes", "0"],
+     ["--loads", "0"], ["--loads=-1,2"], ["--loads", "nan"], ["--loads", "1,abc"], ["--loads", ","]],
+)  # fmt: skip
+def test_serve_load_refuses_rates_it_cannot_offer_in_one_line(args):
+    """0 would read as "not given", a negative or NaN rate fails minutes in, 0 probes measures nothing."""
+    from click.testing import CliRunner
+    from serve_load import main
+
+    result = CliRunner().invoke(main, ["--engines", "/nonexistent", *args])
+    assert result.exit_code == 2 and f"Invalid value for '{args[0].split('=')[0]}'" in result.output, result.output
