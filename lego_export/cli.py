@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lego_export.cli_common import CONTEXT, one_line_errors
+from lego_export.cli_common import CONTEXT, check_interrupted, one_line_errors
 from lego_export.errors import LegoError
 
 
@@ -33,6 +33,7 @@ class _Progress:
         self.current = None
 
     def __call__(self, message: str) -> None:
+        check_interrupted()  # a signal whose exception native code swallowed still ends the build here
         engine = message.split(":")[0]
         if self.current is not None and engine != self.current:
             self.bar.update(1)

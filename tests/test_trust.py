@@ -334,6 +334,31 @@ def test_ctrl_c_while_writing_outputs_says_what_is_on_disk(engines, tmp_path, mo
     assert len(list((tmp_path / "each").iterdir())) == 2 and not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("engine", ["brick0", "last"])
+def test_a_signal_whose_exception_native_code_swallowed_still_ends_a_build(tmp_path, monkeypatch, engine):
+    """A handler's KeyboardInterrupt raised inside a destructor or a native callback can be swallowed
+    ("Exception ignored in ..."); the signal is noted too, and the build stops at its next step or,
+    after its last engine, before it publishes anything."""
+    import lego_export.cli_common as cli_common
+    import lego_export.export.build as build
+    from lego_export.checkpoint import read_config
+
+    real = build.onnx_export.clean_graph
+    last = f"brick{len(read_config(CKPT).bricks) - 1}"
+
+    def swallowed_signal(path):
+        real(path)
+        if path.stem == (last if engine == "last" else engine):
+            cli_common._signalled.set()
+
+    monkeypatch.setattr(build.onnx_export, "clean_graph", swallowed_signal)
+    out = tmp_path / "e"
+    args = ["build", "--ckpt", str(CKPT), "--out", str(out), "--max-batch", "2", "--no-fuse", "--no-verify"]
+    result = CliRunner().invoke(export_main, args)
+    refused(result, "interrupted; nothing partial was left behind")
+    assert not out.exists() and not leftovers(tmp_path)
+
+
 def test_two_builds_into_one_folder_do_not_both_succeed(tmp_path):
     out = tmp_path / "e"
     with folder_lock(out, "lego-export build"):

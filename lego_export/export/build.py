@@ -283,6 +283,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                 tensorrt.add_plans(manifest, staging, staging, progress=progress)
             except LegoError as e:
                 trt_error = e  # keep the ONNX engines, then report
+        progress("publish")
         publish(staging, out, manifest, old)
     if trt_error is not None:
         raise LegoError(f"{trt_error} (the ONNX engines and manifest were written to {out})")
