@@ -25,7 +25,7 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
    search's cheaper trials near its FID, measured with the winner on a third set of seeds; those
    within the rung rule (FID at most a ratio of the winner's, class accuracy at most
    max_accuracy_drop below it) and not beaten by a cheaper one become the rungs lego-serve steps
-   down under load.
+   down under load (where more qualify than are asked for: evenly from the mildest to the cheapest).
 
 FID is measured in the feature space of an ONNX feature extractor the user provides (images in, one
 feature vector per image out; optionally a second output `logits`, one score per class) against
@@ -427,7 +427,7 @@ class Tuner:
         top, *trials = (self.trial(s, seed) for s in [win.setting, *unique])
         for t in trials:
             self.log(f"  {t.setting.label()}: {_scores(t)}, {t.flops:.1f} full-chain evaluations/image")
-        rungs = select_rungs(top, trials, max_fid_ratio, result.max_accuracy_drop)[:most]
+        rungs = spread(select_rungs(top, trials, max_fid_ratio, result.max_accuracy_drop), most)
         self.log(f"ladder: {len(rungs)} rungs, {', '.join(t.setting.label() for t in rungs) or 'none within the rule'}")
         measured = {"images": self.num, "seed": seed, "top_fid": top.fid, "top_class_accuracy": top.class_accuracy}
         return [
@@ -467,6 +467,18 @@ def select_rungs(top: Trial, trials: list[Trial], max_fid_ratio: float, max_accu
         (t for t in ok if not any(c.flops < t.flops and c.fid <= t.fid and accuracy(c) >= accuracy(t) for c in ok)),
         key=lambda t: -t.flops,
     )
+
+
+def spread(rungs: list[Trial], most: int) -> list[Trial]:
+    """At most `most` of the rungs (most expensive first), evenly over the list and always with its
+    cheapest: the first `most` alone would keep the mildest rungs and drop the one that sheds the
+    most work, which is the rung a server needs most under overload."""
+    if len(rungs) <= most:
+        return rungs
+    if most <= 1:
+        return rungs[-1:] if most == 1 else []
+    last = len(rungs) - 1
+    return [rungs[round(i * last / (most - 1))] for i in range(most)]
 
 
 def _scores(trial: Trial) -> str:

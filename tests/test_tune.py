@@ -212,6 +212,18 @@ def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one()
     assert got == [without_accuracy[i] for i in (0, 2, 4)]  # FID and FLOPs alone decide
 
 
+def test_a_ladder_of_fewer_rungs_than_qualify_keeps_the_cheapest_and_spreads_the_rest():
+    from lego_export.tune import spread
+
+    rungs = list("abcdefg")  # most expensive first
+    assert spread(rungs, 8) == rungs and spread(rungs, 7) == rungs
+    assert spread(rungs, 4) == ["a", "c", "e", "g"]
+    assert spread(rungs, 3) == ["a", "d", "g"]
+    assert spread(rungs, 2) == ["a", "g"]
+    assert spread(rungs, 1) == ["g"]  # the one that sheds the most work
+    assert spread(rungs, 0) == []
+
+
 def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_folder, tmp_path):
     engines, features, reference = tuned_folder
     saved = tmp_path / "recommended.json"
