@@ -24,7 +24,7 @@ The search, on a fixed set of seeds and classes (every trial sees the same noise
 5. The ladder: the winner with fewer steps and, if it guides, without its guidance, and the
    search's cheaper trials near its FID, measured with the winner on a third set of seeds; those
    within the rung rule (FID at most a ratio of the winner's, class accuracy at most
-   max_accuracy_drop below it) and not beaten by a cheaper one become the rungs lego-serve steps
+   max_accuracy_drop below it) and not beaten on FID by a cheaper one become the rungs lego-serve steps
    down under load (where more qualify than are asked for: evenly from the mildest to the cheapest).
 
 FID is measured in the feature space of an ONNX feature extractor the user provides (images in, one
@@ -354,6 +354,13 @@ class Tuner:
         canvas = (self.model.img_resolution, self.model.img_resolution)
         return tuple((p.bricks, p.guided) for p in plan(setting.options(self.model), self.model, canvas))
 
+    def _unguided_if_idle(self, setting: Setting) -> Setting:
+        """The setting without guidance when its interval holds no step of its schedule (the winner
+        with fewer steps, say): it guides nothing, and a rung should not say it does."""
+        if setting.base.guidance != 1.0 and not any(guided for _, guided in self._plan(setting)):
+            return setting.but(guidance=1.0, guidance_interval=None)
+        return setting
+
     def _key(self, setting: Setting) -> tuple:
         """Settings with the same key sample the same images (a guidance interval that holds no step
         of the schedule is no guidance)."""
@@ -420,7 +427,7 @@ class Tuner:
         for setting in candidates:
             if setting.base.steps >= 1 and self._key(setting) not in seen and len(unique) < 2 * most:
                 seen.add(self._key(setting))
-                unique.append(setting)
+                unique.append(self._unguided_if_idle(setting))
         if not unique:  # also when most is 0
             return []
         self.log(f"ladder: {len(unique)} cheaper settings measured with the winner on seed {seed}")
@@ -453,7 +460,9 @@ def cheapest_in_budget(trials: list[Trial]) -> Trial | None:
 def select_rungs(top: Trial, trials: list[Trial], max_fid_ratio: float, max_accuracy_drop: float) -> list[Trial]:
     """The trials that become rungs, most expensive first: cheaper than the top, FID at most
     max_fid_ratio times the top's, class accuracy at most max_accuracy_drop below it, and none
-    beaten by a cheaper one (as low an FID and as high an accuracy)."""
+    beaten by a cheaper one on FID. Accuracy is a floor, not a rank: a rung kept for a little more
+    accuracy than a cheaper one with a lower FID would make the ladder's FID rise and fall as a
+    server steps down it."""
 
     def accuracy(t: Trial) -> float:
         return 0.0 if t.class_accuracy is None else t.class_accuracy
@@ -463,10 +472,7 @@ def select_rungs(top: Trial, trials: list[Trial], max_fid_ratio: float, max_accu
         for t in trials
         if t.flops < top.flops and t.fid <= max_fid_ratio * top.fid and accuracy(t) >= accuracy(top) - max_accuracy_drop
     ]
-    return sorted(
-        (t for t in ok if not any(c.flops < t.flops and c.fid <= t.fid and accuracy(c) >= accuracy(t) for c in ok)),
-        key=lambda t: -t.flops,
-    )
+    return sorted((t for t in ok if not any(c.flops < t.flops and c.fid <= t.fid for c in ok)), key=lambda t: -t.flops)
 
 
 def spread(rungs: list[Trial], most: int) -> list[Trial]:

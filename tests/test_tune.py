@@ -187,9 +187,14 @@ def test_guiding_one_step_brings_a_setting_within_an_accuracy_floor():
     (rung,) = tuner.ladder(result, seed=2, most=3, max_fid_ratio=1.15)
     assert rung.options == win.but(guidance=1.0, guidance_interval=None).options(manifest.model)
     assert rung.measured["class_accuracy"] == pytest.approx(0.78)
+    # A candidate rung whose interval holds no step of its schedule (the winner with fewer steps,
+    # say) guides nothing, and is measured and written without guidance.
+    idle = win.but(guidance_interval=f"{sigmas[6] * 1.01:g}:{sigmas[5] * 0.99:g}")  # between two steps
+    assert tuner._unguided_if_idle(idle) == idle.but(guidance=1.0, guidance_interval=None)
+    assert tuner._unguided_if_idle(win) == win
 
 
-def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one():
+def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_on_fid_by_a_cheaper_one():
     from lego_export.tune import select_rungs
 
     def trial(flops, fid, accuracy):
@@ -198,7 +203,7 @@ def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one()
     top = trial(8.0, 10.0, 0.80)
     rows = [
         trial(7.0, 10.5, 0.80),  # a rung
-        trial(6.5, 10.8, 0.79),  # beaten by the next: cheaper, lower FID, as accurate
+        trial(6.5, 10.8, 0.79),  # beaten by the next: cheaper, a lower FID
         trial(6.0, 10.6, 0.795),  # a rung
         trial(5.0, 11.6, 0.80),  # FID over 1.15x
         trial(4.0, 11.0, 0.78),  # accuracy more than 0.01 below the top's
@@ -210,6 +215,10 @@ def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_by_a_cheaper_one()
     without_accuracy = [dataclasses.replace(r, class_accuracy=None) for r in rows]
     got = select_rungs(dataclasses.replace(top, class_accuracy=None), without_accuracy, 1.15, 0.01)
     assert got == [without_accuracy[i] for i in (0, 2, 4)]  # FID and FLOPs alone decide
+    # Accuracy is a floor, not a rank: more accurate, dearer and a higher FID is no rung (its FID
+    # would rise above the cheaper rung's below it).
+    accurate = [trial(7.0, 11.2, 0.84), trial(6.0, 10.6, 0.80)]
+    assert select_rungs(top, accurate, 1.15, 0.01) == [accurate[1]]
 
 
 def test_a_ladder_of_fewer_rungs_than_qualify_keeps_the_cheapest_and_spreads_the_rest():
