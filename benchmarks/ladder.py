@@ -7,7 +7,9 @@ FID and class accuracy) on 1,000 images of seed 2. This benchmark samples the re
 (rung 0) and each rung on --num images of the same noise and classes (default 2,000, seed 2) and
 scores them as quality.py does: FID against the 10k test images in the committed classifier's
 feature space, and the classifier's accuracy on the classes asked for. lego-serve steps down these
-rungs under load (docs/serving.md). Writes OUT.json and OUT.md.
+rungs under load (docs/serving.md). Writes OUT.json, OUT.md and OUT.features.npz: every rung's
+features (float16, image i of each rung from the same noise) and the test images' statistics, from
+which serve_load.py scores the mix of rungs a server served as one set of images.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_json, write_text  # noqa: E402
 from quality import features_and_logits, load_classifier, to_input  # noqa: E402
 
+from lego_export.atomic import atomic_write  # noqa: E402
 from lego_export.edm import evaluations  # noqa: E402
-from lego_export.fid import fid  # noqa: E402
+from lego_export.fid import FeatureStats, fid  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.tune import class_accuracy  # noqa: E402
 from lego_train.data import load_idx_dir  # noqa: E402
@@ -44,11 +48,12 @@ def main(engines: str, num: int, seed: int, out: str) -> None:
     classifier = load_classifier(retrain=False)
     test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
     test_feats, _ = features_and_logits(classifier, to_input(test.images))
-    rows = []
+    rows, features = [], []
     for rung, options in enumerate(recommended.rungs):
         result = pipe(options, num=num, seed=seed, batch=100)
         feats, logits = features_and_logits(classifier, torch.from_numpy(result.images))
         accuracy = class_accuracy(logits, result.labels)
+        features.append(feats.astype(np.float16))
         full_chain = evaluations(options.sampler, options.steps) * (1 - result.timing.flops_saved)
         rows.append(
             {
@@ -64,6 +69,9 @@ def main(engines: str, num: int, seed: int, out: str) -> None:
         click.echo(f"rung {rung}, {options.describe()}: FID {rows[-1]['fid']:.2f}, class acc. {accuracy:.3f}", err=True)
     command = "python benchmarks/ladder.py " + " ".join(sys.argv[1:])
     write_json(Path(out + ".json"), {"command": command, "machine": machine(), "num": num, "seed": seed, "rows": rows})
+    test_stats = FeatureStats.of(test_feats)
+    with atomic_write(Path(out + ".features.npz")) as f:
+        np.savez_compressed(f, features=np.stack(features), test_mu=test_stats.mu, test_sigma=test_stats.sigma)
     table = markdown_table(
         rows,
         [

@@ -125,6 +125,30 @@ def test_serve_load_targets_follow_the_rows():
     assert lines[-1].endswith("12.0% (<= 10%): **not met**")
 
 
+def test_served_fid_scores_the_mix_of_rungs_as_one_set(tmp_path):
+    """Each rung contributes a block of its images in proportion to the requests it served, the
+    blocks fill the set exactly, and a worse rung served more raises the FID."""
+    from serve_load import LadderImages
+
+    from lego_export.fid import FeatureStats, frechet_distance
+
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(10, 4))
+    features = np.stack([good, good + 3.0])  # rung 1: the same noise, shifted features
+    np.savez(tmp_path / "f.npz", features=features, test_mu=np.zeros(4), test_sigma=np.eye(4))
+    images = LadderImages(tmp_path / "f.npz")
+    test = FeatureStats(np.zeros(4), np.eye(4))
+
+    def fid(rows):
+        return frechet_distance(FeatureStats.of(rows), test)
+
+    assert images.fid({"0": 5}) == pytest.approx(fid(good))
+    # 1 of 3 requests at rung 1: 3.33 of 10 images -> 3 (0's 6.67 -> 7, the larger remainder)
+    assert images.fid({"0": 2, "1": 1}) == pytest.approx(fid(np.concatenate([good[:7], good[7:] + 3.0])))
+    assert images.fid({"1": 1}) == pytest.approx(fid(good + 3.0))
+    assert images.fid({"0": 9, "1": 1}) < images.fid({"0": 1, "1": 1}) < images.fid({"1": 1})
+
+
 def test_p99_ratio_interval_brackets_equal_and_slower_servers():
     """Equal servers' interval holds 1; a server slower on every request by 20% lies near 1.2x."""
     from serve_load import p99_ratio_intervals
