@@ -303,6 +303,34 @@ def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
         assert 'lego_serve_requests_total{outcome="expired"} 2' in http.get("/metrics").text
 
 
+def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_from_receipt(monkeypatch):
+    """Lateness is judged once the answer is encoded (the client waits for that too), and a deadline
+    runs from when the HTTP layer received the request, not from when the service took it."""
+    import lego_export.serve.service as service_module
+
+    real = service_module.encode
+
+    def slow_encoding(result, request, run):  # sampling was in time; the answer is ready after 1 s more
+        until = time.monotonic() + 1.0  # the job was created before now, so its deadline has passed then
+        while time.monotonic() < until:
+            time.sleep(0.01)
+        return real(result, request, run)
+
+    monkeypatch.setattr(service_module, "encode", slow_encoding)
+    service, _ = service_with()
+    with running(service) as http:
+        late = http.post("/v1/images", json={"steps": 2, "deadline_s": 1.0, "format": "npz"})
+        assert late.status_code == 504 and "after its deadline" in one_line_error(late), late.text
+        monkeypatch.setattr(service_module, "encode", real)
+        now = time.monotonic()
+        job = service.submit(service.parse({"steps": 2, "deadline_s": 30, "format": "npz"}), received=now - 1.0)
+        assert job.created == now - 1.0 and job.deadline == now - 1.0 + 30
+        job.future.result(60)
+        ahead = service.submit(service.parse({"steps": 2, "deadline_s": 30}), received=time.monotonic() + 5)
+        assert ahead.created <= time.monotonic()  # a time to come is no receipt: taken as now
+        ahead.future.result(60)
+
+
 def test_a_job_is_json_its_result_is_bytes_and_its_progress_streams():
     gate = threading.Event()
     service, _ = service_with(lambda engine, feeds: gate.wait(30), max_active=1)

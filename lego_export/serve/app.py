@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -97,6 +98,7 @@ def create_app(
     )
     async def images(request: Request) -> Response:
         """Sample images; with "async": true, a job to poll, stream or fetch."""
+        received = time.monotonic()  # its deadline runs from here: reading and checking the body count
         svc = current()
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -104,7 +106,7 @@ def create_app(
         try:
             body = await read_body(request)
             req = svc.parse(parse_body(body))
-            job = svc.submit(req)
+            job = svc.submit(req, received)
         except RequestError as e:
             return error(e.status, e.message)
         except ServiceUnavailable as e:

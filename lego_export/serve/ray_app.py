@@ -119,8 +119,8 @@ class SharedJobsService(ImageService):
         self._poller = threading.Thread(target=self._poll_cancels, name="lego-cancels", daemon=True)
         self._poller.start()
 
-    def submit(self, request: ImageRequest) -> Job:
-        job = super().submit(request)
+    def submit(self, request: ImageRequest, received: float | None = None) -> Job:
+        job = super().submit(request, received)
         if request.is_async:
             _ray().get(self.directory.put.remote(job.id, _record(job)))
         return job

@@ -301,9 +301,10 @@ class ImageService:
             self.metrics.count("invalid")
             raise
 
-    def submit(self, request: ImageRequest) -> Job:
+    def submit(self, request: ImageRequest, received: float | None = None) -> Job:
         """Queue a validated request; ServiceUnavailable when the queue is full, its deadline cannot
-        be met, or the server stops."""
+        be met, or the server stops. received: time.monotonic() when the request arrived (the HTTP
+        layer's first look at it); its deadline runs from then, as its client's clock does."""
         job = Job(uuid.uuid4().hex, request, choices=self.choices(request))
         own = job.choices[0].predicted_s
         with self._lock:
@@ -313,12 +314,13 @@ class ImageService:
             if self._active >= self.config.max_active and len(self._queue) >= self.config.max_queue:
                 self.metrics.count("rejected")
                 raise ServiceUnavailable(429, f"queue full ({self.config.max_queue} waiting); retry later", 1)
-            now = job.created = time.monotonic()
+            now = time.monotonic()
+            job.created = min(now, received) if received is not None else now
             budget = request.deadline_s
             if budget is None and self.slo is not None and (self.slo[0] == "s" or own > 0):
                 budget = self.slo[1] if self.slo[0] == "s" else self.slo[1] * own
             if budget is not None:
-                job.deadline = now + budget
+                job.deadline = job.created + budget
             job.order_by = job.deadline if job.deadline is not None else now + ORDER_SLACK * own
             job.choice = self._choose_locked(job, now)
             if job.choice is None:
@@ -554,15 +556,17 @@ class ImageService:
         finally:
             self.batcher.leave(slot)
         body = None
-        if state == DONE and job.deadline is not None and time.monotonic() > job.deadline:
-            state, status = EXPIRED, EXPIRED_STATUS  # an honest answer, not a late success
-            error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
         if state == DONE:
             try:
                 body = encode(result, job.request, job.run)
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s: encoding failed", job.id)
                 state, error, status = FAILED, f"encoding failed: {type(e).__name__}", 500
+        # Judged once the answer is ready to go (encoding counts), never as a late success.
+        if state == DONE and job.deadline is not None and time.monotonic() > job.deadline:
+            state, status, body = EXPIRED, EXPIRED_STATUS, None
+            error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
+
         with self._lock:
             self._account_locked(slot.done_s)
             self._active -= 1
