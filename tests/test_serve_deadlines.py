@@ -25,7 +25,7 @@ from lego_export.plan import engine_work  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.batcher import Slot  # noqa: E402
 from lego_export.serve.cost import CostModel, EngineCost  # noqa: E402
-from lego_export.serve.service import ImageService, ServeConfig, parse_slo  # noqa: E402
+from lego_export.serve.service import SPARE, ImageService, ServeConfig, ServiceUnavailable, parse_slo  # noqa: E402
 from tests.test_serve import (  # noqa: E402
     TINY,
     HookedBackend,
@@ -282,6 +282,37 @@ def test_the_server_slo_sets_deadlines_and_admission_protects_admitted_jobs():
         answers = [http.post("/v1/images", json={"steps": 10, "async": True}).status_code for _ in range(9)]
         assert 202 in answers and 429 in answers, answers
         gate.set()
+
+
+def test_in_time_means_with_a_tenth_to_spare_and_admission_keeps_the_admitted_jobs_spare():
+    """A request predicted to finish in its last tenth is refused (the cost model errs by 5-7%), and
+    a new request may not take an admitted job's spare time by running ahead of it."""
+    gate = threading.Event()  # nothing finishes: the predictions alone decide
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), ladder=True, seconds_per_row=0.01)
+    try:
+
+        def submit(deadline_s: float, **fields):
+            return service.submit(service.parse({"format": "npz", "deadline_s": deadline_s, **fields}))
+
+        cheapest = service.choices(service.parse({}))[-1].predicted_s  # the 3-step rung, 0.66 s
+        with pytest.raises(ServiceUnavailable) as refused:
+            submit(cheapest / 0.95)  # in time by the prediction, with a twentieth to spare
+        assert refused.value.status == 429
+        degraded = submit(cheapest / (SPARE - 0.05))
+        assert degraded.choice.rung == 1  # the rung, with its spare time
+        service.cancel(degraded)
+
+        exact = {"steps": 6, "sampler": "dpm2m", "quality": "exact"}
+        own = service.choices(service.parse(exact))[0].predicted_s  # 1.32 s
+        admitted = submit(own / (SPARE - 0.05), **exact)
+        short = {"steps": 1, "sampler": "euler", "quality": "exact"}  # 0.22 s, run first if admitted
+        with pytest.raises(ServiceUnavailable):  # it would finish in time, but in its last tenth
+            submit(0.3, **short)
+        behind = submit(2.0, **short)  # due later: runs after it, takes nothing from it
+        assert behind.choice is not None and admitted.state == "running"
+    finally:
+        gate.set()
+        service.close(5)
 
 
 def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
