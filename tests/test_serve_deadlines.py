@@ -144,6 +144,8 @@ def test_only_the_requests_arrival_order_would_make_late_move_ahead():
     tight = Slot(2, work_s=0.1, deadline=now + 1.2)  # after both it would end at 1.6 s: late
     assert order([tight, big, mid], now) == ([tight, big, mid], True)  # least slack first: tight, mid, big
     assert order([mid, big], now) == ([big, mid], False)  # all in time: arrival order
+    close = Slot(5, work_s=0.1, deadline=now + 1.15)  # after big at 1.1 s: in its last tenth
+    assert order([close, big], now) == ([close, big], True)
     first = Slot(3, work_s=1.0, deadline=now + 1.05)  # moving the late one ahead makes this one late:
     second = Slot(4, work_s=0.1, deadline=now + 1.0)  # least slack first for all
     assert order([second, first], now) == ([first, second], True)

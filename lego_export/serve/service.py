@@ -47,7 +47,7 @@ from lego_export.serve.batcher import (
     RequestExpired,
     Slot,
 )
-from lego_export.serve.cost import CostModel
+from lego_export.serve.cost import SPARE, CostModel
 from lego_export.serve.metrics import ServiceMetrics, render
 from lego_export.serve.validation import ImageRequest, Limits, RequestError, parse_image_request
 
@@ -79,8 +79,6 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done",
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
 HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare
-SPARE = 0.9  # "in time" means predicted to finish within this share of the time left: the cost
-# model's median error is 5-7%, and on the benchmark every expired job missed by under a tenth
 MAX_PRICES = 4096  # predictions remembered (request kinds)
 FIT_REPEATS = 3  # timed runs of each case the cost model's host terms are fitted on
 FIT_BUDGET_S = 5.0  # beyond this, each case is timed once (large models)
