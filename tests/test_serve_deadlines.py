@@ -24,8 +24,8 @@ from lego_export.options import SamplingOptions  # noqa: E402
 from lego_export.plan import engine_work  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.batcher import Slot  # noqa: E402
-from lego_export.serve.cost import CostModel, EngineCost  # noqa: E402
-from lego_export.serve.service import SPARE, ImageService, ServeConfig, ServiceUnavailable, parse_slo  # noqa: E402
+from lego_export.serve.cost import SPARE, CostModel, EngineCost  # noqa: E402
+from lego_export.serve.service import ImageService, ServeConfig, ServiceUnavailable, parse_slo  # noqa: E402
 from tests.test_serve import (  # noqa: E402
     TINY,
     HookedBackend,

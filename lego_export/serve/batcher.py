@@ -46,7 +46,7 @@ from lego_export.runtime.cores import cores_left_to_caller, pin_this_thread, thr
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
 from lego_export.serve.calibrate import best_chunk
-from lego_export.serve.cost import SPARE, CostModel
+from lego_export.serve.cost import CostModel, finish_by
 
 # A request hands its whole evaluation to the batcher at once (its pipeline calls engines with any
 # N); the batcher cuts merged calls to the real engine's range.
@@ -450,13 +450,13 @@ class CallBatcher:
         return sorted(ordered, key=lambda s: s.urgency(now)), True
 
     def _late(self, order: list[Slot], now: float) -> list[Slot]:
-        """The requests that would not finish in time (within SPARE of the time to their deadline),
+        """The requests that would not finish in time (cost.finish_by: with a tenth of it to spare),
         run one after another in this order at the service's pace (without a cost model, those whose
         deadline has passed)."""
         finish, late = now, []
         for slot in order:
             finish += self.pace * slot.remaining_s
-            if finish - now > SPARE * (slot.deadline - now):
+            if finish > finish_by(slot.deadline, now):
                 late.append(slot)
         return late
 

@@ -26,6 +26,11 @@ SPARE = 0.9
 HOST_ROWS = "brick0"  # its tiles count images x canvas pixels: the host's work per evaluation follows them
 
 
+def finish_by(deadline: float, now: float, share: float = SPARE) -> float:
+    """The latest predicted finish that counts as in time: within this share of the time left."""
+    return now + share * (deadline - now)
+
+
 @dataclass(frozen=True)
 class EngineCost:
     """One engine's measured seconds per row at some call sizes, and the runner's chunk size."""

@@ -9,7 +9,7 @@ Deadlines. A request's work is priced when it arrives (cost.py over plan.engine_
 is its ``deadline_s`` or the server's ``--slo`` (seconds, or a multiple of its own predicted time
 alone). Admission simulates the live jobs in the order the batcher falls back to when arrival
 order would make one late (least slack first) and takes the most expensive way of running the
-request that finishes in time (with a tenth of that time to spare, SPARE) without taking an
+request that finishes in time (with a tenth of that time to spare, cost.finish_by) without taking an
 admitted job's spare time: the request's own options,
 else the rungs of the model's quality ladder below them (unless the request pins ``"quality":
 "exact"``). When none does, the request is refused at once (429 with Retry-After). A job whose
@@ -47,7 +47,7 @@ from lego_export.serve.batcher import (
     RequestExpired,
     Slot,
 )
-from lego_export.serve.cost import SPARE, CostModel
+from lego_export.serve.cost import CostModel, finish_by
 from lego_export.serve.metrics import ServiceMetrics, render
 from lego_export.serve.validation import ImageRequest, Limits, RequestError, parse_image_request
 
@@ -411,20 +411,17 @@ class ImageService:
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
         """How a job runs: the most expensive of its choices that finishes within HEADROOM of the
         time to its deadline; failing that (a loaded server), the cheapest that finishes in time
-        (within SPARE of it), so that the load sheds work; None if none does. A choice must not
+        (cost.finish_by), so that the load sheds work; None if none does. A choice must not
         take an admitted job's spare time, nor make it late. A job without a deadline runs as asked."""
         if job.deadline is None:
             return job.choices[0]
-
-        def within(finish: float, share: float = SPARE) -> bool:
-            return finish - now <= share * (job.deadline - now)
 
         others = [j for j in self._live_locked() if j is not job]
         job.choice = job.choices[-1]
         before = self._finishes(others, now, job)
         # An admitted job in time keeps its spare time, or what it has left of it.
         latest = {
-            j.id: max(now + SPARE * (j.deadline - now), before[j.id])
+            j.id: max(finish_by(j.deadline, now), before[j.id])
             for j in others
             if j.deadline is not None and before[j.id] <= j.deadline
         }
@@ -432,8 +429,8 @@ class ImageService:
         for choice in job.choices:
             job.choice = choice
             after = self._finishes([*others, job], now, job)
-            if within(after[job.id]) and all(after[i] <= t for i, t in latest.items()):
-                if within(after[job.id], HEADROOM):
+            if after[job.id] <= finish_by(job.deadline, now) and all(after[i] <= t for i, t in latest.items()):
+                if after[job.id] <= finish_by(job.deadline, now, HEADROOM):
                     return choice
                 in_time.append(choice)
         job.choice = in_time[-1] if in_time else None
