@@ -55,6 +55,7 @@ from lego_export.manifest import Manifest  # noqa: E402
 CANVASES = ("32x32", "32x96", "64x64")
 SMALL_CANVASES = ("16x16", "16x32", "32x32")  # the tiny test engines
 SERVERS = ((BASELINE, None), (LEGO, "exact"), (LEGO, "elastic"))
+EXPIRED_IN = (("while queued", "queue"), ("steps", "sampling"), ("after its deadline", "answer"))  # service.py's words
 REPEATS = 3  # runs alone of each request the cost model is checked on
 
 
@@ -107,6 +108,9 @@ def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict
         run = json.loads(r.headers["X-Lego-Run"]) if "X-Lego-Run" in r.headers else None
         timing = json.loads(r.headers["X-Lego-Timing"]) if "X-Lego-Timing" in r.headers else {}
         out[i] = {"status": r.status_code, "latency_s": time.perf_counter() - sent, "run": run, **timing}
+        if r.status_code == 504:  # where the deadline passed: queued, while sampling, or with the answer ready
+            message = r.json().get("error", "")
+            out[i]["expired_in"] = next((w for k, w in EXPIRED_IN if k in message), "other")
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
     for t in threads:
@@ -152,6 +156,7 @@ def summarize(
         "refused": sum(a["status"] == 429 for a in answers) / n,
         "expired": sum(a["status"] == 504 for a in answers) / n,
         "other_errors": sum(a["status"] not in (200, 429, 504) for a in answers),
+        "expired_in": {w: sum(a.get("expired_in") == w for a in answers) for _, w in (*EXPIRED_IN, ("", "other"))},
     }
     served_lat = [a["latency_s"] for a in answers if a["status"] == 200]
     row["p99_all"] = float(np.percentile(served_lat, 99)) if served_lat else None  # pooled: less noisy
@@ -445,7 +450,11 @@ def main(
                     if name == LEGO and "baseline" in chosen:
                         row["p99_ratio_interval"] = p99_ratio_intervals(answers[i], answers[0], bodies, canvases)
                     results.append({"server": name, "quality": quality, "load": f, **row})
-                    print(f"  {name} {quality} at {f}x: {row['within_deadline']:.1%}, rungs {row['rungs']}", flush=True)
+                    print(
+                        f"  {name} {quality} at {f}x: {row['within_deadline']:.1%}, refused {row['refused']:.1%}, "
+                        f"expired {row['expired']:.1%} {row['expired_in']}, rungs {row['rungs']}",
+                        flush=True,
+                    )
         finally:
             lego.close()
     finally:
