@@ -25,7 +25,17 @@ from lego_export.plan import engine_work  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.batcher import Slot  # noqa: E402
 from lego_export.serve.cost import SPARE, CostModel, EngineCost  # noqa: E402
-from lego_export.serve.service import ImageService, ServeConfig, ServiceUnavailable, parse_slo  # noqa: E402
+from lego_export.serve.service import (  # noqa: E402
+    HEADROOM,
+    HEADROOM_MIN,
+    HEADROOM_STEP,
+    LOSS_TARGET,
+    Headroom,
+    ImageService,
+    ServeConfig,
+    ServiceUnavailable,
+    parse_slo,
+)
 from tests.test_serve import (  # noqa: E402
     TINY,
     HookedBackend,
@@ -317,6 +327,76 @@ def test_in_time_means_with_a_tenth_to_spare_and_admission_keeps_the_admitted_jo
         service.close(5)
 
 
+@pytest.mark.parametrize("max_active, admitted", [(1, False), (2, True)])
+def test_admission_counts_the_wait_for_a_slot(max_active, admitted):
+    """However urgent, a request does not start before a slot frees: with the one slot taken by a long
+    job (no deadline, so less urgent), a short request due in twice its own time is refused; with a
+    second slot it is admitted."""
+    gate = threading.Event()
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), max_active=max_active, seconds_per_row=0.01)
+    try:
+        service.submit(service.parse({"steps": 10, "format": "npz", "quality": "exact"}))  # 4.2 s predicted
+        fields = {"steps": 1, "sampler": "euler", "format": "npz", "quality": "exact"}
+        urgent = service.parse({**fields, "deadline_s": 2 * service.choices(service.parse(fields))[0].predicted_s})
+        if admitted:
+            assert service.submit(urgent).state == "running"
+        else:
+            with pytest.raises(ServiceUnavailable) as refused:
+                service.submit(urgent)
+            assert refused.value.status == 429
+    finally:
+        gate.set()
+        service.close(5)
+
+
+def test_the_headroom_narrows_with_losses_and_settles_where_a_hundredth_of_the_requests_are_lost():
+    headroom = Headroom()
+    for _ in range(100):  # requests in time never widen it beyond the fixed headroom
+        headroom.update(lost=False)
+    assert headroom.share == HEADROOM
+    for _ in range(5):
+        headroom.update(lost=True)
+    assert headroom.share == pytest.approx(HEADROOM - 5 * HEADROOM_STEP)
+    for _ in range(100):
+        headroom.update(lost=True)
+    assert headroom.share == HEADROOM_MIN
+
+    # A server that loses a request with probability 0.2 (s - 0.5) at the headroom s (6% at the
+    # fixed one, a hundredth at s = 0.55): the headroom finds that share.
+    rng = np.random.default_rng(0)
+    headroom, outcomes = Headroom(), []
+    for _ in range(40_000):
+        outcomes.append(rng.random() < 0.2 * max(0.0, headroom.share - 0.5))
+        headroom.update(lost=outcomes[-1])
+    assert np.mean(outcomes[10_000:]) == pytest.approx(LOSS_TARGET, rel=0.3)
+    assert 0.48 < headroom.share < 0.65  # one loss at 0.51 takes it to 0.49
+
+
+def test_after_losses_the_server_degrades_earlier():
+    """A request whose own options would finish at 75% of its time runs as asked while the
+    headroom is 0.8; after five requests refused (0.7), the same request runs at the cheaper rung."""
+    gate = threading.Event()
+    service, _ = service_with(lambda engine, feeds: gate.wait(30), ladder=True, seconds_per_row=0.01)
+    try:
+        choices = service.choices(service.parse({}))
+        own, cheapest = choices[0].predicted_s, choices[-1].predicted_s  # 1.32 s and 0.66 s
+
+        def submit(deadline_s: float):
+            job = service.submit(service.parse({"format": "npz", "deadline_s": deadline_s}))
+            service.cancel(job)
+            return job
+
+        assert submit(own / 0.75).choice.rung == 0
+        for _ in range(5):
+            with pytest.raises(ServiceUnavailable):
+                submit(cheapest / 0.95)  # in time by the prediction, without a tenth to spare
+        assert service.headroom.share == pytest.approx(HEADROOM - 5 * HEADROOM_STEP)
+        assert submit(own / 0.75).choice.rung == 1
+    finally:
+        gate.set()
+        service.close(5)
+
+
 def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
     gate = threading.Event()
     service, backend = service_with(lambda engine, feeds: gate.wait(30), max_active=2)
@@ -334,6 +414,8 @@ def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
         gate.set()
         assert finished(http, held).status_code == 200
         assert 'lego_serve_requests_total{outcome="expired"} 2' in http.get("/metrics").text
+        # Two losses narrowed the headroom; the job without a deadline did not count.
+        assert http.get("/healthz").json()["headroom"] == pytest.approx(HEADROOM - 2 * HEADROOM_STEP)
 
 
 def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_from_receipt(monkeypatch):

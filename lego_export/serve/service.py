@@ -10,7 +10,7 @@ is its ``deadline_s`` or the server's ``--slo`` (seconds, or a multiple of its o
 alone). Admission simulates the live jobs in the order the batcher falls back to when arrival
 order would make one late (least slack first) and takes the most expensive way of running the
 request that finishes in time (with a tenth of that time to spare, cost.finish_by) without taking an
-admitted job's spare time: the request's own options,
+admitted job's spare time, counting the wait for a slot: the request's own options,
 else the rungs of the model's quality ladder below them (unless the request pins ``"quality":
 "exact"``). When none does, the request is refused at once (429 with Retry-After). A job whose
 deadline passes before it finishes ends as ``expired``, never as a late success.
@@ -18,6 +18,7 @@ deadline passes before it finishes ends as ``expired``, never as a late success.
 
 from __future__ import annotations
 
+import heapq
 import io
 import logging
 import math
@@ -79,6 +80,12 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done",
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
 HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare
+# After a loss (a request refused or expired for its deadline) the headroom narrows by HEADROOM_STEP,
+# down to HEADROOM_MIN; each job in time widens it back by a step sized so that it settles where
+# LOSS_TARGET of the requests are lost: the server degrades more while it loses requests.
+HEADROOM_MIN = 0.3
+HEADROOM_STEP = 0.02
+LOSS_TARGET = 0.01
 MAX_PRICES = 4096  # predictions remembered (request kinds)
 FIT_REPEATS = 3  # timed runs of each case the cost model's host terms are fitted on
 FIT_BUDGET_S = 5.0  # beyond this, each case is timed once (large models)
@@ -120,6 +127,21 @@ class ServiceUnavailable(Exception):
     def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@dataclass
+class Headroom:
+    """The share of the time to its deadline a request may take at a rung before a cheaper one is
+    taken (HEADROOM at most), learnt from outcomes: a stochastic approximation of the share at which
+    LOSS_TARGET of the requests with a deadline are refused or expire."""
+
+    share: float = HEADROOM
+
+    def update(self, lost: bool) -> None:
+        if lost:
+            self.share = max(HEADROOM_MIN, self.share - HEADROOM_STEP)
+        else:  # in balance when losses are LOSS_TARGET of the outcomes
+            self.share = min(HEADROOM, self.share + HEADROOM_STEP * LOSS_TARGET / (1 - LOSS_TARGET))
 
 
 @dataclass(frozen=True)
@@ -237,6 +259,7 @@ class ImageService:
         # corrects the cost model for what a run alone does not show (HTTP, contention, drift).
         self.pace = 1.0
         self._busy_s = self._pace_work = 0.0
+        self.headroom = Headroom()
         self._last_event = time.monotonic()
         # Jobs sample in pooled threads: a runner keeps per-thread state (OpenVINO's infer requests),
         # which a thread per job would build again for every request.
@@ -326,6 +349,7 @@ class ImageService:
             job.choice = self._choose_locked(job, now)
             if job.choice is None:
                 self.metrics.count("refused")
+                self.headroom.update(lost=True)
                 backlog = sum(j.remaining_s for j in self._live_locked())
                 raise ServiceUnavailable(
                     429,
@@ -380,18 +404,30 @@ class ImageService:
         return [j for j in self._jobs.values() if j.state in (QUEUED, RUNNING)]
 
     def _finishes(self, jobs: list[Job], now: float, planned: Job) -> dict[str, float]:
-        """Predicted finish time of each job, run one after another in the batcher's order: the
-        planned job at its current choice, the others that have not started at their cheapest (each
-        is planned again when it starts, down to that), the running ones at what they have left."""
+        """Predicted finish time of each job, the machine running one at a time: of the jobs in a
+        slot, the most urgent first (the batcher's order); a job not started takes a slot when one
+        frees, the most urgent first (a short job behind max_active long ones waits for the first of
+        them, which the order alone would run after it). The planned job at its current choice, the
+        others that have not started at their cheapest (each is planned again when it starts, down
+        to that), the running ones at what they have left."""
 
         def work(j: Job) -> float:
             if j is planned or j.slot is not None or not j.choices:
                 return j.remaining_s
             return j.choices[-1].predicted_s
 
+        def key(j: Job) -> tuple:
+            return (-j.request.priority, j.order_by - now - work(j), j.created)
+
+        running = [(key(j), id(j), j) for j in jobs if j.slot is not None]
+        heapq.heapify(running)
+        waiting = deque(sorted((j for j in jobs if j.slot is None), key=key))
         finish, out = now, {}
-        order = sorted(jobs, key=lambda j: (-j.request.priority, j.order_by - now - work(j), j.created))
-        for j in order:
+        while running or waiting:
+            while waiting and len(running) < self.config.max_active:
+                j = waiting.popleft()
+                heapq.heappush(running, (key(j), id(j), j))
+            j = heapq.heappop(running)[2]
             finish += self.pace * work(j)
             out[j.id] = finish
         return out
@@ -409,8 +445,8 @@ class ImageService:
             self._busy_s = self._pace_work = 0.0
 
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
-        """How a job runs: the most expensive of its choices that finishes within HEADROOM of the
-        time to its deadline; failing that (a loaded server), the cheapest that finishes in time
+        """How a job runs: the most expensive of its choices that finishes within the headroom's
+        share of the time to its deadline (HEADROOM, less after losses: Headroom); failing that (a loaded server), the cheapest that finishes in time
         (cost.finish_by), so that the load sheds work; None if none does. A choice must not
         take an admitted job's spare time, nor make it late. A job without a deadline runs as asked."""
         if job.deadline is None:
@@ -430,7 +466,7 @@ class ImageService:
             job.choice = choice
             after = self._finishes([*others, job], now, job)
             if after[job.id] <= finish_by(job.deadline, now) and all(after[i] <= t for i, t in latest.items()):
-                if after[job.id] <= finish_by(job.deadline, now, HEADROOM):
+                if after[job.id] <= finish_by(job.deadline, now, self.headroom.share):
                     return choice
                 in_time.append(choice)
         job.choice = in_time[-1] if in_time else None
@@ -587,6 +623,8 @@ class ImageService:
         job.state, job.body, job.error, job.status = state, body, error, status
         job.finished = time.monotonic()
         job.slot = None
+        if job.deadline is not None and state in (DONE, EXPIRED):  # DONE with a deadline: in time
+            self.headroom.update(lost=state == EXPIRED)
         if state == DONE:
             self.metrics.finished(job.request.num, job.finished - job.created)
         else:
