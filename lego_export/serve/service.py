@@ -79,13 +79,10 @@ class ServeConfig:
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done", "failed", "cancelled", "expired"
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
-HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare
-# After a loss (a request refused or expired for its deadline) the headroom narrows by HEADROOM_STEP,
-# down to HEADROOM_MIN; each job in time widens it back by a step sized so that it settles where
-# LOSS_TARGET of the requests are lost: the server degrades more while it loses requests.
-HEADROOM_MIN = 0.3
-HEADROOM_STEP = 0.02
-LOSS_TARGET = 0.01
+HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare...
+HEADROOM_MIN = 0.3  # ...while requests are not lost; after losses, down to this (Headroom)
+HEADROOM_STEP = 0.02  # per request lost
+LOSS_TARGET = 0.01  # the share of requests lost at which the headroom settles
 MAX_PRICES = 4096  # predictions remembered (request kinds)
 FIT_REPEATS = 3  # timed runs of each case the cost model's host terms are fitted on
 FIT_BUDGET_S = 5.0  # beyond this, each case is timed once (large models)
@@ -132,8 +129,10 @@ class ServiceUnavailable(Exception):
 @dataclass
 class Headroom:
     """The share of the time to its deadline a request may take at a rung before a cheaper one is
-    taken (HEADROOM at most), learnt from outcomes: a stochastic approximation of the share at which
-    LOSS_TARGET of the requests with a deadline are refused or expire."""
+    taken, learnt from outcomes: each request lost (refused or expired) lowers it by HEADROOM_STEP,
+    each in time raises it by a step sized so that it settles where LOSS_TARGET of the requests with
+    a deadline are lost (a stochastic approximation), between HEADROOM_MIN and HEADROOM. A server
+    that loses requests runs more of them at cheaper rungs, leaving room for the next."""
 
     share: float = HEADROOM
 
@@ -446,8 +445,8 @@ class ImageService:
 
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
         """How a job runs: the most expensive of its choices that finishes within the headroom's
-        share of the time to its deadline (HEADROOM, less after losses: Headroom); failing that (a loaded server), the cheapest that finishes in time
-        (cost.finish_by), so that the load sheds work; None if none does. A choice must not
+        share of the time to its deadline (Headroom); failing that (a loaded server), the cheapest
+        that finishes in time (cost.finish_by), so that the load sheds work; None if none does. A choice must not
         take an admitted job's spare time, nor make it late. A job without a deadline runs as asked."""
         if job.deadline is None:
             return job.choices[0]
