@@ -420,12 +420,11 @@ class ImageService:
 
         running = [(key(j), id(j), j) for j in jobs if j.slot is not None]
         heapq.heapify(running)
-        waiting = deque(sorted((j for j in jobs if j.slot is None), key=key))
+        waiting = deque(sorted((key(j), id(j), j) for j in jobs if j.slot is None))
         finish, out = now, {}
         while running or waiting:
             while waiting and len(running) < self.config.max_active:
-                j = waiting.popleft()
-                heapq.heappush(running, (key(j), id(j), j))
+                heapq.heappush(running, waiting.popleft())
             j = heapq.heappop(running)[2]
             finish += self.pace * work(j)
             out[j.id] = finish
@@ -446,8 +445,9 @@ class ImageService:
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
         """How a job runs: the most expensive of its choices that finishes within the headroom's
         share of the time to its deadline (Headroom); failing that (a loaded server), the cheapest
-        that finishes in time (cost.finish_by), so that the load sheds work; None if none does. A choice must not
-        take an admitted job's spare time, nor make it late. A job without a deadline runs as asked."""
+        that finishes in time (cost.finish_by), so that the load sheds work; None if none does. A
+        choice must not take an admitted job's spare time, nor make it late. A job without a
+        deadline runs as asked."""
         if job.deadline is None:
             return job.choices[0]
 
@@ -460,12 +460,14 @@ class ImageService:
             for j in others
             if j.deadline is not None and before[j.id] <= j.deadline
         }
+        in_time_by = finish_by(job.deadline, now)
+        within_headroom_by = finish_by(job.deadline, now, self.headroom.share)
         in_time = []
         for choice in job.choices:
             job.choice = choice
             after = self._finishes([*others, job], now, job)
-            if after[job.id] <= finish_by(job.deadline, now) and all(after[i] <= t for i, t in latest.items()):
-                if after[job.id] <= finish_by(job.deadline, now, self.headroom.share):
+            if after[job.id] <= in_time_by and all(after[i] <= t for i, t in latest.items()):
+                if after[job.id] <= within_headroom_by:
                     return choice
                 in_time.append(choice)
         job.choice = in_time[-1] if in_time else None
