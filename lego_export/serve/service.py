@@ -452,7 +452,6 @@ class ImageService:
             return job.choices[0]
 
         others = [j for j in self._live_locked() if j is not job]
-        job.choice = job.choices[-1]
         before = self._finishes(others, now, job)
         # An admitted job in time keeps its spare time, or what it has left of it.
         latest = {
