@@ -434,14 +434,17 @@ def report(data: dict) -> str:
 @click.option("--mix", type=click.Choice(["mixed", "single"]), default="mixed", show_default=True)
 @click.option("--check", default=4, show_default=True, help="Compare the first CHECK requests with offline images.")
 @click.option("--max-active", default=16, show_default=True, help="lego-serve's --max-active.")
-@click.option("--align/--no-align", default=True, show_default=True, help="lego-serve's --align.")
+@click.option(
+    "--order", type=click.Choice(["slack", "merge"]), default="slack", show_default=True, help="lego-serve's --order."
+)
+@click.option("--align/--no-align", default=True, show_default=True, help="lego-serve's --align (with --order merge).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True, help="lego-serve's --calibrate.")
 @click.option("--time-limit", default=1200.0, show_default=True, help="Seconds for the whole run; then it stops.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
 @click.option("--out", default="benchmarks/results/serve", show_default=True, help="Writes OUT.json, .md, .png.")
 def main(
-    engines, backend, threads, n, rates, mix, check, max_active, align, calibrate, time_limit, seed, small, out
+    engines, backend, threads, n, rates, mix, check, max_active, order, align, calibrate, time_limit, seed, small, out
 ) -> None:
     """Throughput and latency of lego-serve against a one-request-at-a-time server, same load."""
     from lego_export.manifest import Manifest
@@ -454,7 +457,8 @@ def main(
     print(f"{n} requests, {images_total} images; offline reference for {min(check, n)} ...", flush=True)
     reference = offline_reference(engines, backend, threads, bodies[:check])
     lego_options = ["--max-active", str(max_active), "--max-queue", str(max(64, n))]
-    lego_options += ["--align" if align else "--no-align", "--calibrate" if calibrate else "--no-calibrate"]
+    lego_options += ["--order", order, "--align" if align else "--no-align"]
+    lego_options += ["--calibrate" if calibrate else "--no-calibrate"]
     lego_options += ["--drain-timeout", "5"]
 
     rows: list[dict] = []

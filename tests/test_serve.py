@@ -705,6 +705,8 @@ def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
     ):
         result = runner.invoke(lego_serve, args)
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+    result = runner.invoke(lego_serve, ["--engines", str(TINY), "--no-align"])  # the slack order never aligns
+    assert result.exit_code == 1 and "align applies to order merge only" in result.output, result.output
     result = runner.invoke(lego_serve, ["--engines", str(tmp_path / "none")])
     assert result.exit_code == 1, result.output
     assert "manifest" in result.output and len(result.output.strip().splitlines()) == 1, result.output
@@ -720,6 +722,7 @@ def test_cli_refuses_bad_options_and_missing_engines_in_one_line(tmp_path):
         ("drain_timeout", "nan", "drain_timeout must be 0 to 86400 seconds"),
         ("drain_timeout", "-5", "drain_timeout must be 0 to 86400 seconds"),
         ("target_ongoing_requests", "nan", "target_ongoing_requests must be 0 or more"),
+        ("align", False, "align applies to order merge only"),
     ],
 )
 def test_ray_options_are_checked_before_any_replica_starts(key, value, needle):

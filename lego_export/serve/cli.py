@@ -202,6 +202,8 @@ def make_config(
         raise LegoError(f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {precision!r}")
     if order not in ORDERS:
         raise LegoError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if not align and order != "merge":  # the slack order never aligns: the option would change nothing
+        raise LegoError(f"align applies to order merge only; order is {order!r}")
     from lego_export.serve.service import parse_slo
 
     parse_slo(slo)
