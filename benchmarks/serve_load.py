@@ -391,18 +391,20 @@ def main(
             asked = [bodies[j] if quality == "-" else {**bodies[j], "quality": quality} for j in block]
             return send(server, asked, arrivals)
 
-        lo, hi, probes_run = 0.0, capacity, []
-        for _ in range(0 if given_c_fifo else probes):
-            rate = (lo + hi) / 2
-            share = attainment([a for block in blocks for a in offer(base, block, rate, "-")], bodies)
-            probes_run.append({"rate": rate, "within_deadline": share})
-            print(f"  baseline at {rate:.3f} requests/s: {share:.1%} within deadline", flush=True)
-            lo, hi = (rate, hi) if share >= 0.99 else (lo, rate)
-        c_fifo = given_c_fifo or (lo if lo > 0 else hi / 2)
-        print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
-
-        lego = Server(LEGO, engines, backend, threads, lego_options)  # the baseline waits idle meanwhile
+        # lego-serve starts before the probes and waits idle through them, as each server waits
+        # through the others' blocks in the loads: the probes meet the machine the loads meet.
+        lego = Server(LEGO, engines, backend, threads, lego_options)
         try:
+            lo, hi, probes_run = 0.0, capacity, []
+            for _ in range(0 if given_c_fifo else probes):
+                rate = (lo + hi) / 2
+                share = attainment([a for block in blocks for a in offer(base, block, rate, "-")], bodies)
+                probes_run.append({"rate": rate, "within_deadline": share})
+                print(f"  baseline at {rate:.3f} requests/s: {share:.1%} within deadline", flush=True)
+                lo, hi = (rate, hi) if share >= 0.99 else (lo, rate)
+            c_fifo = given_c_fifo or (lo if lo > 0 else hi / 2)
+            print(f"C_FIFO = {c_fifo:.3f} requests/s (capacity alone {capacity:.3f})", flush=True)
+
             # 3. The cost model alone: each request exact, one at a time, each also on the baseline
             # just before, so that the two servers' times alone are measured side by side. Each is
             # sent to lego-serve REPEATS times: one run's time scatters with the machine's jitter,
