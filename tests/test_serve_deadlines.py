@@ -159,14 +159,6 @@ def test_only_the_requests_arrival_order_would_make_late_move_ahead():
     first = Slot(3, work_s=1.0, deadline=now + 1.05)  # moving the late one ahead makes this one late:
     second = Slot(4, work_s=0.1, deadline=now + 1.0)  # least slack first for all
     assert order([second, first], now) == ([first, second], True)
-    # A late request passes only as much work as it must: here the one nearly done ahead of it
-    # finishes first, and only the long one behind that waits for it.
-    nearly_done = Slot(6, work_s=0.3, deadline=now + 5.0)
-    long = Slot(7, work_s=1.0, deadline=now + 5.0)
-    short = Slot(8, work_s=0.1, deadline=now + 1.0)  # in time by 0.9 s: after 0.3 s, not after 1.3 s
-    assert order([short, long, nearly_done], now) == ([nearly_done, short, long], True)
-    short.deadline = now + 0.3  # now it cannot wait for either
-    assert order([short, long, nearly_done], now) == ([short, nearly_done, long], True)
     service.close()
 
 

@@ -18,10 +18,9 @@ would get offline.
 
 Which calls a tick runs is the batcher's order:
   - ``slack`` (the default): the call of the request at the head of the order: higher priority
-    first, then arrival order while that keeps every request in time, else each request it would
-    make late moved ahead only as far as it must be to finish in time, least slack (its deadline,
-    less now, less its predicted remaining work; cost.py) first, the others keeping arrival order
-    (``_in_order``). Calls of other requests join
+    first, then arrival order while that keeps every request in time, else the requests it would
+    make late first, least slack (its deadline, less now, less its predicted remaining work;
+    cost.py) first, the others behind them by arrival (``_in_order``). Calls of other requests join
     it only where one merged call is measurably cheaper than separate ones (on a CPU a tile costs
     about the same in any batch, so merging mostly makes short requests wait on long ones). When a
     request's deadline passes, the service ends it (``expire``): its pending call fails with
@@ -436,9 +435,8 @@ class CallBatcher:
 
     def _in_order(self, slots, now: float) -> tuple[list[Slot], bool]:
         """Requests in the slack order, and whether it differs from arrival order: by arrival while
-        that keeps every request in time; else each request it would make late (least slack first)
-        moved ahead only as far as it must be to finish in time; failing that, those requests
-        first, the others after them still by arrival; least slack first for all only when that
+        that keeps every request in time; else the requests it would make late first (least slack
+        first), the others after them still by arrival; least slack first for all only when that
         too leaves one late. Taking short requests first whenever it is safe would make the largest
         ones wait on every small one that arrives, and so would reordering every request whenever
         one is at risk: the largest would fare worse than on a one-at-a-time server."""
@@ -446,32 +444,10 @@ class CallBatcher:
         late = self._late(ordered, now)
         if not late:
             return ordered, False
-        for rescued in (
-            self._moved_ahead(ordered, late, now),
-            sorted(late, key=lambda s: s.urgency(now)) + [s for s in ordered if s not in late],
-        ):
-            if not self._late(rescued, now):
-                return rescued, True
+        rescued = sorted(late, key=lambda s: s.urgency(now)) + [s for s in ordered if s not in late]
+        if not self._late(rescued, now):
+            return rescued, True
         return sorted(ordered, key=lambda s: s.urgency(now)), True
-
-    def _moved_ahead(self, order: list[Slot], late: list[Slot], now: float) -> list[Slot]:
-        """The order with each late request (least slack first) moved ahead only past as much work
-        as it must be to finish in time: every request it passes waits for it, so it passes as few
-        as it can (a request nearly done, ahead of it, finishes first)."""
-        order = list(order)
-        for slot in sorted(late, key=lambda s: s.urgency(now)):
-            position = order.index(slot)
-            order.pop(position)
-            # The work that may run ahead of it and still leave it in time.
-            room = finish_by(slot.deadline, now) - now - self.pace * slot.remaining_s
-            place, ahead = 0, 0.0
-            for other in order[:position]:
-                ahead += self.pace * other.remaining_s
-                if ahead > room:
-                    break
-                place += 1
-            order.insert(place, slot)
-        return order
 
     def _late(self, order: list[Slot], now: float) -> list[Slot]:
         """The requests that would not finish in time (cost.finish_by: with a tenth of it to spare),
