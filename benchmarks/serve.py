@@ -45,7 +45,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
 
+from lego_export.errors import LegoError  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
+from lego_export.serve.batcher import ORDERS  # noqa: E402
+from lego_export.serve.cli import make_config  # noqa: E402
 from lego_export.serve.validation import Limits, RequestError, parse_body, parse_image_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,9 +437,7 @@ def report(data: dict) -> str:
 @click.option("--mix", type=click.Choice(["mixed", "single"]), default="mixed", show_default=True)
 @click.option("--check", default=4, show_default=True, help="Compare the first CHECK requests with offline images.")
 @click.option("--max-active", default=16, show_default=True, help="lego-serve's --max-active.")
-@click.option(
-    "--order", type=click.Choice(["slack", "merge"]), default="slack", show_default=True, help="lego-serve's --order."
-)
+@click.option("--order", type=click.Choice(ORDERS), default="slack", show_default=True, help="lego-serve's --order.")
 @click.option("--align/--no-align", default=True, show_default=True, help="lego-serve's --align (with --order merge).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True, help="lego-serve's --calibrate.")
 @click.option("--time-limit", default=1200.0, show_default=True, help="Seconds for the whole run; then it stops.")
@@ -449,6 +450,10 @@ def main(
     """Throughput and latency of lego-serve against a one-request-at-a-time server, same load."""
     from lego_export.manifest import Manifest
 
+    try:  # lego-serve's own check of its options, before any server starts
+        make_config(order=order, align=align)
+    except LegoError as e:
+        raise click.UsageError(str(e)) from None
     deadline = time.monotonic() + time_limit
     bodies = workload(n, seed, Manifest.read(engines).model.num_classes, mix, small)
     images_total = sum(b["num"] for b in bodies)

@@ -178,3 +178,13 @@ def test_serve_load_refuses_rates_it_cannot_offer_in_one_line(args):
 
     result = CliRunner().invoke(main, ["--engines", "/nonexistent", *args])
     assert result.exit_code == 2 and f"Invalid value for '{args[0].split('=')[0]}'" in result.output, result.output
+
+
+def test_serve_benchmark_refuses_lego_serve_options_lego_serve_would_refuse():
+    """Checked by lego-serve's own make_config before any server starts, not as a server that
+    does not come up."""
+    from click.testing import CliRunner
+    from serve import main
+
+    result = CliRunner().invoke(main, ["--engines", "/nonexistent", "--no-align"])
+    assert result.exit_code == 2 and "align applies to order merge only" in result.output, result.output
