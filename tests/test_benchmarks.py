@@ -118,11 +118,17 @@ def test_serve_load_targets_follow_the_rows():
     lines = targets(rows, ("a", "b"), 0.02, 9.0, paced=0.12)
     assert lines[0].endswith(": met") and "1.02x" in lines[0]
     assert lines[1].endswith("**not met**") and "1.10x" in lines[1]
-    assert "FID served 1.100x" in lines[2] and lines[2].endswith(": met")
-    assert "94.0%" in lines[3] and lines[3].endswith("**not met**")
-    assert "5.5x" in lines[4] and lines[4].endswith("**not met**")
+    # No request degraded at <= 1x: exact and elastic are two runs of the same work, how far apart they land.
+    assert "elastic / exact 1.08x (a at 1x)" in lines[2] and "exact / elastic 0.93x" in lines[2]
+    assert "FID served 1.100x" in lines[3] and lines[3].endswith(": met")
+    assert "94.0%" in lines[4] and lines[4].endswith("**not met**")
+    assert "5.5x" in lines[5] and lines[5].endswith("**not met**")
     assert lines[-2] == "- cost model median error 2.0% (<= 10%): met"
     assert lines[-1].endswith("12.0% (<= 10%): **not met**")
+    # One degraded request at <= 1x: the two ran different work, and the resolution line is left out.
+    rows[2]["rungs"] = {"0": 9, "1": 1}
+    lines = targets(rows, ("a", "b"), 0.02, 9.0)
+    assert "1 requests degraded" in lines[1] and not any("resolution" in line for line in lines)
 
 
 def test_served_fid_scores_the_mix_of_rungs_as_one_set(tmp_path):
