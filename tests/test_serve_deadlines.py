@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 import threading
 import time
 from dataclasses import replace
@@ -418,10 +420,13 @@ def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
         assert http.get("/healthz").json()["headroom"] == pytest.approx(HEADROOM - 2 * HEADROOM_STEP)
 
 
-def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_from_receipt(monkeypatch):
+def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_from_receipt(monkeypatch, caplog):
     """Lateness is judged once the answer is encoded (the client waits for that too), and a deadline
-    runs from when the HTTP layer received the request, not from when the service took it."""
+    runs from when the HTTP layer received the request, not from when the service took it; at
+    --log-level debug each job's end says how its time went."""
     import lego_export.serve.service as service_module
+
+    caplog.set_level(logging.DEBUG, logger="lego_serve")
 
     real = service_module.encode
 
@@ -436,6 +441,8 @@ def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_fro
     with running(service) as http:
         late = http.post("/v1/images", json={"steps": 2, "deadline_s": 1.0, "format": "npz"})
         assert late.status_code == 504 and "after its deadline" in one_line_error(late), late.text
+        said = [r.getMessage() for r in caplog.records if " expired: rung None, predicted " in r.getMessage()]
+        assert len(said) == 1 and re.search(r"sampled \d+\.\d+ s, -\d+\.\d+ s to its deadline$", said[0]), said
         monkeypatch.setattr(service_module, "encode", real)
         now = time.monotonic()
         job = service.submit(service.parse({"steps": 2, "deadline_s": 30, "format": "npz"}), received=now - 1.0)

@@ -609,6 +609,14 @@ class ImageService:
             state, status, body = EXPIRED, EXPIRED_STATUS, None
             error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
 
+        if log.isEnabledFor(logging.DEBUG):  # why a job was late, for whoever reads --log-level debug
+            end = time.monotonic()
+            left = "no deadline" if job.deadline is None else f"{job.deadline - end:+.3f} s to its deadline"
+            log.debug(
+                "job %s %s: rung %s, predicted %.3f s x pace %.2f, queued %.3f s, sampled %.3f s, %s",
+                job.id, state, job.choice.rung, job.choice.predicted_s, job.run["pace"], job.started - job.created,
+                end - job.started, left,
+            )  # fmt: skip
         with self._lock:
             self._account_locked(slot.done_s)
             self._active -= 1
