@@ -442,7 +442,7 @@ def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_fro
         late = http.post("/v1/images", json={"steps": 2, "deadline_s": 1.0, "format": "npz"})
         assert late.status_code == 504 and "after its deadline" in one_line_error(late), late.text
         said = [r.getMessage() for r in caplog.records if " expired: rung None, predicted " in r.getMessage()]
-        assert len(said) == 1 and re.search(r"sampled \d+\.\d+ s, -\d+\.\d+ s to its deadline$", said[0]), said
+        assert len(said) == 1 and re.search(r"in its slot \d+\.\d+ s, -\d+\.\d+ s to its deadline$", said[0]), said
         monkeypatch.setattr(service_module, "encode", real)
         now = time.monotonic()
         job = service.submit(service.parse({"steps": 2, "deadline_s": 30, "format": "npz"}), received=now - 1.0)

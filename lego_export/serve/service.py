@@ -613,7 +613,7 @@ class ImageService:
             end = time.monotonic()
             left = "no deadline" if job.deadline is None else f"{job.deadline - end:+.3f} s to its deadline"
             log.debug(
-                "job %s %s: rung %s, predicted %.3f s x pace %.2f, queued %.3f s, sampled %.3f s, %s",
+                "job %s %s: rung %s, predicted %.3f s x pace %.2f, queued %.3f s, in its slot %.3f s, %s",
                 job.id, state, job.choice.rung, job.choice.predicted_s, job.run["pace"], job.started - job.created,
                 end - job.started, left,
             )  # fmt: skip
