@@ -51,11 +51,11 @@ from serve import BASELINE, LEGO, Server, poisson_arrivals  # noqa: E402
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.fid import FeatureStats, frechet_distance  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
+from lego_export.serve.service import EXPIRED_IN  # noqa: E402
 
 CANVASES = ("32x32", "32x96", "64x64")
 SMALL_CANVASES = ("16x16", "16x32", "32x32")  # the tiny test engines
 SERVERS = ((BASELINE, None), (LEGO, "exact"), (LEGO, "elastic"))
-EXPIRED_IN = (("while queued", "queue"), ("steps", "sampling"), ("after its deadline", "answer"))  # service.py's words
 REPEATS = 3  # runs alone of each request the cost model is checked on
 
 
@@ -109,8 +109,7 @@ def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict
         timing = json.loads(r.headers["X-Lego-Timing"]) if "X-Lego-Timing" in r.headers else {}
         out[i] = {"status": r.status_code, "latency_s": time.perf_counter() - sent, "run": run, **timing}
         if r.status_code == 504:  # where the deadline passed: queued, while sampling, or with the answer ready
-            message = r.json().get("error", "")
-            out[i]["expired_in"] = next((w for k, w in EXPIRED_IN if k in message), "other")
+            out[i]["expired_in"] = r.json().get("expired_in") or "other"
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
     for t in threads:
@@ -156,7 +155,7 @@ def summarize(
         "refused": sum(a["status"] == 429 for a in answers) / n,
         "expired": sum(a["status"] == 504 for a in answers) / n,
         "other_errors": sum(a["status"] not in (200, 429, 504) for a in answers),
-        "expired_in": {w: sum(a.get("expired_in") == w for a in answers) for _, w in (*EXPIRED_IN, ("", "other"))},
+        "expired_in": {w: sum(a.get("expired_in") == w for a in answers) for w in (*EXPIRED_IN, "other")},
     }
     served_lat = [a["latency_s"] for a in answers if a["status"] == 200]
     row["p99_all"] = float(np.percentile(served_lat, 99)) if served_lat else None  # pooled: less noisy
@@ -232,7 +231,7 @@ def targets(
         return ratios
 
     def degraded(r: dict) -> int:
-        return sum(v for k, v in r["rungs"].items() if k != "0")
+        return sum(v for k, v in r["rungs"].items() if k not in ("0", "None"))  # None: its own options
 
     out = []
     for quality in ("exact", "elastic"):

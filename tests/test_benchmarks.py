@@ -129,6 +129,10 @@ def test_serve_load_targets_follow_the_rows():
     rows[2]["rungs"] = {"0": 9, "1": 1}
     lines = targets(rows, ("a", "b"), 0.02, 9.0)
     assert "1 requests degraded" in lines[1] and not any("resolution" in line for line in lines)
+    # Rung None: a request's own options (not the recommended setting), never a degraded one.
+    rows[2]["rungs"] = {"None": 10}
+    lines = targets(rows, ("a", "b"), 0.02, 9.0)
+    assert "0 requests degraded" in lines[1] and "resolution" in lines[2]
 
 
 def test_served_fid_scores_the_mix_of_rungs_as_one_set(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -764,6 +765,19 @@ def test_a_cancel_is_published_when_it_is_said_not_when_the_engine_call_ends(mon
     finally:
         gate.set()
         service.close(10)
+
+
+def test_a_replica_answers_another_replicas_expired_job_with_where_it_expired():
+    from lego_export.serve import ray_app
+    from lego_export.serve.app import job_response
+    from lego_export.serve.service import Job
+    from lego_export.serve.validation import ImageRequest
+
+    job = Job("0" * 32, ImageRequest(is_async=True))
+    job.state, job.error, job.status, job.expired_in = "expired", "deadline passed while queued", 504, "queue"
+    answer = job_response(ray_app._remote_job(job.id, ray_app._record(job)))
+    assert answer.status_code == 504
+    assert json.loads(answer.body) == {"error": job.error, "id": job.id, "status": "expired", "expired_in": "queue"}
 
 
 def test_ray_serve_replicas_give_the_offline_images_and_share_async_jobs():

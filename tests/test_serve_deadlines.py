@@ -407,12 +407,16 @@ def test_deadlines_that_pass_end_jobs_as_expired_never_as_late_successes():
         # Held inside the engine, not merely dispatched: otherwise the urgent job's call could run
         # first and be the one held (an engine call in progress is not interrupted).
         wait_for(lambda: len(backend.calls) == 1, what="the first call held in the engine")
-        waiting = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.5}).json()["id"]
-        queued = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.5}).json()["id"]
-        for job in (waiting, queued):  # one waits on the engines, one for a slot
+        waiting = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.8}).json()["id"]
+        # Due first, so that it expires still waiting for a slot (were it due after the other, it might
+        # take that one's slot as it expires and expire while sampling).
+        queued = http.post("/v1/images", json={"steps": 2, "async": True, "deadline_s": 0.4}).json()["id"]
+        for job, where in ((waiting, "sampling"), (queued, "queue")):  # one waits on the engines, one for a slot
             gone = finished(http, job, 10)
             assert gone.status_code == 504 and "deadline passed" in one_line_error(gone)
-            assert http.get(f"/v1/jobs/{job}").json()["status"] == "expired"
+            assert gone.json()["expired_in"] == where
+            info = http.get(f"/v1/jobs/{job}").json()
+            assert (info["status"], info["expired_in"]) == ("expired", where)
         gate.set()
         assert finished(http, held).status_code == 200
         assert 'lego_serve_requests_total{outcome="expired"} 2' in http.get("/metrics").text
@@ -441,6 +445,7 @@ def test_an_answer_ready_after_its_deadline_is_expired_and_the_deadline_runs_fro
     with running(service) as http:
         late = http.post("/v1/images", json={"steps": 2, "deadline_s": 1.0, "format": "npz"})
         assert late.status_code == 504 and "after its deadline" in one_line_error(late), late.text
+        assert late.json()["expired_in"] == "answer"
         said = [r.getMessage() for r in caplog.records if " expired: rung None, predicted " in r.getMessage()]
         assert len(said) == 1 and re.search(r"in its slot \d+\.\d+ s, -\d+\.\d+ s to its deadline$", said[0]), said
         monkeypatch.setattr(service_module, "encode", real)

@@ -243,7 +243,8 @@ def job_response(job: Job) -> Response:
             headers["X-Lego-Timing"] = json.dumps(timing)
         return Response(job.body, media_type=job.request.media_type, headers=headers)
     if job.state in (FAILED, EXPIRED):
-        return JSONResponse({"error": job.error, "id": job.id, "status": job.state}, status_code=job.status)
+        where = {"expired_in": job.expired_in} if job.expired_in else {}
+        return JSONResponse({"error": job.error, "id": job.id, "status": job.state, **where}, status_code=job.status)
     # Cancelled: by the server at shutdown (503, worth retrying elsewhere) or by a client (410).
     status = 503 if job.status == 503 else 410
     return JSONResponse({"error": job.error or "cancelled", "id": job.id, "status": CANCELLED}, status_code=status)

@@ -188,6 +188,7 @@ def _record(job: Job) -> dict:
         "body": job.body,
         "error": job.error,
         "status": job.status,
+        "expired_in": job.expired_in,
         "format": job.request.format,
         "info": job.describe(),
     }
@@ -205,7 +206,7 @@ class RemoteJob(Job):
 def _remote_job(job_id: str, record: dict) -> Job:
     job = RemoteJob(job_id, ImageRequest(format=record["format"], is_async=True))
     job.state, job.body, job.error, job.status = record["state"], record["body"], record["error"], record["status"]
-    job.info = record["info"]
+    job.expired_in, job.info = record["expired_in"], record["info"]
     return job
 
 

@@ -77,6 +77,7 @@ class ServeConfig:
 
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, EXPIRED = "queued", "running", "done", "failed", "cancelled", "expired"
+EXPIRED_IN = ("queue", "sampling", "answer")  # where an expired job was when its deadline passed
 TERMINAL = (DONE, FAILED, CANCELLED, EXPIRED)
 ORDER_SLACK = 10.0  # a job without a deadline is ordered as if due in this many times its predicted time
 HEADROOM = 0.8  # a job runs at full cost only if that leaves it a fifth of its time to spare...
@@ -172,6 +173,7 @@ class Job:
     steps_done: int = 0
     started: float | None = None  # when it got its slot
     alone: bool = False  # no other job ran at any time while it did (its time refits the cost model)
+    expired_in: str | None = None  # where it was when its deadline passed (EXPIRED_IN)
 
     @property
     def terminal(self) -> bool:
@@ -203,6 +205,8 @@ class Job:
             info["result"] = f"/v1/jobs/{self.id}/result"
         if self.error:
             info["error"] = self.error
+        if self.expired_in:
+            info["expired_in"] = self.expired_in
         return info
 
 
@@ -584,7 +588,7 @@ class ImageService:
             kwargs = {**job.request.pipe_kwargs(), "options": job.choice.options}
             result = self.batcher.pipeline(slot)(**kwargs, progress=progress)
         except RequestExpired:
-            state, status = EXPIRED, EXPIRED_STATUS
+            state, status, job.expired_in = EXPIRED, EXPIRED_STATUS, "sampling"
             error = f"deadline passed after {job.steps_done} of {job.choice.options.steps} steps"
         except RequestCancelled:
             state, error, status = CANCELLED, job.error or "cancelled", 503 if not self._accepting else 499
@@ -606,7 +610,7 @@ class ImageService:
                 state, error, status = FAILED, f"encoding failed: {type(e).__name__}", 500
         # Judged once the answer is ready to go (encoding counts), never as a late success.
         if state == DONE and job.deadline is not None and time.monotonic() > job.deadline:
-            state, status, body = EXPIRED, EXPIRED_STATUS, None
+            state, status, body, job.expired_in = EXPIRED, EXPIRED_STATUS, None, "answer"
             error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
 
         if log.isEnabledFor(logging.DEBUG):  # why a job was late, for whoever reads --log-level debug
@@ -629,6 +633,7 @@ class ImageService:
         if job.state == CANCELLED and job.finished is not None:  # said so when it was cancelled
             state, body, error, status = CANCELLED, None, job.error, job.status
         job.state, job.body, job.error, job.status = state, body, error, status
+        job.expired_in = job.expired_in if state == EXPIRED else None
         job.finished = time.monotonic()
         job.slot = None
         if job.deadline is not None and state in (DONE, EXPIRED):  # DONE with a deadline: in time
@@ -662,6 +667,7 @@ class ImageService:
                 now = time.monotonic()
                 for job in [j for j in self._queue if j.deadline is not None and j.deadline < now]:
                     self._queue.remove(job)
+                    job.expired_in = "queue"
                     self._end_locked(job, EXPIRED, None, "deadline passed while queued", EXPIRED_STATUS)
                 for job in self._live_locked():
                     slot = job.slot
