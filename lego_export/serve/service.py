@@ -579,7 +579,7 @@ class ImageService:
 
     def _work(self, job: Job, slot: Slot) -> None:
         """Sample one job through the batcher, then encode its answer."""
-        result, state, error, status = None, DONE, None, 200
+        result, state, error, status, where = None, DONE, None, 200, None
 
         def progress(step: int) -> None:
             job.steps_done = step + 1
@@ -588,7 +588,7 @@ class ImageService:
             kwargs = {**job.request.pipe_kwargs(), "options": job.choice.options}
             result = self.batcher.pipeline(slot)(**kwargs, progress=progress)
         except RequestExpired:
-            state, status, job.expired_in = EXPIRED, EXPIRED_STATUS, "sampling"
+            state, status, where = EXPIRED, EXPIRED_STATUS, "sampling"
             error = f"deadline passed after {job.steps_done} of {job.choice.options.steps} steps"
         except RequestCancelled:
             state, error, status = CANCELLED, job.error or "cancelled", 503 if not self._accepting else 499
@@ -610,7 +610,7 @@ class ImageService:
                 state, error, status = FAILED, f"encoding failed: {type(e).__name__}", 500
         # Judged once the answer is ready to go (encoding counts), never as a late success.
         if state == DONE and job.deadline is not None and time.monotonic() > job.deadline:
-            state, status, body, job.expired_in = EXPIRED, EXPIRED_STATUS, None, "answer"
+            state, status, body, where = EXPIRED, EXPIRED_STATUS, None, "answer"
             error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
 
         if log.isEnabledFor(logging.DEBUG):  # why a job was late, for whoever reads --log-level debug
@@ -626,14 +626,17 @@ class ImageService:
             self._active -= 1
             if state == DONE and job.alone and self.cost is not None:  # before its answer goes out
                 self._learn_locked(job, time.monotonic() - job.started)
-            self._end_locked(job, state, body, error, status)
+            self._end_locked(job, state, body, error, status, where)
             self._dispatch_locked()
 
-    def _end_locked(self, job: Job, state: str, body: bytes | None, error: str | None, status: int) -> None:
+    def _end_locked(
+        self, job: Job, state: str, body: bytes | None, error: str | None, status: int, where: str | None = None
+    ) -> None:
+        """A job ends (where: for an expired one, EXPIRED_IN's word for where its deadline passed)."""
         if job.state == CANCELLED and job.finished is not None:  # said so when it was cancelled
             state, body, error, status = CANCELLED, None, job.error, job.status
         job.state, job.body, job.error, job.status = state, body, error, status
-        job.expired_in = job.expired_in if state == EXPIRED else None
+        job.expired_in = where if state == EXPIRED else None
         job.finished = time.monotonic()
         job.slot = None
         if job.deadline is not None and state in (DONE, EXPIRED):  # DONE with a deadline: in time
@@ -667,8 +670,7 @@ class ImageService:
                 now = time.monotonic()
                 for job in [j for j in self._queue if j.deadline is not None and j.deadline < now]:
                     self._queue.remove(job)
-                    job.expired_in = "queue"
-                    self._end_locked(job, EXPIRED, None, "deadline passed while queued", EXPIRED_STATUS)
+                    self._end_locked(job, EXPIRED, None, "deadline passed while queued", EXPIRED_STATUS, "queue")
                 for job in self._live_locked():
                     slot = job.slot
                     if (
