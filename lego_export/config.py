@@ -228,15 +228,15 @@ def _preset(name: str, width: _Width, sizes, patches, depths, resolution: int, a
 
 
 def _build_presets() -> dict[str, LegoConfig]:
-    presets = {}
-    for stack, sizes in _GEOMETRY.items():
-        for size, (brick_sizes, patches, depths, resolution) in sizes.items():
+    presets: dict[str, LegoConfig] = {}
+    for stack, by_size in _GEOMETRY.items():
+        for size, (brick_sizes, patches, depths, resolution) in by_size.items():
             name = f"{stack}-{size}"
             presets[name] = _preset(name, _WIDTHS[size], brick_sizes, patches, depths, resolution)
     for (stack, size, resolution), depths in _AUTHORS_DEPTHS.items():
         name = f"{stack}-paper-{size}-{resolution}"
-        sizes, patches = _authors_geometry(stack, resolution)
-        presets[name] = _preset(name, _WIDTHS[f"paper-{size}"], sizes, patches, depths, resolution, authors=True)
+        brick_sizes, patches = _authors_geometry(stack, resolution)
+        presets[name] = _preset(name, _WIDTHS[f"paper-{size}"], brick_sizes, patches, depths, resolution, authors=True)
     return presets
 
 

@@ -54,7 +54,7 @@ def save_image(pixels: np.ndarray, path: str | Path, text: dict[str, str] | None
 
     picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     fmt = image_format(path)
-    extra = {"quality": 95} if fmt == "JPEG" else {}
+    extra: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {}
     if text and fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():

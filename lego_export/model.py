@@ -147,6 +147,17 @@ class Brick(nn.Module):
         return x.reshape(n, ch, g * p, g * p)
 
 
+def _init_brick(brick) -> None:
+    """DiT's initialisation of one brick (untyped: ModuleList items read as plain Modules)."""
+    w = brick.patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(brick.patch_embed.bias)
+    # adaLN-Zero: every block starts as the identity, every brick's output as zero.
+    for layer in [block.ada_ln[-1] for block in brick.blocks] + [brick.final.ada_ln[-1], brick.final.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 class LegoModel(nn.Module):
     """A stack of bricks. Brick 1 sees [c_in x, coords]; brick k > 1 sees [F_{k-1}, c_in x, coords].
 
@@ -170,19 +181,9 @@ class LegoModel(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         for brick in self.bricks:
-            w = brick.patch_embed.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.zeros_(brick.patch_embed.bias)
-            # adaLN-Zero: every block starts as the identity, every brick's output as zero.
-            for block in brick.blocks:
-                nn.init.zeros_(block.ada_ln[-1].weight)
-                nn.init.zeros_(block.ada_ln[-1].bias)
-            nn.init.zeros_(brick.final.ada_ln[-1].weight)
-            nn.init.zeros_(brick.final.ada_ln[-1].bias)
-            nn.init.zeros_(brick.final.linear.weight)
-            nn.init.zeros_(brick.final.linear.bias)
+            _init_brick(brick)
         for layer in (self.embedder.noise_mlp[0], self.embedder.noise_mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.normal_(layer.weight, std=0.02)  # type: ignore[arg-type]
         if self.embedder.label_embed is not None:
             nn.init.normal_(self.embedder.label_embed.weight, std=0.02)
 
@@ -214,7 +215,7 @@ class LegoModel(nn.Module):
             sigma,
             class_onehot,
             embed=self.embedder,
-            bricks=self.bricks,
+            bricks=list(self.bricks),
             brick_sizes=[b.size for b in self.cfg.bricks],
             edm=self.cfg.edm,
             num_bricks=num_bricks,

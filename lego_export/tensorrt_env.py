@@ -3,11 +3,13 @@ backend need, below both (the runtime never imports the exporter)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineFile
 
 
-def tensorrt_environment() -> tuple[object, str]:
+def tensorrt_environment() -> tuple[Any, str]:
     """(tensorrt module, compute capability 'major.minor'); LegoError naming what is missing."""
     try:
         import tensorrt as trt

@@ -184,22 +184,22 @@ def check_options(cfg: TrainConfig) -> None:
     ):
         if not lo <= value <= hi:
             raise LegoError(f"{name} must be from {lo} to {hi}, got {value}")
-    for name, value in (
+    for name, amount in (
         ("--kimg", cfg.kimg),
         ("--lr", cfg.lr),
         ("--snapshot-kimg", cfg.snapshot_kimg),
         ("--ema", cfg.ema_halflife_kimg),
     ):
-        if not (math.isfinite(value) and value > 0):
-            raise LegoError(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(amount) and amount > 0):
+            raise LegoError(f"{name} must be a positive number, got {amount}")
     if not (math.isfinite(cfg.warmup_kimg) and cfg.warmup_kimg >= 0):
         raise LegoError(f"--warmup-kimg must be zero or positive, got {cfg.warmup_kimg}")
     if not 0 <= cfg.canvas_windows <= 1:
         raise LegoError(f"--canvas-windows must be in [0, 1], got {cfg.canvas_windows}")
     if cfg.lr_decay is not None and cfg.lr_decay not in DECAYS:
         raise LegoError(f"--lr-decay must be one of {', '.join(DECAYS)}, got {cfg.lr_decay!r}")
-    for name, value in (("--decay-kimg", cfg.decay_kimg), ("--lr-final", cfg.lr_final)):
-        if value is not None and cfg.lr_decay in (None, "none"):
+    for name, optional in (("--decay-kimg", cfg.decay_kimg), ("--lr-final", cfg.lr_final)):
+        if optional is not None and cfg.lr_decay in (None, "none"):
             raise LegoError(f"{name} needs --lr-decay linear or cosine")
     if cfg.lr_final is not None and not (math.isfinite(cfg.lr_final) and 0 <= cfg.lr_final <= 1):
         raise LegoError(f"--lr-final must be in [0, 1], got {cfg.lr_final}")

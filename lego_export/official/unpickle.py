@@ -19,7 +19,9 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +37,9 @@ class Record:
 
     module = ""
     name = ""
+    args: tuple
+    kwargs: dict
+    state: object
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
@@ -66,12 +71,15 @@ class StorageRef(Record):
     """A tensor storage rebuilt from its bytes by torch's restricted loader."""
 
     module, name = "torch.storage", "_load_from_bytes"
+    untyped: Any  # torch.UntypedStorage
+    dtype: Any  # torch.dtype
 
 
 class TensorRef(Record):
     """A tensor rebuilt from a storage; the tensor itself sits in ``tensor``, out of the file's reach."""
 
     module, name = "torch._utils", "_rebuild_tensor_v2"
+    tensor: Any  # torch.Tensor
 
 
 class PersistentRef(Record):
@@ -132,6 +140,7 @@ class _Rebuilder:
     would otherwise let the file set attributes (``__defaults__`` ...) of the function itself."""
 
     __slots__ = ("_fn",)
+    _fn: Callable
 
     def __init__(self, fn) -> None:
         object.__setattr__(self, "_fn", fn)

@@ -1,8 +1,7 @@
 """How many rows per engine call: measured once at startup, per engine.
 
 On a CPU the time per tile stops falling after a modest N and rises again for large calls
-(probably as their activations outgrow the caches; measured on the shipped model: brick2 takes 1.64 ms a tile at N = 8
-and 2.0 ms at its manifest maximum of 64). The batcher therefore cuts merged calls into chunks of
+(probably as their activations outgrow the caches). The batcher therefore cuts merged calls into chunks of
 the size that runs fastest per row, not of the largest size the engine accepts. On a GPU the
 fastest size is usually the largest, which the same measurement finds.
 """
@@ -34,7 +33,7 @@ def zero_feeds(spec: EngineSpec, n: int, arrays) -> dict | None:
     for t in spec.inputs:
         if any(not isinstance(d, int) for d in t.shape if d != "N"):
             return None
-        shape = [n if d == "N" else d for d in t.shape]
+        shape = [n if d == "N" else int(d) for d in t.shape]
         feeds[t.name] = arrays.from_numpy(np.zeros(shape, dtype=np.float32))
     return feeds
 

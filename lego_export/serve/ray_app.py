@@ -277,7 +277,7 @@ def deployment(options: RayOptions):
     return LegoServeReplica
 
 
-def build_app(args: dict):
+def build_app(args: dict | RayOptions):
     """Application builder for `serve run lego_export.serve.ray_app:build_app key=value ...`."""
     options = args if isinstance(args, RayOptions) else RayOptions.from_args(dict(args))
     if not (Path(options.engines) / "manifest.json").is_file():

@@ -94,10 +94,10 @@ EXPIRED_STATUS = 504
 
 
 def default_streams(backend, threads: int = 0) -> int:
-    """--streams 0: two on ONNX Runtime on a CPU of two or more cores, else one. Measured on the
-    shipped model, 2 cores: two requests side by side on one thread each finished in 0.66-0.73x the
-    time of the two in turn on both threads, while OpenVINO's throughput streams gained nothing
-    (docs/serving.md); a GPU runs one call at a time."""
+    """--streams 0: two on ONNX Runtime on a CPU of two or more cores, else one. On a CPU two
+    requests side by side on one thread each finish sooner than the two in turn on all threads,
+    while OpenVINO's throughput streams gain nothing (docs/serving.md); a GPU runs one call at a
+    time."""
     cores = threads or os.cpu_count() or 1
     on_cpu = getattr(backend, "device", "cpu") == "cpu"
     return 2 if getattr(backend, "name", "") == "onnxruntime" and on_cpu and cores >= 2 else 1
@@ -219,11 +219,13 @@ class ImageService:
         self.manifest = manifest or Manifest.read(folder)
         narrow, streams = None, config.streams
         if backend is None:
-            settings = dict(threads=config.threads, precision=config.precision)
-            backend = make_backend(config.backend, folder, self.manifest, **settings)
-            streams = streams or default_streams(backend, config.threads)
+            threads, precision = config.threads, config.precision
+            backend = make_backend(config.backend, folder, self.manifest, threads=threads, precision=precision)
+            streams = streams or default_streams(backend, threads)
             if streams > 1:  # the same engines again, each on its share of the threads
-                narrow = make_backend(backend.name, folder, self.manifest, **settings, streams=streams)
+                narrow = make_backend(
+                    backend.name, folder, self.manifest, threads=threads, precision=precision, streams=streams
+                )
         self.config = config = replace(config, streams=streams or 1)
         self.backend_name = getattr(backend, "name", type(backend).__name__)
         self.precision = getattr(backend, "precision", "fp32")
@@ -278,8 +280,8 @@ class ImageService:
         through the batcher and the answer's encoding: one image and four, one image at half the
         steps, and one on a canvas twice the side (the per-tile term then is measured, not
         extrapolated to larger canvases). Each run is warmed up once, then timed up to FIT_REPEATS
-        times, the median kept (one run scatters by several percent; with one run per case, that
-        scatter went straight into the terms), while the fit stays within FIT_BUDGET_S."""
+        times, the median kept (one run scatters by several percent, which would go straight into
+        the terms), while the fit stays within FIT_BUDGET_S."""
         options = self.manifest.recommended.options if self.manifest.recommended else SamplingOptions(steps=4)
         side = self.manifest.model.img_resolution
         half = replace(options, steps=max(1, options.steps // 2))
@@ -308,8 +310,7 @@ class ImageService:
 
     def _learn_locked(self, job: Job, seconds: float) -> None:
         """Refit the host terms on the latest jobs that ran alone (each REFIT_EVERY of them): the
-        startup runs alone came out up to a fifth slower than the same work minutes later, and the
-        prediction of every request carried that."""
+        startup runs can be slower than the same work later, and every prediction would carry that."""
         model, request = self.manifest.model, job.request
         work = engine_work(job.choice.options, model, request.canvas(model), request.num)
         self._alone_runs.append((work, seconds))
@@ -393,7 +394,7 @@ class ImageService:
             return 0.0
         model = self.manifest.model
         # Memoised per cost model: requests repeat a few kinds, and planning each of a request's
-        # choices again took about 1% of a small request's time.
+        # choices again would cost every admission the same work.
         if self._prices[0] is not self.cost:
             self._prices = (self.cost, {})
         prices, key = self._prices[1], (options, request.canvas(model), request.num)
@@ -717,10 +718,10 @@ def encode(result: SampleResult, request: ImageRequest, record: dict | None = No
     [-1, 1] (and labels)."""
     buffer = io.BytesIO()
     if request.format == "npz":
-        arrays = {"images": result.images}
-        if result.labels is not None:
-            arrays["labels"] = result.labels
-        np.savez(buffer, **arrays)
+        if result.labels is None:
+            np.savez(buffer, images=result.images)
+        else:
+            np.savez(buffer, images=result.images, labels=result.labels)
         return buffer.getvalue()
     from PIL import Image, PngImagePlugin
 
