@@ -1,17 +1,27 @@
-"""Shared helpers of the benchmark scripts: timing statistics, machine description, peak matmul rate."""
+"""Shared helpers of the benchmark scripts: timing statistics, machine description, peak matmul rate,
+and the one way every script keeps its results and reports its failures.
+
+Results: a script prints its report; it writes files only when given ``--out PREFIX`` (PREFIX.json,
+PREFIX.md and, where it draws one, PREFIX.png), so that a try never overwrites the committed results
+in benchmarks/results/ (the Makefile's ``bench`` target passes their names explicitly).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import numpy as np
 
 from lego_export.atomic import atomic_write
+from lego_export.errors import LegoError
 
 
 def random_feeds(spec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -115,3 +125,76 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
         "| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns) + " |" for r in rows
     ]
     return "\n".join([head, rule, *body])
+
+
+def out_option(example: str):
+    """The --out PREFIX option of every benchmark; example names the committed results' prefix."""
+    return click.option(
+        "--out",
+        default=None,
+        metavar="PREFIX",
+        help=f"Write PREFIX.json, PREFIX.md (and PREFIX.png where drawn), e.g. {example}. "
+        "Default: print the report only, write no file.",
+    )
+
+
+def save_results(out: str | None, data: dict, text: str, plot: Callable[[Path], None] | None = None) -> list[Path]:
+    """Print the report; with out, also write OUT.json, OUT.md and (plot given, matplotlib installed)
+    OUT.png, each whole or not at all. Returns the paths written."""
+    click.echo(text)
+    if out is None:
+        click.echo("results not written (pass --out PREFIX to keep them)", err=True)
+        return []
+    written = [Path(f"{out}.json"), Path(f"{out}.md")]
+    written[0].parent.mkdir(parents=True, exist_ok=True)
+    write_json(written[0], data)
+    write_text(written[1], text)
+    if plot is not None:
+        try:
+            plot(Path(f"{out}.png"))
+            written.append(Path(f"{out}.png"))
+        except ImportError:
+            click.echo("matplotlib not installed: no plot (pip install -e '.[bench]')", err=True)
+    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+    return written
+
+
+def one_line_errors(main: Callable) -> Callable:
+    """A benchmark's failure as one line and a non-zero exit (click's "Error: ..." and exit 1), not a
+    traceback: usage errors stay click's own, exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 -- whatever failed, the script says what in one line
+            raise click.ClickException(f"{Path(sys.argv[0]).name} failed: {one_line(e)}") from None
+
+    return wrapper
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: the first line of its message, after its type unless it is the
+    project's own LegoError (written for people already)."""
+    lines = str(e).strip().splitlines()
+    if isinstance(e, LegoError) and lines:
+        return lines[0]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def one_evaluation(pipe, bricks: int, batch: int, canvas: tuple[int, int] | None = None, seed: int = 0):
+    """One denoiser evaluation with the first `bricks` bricks, through the pipeline's public sampling
+    call so that its Timing (result.timing) records every engine call: one Euler step from sigma_max
+    to 0 is exactly one evaluation (x + (0 - s)(x - D) / s = D), and the rule "k@:sigma_max/2" keeps
+    brick k and every later brick out of it. The tile grid stays put, as in a StepPlan with shift (0, 0)."""
+    from lego_export.options import SamplingOptions
+
+    top = len(pipe.brick_sizes)
+    skip = "none" if bricks >= top else f"{bricks}@:{pipe.edm.sigma_max / 2:g}"
+    options = SamplingOptions(sampler="euler", steps=1, skip=skip, tile_shift=False)
+    result = pipe(options, num=batch, batch=batch, resolution=canvas, seed=seed)
+    if result.plan[0].bricks != min(bricks, top):
+        raise RuntimeError(f"asked for {bricks} bricks, the plan ran {result.plan[0].bricks}")
+    return result

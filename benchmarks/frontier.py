@@ -1,110 +1,232 @@
-"""FID against images/s for every sampler x steps x skip x residual-reuse x precision combination.
+"""The caching frontier: FID, class accuracy, brick FLOPs and images/s of settings without skipping,
+with today's skipping, and with brick caching (docs/caching.md).
 
-    python benchmarks/frontier.py --engines engines/ --num 2000
+    python benchmarks/frontier.py --engines engines/ --num 2000 --out benchmarks/results/frontier-cache
+    python benchmarks/frontier.py --quick --engines tests/fixtures/tiny-engines \\
+        --features F.onnx --reference R.npz                # a smoke run of a few images
 
-Every row samples the same noise and classes. Each runtime (ONNX Runtime fp32, every row; OpenVINO
-fp32, int8 and bf16, the rows near the frontier) samples in its own worker process, which saves the
-images; this process then scores them, so no thread pool of one runtime (or of PyTorch, for the
-classifier) slows another.
-Quality as in quality.py: FID in the feature space of the committed Fashion-MNIST classifier, against
-the 10k test images. Speed is each row's wall time (rows run one after another, so machine drift
-enters the ratios) and its brick FLOPs, which do not drift. The reference row is Heun, 50 steps,
-full chain, fp32; the recommended row is the setting `lego-export tune` wrote into the manifest.
-Writes OUT.json, OUT.md and OUT.png.
+Every row samples the same noise and classes (seed 0, images 0..num-1, every class in turn) with ONNX
+Runtime fp32; the Heun 50 rows sample the first --heun50-num of those images (99 evaluations each).
+Rows are sampled and scored one after another (the feature extractor is ONNX Runtime too, never
+running beside the sampler), and with --out the results are rewritten after every row, so a run cut
+short keeps what it measured. Quality as in `lego-export tune`: FID in the feature space of the committed
+Fashion-MNIST classifier (benchmarks/classifier/fmnist-features.onnx) against its reference statistics
+of the 10k test images, and the classifier's class accuracy. Brick FLOPs are what each run actually
+spent (a per-image gate decides them at run time), per image in units of one full-chain evaluation:
+they do not drift. Speed: before the quality pass, `--rounds` timing rounds of `--time-num` images (one
+batch) run every row once per round, in an order rotated each round, so machine drift spreads over
+all rows; images/s is the median over rounds (each row says what timed it). Nothing is written unless --out
+is given (OUT.json, .md, .png).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, one_line_errors, save_figure, write_json, write_text  # noqa: E402
 
-from lego_export.edm import evaluations  # noqa: E402
-from lego_export.manifest import Manifest  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+FEATURES = ROOT / "benchmarks" / "classifier" / "fmnist-features.onnx"
+REFERENCE = ROOT / "benchmarks" / "classifier" / "fmnist-test.ref.npz"
+GUIDE = {"guidance": 1.5, "guidance_interval": "0.286609:2.37424"}  # the recommended setting's guided step
+FID_TOLERANCE, ACCURACY_TOLERANCE = 1.02, 0.01  # "equal quality": FID within 2%, class accuracy within 0.01
+FAMILIES = ("full chain", "skip", "cache")  # no skipping or caching; today's skip + residual reuse; caching
 
-# (sampler, steps, skip: a --t-break of --skip-late-bricks or a --skip-policy, residual reuse).
-# The first row is the reference; the second is the documented default command.
-COMBOS = [
-    ("heun", 50, 0.0, False),
-    ("heun", 50, 0.2, False),
-    ("heun", 18, 0.0, False),
-    ("heun", 18, 0.2, False),
-    ("euler", 18, 0.0, False),
-    ("dpm2m", 18, 0.0, False),
-    ("dpm2m", 18, 0.4, False),
-    ("dpm2m", 18, 0.4, True),
-    ("dpm2m", 12, 0.0, False),
-    ("dpm2m", 12, 0.3, False),
-    ("dpm2m", 12, 0.3, True),
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    family: str  # one of FAMILIES
+    options: dict = field(default_factory=dict)  # SamplingOptions fields; {"recommended": True}: the manifest's
+
+
+def dpm(steps: int, **more) -> dict:
+    return {"sampler": "dpm2m", "steps": steps, **more}
+
+
+# Rows in the order they run: a run cut short has the rows that answer the targets first.
+# Brick caching on the shipped model: every brick is cached at the first high-noise steps after the
+# first (sigma above HIGH; the estimate of a very noisy image hardly moves), bricks 1-2 at sigma below
+# 0.3 and brick 0 below LOW, where c_out, and with it what any brick adds, is small.
+HIGH = 10
+
+
+def late(low: float = 0.05, high: float = HIGH) -> str:
+    return f"0@{low}:{high},1@0.3:{high},2@0.3:{high}"
+
+
+MAIN_ROWS = [
+    Row("recommended", "skip", {"recommended": True}),
+    Row("dpm2m 6, guided", "full chain", dpm(6, **GUIDE)),
+    Row("cache: dpm2m 8, guided, high + late", "cache", dpm(8, **GUIDE, cache=late())),
+    Row("cache: dpm2m 8, guided, high (to sigma 3) + late", "cache", dpm(8, **GUIDE, cache=late(high=3))),
+    Row("cache: dpm2m 7, guided, high + late", "cache", dpm(7, **GUIDE, cache=late(low=0.1))),
+    Row("dpm2m 7, guided", "full chain", dpm(7, **GUIDE)),
+    Row("dpm2m 8, guided", "full chain", dpm(8, **GUIDE)),
+    Row("cache: dpm2m 8, guided, input gate 0.1, linear", "cache",
+        dpm(8, **GUIDE, gate=0.1, gate_signal="input", forecast=1)),
+    Row("cache: dpm2m 10, guided, high (to 15) + late, cfg cache below 1", "cache",
+        dpm(10, **GUIDE, cache=late(high=15), guidance_cache="0:1")),
+    Row("dpm2m 6", "full chain", dpm(6)),
+    Row("dpm2m 8", "full chain", dpm(8)),
+    # each mechanism against "cache: dpm2m 8, guided, high + late" and "dpm2m 8, guided"
+    Row("ablation: high + late, linear forecast", "cache", dpm(8, **GUIDE, cache=late(), forecast=1)),
+    Row("ablation: high + late, brick 0 not cached late", "cache",
+        dpm(8, **GUIDE, cache=f"0@:{HIGH},1@0.3:{HIGH},2@0.3:{HIGH}")),
+    Row("ablation: dpm2m 8, guided, gate 0.05 on brick 0", "cache", dpm(8, **GUIDE, gate=0.05)),
+    Row("ablation: dpm2m 8, cfg at sigma 0.2:2.4, cfg cache below 1", "cache",
+        dpm(8, guidance=1.5, guidance_interval="0.2:2.4", guidance_cache="0:1")),
+    Row("dpm2m 8, cfg at sigma 0.2:2.4", "full chain", dpm(8, guidance=1.5, guidance_interval="0.2:2.4")),
+    Row("dpm2m 4", "full chain", dpm(4)),
+    Row("heun 4", "full chain", {"sampler": "heun", "steps": 4}),
+    Row("dpm2m 10, guided", "full chain", dpm(10, **GUIDE)),
+    Row("dpm2m 5", "full chain", dpm(5)),
+    Row("dpm2m 12", "full chain", dpm(12)),
+    Row("heun 8", "full chain", {"sampler": "heun", "steps": 8}),
+    Row("dpm2m 8, skip 1@0.32:, reuse", "skip", dpm(8, skip="1@0.318283:", reuse_residual=True)),
+    Row("dpm2m 16", "full chain", dpm(16)),
+    Row("heun 16", "full chain", {"sampler": "heun", "steps": 16}),
+]  # fmt: skip
+HEUN_50 = [
+    Row("heun 50", "full chain", {"sampler": "heun", "steps": 50}),
+    Row("heun 50, cached: input gate 0.02, linear", "cache",
+        {"sampler": "heun", "steps": 50, "gate": 0.02, "gate_signal": "input", "forecast": 1}),
+    Row("heun 50, cached: high (to 30) + late, gate 0.02", "cache",
+        {"sampler": "heun", "steps": 50, "cache": late(high=30), "gate": 0.02}),
+]  # fmt: skip
+QUICK = [
+    Row("dpm2m 4", "full chain", dpm(4)),
+    Row("dpm2m 4, guided", "full chain", dpm(4, guidance=1.5)),
+    Row("skip: dpm2m 4, skip 2@1:, reuse", "skip", dpm(4, skip="2@1:", reuse_residual=True)),
+    Row("cache: dpm2m 4, bricks 1-2 above sigma 1, linear", "cache", dpm(4, cache="1@1:,2@1:", forecast=1)),
+    Row("cache: dpm2m 4, gate 0.05, cfg cache", "cache", dpm(4, guidance=1.5, gate=0.05, guidance_cache="0:10")),
 ]
-# Other runtimes and precisions: the rows near the frontier (plus the recommended one), not all.
-OTHER_RUNTIME_COMBOS = [("dpm2m", 18, 0.0, False), ("dpm2m", 12, 0.0, False), ("dpm2m", 12, 0.3, True)]
-# The recommended setting with classifier-free guidance (first runtime only): at every step, and only
-# at the steps within a sigma interval (a guided step runs its bricks twice).
-GUIDED = [
-    {"guidance": 1.25},
-    {"guidance": 1.5, "guidance_interval": "4:5"},
-    {"guidance": 1.5, "guidance_interval": "4:14"},
-]
-RUNTIMES = ("onnxruntime:fp32", "openvino:fp32", "openvino:int8", "openvino:bf16")
 
 
-def worker(engines: str, runtime: str, combos: list, num: int, batch: int, folder: Path) -> None:
-    """Sample every combo with one runtime; save images, labels and timings in folder (or, where
-    this machine cannot run the runtime, why not, in refused.txt)."""
-    from lego_export.errors import LegoError
-    from lego_export.runtime.pipeline import LegoPipeline
+def all_rows(quick: bool, heun50: bool) -> list[Row]:
+    if quick:
+        return QUICK
+    first = 8  # the rows that answer the first two targets, then Heun 50's, then the rest
+    return MAIN_ROWS[:first] + (HEUN_50 if heun50 else []) + MAIN_ROWS[first:]
 
-    backend, precision = runtime.split(":")
-    try:
-        pipe = LegoPipeline.from_engines(engines, backend, precision=precision)
-    except LegoError as e:  # e.g. bf16 on a CPU without bf16 units: the other runtimes still run
-        (folder / "refused.txt").write_text(str(e))
-        return
-    rows = []
-    for i, (sampler, steps, skip, reuse, name, *guided) in enumerate(combos):
+
+class Sampler:
+    """One pipeline (ONNX Runtime fp32) and one feature extractor, used one after the other."""
+
+    def __init__(self, engines: str, batch: int, features: str, reference: str):
+        from lego_export.runtime.pipeline import LegoPipeline
+        from lego_export.tune import FeatureNet, load_reference
+
+        self.pipe = LegoPipeline.from_engines(engines, "onnxruntime")
+        self.batch = batch
+        shape = (self.pipe.channels, self.pipe.resolution, self.pipe.resolution)
+        self.net = FeatureNet(features, shape)
+        self.reference = load_reference(reference, self.net)
+
+    def run(self, row: Row, count: int):
+        """Sample count images of a row (seed 0, images 0..count-1): the result and its images/s."""
+        opts = dict(row.options)
+        recommended = opts.pop("recommended", False)
         start = time.perf_counter()
-        kwargs = {"skip": "late", "t_break": skip} if isinstance(skip, float) else {"skip": skip or "none"}
-        kwargs.update(*guided)
-        result = pipe(num=num, steps=steps, sampler=sampler, batch=batch, reuse_residual=reuse, **kwargs)
-        seconds = time.perf_counter() - start
-        np.savez(folder / f"{i}.npz", images=result.images, labels=result.labels)
-        rows.append({"images_per_s": num / seconds, "flops_saved": result.timing.flops_saved})
-        click.echo(f"{runtime} {name}: {num / seconds:.2f} images/s", err=True)
-    (folder / "rows.json").write_text(json.dumps(rows))
+        result = self.pipe(num=count, batch=self.batch, seed=0, recommended=recommended, **opts)
+        return result, count / (time.perf_counter() - start)
+
+    def measure(self, row: Row, count: int) -> dict:
+        """Quality and brick FLOPs of one row (images/s of this pass too, until the rounds time it)."""
+        from lego_export.fid import FeatureStats, frechet_distance
+        from lego_export.tune import class_accuracy
+
+        result, speed = self.run(row, count)
+        feats, logits = self.net.run(result.images)
+        return {
+            "name": row.name,
+            "family": row.family,
+            "setting": result.options.describe(),
+            "options": result.options.to_dict(),
+            "num": count,
+            "fid": frechet_distance(FeatureStats.of(feats), self.reference),
+            "class_accuracy": class_accuracy(logits, result.labels) if logits is not None else None,
+            "full_chain_evaluations": result.timing.full_chain_evaluations,
+            "images_per_s": speed,
+            "timed_by": "quality pass",
+            "quality_pass_images_per_s": speed,
+            "round_images_per_s": [],
+        }
 
 
-def combos_for(runtime: str, manifest: Manifest, headline: bool = False) -> list:
-    """(sampler, steps, skip, reuse, name[, guidance fields]) rows one runtime samples; headline: the
-    reference (first runtime) and the recommended setting (guided too, on the first runtime) only."""
-    base = COMBOS if runtime == RUNTIMES[0] else OTHER_RUNTIME_COMBOS
-    if headline:
-        base = COMBOS[:1] if runtime == RUNTIMES[0] else []
-    rows = [(*c, f"{c[0]} {c[1]}, t-break {c[2]:.1f}{', reuse' if c[3] else ''}") for c in base]
-    if manifest.recommended is not None:
-        rec = manifest.recommended.options
-        top = (rec.sampler, rec.steps, "" if rec.skip == "none" else rec.skip, rec.reuse_residual)
-        guided = rec.guidance != 1.0
-        own = {"guidance": rec.guidance, "guidance_interval": rec.guidance_interval} if guided else {}
-        rows.append((*top, "recommended", own))
-        if runtime == RUNTIMES[0] and guided:
-            rows.append((*top, "recommended without guidance", {}))
-        if runtime == RUNTIMES[0]:
-            # The intervals were placed on the unguided 8-step setting's sigmas; a setting that
-            # guides already is compared with guidance at every step only.
-            for g in [g for g in GUIDED if not guided or "guidance_interval" not in g]:
-                at = f" at sigma {g['guidance_interval']}" if "guidance_interval" in g else ""
-                rows.append((*top, f"recommended, cfg {g['guidance']:g}{at}", g))
-    return rows
+def time_rounds(sampler: Sampler, rows: list[Row], rounds: int, count: int) -> list[list[float]]:
+    """images/s of every row in each of `rounds` rounds of count images, in an order rotated each
+    round, so machine drift spreads over all rows. Run before the quality pass: short, so that every
+    row is timed side by side even when the long quality pass is cut short."""
+    speeds: list[list[float]] = [[] for _ in rows]
+    for r in range(rounds):
+        order = list(range(len(rows)))
+        order = order[r % len(order) :] + order[: r % len(order)]
+        for i in order:
+            speeds[i].append(sampler.run(rows[i], count)[1])
+        click.echo(f"timing round {r + 1} of {rounds} done", err=True)
+    return speeds
+
+
+def equal_quality(row: dict, fid: float, accuracy: float | None) -> bool:
+    """FID within FID_TOLERANCE of fid and class accuracy at most ACCURACY_TOLERANCE below accuracy."""
+    fine = row["fid"] <= FID_TOLERANCE * fid
+    if accuracy is not None and row["class_accuracy"] is not None:
+        fine = fine and row["class_accuracy"] >= accuracy - ACCURACY_TOLERANCE
+    return fine
+
+
+def edge(rows: list[dict], fid: float, accuracy: float | None, level: str) -> dict:
+    """At one quality level, among rows of the same image count: the fastest row without skipping or
+    caching and the fastest caching row that hold it (images/s), and the same by fewest brick FLOPs."""
+    held = [r for r in rows if equal_quality(r, fid, accuracy) and not r["name"].startswith("heun 50")]
+    full = [r for r in held if r["family"] == "full chain"]
+    cached = [r for r in held if r["family"] == "cache"]
+    out = {"level": level, "fid": fid, "class_accuracy": accuracy, "baseline": None, "cached": None,
+           "speedup": None, "flops_baseline": None, "flops_cached": None, "flops_ratio": None}  # fmt: skip
+    if full and cached:
+        fast_base = max(full, key=lambda r: r["images_per_s"])
+        fast_cached = max(cached, key=lambda r: r["images_per_s"])
+        out.update(baseline=fast_base["name"], cached=fast_cached["name"])
+        out["speedup"] = fast_cached["images_per_s"] / fast_base["images_per_s"]
+        lean_base = min(full, key=lambda r: r["full_chain_evaluations"])
+        lean_cached = min(cached, key=lambda r: r["full_chain_evaluations"])
+        out.update(flops_baseline=lean_base["name"], flops_cached=lean_cached["name"])
+        out["flops_ratio"] = lean_base["full_chain_evaluations"] / lean_cached["full_chain_evaluations"]
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The edges the targets ask about (docs/caching.md): at the recommended setting's quality, at the
+    best FID reached without skipping, and Heun 50 cached against Heun 50."""
+    edges, targets = [], {}
+    rec = next((r for r in rows if r["name"] == "recommended"), None)
+    if rec is not None:
+        edges.append(edge(rows, rec["fid"], rec["class_accuracy"], "the recommended setting's FID and accuracy"))
+        targets["recommended_quality_2x"] = edges[-1]["speedup"] is not None and edges[-1]["speedup"] >= 2
+    full = [r for r in rows if r["family"] == "full chain" and not r["name"].startswith("heun 50")]
+    if full:
+        best = min(full, key=lambda r: r["fid"])
+        edges.append(edge(rows, best["fid"], best["class_accuracy"], f"the best FID without skipping ({best['name']})"))
+        targets["best_fid_1.5x"] = edges[-1]["speedup"] is not None and edges[-1]["speedup"] >= 1.5
+    heun = {r["name"]: r for r in rows if r["name"].startswith("heun 50")}
+    if "heun 50" in heun and len(heun) >= 2:
+        ref = heun.pop("heun 50")
+        cached = max(heun.values(), key=lambda r: r["images_per_s"] if r["fid"] <= FID_TOLERANCE * ref["fid"] else 0)
+        speedup = cached["images_per_s"] / ref["images_per_s"]
+        edges.append({"level": "Heun 50's FID", "fid": ref["fid"], "class_accuracy": ref["class_accuracy"],
+                      "baseline": ref["name"], "cached": cached["name"], "speedup": speedup,
+                      "flops_ratio": ref["full_chain_evaluations"] / cached["full_chain_evaluations"],
+                      "cached_fid": cached["fid"]})  # fmt: skip
+        targets["heun50_3x"] = speedup >= 3 and cached["fid"] <= FID_TOLERANCE * ref["fid"]
+    return {"edges": edges, "targets_met": targets}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -113,164 +235,118 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    groups = {
-        ("onnxruntime", "fp32"): ("o", "ONNX Runtime fp32"),
-        ("openvino", "fp32"): ("D", "OpenVINO fp32"),
-        ("openvino", "int8"): ("s", "OpenVINO int8"),
-        ("openvino", "bf16"): ("^", "OpenVINO bf16"),
-    }
-    for key, (marker, name) in groups.items():
-        sub = [r for r in rows if (r["backend"], r["precision"]) == key]
-        if sub:
-            ax.scatter([r["images_per_s"] for r in sub], [r["fid"] for r in sub], marker=marker, label=name)
-    tuned = [r for r in rows if r["label"] == "recommended"]
-    ax.scatter(
-        [r["images_per_s"] for r in tuned], [r["fid"] for r in tuned], s=220, facecolors="none",
-        edgecolors="red", label="recommended setting (lego-export tune)",
-    )  # fmt: skip
-    for r in rows:
-        text = "reference" if r["is_reference"] else "default command" if r["is_default"] else None
-        if text:
-            offset = (6, -12) if r["is_reference"] else (6, 4)
-            ax.annotate(text, (r["images_per_s"], r["fid"]), textcoords="offset points", xytext=offset, fontsize=8)
-    ref = next(r for r in rows if r["is_reference"])
-    ax.axhline(ref["fid"] * 1.05, color="gray", ls="--", lw=0.8, label="1.05 x reference FID")
-    ax.set_xscale("log")
-    ax.set(xlabel="images/s (batch 64, 2 CPU cores)", ylabel="FID (classifier features)", title="quality against speed")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    markers = {"full chain": ("o", "no skipping or caching"), "skip": ("s", "skip + residual reuse (today)"),
+               "cache": ("*", "brick caching")}  # fmt: skip
+    panels = [(axes[0], "images_per_s", "images/s (median of rounds)"),
+              (axes[1], "full_chain_evaluations", "brick FLOPs per image (full-chain evaluations)")]  # fmt: skip
+    for ax, x, label in panels:
+        for family, (marker, name) in markers.items():
+            sub = [r for r in rows if r["family"] == family and not r["name"].startswith("heun 50")]
+            ax.scatter([r[x] for r in sub], [r["fid"] for r in sub], marker=marker, s=60, label=name)
+        ax.set_xscale("log")
+        ax.set(xlabel=label, ylabel="FID (classifier features)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("quality against speed and brick FLOPs (same noise)")
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def write_results(rows: list[dict], out: Path, command: str, num: int, host: dict, skipped: list[str]) -> None:
-    """OUT.json, OUT.md (the table) and OUT.png (the plot) from the scored rows; skipped: the
-    runtimes this machine could not run, each with why."""
-    reference = rows[0]
-    default = next((r for r in rows if r["is_default"]), None)  # absent from a --headline run
-    for r in rows:
-        r["fid_vs_reference"] = r["fid"] / reference["fid"]
-        r["speed_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
-        r["speed_vs_default"] = r["images_per_s"] / default["images_per_s"] if default else None
-        r["flops_vs_reference"] = reference["full_chain_evaluations"] / r["full_chain_evaluations"]
-    held = [r for r in rows if r["fid_vs_reference"] <= 1.05]
-    best = max(held, key=lambda r: r["images_per_s"])
-    summary = {
-        "fastest_within_1.05x_reference_fid": {
-            k: best[k] for k in ("label", "backend", "precision", "fid", "images_per_s")
-        },
-        "its_speed_vs_default": best["speed_vs_default"],
-    }
-    data = {"command": command, "machine": host, "num": num, "summary": summary, "skipped": skipped, "rows": rows}
+def write_results(rows: list[dict], summary: dict, out: Path, command: str, num: int, host: dict) -> None:
+    data = {"command": command, "machine": host, "num": num, "summary": summary, "rows": rows}
     write_json(Path(f"{out}.json"), data)
     columns = [
-        ("label", "setting", ""),
-        ("backend", "backend", ""),
-        ("precision", "precision", ""),
-        ("skip", "skip", ""),
-        ("evaluations", "evaluations", "d"),
+        ("name", "setting", ""),
+        ("family", "family", ""),
         ("fid", "FID", ".2f"),
-        ("fid_vs_reference", "FID / ref.", ".2f"),
         ("class_accuracy", "class acc.", ".3f"),
+        ("full_chain_evaluations", "brick FLOPs (full-chain evals)", ".2f"),
         ("images_per_s", "images/s", ".2f"),
-        ("speed_vs_reference", "speed / ref.", ".2f"),
-        ("speed_vs_default", "speed / default", ".2f"),
-        ("flops_vs_reference", "brick FLOPs / ref. (inverse)", ".2f"),
+        ("num", "images", "d"),
+        ("timed_by", "images/s from", ""),
     ]
-    table = markdown_table(rows, columns)
-    write_text(
-        Path(f"{out}.md"),
-        f"# Quality against speed ({num} images per row, same noise)\n\n`{command}`\n\n"
-        f"Reference: Heun, 50 steps, full chain, fp32 (first row); default: `--steps 50 --skip-late-bricks` "
-        f"(second row). Rows ran one after another on {host['cpu']}, each runtime in its own process.\n\n"
-        f"Fastest within 1.05x the reference FID: {best['label']} ({best['backend']}, {best['precision']}), "
-        f"FID {best['fid']:.2f}, {best['images_per_s']:.2f} images/s"
-        + (f" = {best['speed_vs_default']:.2f}x the default." if default else ".")
-        + "".join(f"\n\nNot run on this machine: {s}." for s in skipped)
-        + f"\n\n![frontier]({out.name}.png)\n\n{table}\n",
-    )
-    plot(rows, Path(f"{out}.png"))
-    print(table)
+    lines = [f"# Brick caching frontier ({num} images per row, same noise)", "", f"`{command}`", "",
+             f"Machine: {host['cpu']}. images/s: median of the timing rounds (rows interleaved).", ""]  # fmt: skip
+    for e in summary["edges"]:
+        if e["speedup"] is None:
+            lines.append(f"- At {e['level']} (FID {e['fid']:.2f}): no pair of rows holds it")
+            continue
+        lines.append(
+            f"- At {e['level']} (FID {e['fid']:.2f}): images/s {e['speedup']:.2f}x ({e['cached']} against "
+            f"{e['baseline']}); brick FLOPs {e['flops_ratio']:.2f}x fewer ({e['flops_cached']} against "
+            f"{e['flops_baseline']})"
+        )
+    lines += ["", f"Targets met: {summary['targets_met']}", "", f"![frontier]({out.name}.png)", ""]
+    write_text(Path(f"{out}.md"), "\n".join(lines) + markdown_table(rows, columns) + "\n")
+    try:
+        plot(rows, Path(f"{out}.png"))
+    except ImportError:  # the plot needs the bench extra; the numbers do not
+        click.echo("no plot written: matplotlib is not installed (pip install '.[bench]')", err=True)
+
+
+def print_rows(rows: list[dict], summary: dict) -> None:
+    for r in rows:
+        acc = f"{r['class_accuracy']:.3f}" if r["class_accuracy"] is not None else "-"
+        click.echo(
+            f"{r['name'][:70]:70s} FID {r['fid']:7.2f}  acc {acc}  evals {r['full_chain_evaluations']:6.2f}  "
+            f"{r['images_per_s']:7.2f} images/s"
+        )
+    for e in summary["edges"]:
+        click.echo(
+            f"{e['level']}: {e['cached']} vs {e['baseline']}: {e['speedup']} x images/s, {e['flops_ratio']} x FLOPs"
+        )
+    click.echo(f"targets met: {summary['targets_met']}")
 
 
 @click.command()
-@click.option("--engines", default="engines", show_default=True)
-@click.option("--num", default=2000, show_default=True, help="Images per row (same seed and classes for all).")
+@click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
+@click.option("--num", default=2000, show_default=True, help="Images per row for quality (same seed and classes).")
+@click.option("--heun50-num", default=500, show_default=True, help="Images for the Heun 50 rows (99 evaluations each).")
 @click.option("--batch", default=64, show_default=True)
-@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="BACKEND:PRECISION,... in order.")
-@click.option("--out", default="benchmarks/results/frontier", show_default=True, help="Writes OUT.json, .md, .png.")
-@click.option("--replot", is_flag=True, help="Only rewrite OUT.md and OUT.png from OUT.json (no sampling).")
-@click.option("--headline", is_flag=True, help="Only the reference and the recommended rows.")
-@click.option("--worker-runtime", default=None, hidden=True)
-@click.option("--worker-folder", default=None, hidden=True)
-def main(
-    engines: str, num: int, batch: int, runtimes: str, out: str, replot, headline, worker_runtime, worker_folder
-) -> None:
-    if replot:
-        saved = json.loads(Path(f"{out}.json").read_text())
-        write_results(
-            saved["rows"], Path(out), saved["command"], saved["num"], saved["machine"], saved.get("skipped", [])
-        )
-        return
-    manifest = Manifest.read(engines)
-    if worker_runtime:
-        combos = combos_for(worker_runtime, manifest, headline)
-        worker(engines, worker_runtime, combos, num, batch, Path(worker_folder))
-        return
-    import torch
-    from quality import features_and_logits, load_classifier, to_input
+@click.option(
+    "--rounds", default=3, show_default=True, help="Timing rounds before the quality pass (0: time that pass)."
+)
+@click.option("--time-num", default=64, show_default=True, help="Images per row per timing round.")
+@click.option("--only", default=None, help="Comma-separated row names (substrings) to run; default: every row.")
+@click.option("--no-heun50", is_flag=True, help="Leave out Heun 50 full and cached (the slowest rows).")
+@click.option("--features", default=str(FEATURES), show_default=True, help="Feature extractor (ONNX), as for tune.")
+@click.option("--reference", default=str(REFERENCE), show_default=True, help="Reference statistics (.npz).")
+@click.option("--quick", is_flag=True, help="A smoke run: a few small rows, 8 images, one round of 4.")
+@click.option("--out", default=None, help="Write OUT.json, OUT.md and OUT.png, after every row (default: print only).")
+@one_line_errors
+def main(engines, num, heun50_num, batch, rounds, time_num, only, no_heun50, features, reference, quick, out):
+    """Measure FID, class accuracy, brick FLOPs and images/s of settings with and without brick caching."""
+    if quick:
+        num, heun50_num, batch, rounds, time_num = min(num, 8), min(heun50_num, 8), min(batch, 8), min(rounds, 1), 4
+    rows = all_rows(quick, not no_heun50)
+    if only:
+        wanted = [w.strip() for w in only.split(",") if w.strip()]
+        rows = [r for r in rows if any(w in r.name for w in wanted)]
+    if not rows:
+        raise click.UsageError("--only matches no row")
+    sampler = Sampler(engines, batch, features, reference)
+    shown = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
+    host = machine()
+    measured: list[dict] = []
 
-    from lego_export.fid import fid
-    from lego_export.tune import class_accuracy
-    from lego_train.data import load_idx_dir
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        if out:
+            write_results(measured, summarize(measured), Path(out), shown, num, host)
 
-    torch.set_num_threads(2)
-    rows, skipped = [], []
-    for runtime in runtimes.split(","):
-        with tempfile.TemporaryDirectory() as folder:
-            command = [sys.executable, __file__, "--engines", engines, "--num", str(num), "--batch", str(batch)]
-            command += ["--headline"] if headline else []
-            subprocess.run([*command, "--worker-runtime", runtime, "--worker-folder", folder], check=True)
-            refused = Path(folder) / "refused.txt"
-            if refused.exists():
-                skipped.append(f"{runtime} ({refused.read_text()})")
-                click.echo(f"not run: {skipped[-1]}", err=True)
-                continue
-            timings = json.loads((Path(folder) / "rows.json").read_text())
-            classifier = load_classifier(False)
-            if not rows:
-                test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
-                test_feats, _ = features_and_logits(classifier, to_input(test.images))
-            for i, ((sampler, steps, skip, reuse, label, *_), timing) in enumerate(
-                zip(combos_for(runtime, manifest, headline), timings, strict=True)
-            ):
-                data = np.load(Path(folder) / f"{i}.npz")
-                feats, logits = features_and_logits(classifier, torch.from_numpy(data["images"]))
-                labels = data["labels"]
-                accuracy = class_accuracy(logits, labels)
-                backend, precision = runtime.split(":")
-                rows.append(
-                    {
-                        "label": label,
-                        "backend": backend,
-                        "precision": precision,
-                        "sampler": sampler,
-                        "steps": steps,
-                        "skip": skip if isinstance(skip, str) else f"t-break {skip:.1f}",
-                        "reuse": "yes" if reuse else "no",
-                        "evaluations": evaluations(sampler, steps),
-                        # brick FLOPs per image in units of one full-chain evaluation
-                        "full_chain_evaluations": evaluations(sampler, steps) * (1 - timing["flops_saved"]),
-                        "fid": fid(feats, test_feats),
-                        "class_accuracy": accuracy,
-                        "images_per_s": timing["images_per_s"],
-                        "is_reference": not rows,
-                        "is_default": not headline and runtime == runtimes.split(",")[0] and i == 1,
-                    }
-                )
-                click.echo(f"{runtime} {label}: FID {rows[-1]['fid']:.2f}", err=True)
-    command = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
-    write_results(rows, Path(out), command, num, machine(), skipped)
+    speeds = time_rounds(sampler, rows, rounds, time_num)
+    for row, timed in zip(rows, speeds, strict=True):
+        m = sampler.measure(row, heun50_num if row.name.startswith("heun 50") else num)
+        if timed:
+            m.update(images_per_s=float(np.median(timed)), round_images_per_s=timed)
+            m["timed_by"] = f"median of {len(timed)} rounds of {time_num} images"
+        measured.append(m)
+        click.echo(f"{row.name}: FID {m['fid']:.2f}, {m['full_chain_evaluations']:.2f} evals, "
+                   f"{m['images_per_s']:.2f} images/s", err=True)  # fmt: skip
+        save()
+    summary = summarize(measured)
+    print_rows(measured, summary)
+    if out:
+        click.echo(f"wrote {out}.json, {out}.md, {out}.png")
 
 
 if __name__ == "__main__":

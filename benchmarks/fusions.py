@@ -1,14 +1,15 @@
 """What ONNX Runtime's fusions buy, per brick: portable graph vs fused graph (vs PyTorch eager).
 
-    python benchmarks/fusions.py --engines engines/ --ckpt checkpoints/fmnist-pg-s.safetensors
+    python benchmarks/fusions.py --engines engines/ --ckpt checkpoints/fmnist-pg-s.safetensors \\
+        --out benchmarks/results/fusions
 
 Each brick runs on the tiles of --images images; the variants are timed in interleaved rounds
 (one untimed call, then three timed) so that machine noise hits them alike; medians are reported.
+Prints the table; with --out PREFIX also writes PREFIX.json and PREFIX.md.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_feeds, write_text  # noqa: E402
+from common import one_line_errors, out_option, random_feeds, save_results  # noqa: E402
 
 from lego_export.checkpoint import load_model  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
@@ -35,10 +36,12 @@ def timed(fn) -> float:
 @click.option("--engines", default="engines", show_default=True)
 @click.option("--ckpt", default="checkpoints/fmnist-pg-s.safetensors", show_default=True)
 @click.option("--images", default=16, show_default=True, help="Images per call (bricks see their tiles).")
-@click.option("--rounds", default=30, show_default=True)
+@click.option("--rounds", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=2, show_default=True)
-@click.option("--json-out", default=None, help="Also write the results here.")
-def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, json_out: str | None) -> None:
+@out_option("benchmarks/results/fusions")
+@one_line_errors
+def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, out: str | None) -> None:
+    """Each brick: the portable ONNX graph against ONNX Runtime's fused graph, and PyTorch eager."""
     torch.set_num_threads(threads)
     manifest = Manifest.read(engines)
     model = load_model(ckpt)
@@ -54,7 +57,7 @@ def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, json_o
             if fmt in spec.files:
                 runner = OnnxRuntimeRunner(Path(engines) / spec.files[fmt].path, threads=threads)
                 variants[fmt] = lambda r=runner, f=feeds: r.infer(f)
-        times = {k: [] for k in variants}
+        times: dict[str, list[float]] = {k: [] for k in variants}
         with torch.no_grad():
             for fn in variants.values():  # warm-up
                 fn(), fn()
@@ -67,16 +70,13 @@ def main(engines: str, ckpt: str, images: int, rounds: int, threads: int, json_o
         if "onnx-ort" in med:
             row["fusion_speedup"] = round(med["onnx"] / med["onnx-ort"], 3)
         rows.append(row)
-    header = f"{'brick':8} {'N':>6} {'torch ms':>10} {'onnx ms':>10} {'fused ms':>10} {'fusion speed-up':>16}"
-    click.echo(header)
+    lines = [f"{'brick':8} {'N':>6} {'torch ms':>10} {'onnx ms':>10} {'fused ms':>10} {'fusion speed-up':>16}"]
     for r in rows:
-        click.echo(
+        lines.append(
             f"{r['brick']:8} {r['N']:>6} {r['torch_ms']:>10.2f} {r.get('onnx_ms', float('nan')):>10.2f} "
             f"{r.get('onnx-ort_ms', float('nan')):>10.2f} {r.get('fusion_speedup', float('nan')):>15.2f}x"
         )
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_text(Path(json_out), json.dumps({"images": images, "rounds": rounds, "rows": rows}, indent=2))
+    save_results(out, {"images": images, "rounds": rounds, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

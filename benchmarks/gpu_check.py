@@ -1,24 +1,30 @@
 """GPU latency check: PyTorch CUDA fp32 / fp16 / bf16 / CUDA graphs, full and skipped chain,
 plus ONNX Runtime on this machine's CPU cores for scale. Run through benchmarks/gpu_check.sh.
 
-Needs only torch (with CUDA) and numpy; onnx and onnxruntime for the CPU row. Weights come from the
+Needs torch (with CUDA), numpy and click; onnx and onnxruntime for the ONNX Runtime row. Weights come from the
 checkpoint when safetensors is installed, else the model is randomly initialised from the
 checkpoint's config (latency does not depend on weight values; the output says which).
+
+    benchmarks/gpu_check.sh [CHECKPOINT] [JSON_OUT]              # on a GPU machine
+    python benchmarks/gpu_check.py --device cpu --quick CHECKPOINT   # the same script on this CPU
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import one_line_errors, write_json  # noqa: E402
 
 from lego_export.checkpoint import read_config  # noqa: E402
 from lego_export.model import LegoModel  # noqa: E402
@@ -108,7 +114,7 @@ def _graphed(step):
     return graph.replay
 
 
-def ort_cpu_rows(model: LegoModel, batches) -> list[dict]:
+def ort_cpu_rows(model: LegoModel, batches, ckpt: str) -> list[dict]:
     """The same model exported to ONNX (no clean-up) and run by the runtime on the CPU."""
     try:
         import onnxruntime  # noqa: F401
@@ -128,16 +134,16 @@ def ort_cpu_rows(model: LegoModel, batches) -> list[dict]:
         jobs = engine_jobs(model, max(batches), 16)
         for job in jobs:
             path = folder / f"{job.spec.name}.onnx"
-            example = tuple(torch.randn([2 if d == "N" else d for d in t.shape]) for t in job.spec.inputs)
+            example = tuple(torch.randn([2 if d == "N" else int(d) for d in t.shape]) for t in job.spec.inputs)
             export_module(
                 job.module, example, [t.name for t in job.spec.inputs], [t.name for t in job.spec.outputs], path
             )
             job.spec.files["onnx"] = EngineFile(path.name, sha256_file(path), path.stat().st_size, "fp32")
         manifest = Manifest(
-            model.cfg,
-            {"checkpoint": "-", "sha256": "-"},
-            {},
-            [j.spec for j in jobs],
+            model=model.cfg,
+            source={"checkpoint": Path(ckpt).name, "sha256": sha256_file(Path(ckpt))},
+            toolchain={},
+            engines=[j.spec for j in jobs],
         )
         manifest.write(folder)
         pipe = LegoPipeline.from_engines(folder, "onnxruntime")
@@ -168,36 +174,88 @@ def ort_cpu_rows(model: LegoModel, batches) -> list[dict]:
     return rows
 
 
-def main() -> int:
-    ckpt = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "checkpoints" / "fmnist-pg-s.safetensors")
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else None
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible to PyTorch; nothing to measure here (run it on an NVIDIA GPU machine)")
-        return 0
-    model, weights = load(ckpt)
-    print(
-        f"gpu_check: {torch.cuda.get_device_name()} (torch {torch.__version__}), model {model.cfg.name} with {weights}"
-    )
-    res = model.cfg.img_resolution
-    rows = cuda_rows(model, [1, 64], [(res, res), (2 * res, 2 * res)])
-    rows += ort_cpu_rows(model, [1, 64])
-    print(f"{'device':6} {'mode':18} {'canvas':8} {'batch':>5} {'chain':10} {'ms/step':>9} {'images/s*':>10}")
+def cpu_rows(model: LegoModel, batches, canvases, reps: int) -> list[dict]:
+    """PyTorch eager fp32 on the CPU: the same steps as cuda_rows' fp32 rows, for a machine without a GPU."""
+    k_all = len(model.bricks)
+    classes = max(model.cfg.num_classes, 1)
+    rows = []
+    for h, w in canvases:
+        for b in batches:
+            x = torch.randn(b, model.cfg.img_channels, h, w)
+            onehot = torch.nn.functional.one_hot(torch.arange(b) % classes, classes).float()
+            onehot = onehot if model.cfg.num_classes else None
+            sigma = torch.ones(b)
+            for k, chain in ((k_all, "full"), (k_all - 1, "skip last")):
+                if k < 1:
+                    continue
+                times = []
+                with torch.inference_mode():
+                    model(x, sigma, onehot, num_bricks=k)  # warm-up
+                    for _ in range(reps):
+                        start = time.perf_counter()
+                        model(x, sigma, onehot, num_bricks=k)
+                        times.append((time.perf_counter() - start) * 1e3)
+                ms = float(np.median(times))
+                rows.append(
+                    {
+                        "device": "cpu",
+                        "mode": "torch fp32",
+                        "canvas": f"{h}x{w}",
+                        "batch": b,
+                        "chain": chain,
+                        "ms_per_step": ms,
+                        "images_per_s": b / (ms * HEUN_EVALS / 1e3),
+                    }
+                )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'device':6} {'mode':18} {'canvas':8} {'batch':>5} {'chain':10} {'ms/step':>9} {'images/s*':>10}"]
     for r in rows:
-        print(
+        lines.append(
             f"{r['device']:6} {r['mode']:18} {r['canvas']:8} {r['batch']:>5} {r['chain']:10} "
             f"{r['ms_per_step']:>9.3f} {r['images_per_s']:>10.1f}"
         )
-    print(f"* images/s of a 50-step Heun sample ({HEUN_EVALS} evaluations) at that batch")
-    if out:
+    lines.append(f"* images/s of a 50-step Heun sample ({HEUN_EVALS} evaluations) at that batch")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("ckpt", required=False, default=str(ROOT / "checkpoints" / "fmnist-pg-s.safetensors"))
+@click.argument("json_out", required=False, default=None)
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "cpu"]),
+    default="cuda",
+    show_default=True,
+    help="cpu: PyTorch eager fp32 and ONNX Runtime on this machine's cores (a try of the script without a GPU).",
+)
+@click.option("--quick", is_flag=True, help="Batch 1 at the training canvas only, few repetitions.")
+@one_line_errors
+def main(ckpt: str, json_out: str | None, device: str, quick: bool) -> None:
+    """GPU latency check of CKPT (default: the shipped model); writes JSON_OUT only when given."""
+    res_batches = [1] if quick else [1, 64]
+    if device == "cuda" and not torch.cuda.is_available():
+        click.echo("gpu_check: no CUDA GPU visible to PyTorch; nothing to measure here (run it on a GPU machine)")
+        return
+    model, weights = load(ckpt)
+    res = model.cfg.img_resolution
+    canvases = [(res, res)] if quick else [(res, res), (2 * res, 2 * res)]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    click.echo(f"gpu_check: {name} (torch {torch.__version__}), model {model.cfg.name} with {weights}")
+    if device == "cuda":
+        rows = cuda_rows(model, res_batches, canvases)
+    else:
+        rows = cpu_rows(model, res_batches, canvases, reps=3 if quick else 10)
+    rows += ort_cpu_rows(model, res_batches, ckpt)
+    click.echo(table(rows))
+    if json_out:
+        out = Path(json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps(
-                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": weights, "rows": rows},
-                indent=2,
-            )
-        )
-    return 0
+        write_json(out, {"device": name, "torch": torch.__version__, "weights": weights, "rows": rows})
+        click.echo(f"wrote {out}", err=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

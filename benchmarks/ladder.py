@@ -1,15 +1,19 @@
-"""The quality ladder as the manifest holds it, measured on more images than the tuner's.
+"""The quality ladder and the named points as the manifest holds them, measured on more images than the tuner's.
 
-    python benchmarks/ladder.py --engines engines
+    python benchmarks/ladder.py --engines engines                           # print the table
+    python benchmarks/ladder.py --engines engines --out benchmarks/results/ladder   # and write it
+    python benchmarks/ladder.py --engines engines --quick                   # a smoke run: 24 images a row
 
-`lego-export tune` chooses the rungs (settings cheaper than the recommended one, within its rule on
-FID and class accuracy) on 1,000 images of seed 2. This benchmark samples the recommended setting
-(rung 0) and each rung on --num images of the same noise and classes (default 2,000, seed 2) and
-scores them as quality.py does: FID against the 10k test images in the committed classifier's
-feature space, and the classifier's accuracy on the classes asked for. lego-serve steps down these
-rungs under load (docs/serving.md). Writes OUT.json, OUT.md and OUT.features.npz: every rung's
-features (float16, image i of each rung from the same noise) and the test images' statistics, from
-which serve_load.py scores the mix of rungs a server served as one set of images.
+`lego-export tune` chooses the named points (best, balanced, fast) and the rungs (settings cheaper
+than the recommended one, within its rule on FID and class accuracy) on its search and validation
+seeds. This benchmark samples the recommended setting (rung 0), each rung, and each named point that
+is not a rung on --num images of another seed (default 2,000, seed 2: the tuner searched on 0 and
+validated on 1) and scores them in the feature space of --features (default: the committed
+classifier, the space quality.py measures in) against --reference (default: the Fashion-MNIST test
+images' statistics): FID, and the classifier's accuracy on the classes asked for. lego-serve steps
+down the rungs under load (docs/serving.md). Nothing is written without --out; with it, OUT.json,
+OUT.md and OUT.features.npz: every row's features (float16, image i of each row from the same noise)
+and the reference statistics, from which serve_load.py scores the mix of rungs a server served.
 """
 
 from __future__ import annotations
@@ -19,63 +23,90 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
+from click.core import ParameterSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
-from quality import features_and_logits, load_classifier, to_input  # noqa: E402
+from common import machine, markdown_table, one_line_errors, write_json, write_text  # noqa: E402
 
 from lego_export.atomic import atomic_write  # noqa: E402
 from lego_export.edm import evaluations  # noqa: E402
 from lego_export.fid import FeatureStats, frechet_distance  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
-from lego_export.tune import class_accuracy  # noqa: E402
-from lego_train.data import load_idx_dir  # noqa: E402
+from lego_export.tune import FeatureNet, class_accuracy, load_reference  # noqa: E402
+
+CLASSIFIER = Path(__file__).resolve().parent / "classifier"
+QUICK_NUM = 24
+
+
+def ladder_rows(recommended) -> list[tuple[int | None, list[str], object]]:
+    """(rung, names of the named points it is, options) for rung 0, each rung, then each named point
+    that is no rung (named points may coincide: one row each setting)."""
+    names: dict = {}
+    for name, point in recommended.points.items():
+        names.setdefault(point.options, []).append(name)
+    rows = [(k, names.pop(o, []), o) for k, o in enumerate(recommended.rungs)]
+    return rows + [(None, points, options) for options, points in names.items()]
+
+
+def measured_by_tuner(recommended, rung: int | None, points: list[str]) -> dict:
+    if rung == 0:
+        return recommended.measured
+    if rung is not None:
+        return recommended.ladder[rung - 1].measured
+    return recommended.points[points[0]].measured
 
 
 @click.command()
 @click.option("--engines", default="engines", show_default=True)
-@click.option("--num", default=2000, show_default=True, help="Images per rung.")
+@click.option("--num", default=2000, show_default=True, help="Images per row.")
 @click.option("--seed", default=2, show_default=True, help="Noise seed (the tuner searched on 0 and validated on 1).")
-@click.option("--out", default="benchmarks/results/ladder", show_default=True, help="Writes OUT.json and OUT.md.")
-def main(engines: str, num: int, seed: int, out: str) -> None:
-    """Sample and score every rung of the manifest's quality ladder."""
-    torch.set_num_threads(2)
+@click.option("--batch", default=100, show_default=True, help="Images per denoiser call.")
+@click.option("--features", default=str(CLASSIFIER / "fmnist-features.onnx"), show_default=True)
+@click.option("--reference", default=str(CLASSIFIER / "fmnist-test.ref.npz"), show_default=True)
+@click.option("--out", default=None, help="Writes OUT.json, OUT.md and OUT.features.npz [default: print only].")
+@click.option("--quick", is_flag=True, help=f"A smoke run: {QUICK_NUM} images a row unless --num is given.")
+@one_line_errors
+def main(engines: str, num: int, seed: int, batch: int, features: str, reference: str, out: str | None, quick: bool):
+    """Sample and score every rung of the manifest's quality ladder and every named point."""
+    if quick and click.get_current_context().get_parameter_source("num") is ParameterSource.DEFAULT:
+        num = QUICK_NUM
     pipe = LegoPipeline.from_engines(engines, "onnxruntime")
     recommended = pipe.manifest.recommended
     if recommended is None:
         raise click.ClickException(f"{engines}: no recommended setting (lego-export tune writes one and its ladder)")
-    classifier = load_classifier(retrain=False)
-    test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
-    test_feats, _ = features_and_logits(classifier, to_input(test.images))
-    test_stats = FeatureStats.of(test_feats)  # once: every rung is scored against it, and it is saved
-    rows, features = [], []
-    for rung, options in enumerate(recommended.rungs):
-        result = pipe(options, num=num, seed=seed, batch=100)
-        feats, logits = features_and_logits(classifier, torch.from_numpy(result.images))
-        accuracy = class_accuracy(logits, result.labels)
-        features.append(feats.astype(np.float16))
+    net = FeatureNet(features, (pipe.channels, pipe.resolution, pipe.resolution))
+    stats = load_reference(reference, net)
+    rows, kept = [], []
+    for rung, points, options in ladder_rows(recommended):
+        result = pipe(options, num=num, seed=seed, batch=batch)
+        feats, logits = net.run(result.images)
+        accuracy = class_accuracy(logits, result.labels) if logits is not None and result.labels is not None else None
+        kept.append(feats.astype(np.float16))
         full_chain = evaluations(options.sampler, options.steps) * (1 - result.timing.flops_saved)
         rows.append(
             {
                 "rung": rung,
+                "points": points,
                 "setting": options.describe(),
-                "fid": frechet_distance(FeatureStats.of(feats), test_stats),
+                "fid": frechet_distance(FeatureStats.of(feats), stats),
                 "class_accuracy": accuracy,
                 "brick_flops_vs_reference": full_chain / evaluations("heun", 50),
                 "images_per_s": result.timing.images / result.timing.total_s,
-                "tuner": recommended.measured if rung == 0 else recommended.ladder[rung - 1].measured,
+                "tuner": measured_by_tuner(recommended, rung, points),
             }
         )
-        click.echo(f"rung {rung}, {options.describe()}: FID {rows[-1]['fid']:.2f}, class acc. {accuracy:.3f}", err=True)
+        shown = "-" if accuracy is None else f"{accuracy:.3f}"
+        label = ", ".join(points) or "-"
+        click.echo(f"rung {rung}, {label}, {options.describe()}: FID {rows[-1]['fid']:.2f}, acc. {shown}", err=True)
     command = "python benchmarks/ladder.py " + " ".join(sys.argv[1:])
-    write_json(Path(out + ".json"), {"command": command, "machine": machine(), "num": num, "seed": seed, "rows": rows})
-    with atomic_write(Path(out + ".features.npz")) as f:
-        np.savez_compressed(f, features=np.stack(features), test_mu=test_stats.mu, test_sigma=test_stats.sigma)
     table = markdown_table(
-        rows,
         [
-            ("rung", "rung", "d"),
+            {**r, "rung": "-" if r["rung"] is None else str(r["rung"]), "points": ", ".join(r["points"]) or "-"}
+            for r in rows
+        ],
+        [
+            ("rung", "rung", "s"),
+            ("points", "named point", "s"),
             ("setting", "setting", "s"),
             ("fid", "FID", ".2f"),
             ("class_accuracy", "class acc.", ".3f"),
@@ -84,12 +115,17 @@ def main(engines: str, num: int, seed: int, out: str) -> None:
         ],
     )
     text = (
-        f"# The quality ladder\n\n`{command}`\n\n{num} images per rung, seed {seed}, on {machine()['cpu']}; "
-        f"rung 0 is the recommended setting. The rungs and their rule: the manifest's recommended setting "
-        f"(`lego-export tune`).\n\n{table}\n"
+        f"# The quality ladder and the named points\n\n`{command}`\n\n{num} images per row, seed {seed}, on "
+        f"{machine()['cpu']}; rung 0 is the recommended setting. The rungs, the points and their rules: "
+        f"`lego-export tune`.\n\n{table}\n"
     )
-    write_text(Path(out + ".md"), text)
     print(text)
+    if out is None:
+        return
+    write_json(Path(out + ".json"), {"command": command, "machine": machine(), "num": num, "seed": seed, "rows": rows})
+    with atomic_write(Path(out + ".features.npz")) as f:
+        np.savez_compressed(f, features=np.stack(kept), test_mu=stats.mu, test_sigma=stats.sigma)
+    write_text(Path(out + ".md"), text)
 
 
 if __name__ == "__main__":

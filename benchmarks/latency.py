@@ -1,7 +1,7 @@
 """Latency of LEGO brick engines and of whole sampling runs, backends side by side in one run.
 
-    python benchmarks/latency.py                 # full run, a few minutes on 2 cores
-    python benchmarks/latency.py --quick         # under 2 minutes
+    python benchmarks/latency.py --out benchmarks/results/latency   # full run, a few minutes on 2 cores
+    python benchmarks/latency.py --quick         # under 2 minutes; prints the report, writes nothing
 
 Measures, on this machine, in one process:
   - the fp32 matmul peak (NumPy and torch, best of both);
@@ -11,14 +11,16 @@ Measures, on this machine, in one process:
     32x96 and batches 1, 16, 64, ONNX Runtime against PyTorch eager, and the runtime overhead
     (share of the ONNX Runtime step spent outside engine calls);
   - whole samples with and without --skip-late-bricks: wall-time saving against the FLOP fraction.
-Writes benchmarks/results/latency.{json,md,png}.
+Prints the report; with --out PREFIX also writes PREFIX.json, PREFIX.md and PREFIX.png.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -29,11 +31,13 @@ from common import (  # noqa: E402
     machine,
     markdown_table,
     matmul_peak_gflops,
+    one_evaluation,
+    one_line_errors,
+    out_option,
     random_feeds,
     save_figure,
+    save_results,
     time_calls,
-    write_json,
-    write_text,
 )
 
 from lego_export.checkpoint import load_model  # noqa: E402
@@ -46,11 +50,11 @@ from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 
 def brick_rows(pipe: LegoPipeline, model, batches, reps, peak) -> list[dict]:
     """Each brick engine alone, ONNX Runtime vs PyTorch eager, by N."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     m = pipe.manifest.model
     for spec, timed in zip(pipe.manifest.bricks, pipe.bricks, strict=True):
         brick_cfg = m.bricks[spec.index]
-        per_tile = brick_flops_per_tile(brick_cfg, spec.inputs[0].shape[1], m.img_channels, m.cond_dim)
+        per_tile = brick_flops_per_tile(brick_cfg, int(spec.inputs[0].shape[1]), m.img_channels, m.cond_dim)
         tiles = (m.img_resolution // brick_cfg.size) ** 2
         for b in batches:
             n = b * tiles
@@ -58,8 +62,8 @@ def brick_rows(pipe: LegoPipeline, model, batches, reps, peak) -> list[dict]:
             args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
             module = model.bricks[spec.index]
             with torch.inference_mode():
-                t_torch = time_calls(lambda mod=module, a=args: mod(*a), reps)
-            t_ort = time_calls(lambda r=timed.runner, f=feeds: r.infer(f), reps)
+                t_torch = time_calls(functools.partial(module, *args), reps)
+            t_ort = time_calls(functools.partial(timed.runner.infer, feeds), reps)
             gflops = per_tile * n / t_ort["median_ms"] / 1e6
             rows.append(
                 {
@@ -90,7 +94,7 @@ def skip_pair(pipe: LegoPipeline, reps: int, batch: int = 16) -> dict:
     x = rng.standard_normal((batch, pipe.channels, res, res)).astype(np.float32)
     onehot = np.eye(pipe.num_classes, dtype=np.float32)[np.arange(batch) % pipe.num_classes]
     plans = {k: StepPlan(0, 1.0, k, (0, 0)), k - 1: StepPlan(0, 1.0, k - 1, (0, 0))}
-    times = {k: [], k - 1: []}
+    times: dict[int, list[float]] = {k: [], k - 1: []}
     for i in range(reps + 2):
         for bricks, plan in plans.items():
             start = time.perf_counter()
@@ -99,6 +103,7 @@ def skip_pair(pipe: LegoPipeline, reps: int, batch: int = 16) -> dict:
                 times[bricks].append((time.perf_counter() - start) * 1e3)
     full, skipped = float(np.median(times[k])), float(np.median(times[k - 1]))
     return {
+        "canvas": f"{res}x{res}",
         "batch": batch,
         "full_ms": full,
         "skipped_ms": skipped,
@@ -108,8 +113,9 @@ def skip_pair(pipe: LegoPipeline, reps: int, batch: int = 16) -> dict:
 
 
 def step_rows(pipe: LegoPipeline, model, canvases, batches, reps) -> list[dict]:
-    """One denoiser evaluation at sigma = 1 with each prefix of the chain."""
-    rows = []
+    """One denoiser evaluation at sigma = 1 with each prefix of the chain; the runtime overhead from
+    the Timing of reps one-evaluation sampling calls (engine time against the call's wall time)."""
+    rows: list[dict[str, Any]] = []
     k_all = len(pipe.brick_sizes)
     for h, w in canvases:
         for b in batches:
@@ -119,13 +125,12 @@ def step_rows(pipe: LegoPipeline, model, canvases, batches, reps) -> list[dict]:
             tx, toh = torch.from_numpy(x), torch.from_numpy(onehot)
             for k in range(k_all, 0, -1):
                 plan = StepPlan(0, 1.0, k, (0, 0))
-                timing = pipe.reset_timing()
-                start = time.perf_counter()
-                t_ort = time_calls(lambda p=plan, x=x, oh=onehot: pipe.denoise(x, 1.0, p, oh), reps)
-                wall = time.perf_counter() - start
-                engine_s = sum(timing.engine_ms.values()) / 1e3
+                t_ort = time_calls(functools.partial(pipe.denoise, x, 1.0, plan, onehot), reps)
+                timings = [one_evaluation(pipe, k, b, (h, w)).timing for _ in range(reps)]
+                engine_s = sum(sum(t.engine_ms.values()) for t in timings) / 1e3
+                wall = sum(t.total_s for t in timings)
                 with torch.inference_mode():
-                    t_torch = time_calls(lambda kk=k, tx=tx, toh=toh: model(tx, 1.0, toh, num_bricks=kk), reps)
+                    t_torch = time_calls(functools.partial(model, tx, 1.0, toh, num_bricks=k), reps)
                 rows.append(
                     {
                         "canvas": f"{h}x{w}",
@@ -144,7 +149,7 @@ def step_rows(pipe: LegoPipeline, model, canvases, batches, reps) -> list[dict]:
 
 def sample_rows(pipe: LegoPipeline, model, steps: int, batch: int) -> list[dict]:
     """Whole samples (batch images, all steps), full chain and --skip-late-bricks, both backends."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     onehot = torch.eye(pipe.num_classes)[torch.arange(batch) % pipe.num_classes]
     sigmas = pipe.edm.sigmas(steps)
     for skip in ("none", "late"):
@@ -273,7 +278,7 @@ def report(results: dict) -> str:
     pair = results["skip_pair"]
     lines += [
         "",
-        f"Top brick skipped, one step at 32x32 batch {pair['batch']}, calls alternating: full chain "
+        f"Top brick skipped, one step at {pair['canvas']} batch {pair['batch']}, calls alternating: full chain "
         f"{pair['full_ms']:.1f} ms, without the top brick {pair['skipped_ms']:.1f} ms, so {pair['time_saved']:.1%} "
         f"of the time saved for {pair['flop_share']:.1%} of the brick FLOPs.",
     ]
@@ -326,8 +331,10 @@ def targets(results: dict) -> list[dict]:
 @click.option("--ckpt", default="checkpoints/fmnist-pg-s.safetensors", show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer sizes and repetitions: under 2 minutes.")
 @click.option("--threads", default=2, show_default=True)
-@click.option("--out", default="benchmarks/results", show_default=True)
-def main(engines: str, ckpt: str, quick: bool, threads: int, out: str) -> None:
+@out_option("benchmarks/results/latency")
+@one_line_errors
+def main(engines: str, ckpt: str, quick: bool, threads: int, out: str | None) -> None:
+    """Latency of the brick engines, one step and whole samples, ONNX Runtime against PyTorch eager."""
     torch.set_num_threads(threads)
     pipe = LegoPipeline.from_engines(engines, "onnxruntime", threads=threads)
     model = load_model(ckpt)
@@ -335,7 +342,7 @@ def main(engines: str, ckpt: str, quick: bool, threads: int, out: str) -> None:
         batches, canvases, reps, steps = [16], [(32, 32)], 5, 10
     else:
         batches, canvases, reps, steps = [1, 16, 64], [(32, 32), (64, 64), (32, 96)], 10, 50
-    results = {
+    results: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv),
         "machine": machine(),
         "threads": threads,
@@ -350,16 +357,7 @@ def main(engines: str, ckpt: str, quick: bool, threads: int, out: str) -> None:
     results["skip_pair"] = skip_pair(pipe, 4 * reps)
     results["samples"] = sample_rows(pipe, model, steps, 16)
     results["targets"] = targets(results)
-    name = "latency-quick" if quick else "latency"
-    out_dir = Path(out)
-    write_json(out_dir / f"{name}.json", results)
-    text = report(results)
-    write_text(out_dir / f"{name}.md", text)
-    try:
-        plot(results, out_dir / f"{name}.png")
-    except ImportError:
-        click.echo("matplotlib not installed: no plot (pip install matplotlib)", err=True)
-    click.echo(text)
+    save_results(out, results, report(results), lambda path: plot(results, path))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One full-chain denoiser step of the same model on every CPU peer, each in its own process.
 
-    python benchmarks/peers.py --engines engines --ckpt checkpoints/fmnist-pg-s.safetensors
+    python benchmarks/peers.py --engines engines --ckpt checkpoints/fmnist-pg-s.safetensors \\
+        --out benchmarks/results/peers
 
 Peers in fp32: PyTorch eager, torch.compile, ONNX Runtime on the portable and on the fused graphs,
 and OpenVINO reading the portable ONNX files (if installed). In lower precision: OpenVINO in bf16
@@ -12,7 +13,7 @@ no idle pool spins meanwhile; the coordinator asks them in turn, round after rou
 calls on the same inputs, so that the machine's drift hits every peer alike. Reports the median per
 peer, its ratio to the fastest, its speed-up over the fastest fp32 peer, and GFLOP/s against this
 machine's measured matmul rate.
-Writes benchmarks/results/peers.{json,md}.
+Prints the table; with --out PREFIX also writes PREFIX.json and PREFIX.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, matmul_peak_gflops, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, matmul_peak_gflops, one_line_errors, out_option, save_results  # noqa: E402
 
 PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused", "openvino-bf16", "ort-int8", "openvino-int8")
 LOW_PRECISION = {"openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
@@ -71,7 +72,7 @@ def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
     if peer.startswith("openvino"):
         from lego_export.runtime.backends import OpenVinoBackend
 
-        backend = OpenVinoBackend(Path(engines), manifest, threads, precision)
+        backend: OpenVinoBackend | OnnxRuntimeBackend = OpenVinoBackend(Path(engines), manifest, threads, precision)
     else:
         from lego_export.runtime.backends import OnnxRuntimeBackend
 
@@ -101,6 +102,70 @@ def worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> None
 # -- coordinator ----------------------------------------------------------------------------------------
 
 
+def peer_list(ctx, param, value: str) -> list[str]:
+    """--peers: names from PEERS, comma-separated."""
+    chosen = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PEERS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"{value!r}: a comma-separated list of {', '.join(PEERS)}")
+    return chosen
+
+
+def start_worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> subprocess.Popen | None:
+    """A worker process for one peer, warmed up (its 'ready' line read), or None if it did not start."""
+    cmd = [sys.executable, __file__, "--worker", peer, "--engines", engines, "--ckpt", ckpt]
+    cmd += ["--batch", str(batch), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline():  # one peer warms up at a time: compilation is not timed
+        return proc
+    proc.wait()
+    return None
+
+
+def time_peers(workers: dict, skipped: dict, engines, ckpt, batch, threads, rounds, reps) -> dict[str, list[float]]:
+    """Start a worker per available peer (into workers, for the caller to stop), then time them in
+    rounds: milliseconds per call, per peer."""
+    for peer, why in skipped.items():
+        if why:
+            print(f"{peer}: skipped ({why})")
+            continue
+        proc = start_worker(peer, engines, ckpt, batch, threads)
+        if proc is None:
+            print(f"{peer}: failed to start")
+            skipped[peer] = "failed to start"
+            continue
+        workers[peer] = proc
+        os.kill(proc.pid, signal.SIGSTOP)  # quiet while the next peer warms up
+    times: dict[str, list[float]] = {p: [] for p in workers}
+    for _ in range(rounds):
+        for peer, proc in workers.items():
+            # Only the peer being timed runs: the others are stopped, so no thread pool of theirs can
+            # spin on the cores in the meantime.
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.stdin.write(f"run {reps}\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                raise click.ClickException(f"peer {peer}'s worker stopped (exit {proc.wait()})")
+            times[peer] += json.loads(line)["ms"]
+            os.kill(proc.pid, signal.SIGSTOP)
+    return times
+
+
+def stop_workers(workers: dict) -> None:
+    """Let every worker go on and end: its stdin closed (it returns), killed if it does not within a minute."""
+    for proc in workers.values():
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.close()
+    for proc in workers.values():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def available(peer: str, engines: str) -> str | None:
     """Why a peer cannot run here, or None."""
     import importlib.util
@@ -117,13 +182,21 @@ def available(peer: str, engines: str) -> str | None:
 @click.option("--engines", default="engines", show_default=True)
 @click.option("--ckpt", default="checkpoints/fmnist-pg-s.safetensors", show_default=True)
 @click.option("--batch", default=16, show_default=True, help="Images per step.")
-@click.option("--rounds", default=12, show_default=True, help="Rounds; every peer runs --reps calls per round.")
-@click.option("--reps", default=5, show_default=True)
+@click.option(
+    "--rounds",
+    default=12,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Rounds; every peer runs --reps calls per round.",
+)
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=2, show_default=True)
-@click.option("--peers", default=",".join(PEERS), show_default=True)
-@click.option("--out", default="benchmarks/results/peers", show_default=True, help="Writes OUT.json and OUT.md.")
+@click.option("--peers", default=",".join(PEERS), show_default=True, callback=peer_list)
+@out_option("benchmarks/results/peers")
 @click.option("--worker", "worker_peer", default=None, hidden=True)
+@one_line_errors
 def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -> None:
+    """One full-chain denoiser step on every CPU peer, each in its own process, timed in turn."""
     if worker_peer:
         worker(worker_peer, engines, ckpt, batch, threads)
         return
@@ -132,38 +205,14 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
 
     cfg = Manifest.read(engines).model
     gflop = sum(model_brick_flops(cfg)) * batch / 1e9
-    skipped = {p: available(p, engines) for p in peers.split(",")}
-    workers = {}
-    for peer, why in skipped.items():
-        if why:
-            print(f"{peer}: skipped ({why})")
-            continue
-        cmd = [sys.executable, __file__, "--worker", peer, "--engines", engines, "--ckpt", ckpt]
-        cmd += ["--batch", str(batch), "--threads", str(threads)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = proc.stdout.readline()  # one peer warms up at a time: compilation is not timed
-        if not ready:
-            print(f"{peer}: failed to start")
-            continue
-        workers[peer] = proc
-        os.kill(proc.pid, signal.SIGSTOP)  # quiet while the next peer warms up
-    times = {p: [] for p in workers}
-    for proc in workers.values():
-        os.kill(proc.pid, signal.SIGSTOP)
-    for _ in range(rounds):
-        for peer, proc in workers.items():
-            # Only the peer being timed runs: the others are stopped, so no thread pool of theirs can
-            # spin on the cores in the meantime.
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.stdin.write(f"run {reps}\n")
-            proc.stdin.flush()
-            times[peer] += json.loads(proc.stdout.readline())["ms"]
-            os.kill(proc.pid, signal.SIGSTOP)
-    for proc in workers.values():
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.stdin.close()
-        proc.wait(timeout=60)
-
+    skipped = {p: available(p, engines) for p in peers}
+    workers: dict[str, subprocess.Popen] = {}
+    try:
+        times = time_peers(workers, skipped, engines, ckpt, batch, threads, rounds, reps)
+    finally:
+        stop_workers(workers)
+    if not times:
+        raise click.ClickException("no peer ran: " + "; ".join(f"{p}: {why}" for p, why in skipped.items()))
     peak = matmul_peak_gflops(threads)["peak"]
     medians = {p: float(np.median(t)) for p, t in times.items()}
     fastest = min(medians.values())
@@ -184,7 +233,6 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
     command = " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]])
     result = {"command": command, "machine": machine(), "batch": batch, "gflop_per_step": gflop, "peak_gflops": peak}
     result["rows"] = rows
-    write_json(Path(f"{out}.json"), result)
     columns = [
         ("peer", "peer", ""),
         ("median_ms", "ms / step (median)", ".1f"),
@@ -196,13 +244,12 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
         ("of_peak", "of matmul peak", ".0%"),
     ]
     table = markdown_table(rows, columns)
-    write_text(
-        Path(f"{out}.md"),
+    text = (
         f"# One full-chain step, batch {batch}, {cfg.img_resolution}x{cfg.img_resolution}\n\n`{command}`\n\n"
         f"{gflop:.2f} GFLOP per step; matmul peak {peak:.0f} GFLOP/s; {rounds} rounds x {reps} calls per peer.\n\n"
-        f"{table}\n",
+        f"{table}\n"
     )
-    print(table)
+    save_results(out, result, text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sample quality of exported LEGO engines: FID / KID in a small classifier's feature space.
 
-    python benchmarks/quality.py --engines engines/ --num 2000 --steps 18
+    python benchmarks/quality.py --engines engines/ --num 2000 --steps 18 --out benchmarks/results/quality
     python benchmarks/quality.py --quick
 
 No Inception weights are available offline, so the features are those of a small Fashion-MNIST CNN
@@ -9,7 +9,7 @@ trained by this script (deterministic seed; weights kept in benchmarks/classifie
   - per-class accuracy of generated images for the class they were asked for (does conditioning work?);
   - a sweep of --t-break (fraction of the trajectory without the last brick): FID, KID and seconds per
     image, with the same noise for every point, the shape of the paper's skip figure.
-Writes benchmarks/results/quality.{json,md,png}.
+Prints the report; with --out PREFIX also writes PREFIX.json, PREFIX.md and PREFIX.png.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -24,11 +25,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, one_line_errors, out_option, save_figure, save_results  # noqa: E402
 
 from lego_export.fid import fid  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
-from lego_train.data import load_dataset, load_idx_dir  # noqa: E402
+from lego_train.data import FASHION_MNIST_DIR, load_idx_dir  # noqa: E402
 
 CLASSIFIER = Path(__file__).resolve().parent / "classifier" / "fmnist-cnn.safetensors"
 
@@ -63,8 +64,8 @@ def to_input(images_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_uint8).float() / 127.5 - 1
 
 
-def train_classifier(epochs: int = 3, seed: int = 0) -> Classifier:
-    data = load_dataset("fashion-mnist")
+def train_classifier(epochs: int = 3, seed: int = 0, data_dir: Path = FASHION_MNIST_DIR) -> Classifier:
+    data = load_idx_dir(data_dir, split="train")
     torch.manual_seed(seed)
     model = Classifier()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -82,14 +83,16 @@ def train_classifier(epochs: int = 3, seed: int = 0) -> Classifier:
     return model.eval()
 
 
-def load_classifier(retrain: bool) -> Classifier:
+def load_classifier(retrain: bool, data_dir: Path = FASHION_MNIST_DIR) -> Classifier:
+    """The committed classifier (benchmarks/classifier/), or with retrain one trained on data_dir
+    and saved there (the committed weights replaced: only when asked)."""
     from safetensors.torch import load_file, save_file
 
     if CLASSIFIER.is_file() and not retrain:
         model = Classifier()
         model.load_state_dict(load_file(str(CLASSIFIER)))
         return model.eval()
-    model = train_classifier()
+    model = train_classifier(data_dir=data_dir)
     CLASSIFIER.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(CLASSIFIER))
     return model
@@ -147,19 +150,26 @@ def plot(rows: list[dict], floor: float, path: Path) -> None:
 @click.option("--t-breaks", default="0,0.2,0.3,0.4,0.5,0.7,1", show_default=True)
 @click.option("--batch", default=64, show_default=True)
 @click.option("--quick", is_flag=True, help="200 images, 3 sweep points.")
-@click.option("--retrain-classifier", is_flag=True)
-@click.option("--out", default="benchmarks/results", show_default=True)
-def main(engines, num, steps, t_breaks, batch, quick, retrain_classifier, out) -> None:
+@click.option(
+    "--retrain-classifier", is_flag=True, help="Train the classifier again and replace benchmarks/classifier/'s."
+)
+@click.option(
+    "--data", default=str(FASHION_MNIST_DIR), show_default=True, help="Fashion-MNIST IDX folder (train and test)."
+)
+@out_option("benchmarks/results/quality")
+@one_line_errors
+def main(engines, num, steps, t_breaks, batch, quick, retrain_classifier, data, out) -> None:
+    """FID / KID and class accuracy of generated images against a --t-break sweep, and the real floor."""
     torch.set_num_threads(2)
     if quick:
         num, t_breaks = 200, "0,0.3,1"
-    classifier = load_classifier(retrain_classifier)
-    train = load_dataset("fashion-mnist")
-    test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
+    train = load_idx_dir(Path(data), split="train")  # first: a missing data set costs nothing
+    test = load_idx_dir(Path(data), split="test")
+    classifier = load_classifier(retrain_classifier, Path(data))
     test_feats, test_logits = features_and_logits(classifier, to_input(test.images))
     accuracy = float((test_logits.argmax(1) == test.labels).mean())
     rng = np.random.default_rng(0)
-    real_idx = rng.choice(len(train.images), max(num, 2000), replace=False)
+    real_idx = rng.choice(len(train.images), min(max(num, 2000), len(train.images)), replace=False)
     real_feats, _ = features_and_logits(classifier, to_input(train.images[real_idx]))
     floor = {"fid": fid(real_feats, test_feats), "kid": kid(real_feats, test_feats), "num": len(real_idx)}
     click.echo(f"classifier test accuracy {accuracy:.3f}; real-vs-real FID {floor['fid']:.3f}", err=True)
@@ -192,7 +202,7 @@ def main(engines, num, steps, t_breaks, batch, quick, retrain_classifier, out) -
             err=True,
         )
 
-    results = {
+    results: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv),
         "machine": machine(),
         "engines": str(engines),
@@ -201,9 +211,6 @@ def main(engines, num, steps, t_breaks, batch, quick, retrain_classifier, out) -
         "real_vs_real": floor,
         "sweep": rows,
     }
-    out_dir = Path(out)
-    name = "quality-quick" if quick else "quality"
-    write_json(out_dir / f"{name}.json", results)
     full = next((r for r in rows if r["t_break"] == 0), None)
     lines = [
         f"# Quality ({results['machine']['cpu']})",
@@ -234,13 +241,7 @@ def main(engines, num, steps, t_breaks, batch, quick, retrain_classifier, out) -
             "FID relative to the full chain: "
             + ", ".join(f"t-break {r['t_break']:.1f}: {r['fid'] / full['fid']:.2f}x" for r in rows),
         ]
-    text = "\n".join(lines) + "\n"
-    write_text(out_dir / f"{name}.md", text)
-    try:
-        plot(rows, floor["fid"], out_dir / f"{name}.png")
-    except ImportError:
-        click.echo("matplotlib not installed: no plot", err=True)
-    click.echo(text)
+    save_results(out, results, "\n".join(lines) + "\n", lambda path: plot(rows, floor["fid"], path))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Full-size LEGO geometries: export, engine sizes, peak memory and one denoiser evaluation on this machine.
 
-    python benchmarks/scale.py                          # pg-paper-l-64, pr-paper-l-64, u-paper-xl-32, dit-paper-xl
+    python benchmarks/scale.py --out benchmarks/results/scale   # the four default presets (below)
+    python benchmarks/scale.py --preset pg-tiny --reps 1 --batches 1   # a smoke run, under a minute
     python benchmarks/scale.py --preset pg-paper-l-64:3 --max-batch 2 --batches 1,2 --reps 3
 
 For each preset (NAME[:CHANNELS], 1000 classes; 3 channels for the 64 x 64 pixel models, 4 for the
@@ -15,11 +16,13 @@ For each preset (NAME[:CHANNELS], 1000 classes; 3 channels for the 64 x 64 pixel
 Also, without exporting: the fp32 parameter bytes of every brick of every published geometry against
 ONNX's 2 GiB protobuf limit per file. dit-paper-xl (the one-brick DiT-XL/2 baseline, 2.69 GB in one brick)
 is in the default list as a probe of that limit: its export is expected to fail, and where it fails is
-recorded. --merge replaces only the given presets in an existing scale.json (to redo one preset).
+recorded. --merge replaces only the given presets in an existing OUT.json (to redo one preset).
 
 The export's largest N is --max-batch images' worth of tiles: verification runs PyTorch and ONNX Runtime
 at N = 1, 3 and that maximum for both graphs of every brick, and one 64 x 64 tile of a width-1024
-brick costs about 0.36 TFLOP. Writes benchmarks/results/scale.{json,md}.
+brick costs about 0.36 TFLOP. Prints the report; with --out PREFIX also writes PREFIX.json and PREFIX.md.
+A preset that fails exits non-zero (after the report), unless it is one whose largest brick the
+protobuf check puts over the limit and it fails at export, as expected.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, one_evaluation, one_line_errors, out_option, save_results, write_text  # noqa: E402
 
 PROTOBUF_LIMIT = 2**31  # bytes: one serialised ONNX ModelProto must stay below 2 GiB
 # dit-paper-xl (the one-brick DiT-XL/2 baseline) is the one preset whose brick passes 2 GiB: a probe of the limit.
@@ -148,7 +152,7 @@ def phase_checkpoint(name: str, channels: int, work: Path, seed: int) -> dict:
 def phase_export(work: Path, max_batch: int, opt_batch: int, fuse: bool) -> dict:
     from lego_export.export.build import BuildOptions, build
 
-    events = []
+    events: list[dict[str, Any]] = []
     start = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -232,10 +236,9 @@ def phase_run(work: Path, batches: list[int], reps: int, seed: int) -> dict:
         onehot = np.eye(cfg.num_classes, dtype=np.float32)[rng.integers(0, cfg.num_classes, size=batch)]
         xa, oa = a.from_numpy(x), a.from_numpy(onehot)
         full = None
-        for used in (bricks, bricks - 1):
+        for used in [k for k in (bricks, bricks - 1) if k >= 1]:  # a one-brick model has nothing to skip
             plan = StepPlan(0, sigma, used, (0, 0))
             out = a.to_numpy(pipe.denoise(xa, sigma, plan, oa))  # warm-up
-            timing = pipe.reset_timing()
             samples = []
             load = OtherLoad()
             load.start()
@@ -244,6 +247,7 @@ def phase_run(work: Path, batches: list[int], reps: int, seed: int) -> dict:
                 out = a.to_numpy(pipe.denoise(xa, sigma, plan, oa))
                 samples.append(time.perf_counter() - t0)
             other = load.stop()
+            timing = one_evaluation(pipe, used, batch, seed=seed).timing  # the same work, its engine calls timed
             median = float(np.median(samples))
             gflop = batch * sum(flops[:used]) / 1e9
             rows.append(
@@ -343,7 +347,7 @@ def gib(n: int | None) -> float | None:
     return None if n is None else n / 2**30
 
 
-def write_markdown(path: Path, data: dict) -> None:
+def markdown(data: dict) -> str:
     versions = data["machine"]["versions"]
     lines = [
         "# Full-size LEGO geometries on this machine",
@@ -516,7 +520,20 @@ def write_markdown(path: Path, data: dict) -> None:
             ],
         )
     )
-    write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def failures(presets: list[dict], over_limit: set[str]) -> list[str]:
+    """One line per preset that failed, but for an export failure of a preset over the protobuf limit
+    (expected: that is what the probe is for)."""
+    lines = []
+    for p in presets:
+        status = p.get("status")
+        if status is None or (status.startswith("export failed") and p["preset"] in over_limit):
+            continue
+        phase = (p.get(status.split()[0]) or {}) if status else {}
+        lines.append(f"{p['preset']}: {status}" + (f": {phase['error']}" if phase.get("error") else ""))
+    return lines
 
 
 @click.command()
@@ -534,11 +551,15 @@ def write_markdown(path: Path, data: dict) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--work", default=None, help="Folder for checkpoints and engines (default: a temporary folder).")
 @click.option("--keep", is_flag=True, help="Keep each preset's checkpoint and engines.")
-@click.option("--out", default="benchmarks/results", show_default=True)
-@click.option("--merge", is_flag=True, help="Replace only these presets in an existing scale.json, keep the others.")
+@out_option("benchmarks/results/scale")
+@click.option("--merge", is_flag=True, help="Replace only these presets in an existing OUT.json, keep the others.")
 @click.option("--phase", type=click.Choice(["checkpoint", "export", "run"]), default=None, hidden=True)
 @click.option("--result", default=None, hidden=True)
+@one_line_errors
 def main(presets, max_batch, opt_batch, no_fuse, batches, reps, seed, work, keep, out, merge, phase, result) -> None:
+    """Full-size geometries: export, engine sizes, peak memory and one denoiser evaluation."""
+    if merge and out is None:
+        raise click.UsageError("--merge replaces presets in OUT.json: give --out PREFIX")
     opt_batch = opt_batch or max_batch
     batch_list = [int(b) for b in batches.split(",") if b]
     if phase is not None:  # a child process: one phase of one preset
@@ -608,7 +629,6 @@ def main(presets, max_batch, opt_batch, no_fuse, batches, reps, seed, work, keep
     if not work and not keep:
         shutil.rmtree(root, ignore_errors=True)
 
-    out_dir = Path(out)
     run = {
         "command": command,
         "options": options,
@@ -616,24 +636,27 @@ def main(presets, max_batch, opt_batch, no_fuse, batches, reps, seed, work, keep
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
-    runs = []
-    if merge and (out_dir / "scale.json").exists():
-        previous = json.loads((out_dir / "scale.json").read_text())
+    runs, this_run = [], {p["preset"] for p in results}
+    if merge and Path(f"{out}.json").exists():
+        previous = json.loads(Path(f"{out}.json").read_text())
         runs = previous.get("runs", [])
         names = {r["preset"] for r in results}
         kept = [p for p in previous.get("presets", []) if p["preset"] not in names]
         order = [p["preset"] for p in previous.get("presets", [])]
         results = sorted(kept + results, key=lambda p: order.index(p["preset"]) if p["preset"] in order else len(order))
+    check = protobuf_check()
     data = {
         "machine": machine(),
         "runs": [*runs, run],
         "protobuf_limit_bytes": PROTOBUF_LIMIT,
         "presets": results,
-        "protobuf_check": protobuf_check(),
+        "protobuf_check": check,
     }
-    write_json(out_dir / "scale.json", data)
-    write_markdown(out_dir / "scale.md", data)
-    print(f"wrote {out_dir / 'scale.json'} and {out_dir / 'scale.md'}", file=sys.stderr)
+    save_results(out, data, markdown(data))
+    ran = [p for p in results if p["preset"] in this_run]  # with --merge: not the kept presets' old failures
+    failed = failures(ran, {r["preset"] for r in check if r["over_limit"]})
+    if failed:
+        raise click.ClickException(f"{len(failed)} preset(s) failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """lego-serve against a one-request-at-a-time server, both over HTTP, under the same Poisson load.
 
-    python benchmarks/serve.py --engines engines          # full run, about 13 minutes on 2 quiet cores
+    python benchmarks/serve.py --engines engines --out benchmarks/results/serve   # about 13 minutes on 2 quiet cores
     python benchmarks/serve.py --requests 8 --rates 0.6   # a smoke run, about 2 minutes
 
 Two servers answer the same API (POST /v1/images, the same body, parsed by the same
@@ -25,8 +25,12 @@ tiles per engine call and fill ratio (over the chunk it aims at), the scheduler'
 throughput ratio (lego-serve / baseline), the targets (that ratio at least 2; lego-serve's p99 no
 worse than the baseline's at every Poisson rate; the scheduler under 5% of tick time), and the
 largest difference between served images and LegoPipeline's offline images for the first --check
-requests. The run stops at --time-limit (20 minutes), noting what it left out.
-Writes OUT.json, OUT.md and OUT.png (throughput and p99 latency against the offered rate).
+requests. A load pattern starts only if it can end within --time-limit (20 minutes: its last
+arrival plus the time the server took to answer the whole workload at once); what is left out is
+noted. Once started, a pattern's requests are answered however long they wait (up to 15 minutes
+each), so that no row is lost to the time limit midway.
+Prints the report; with --out PREFIX also writes PREFIX.json, PREFIX.md and PREFIX.png (throughput and
+p99 latency against the offered rate). A run in which requests failed exits non-zero after the report.
 """
 
 import io
@@ -43,7 +47,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, one_line_errors, out_option, save_figure, save_results  # noqa: E402
 
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
@@ -54,6 +58,9 @@ from lego_export.serve.validation import Limits, RequestError, parse_body, parse
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE, LEGO = "baseline", "lego-serve"
 SATURATION = "all at once"
+# A request waits this long for its answer whatever the run's --time-limit: a request queued behind
+# the others may take the whole workload's time. An answer later than this is a stuck server.
+REQUEST_TIMEOUT_S = 900.0
 
 
 # -- the workload ---------------------------------------------------------------------------------
@@ -177,9 +184,12 @@ class Server:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"{kind} did not start")
+                raise RuntimeError(f"{kind} did not start (exit {self.process.returncode}; its error is above)")
             time.sleep(0.2)
-        self.http.post("/v1/images", json={"steps": 2, "format": "npz"})  # warm-up: sessions allocate
+        warm = self.http.post("/v1/images", json={"steps": 2, "format": "npz"})  # warm-up: sessions allocate
+        if warm.status_code != 200:
+            self.close()
+            raise RuntimeError(f"{kind} answered its warm-up request with {warm.status_code}: {warm.text[:200]}")
 
     def metrics(self) -> dict[str, float]:
         if self.kind != LEGO:
@@ -205,10 +215,10 @@ class Server:
 # -- one load pattern against one server ----------------------------------------------------------
 
 
-def send_all(server: Server, bodies: list[dict], arrivals: list[float], deadline: float):
+def send_all(server: Server, bodies: list[dict], arrivals: list[float], timeout: float = REQUEST_TIMEOUT_S):
     """Send request i at arrivals[i] seconds from now, each from its own thread, and wait for every
-    answer (or the deadline, time.monotonic()). Latencies (None where unanswered), images (npz
-    bodies decoded), the time from start to the last answer, and the errors."""
+    answer, each for up to timeout seconds. Latencies (None where unanswered), images (npz bodies
+    decoded), the time from start to the last answer, and the errors (one per unanswered request)."""
     import httpx
 
     n = len(bodies)
@@ -223,7 +233,7 @@ def send_all(server: Server, bodies: list[dict], arrivals: list[float], deadline
             time.sleep(delay)
         sent = time.perf_counter()
         try:
-            response = server.http.post("/v1/images", json=bodies[i], timeout=max(1.0, deadline - time.monotonic()))
+            response = server.http.post("/v1/images", json=bodies[i], timeout=timeout)
         except httpx.HTTPError as e:
             errors.append(f"request {i}: {type(e).__name__}")
             return
@@ -236,8 +246,10 @@ def send_all(server: Server, bodies: list[dict], arrivals: list[float], deadline
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
+    last = start + max(arrivals, default=0.0) + timeout + 5.0  # every request sent and timed out by then
     for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        t.join(max(0.0, last - time.perf_counter()))
+    errors += [f"request {i}: no answer" for i, t in enumerate(threads) if t.is_alive()]
     return latencies, images, time.perf_counter() - start, errors
 
 
@@ -264,10 +276,16 @@ def engine_stats(before: dict, after: dict) -> dict:
     return out
 
 
-def measure(server: Server, bodies, arrivals, reference: list[np.ndarray], deadline: float) -> dict:
+def pattern_fits(arrivals: list[float], workload_s: float, left_s: float) -> bool:
+    """Whether a load pattern can end within the time left: its last arrival, plus the time the
+    server took to answer the whole workload sent at once (the longest its last request could wait)."""
+    return arrivals[-1] + workload_s <= left_s
+
+
+def measure(server: Server, bodies, arrivals, reference: list[np.ndarray]) -> dict:
     """One load pattern against one server: throughput, latency percentiles, batching, image check."""
     before = server.metrics()
-    latencies, images, makespan, errors = send_all(server, bodies, arrivals, deadline)
+    latencies, images, makespan, errors = send_all(server, bodies, arrivals)
     after = server.metrics()
     done = [x for x in latencies if x is not None]
     served = sum(b["num"] for b, x in zip(bodies, latencies, strict=True) if x is not None)
@@ -440,10 +458,16 @@ def report(data: dict) -> str:
 @click.option("--order", type=click.Choice(ORDERS), default="slack", show_default=True, help="lego-serve's --order.")
 @click.option("--align/--no-align", default=True, show_default=True, help="lego-serve's --align (with --order merge).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True, help="lego-serve's --calibrate.")
-@click.option("--time-limit", default=1200.0, show_default=True, help="Seconds for the whole run; then it stops.")
+@click.option(
+    "--time-limit",
+    default=1200.0,
+    show_default=True,
+    help="Seconds for the whole run: no load pattern starts that could not end within it.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
-@click.option("--out", default="benchmarks/results/serve", show_default=True, help="Writes OUT.json, .md, .png.")
+@out_option("benchmarks/results/serve")
+@one_line_errors
 def main(
     engines, backend, threads, n, rates, mix, check, max_active, order, align, calibrate, time_limit, seed, small, out
 ) -> None:
@@ -471,12 +495,16 @@ def main(
     patterns: list[tuple[str, float, list[float]]] = []  # Poisson: name, offered images/s, arrival times
 
     def run(server: Server, name: str, offered: float | None, arrivals: list[float]) -> bool:
-        """Measure one pattern into rows; False when the run must stop (time limit, failed requests)."""
-        if arrivals[-1] > deadline - time.monotonic():
+        """Measure one pattern into rows; False when the run must stop (time limit, failed requests).
+        A pattern starts only if it can end in time, its requests then answered however long they
+        take: a pattern cut short by the time limit would lose its row."""
+        done = [r["makespan_s"] for r in rows if r["arrivals"] == SATURATION and r["server"] in (server.kind, BASELINE)]
+        workload_s = done[-1] if done else 0.0  # this server's own saturation run, else the baseline's
+        if not pattern_fits(arrivals, workload_s, deadline - time.monotonic()):
             notes.append(f"{server.kind}, {name}: not run, the time limit would run out")
             return False
         print(f"{server.kind}: {name} ...", flush=True)
-        row = measure(server, bodies, arrivals, reference, deadline)
+        row = measure(server, bodies, arrivals, reference)
         rows.append({"server": server.kind, "arrivals": name, "offered_images_per_s": offered, **row})
         p50, p99 = row["p50_s"] or 0.0, row["p99_s"] or 0.0
         print(f"  {row['images_per_s']:.2f} images/s, p50 {p50:.2f} s, p99 {p99:.2f} s", flush=True)
@@ -524,14 +552,14 @@ def main(
         },
     }
     data["targets"] = targets(rows, ratio)
-    write_json(Path(out + ".json"), data)
-    text = report(data)
-    write_text(Path(out + ".md"), text)
-    try:
-        plot(rows, Path(out + ".png"))
-    except ImportError:
-        click.echo("matplotlib not installed: no plot (pip install matplotlib)", err=True)
-    print(text)
+    save_results(out, data, report(data), lambda path: plot(rows, path))
+    failed = [r for r in rows if r["errors"]]
+    if failed:
+        first = failed[0]
+        raise click.ClickException(
+            f"{sum(len(r['errors']) for r in failed)} requests failed ({first['server']}, {first['arrivals']}: "
+            f"{first['errors'][0]})"
+        )
 
 
 if __name__ == "__main__":

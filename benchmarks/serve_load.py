@@ -1,6 +1,6 @@
 """Deadlines under load: a one-at-a-time server against lego-serve, exact and elastic.
 
-    python benchmarks/serve_load.py --engines engines        # about 30 minutes on 2 cores (45 with --requests 200)
+    python benchmarks/serve_load.py --engines engines --out benchmarks/results/serve-load   # about 30 min on 2 cores
 
 Every request carries a deadline: --slo times the median service time alone of its kind (canvas
 and image count; measured first, one request at a time on the one-at-a-time server). C_FIFO is the
@@ -28,8 +28,8 @@ ladder's images (benchmarks/ladder.py, 2,000 per rung): the FID of one set of 2,
 rung has the share of the requests it served (its images of disjoint noise, as distinct requests
 are), and the class accuracy weighted likewise. Also the cost model's error: lego-serve's predicted
 service time of each request alone against its measured service time alone (the median of 3 runs
-of each). Writes OUT.json, OUT.md and OUT.png (deadline attainment and served FID against offered
-load; `--replot` redraws it from OUT.json).
+of each). Prints the report; with --out PREFIX also writes PREFIX.json, PREFIX.md and PREFIX.png
+(deadline attainment and served FID against offered load; `--replot` redraws it from PREFIX.json).
 """
 
 from __future__ import annotations
@@ -45,7 +45,15 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, save_figure, write_json, write_text  # noqa: E402
+from common import (  # noqa: E402
+    machine,
+    markdown_table,
+    one_line,
+    one_line_errors,
+    out_option,
+    save_figure,
+    save_results,
+)
 from serve import BASELINE, LEGO, Server, poisson_arrivals  # noqa: E402
 
 from lego_export.errors import LegoError  # noqa: E402
@@ -95,7 +103,9 @@ def workload(n: int, seed: int, num_classes: int, sides: tuple[str, ...]) -> lis
 
 def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict]:
     """Send request i at arrivals[i]; per request: HTTP status, latency, its X-Lego-Run and (lego-serve)
-    X-Lego-Timing's queued_s and service_s."""
+    X-Lego-Timing's queued_s and service_s (status None and the error where no answer came)."""
+    import httpx
+
     out: list[dict] = [{} for _ in bodies]
     start = time.perf_counter()
 
@@ -104,7 +114,11 @@ def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict
         if delay > 0:
             time.sleep(delay)
         sent = time.perf_counter()
-        r = server.http.post("/v1/images", json=bodies[i], timeout=600)
+        try:
+            r = server.http.post("/v1/images", json=bodies[i], timeout=600)
+        except httpx.HTTPError as e:  # counted among other_errors, and the run exits non-zero
+            out[i] = {"status": None, "latency_s": time.perf_counter() - sent, "run": None, "error": one_line(e)}
+            return
         run = json.loads(r.headers["X-Lego-Run"]) if "X-Lego-Run" in r.headers else None
         timing = json.loads(r.headers["X-Lego-Timing"]) if "X-Lego-Timing" in r.headers else {}
         out[i] = {"status": r.status_code, "latency_s": time.perf_counter() - sent, "run": run, **timing}
@@ -117,6 +131,13 @@ def send(server: Server, bodies: list[dict], arrivals: list[float]) -> list[dict
     for t in threads:
         t.join(900)
     return out
+
+
+def answered(response):
+    """A response that must be a 200 (a request alone, with no deadline), else a one-line failure."""
+    if response.status_code != 200:
+        raise click.ClickException(f"a request alone got {response.status_code}: {response.text[:200]}")
+    return response
 
 
 def attainment(answers: list[dict], bodies: list[dict]) -> float:
@@ -340,15 +361,18 @@ def plot(data: dict, path: Path) -> None:
     "--c-fifo", "given_c_fifo", default=None, type=float, callback=positive_rate,
     help="Use this C_FIFO (requests/s); no search.",
 )  # fmt: skip
-@click.option("--out", default="benchmarks/results/serve-load", show_default=True)
+@out_option("benchmarks/results/serve-load")
 @click.option("--replot", is_flag=True, help="Only redraw OUT.png from OUT.json.")
 @click.option("--servers", default="baseline,exact,elastic", show_default=True, help="Which servers to load.")
+@one_line_errors
 def main(
     engines, backend, threads, n, slo, loads, ladder_json, rounds, probes, seed, small, max_active, streams,
     given_c_fifo, out, replot, servers,
 ):  # fmt: skip
     """C_FIFO, then each server at multiples of it: deadline attainment, refusals, rungs, quality."""
     if replot:
+        if out is None:
+            raise click.UsageError("--replot redraws PREFIX.png from PREFIX.json: give --out PREFIX")
         try:
             data = json.loads(Path(out + ".json").read_text())
         except (OSError, ValueError) as e:
@@ -386,7 +410,7 @@ def main(
         alone_each = []
         for body in bodies:
             start = time.perf_counter()
-            assert base.http.post("/v1/images", json=body, timeout=600).status_code == 200
+            answered(base.http.post("/v1/images", json=body, timeout=600))
             alone_each.append(time.perf_counter() - start)
         # Each request is due slo x the median time alone of its kind (canvas, images): one noisy
         # measurement must not make a request's deadline tighter than its kind's.
@@ -401,7 +425,7 @@ def main(
         # 2. C_FIFO by bisection between 0 and the baseline's capacity, each rate offered as the loads
         # are below (the same arrivals, in the same blocks, each block begun on an idle server): a
         # trace sent unbroken, or other arrivals, keep fewer requests in time than the loads' blocks
-        # at the same rate, which put the one-at-a-time server's own limit at 1.5-2x "C_FIFO".
+        # at the same rate, so a C_FIFO probed that way would make every load lighter than it says.
         blocks = [b for b in np.array_split(np.arange(n), rounds) if len(b)]  # rounds > n: n blocks
         unit = poisson_arrivals(n, 1.0, np.random.default_rng(seed + 2))  # the arrivals at 1 request/s
 
@@ -430,16 +454,17 @@ def main(
             # sent to lego-serve REPEATS times: one run's time scatters with the machine's jitter,
             # which no prediction can follow; the median of the repeats is the request's service time.
             errors, paced_errors, latency_errors, single_errors, jitter = [], [], [], [], []
-            lego_alone_each, base_alone_each = {}, {}
+            lego_alone_each: dict[str, list[float]] = {}
+            base_alone_each: dict[str, list[float]] = {}
             for body in bodies[: min(n, 40)]:
                 start = time.perf_counter()
-                assert base.http.post("/v1/images", json=body, timeout=600).status_code == 200
+                answered(base.http.post("/v1/images", json=body, timeout=600))
                 base_alone_each.setdefault(body["resolution"], []).append(time.perf_counter() - start)
                 services, latencies = [], []
                 for _ in range(REPEATS):
                     start = time.perf_counter()
                     asked = {**body, "quality": "exact", "deadline_s": None}
-                    r = lego.http.post("/v1/images", json=asked, timeout=600)
+                    r = answered(lego.http.post("/v1/images", json=asked, timeout=600))
                     latencies.append(time.perf_counter() - start)
                     record = json.loads(r.headers["X-Lego-Run"])
                     services.append(json.loads(r.headers["X-Lego-Timing"])["service_s"])  # slot to answer
@@ -510,7 +535,6 @@ def main(
         "fid_full_quality": full_fid,  # the FID served counts against: rung 0's images alone, scored the same way
         "rows": results,
     }
-    write_json(Path(out + ".json"), data)
     columns = [("server", "server", "s"), ("quality", "quality", "s"), ("load", "x C_FIFO", ".1f"),
                ("within_deadline", "within deadline", ".1%"), ("refused", "refused", ".1%"),
                ("expired", "expired", ".1%")]  # fmt: skip
@@ -571,12 +595,10 @@ def main(
             "",
         ]
     )
-    write_text(Path(out + ".md"), text)
-    print(text)
-    try:
-        plot(data, Path(out + ".png"))
-    except ImportError:
-        click.echo("matplotlib not installed: no plot (pip install -e '.[bench]')", err=True)
+    save_results(out, data, text, lambda path: plot(data, path))
+    failed = sum(r["other_errors"] for r in results)
+    if failed:
+        raise click.ClickException(f"{failed} requests failed (neither answered, refused nor expired): see the rows")
 
 
 if __name__ == "__main__":

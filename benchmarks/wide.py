@@ -1,6 +1,6 @@
 """Canvases larger than the training size: does each part hold a whole object, and are there seams?
 
-    python benchmarks/wide.py --engines engines/ --num 300 --canvases 32x96,64x64
+    python benchmarks/wide.py --engines engines/ --num 300 --canvases 32x96,64x64 --out benchmarks/results/wide
 
 For every canvas, with the moving tile grid on and off, images are generated with one class each
 and cut into cells of the training size. Reported per setting:
@@ -11,7 +11,7 @@ and cut into cells of the training size. Reported per setting:
   - seam ratio: mean |difference| between the two pixel columns (rows) that meet at a cell border,
     over the same mean for every pair of neighbouring columns (rows). Above 1, the borders stand
     out; a seam-free picture is near or below 1 (real garments on a black background give 0 there).
-Writes benchmarks/results/wide.{json,md}.
+Prints the report; with --out PREFIX also writes PREFIX.json and PREFIX.md.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_json, write_text  # noqa: E402
+from common import machine, markdown_table, one_line_errors, out_option, save_results  # noqa: E402
 from quality import features_and_logits, fid, load_classifier, to_input  # noqa: E402
 
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.tiling import tile  # noqa: E402
-from lego_train.data import load_idx_dir  # noqa: E402
+from lego_train.data import FASHION_MNIST_DIR, load_idx_dir  # noqa: E402
 
 
 def seam_ratio(images: np.ndarray, size: int) -> float:
@@ -51,11 +51,16 @@ def seam_ratio(images: np.ndarray, size: int) -> float:
 @click.option("--steps", default=18, show_default=True, help="EDM Heun steps.")
 @click.option("--canvases", default="32x96,64x64", show_default=True)
 @click.option("--batch", default=16, show_default=True)
-@click.option("--out", default="benchmarks/results", show_default=True)
-def main(engines, num, steps, canvases, batch, out) -> None:
+@click.option(
+    "--data", default=str(FASHION_MNIST_DIR), show_default=True, help="Fashion-MNIST IDX folder (its test images)."
+)
+@out_option("benchmarks/results/wide")
+@one_line_errors
+def main(engines, num, steps, canvases, batch, data, out) -> None:
+    """Cell FID, cell class accuracy and seam ratio of canvases larger than the training size."""
     torch.set_num_threads(2)
     classifier = load_classifier(retrain=False)
-    test = load_idx_dir(Path("/usr/share/datasets/fashion-mnist"), split="test")
+    test = load_idx_dir(Path(data), split="test")
     test_feats, _ = features_and_logits(classifier, to_input(test.images))
     pipe = LegoPipeline.from_engines(engines, "onnxruntime")
     size = pipe.resolution
@@ -100,8 +105,6 @@ def main(engines, num, steps, canvases, batch, out) -> None:
         "steps": steps,
         "rows": rows,
     }
-    out_dir = Path(out)
-    write_json(out_dir / "wide.json", results)
     text = "\n".join(
         [
             f"# Larger canvases ({results['machine']['cpu']})",
@@ -125,8 +128,7 @@ def main(engines, num, steps, canvases, batch, out) -> None:
             ),
         ]
     )
-    write_text(out_dir / "wide.md", text + "\n")
-    click.echo(text)
+    save_results(out, results, text + "\n")
 
 
 if __name__ == "__main__":

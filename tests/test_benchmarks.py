@@ -1,5 +1,8 @@
-"""The measuring sticks of benchmarks/: they must tell apart what differs and agree on what does not."""
+"""The measuring sticks of benchmarks/: they must tell apart what differs and agree on what does not;
+and every script answers --help, runs end to end in a small mode on tiny engines, writes files only
+where --out says, and fails in one line with a non-zero exit."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +11,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY_ENGINES, TINY_CKPT = FIXTURES / "tiny-engines", FIXTURES / "tiny-pg.safetensors"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import markdown_table, save_figure, time_calls  # noqa: E402
@@ -198,3 +204,461 @@ def test_serve_benchmark_refuses_lego_serve_options_lego_serve_would_refuse():
 
     result = CliRunner().invoke(main, ["--engines", "/nonexistent", "--no-align"])
     assert result.exit_code == 2 and "align applies to order merge only" in result.output, result.output
+
+
+# -- every script: --help, a smoke run on tiny engines, files only where --out says, one-line failures --
+
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")  # common.py: helpers, no script
+COMMITTED = (BENCH / "results", BENCH / "classifier")
+# The names the scripts tested here used to write under benchmarks/results/ by default. Other files
+# there (frontier.py's, ladder.py's) may be rewritten meanwhile by runs outside this test.
+OWN_RESULTS = ("latency", "quality", "wide", "peers", "streams", "fusions", "op_profile", "scale", "serve", "gpu")
+
+
+def committed_files() -> dict[str, tuple[int, int]]:
+    return {
+        str(f.relative_to(ROOT)): (f.stat().st_mtime_ns, f.stat().st_size)
+        for folder in COMMITTED
+        for f in folder.rglob("*")
+        if f.is_file() and (folder.name == "classifier" or f.name.startswith(OWN_RESULTS))
+    }
+
+
+@pytest.fixture
+def committed_untouched():
+    """Nothing under benchmarks/classifier/, nor any of these scripts' results under
+    benchmarks/results/, is written or added (files removed meanwhile are not the benchmark's doing)."""
+    before = committed_files()
+    yield
+    after = committed_files()
+    changed = sorted(k for k in after if after[k] != before.get(k))
+    assert not changed, f"a benchmark wrote {changed}"
+
+
+def bench(script: str, *args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python benchmarks/SCRIPT ARGS from cwd (a relative default path would land there, not in the repo)."""
+    cmd = [sys.executable, str(BENCH / script), *(str(a) for a in args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def results(prefix: Path) -> dict:
+    """PREFIX.json, after checking that PREFIX.md was written beside it."""
+    assert Path(f"{prefix}.md").is_file()
+    return json.loads(Path(f"{prefix}.json").read_text())
+
+
+def test_the_scripts_are_all_found():
+    assert {"latency.py", "scale.py", "serve.py", "frontier.py", "ladder.py", "gpu_check.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_answers_help_and_writes_nothing(script, tmp_path, committed_untouched):
+    proc = ok(bench(script, "--help", cwd=tmp_path, timeout=120))
+    assert proc.stdout.startswith("Usage:") and "--help" in proc.stdout, proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_check_sh_answers_help(tmp_path):
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "gpu_check.sh [CHECKPOINT] [JSON_OUT]" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_latency_quick_on_the_tiny_engines(tmp_path, committed_untouched):
+    out = tmp_path / "latency"
+    args = ["--quick", "--engines", TINY_ENGINES, "--ckpt", TINY_CKPT, "--out", out]
+    proc = ok(bench("latency.py", *args, cwd=tmp_path))
+    data = results(out)
+    assert [r["brick"] for r in data["bricks"]] == ["brick0", "brick1", "brick2"]
+    assert all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["gflop_per_call"] > 0 for r in data["bricks"])
+    steps = data["steps"]
+    assert sorted(r["bricks"] for r in steps) == [1, 2, 3]
+    assert all(r["ort_ms"] > 0 and 0 < r["overhead_fraction"] < 1 for r in steps)  # from the calls' Timing
+    full, late = data["samples"]
+    assert full["flops_saved"] == 0 < late["flops_saved"] and late["ort_s_per_image"] > 0
+    assert len(data["targets"]) == 4
+    assert f"| 32x32 | 16 | 3 | {next(r for r in steps if r['bricks'] == 3)['ort_ms']:.1f} |" in proc.stdout
+    assert {p.name for p in tmp_path.iterdir()} <= {"latency.json", "latency.md", "latency.png"}
+
+
+def test_one_evaluation_is_one_denoiser_call_on_the_asked_prefix():
+    """The helper latency.py and scale.py time engine calls with: exactly D(x; sigma_max) from the
+    first k bricks, each engine called once, recorded in the call's Timing."""
+    from common import one_evaluation
+
+    from lego_export.edm import initial_noise
+    from lego_export.plan import StepPlan
+    from lego_export.runtime.pipeline import LegoPipeline
+
+    pipe = LegoPipeline.from_engines(TINY_ENGINES, "onnxruntime", threads=1)
+    sigma = pipe.edm.sigma_max
+    x = initial_noise(0, [0, 1], (pipe.channels, pipe.resolution, pipe.resolution)) * sigma
+    for k in (3, 2, 1):
+        result = one_evaluation(pipe, k, 2)
+        assert result.timing.engine_calls == {"embedder": 1, **{f"brick{i}": 1 for i in range(k)}}
+        onehot = np.eye(pipe.num_classes, dtype=np.float32)[result.labels]
+        expected = np.clip(pipe.denoise(x, sigma, StepPlan(0, sigma, k, (0, 0)), onehot), -1, 1)
+        np.testing.assert_allclose(result.images, expected, atol=1e-4)
+
+
+def test_scale_on_the_tiny_preset(tmp_path, committed_untouched):
+    out = tmp_path / "scale"
+    proc = ok(bench("scale.py", "--preset", "pg-tiny", "--reps", 1, "--batches", 1, "--out", out, cwd=tmp_path))
+    (preset,) = results(out)["presets"]
+    assert preset["preset"] == "pg-tiny" and "status" not in preset
+    steps = preset["run"]["steps"]
+    assert [(s["batch"], s["bricks"]) for s in steps] == [(1, 3), (1, 2)]
+    for s in steps:
+        assert s["median_s"] > 0 and s["output_finite"]
+        assert set(s["engine_ms_per_call"]) == {"embedder", *(f"brick{i}" for i in range(s["bricks"]))}
+        assert all(ms > 0 for ms in s["engine_ms_per_call"].values())
+    assert steps[1]["difference_to_full_chain_std"] > 0  # the skipped brick changed the estimate
+    assert "| pg-tiny | 4x16x16 |" in proc.stdout and "| ok |" in proc.stdout
+
+
+def test_scale_exits_non_zero_when_a_preset_fails_but_not_for_the_expected_probe():
+    from scale import failures
+
+    presets = [
+        {"preset": "pg-tiny", "status": "run failed (exit 1)", "run": None},
+        {"preset": "dit-paper-xl", "status": "export failed (exit 0)", "export": {"error": "ValueError: 2 GiB"}},
+        {"preset": "pg-s"},
+    ]
+    assert failures(presets, {"dit-paper-xl"}) == ["pg-tiny: run failed (exit 1)"]
+    assert failures(presets, set()) == [
+        "pg-tiny: run failed (exit 1)",
+        "dit-paper-xl: export failed (exit 0): ValueError: 2 GiB",
+    ]
+    presets[1]["status"] = "run failed (exit 1)"  # over the limit, yet exported: its run failing is a failure
+    assert len(failures(presets, {"dit-paper-xl"})) == 2
+
+
+def test_scale_run_in_which_a_phase_fails_reports_and_exits_non_zero(tmp_path, monkeypatch, committed_untouched):
+    """A preset's phase process that fails (here: every one) is in the report, and the run exits 1 in one line."""
+    import scale
+    from click.testing import CliRunner
+
+    monkeypatch.setattr(scale, "child", lambda phase, *args: (None, 0.1, 1))  # the phase's process exited 1
+    out = tmp_path / "scale"
+    result = CliRunner().invoke(scale.main, ["--preset", "pg-tiny", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == "Error: 1 preset(s) failed: pg-tiny: checkpoint failed (exit 1)"
+    assert results(out)["presets"][0]["status"] == "checkpoint failed (exit 1)"
+
+
+def test_peers_on_the_tiny_engines(tmp_path, committed_untouched):
+    out = tmp_path / "peers"
+    args = ["--engines", TINY_ENGINES, "--ckpt", TINY_CKPT, "--peers", "eager,ort-portable", "--rounds", 1]
+    proc = ok(bench("peers.py", *args, "--reps", 2, "--batch", 2, "--threads", 1, "--out", out, cwd=tmp_path))
+    data = results(out)
+    rows = {r["peer"]: r for r in data["rows"]}
+    assert set(rows) == {"eager", "ort-portable"} and data["gflop_per_step"] > 0
+    assert all(r["median_ms"] > 0 and r["gflops"] > 0 for r in rows.values())
+    assert min(r["vs_fastest"] for r in rows.values()) == 1.0
+    assert f"| ort-portable | {rows['ort-portable']['median_ms']:.1f} |" in proc.stdout
+
+
+def test_streams_on_the_tiny_engines(tmp_path, committed_untouched):
+    import os
+
+    out = tmp_path / "streams"
+    args = ["--engines", TINY_ENGINES, "--small", "--requests", 3, "--rounds", 1, "--out", out]
+    ok(bench("streams.py", *args, cwd=tmp_path))
+    configs = results(out)["configs"]
+    cores = os.cpu_count() or 2
+    assert [c["setup"] for c in configs] == [f"1 x {cores}", "1 x 1", f"{cores} x 1"]
+    assert configs[0]["vs_one"] == 1.0 and all(c["requests_per_s"] > 0 and c["median_request_s"] > 0 for c in configs)
+
+
+def test_fusions_prints_its_table_and_writes_nothing_by_default(tmp_path, committed_untouched):
+    args = ["--engines", TINY_ENGINES, "--ckpt", TINY_CKPT, "--images", 2, "--rounds", 2, "--threads", 1]
+    proc = ok(bench("fusions.py", *args, cwd=tmp_path))
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("brick")][1:]
+    assert [r[0] for r in rows] == ["brick0", "brick1", "brick2"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # torch and portable ONNX milliseconds
+    assert "results not written" in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_op_profile_shares_add_up(tmp_path, committed_untouched):
+    out = tmp_path / "ops"
+    proc = ok(bench("op_profile.py", "--engines", TINY_ENGINES, "--batch", 2, "--calls", 2, "--out", out, cwd=tmp_path))
+    rows = results(out)["rows"]
+    assert [r["brick"] for r in rows] == ["brick0", "brick1", "brick2", "all bricks"]
+    assert sum(r["share_of_step"] for r in rows[:3]) == pytest.approx(1.0)
+    for r in rows:
+        kinds = [v for k, v in r.items() if k not in ("brick", "share_of_step")]
+        assert sum(kinds) == pytest.approx(1.0) and r["attention"] > 0
+    assert "| all bricks | 100% |" in proc.stdout
+
+
+def test_gpu_check_on_the_cpu(tmp_path, committed_untouched):
+    out = tmp_path / "gpu.json"
+    proc = ok(bench("gpu_check.py", "--device", "cpu", "--quick", TINY_CKPT, out, cwd=tmp_path))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["chain"]) for r in rows] == [
+        ("torch fp32", "full"),
+        ("torch fp32", "skip last"),
+        ("onnxruntime fp32", "full"),
+        ("onnxruntime fp32", "skip last"),
+    ]
+    assert all(r["ms_per_step"] > 0 and r["canvas"] == "16x16" and r["batch"] == 1 for r in rows)
+    assert f"{rows[2]['ms_per_step']:>9.3f}" in proc.stdout
+
+
+def test_serve_on_the_tiny_engines(tmp_path, committed_untouched):
+    """Both servers, all at once and at a Poisson rate: every request answered, the same images as offline."""
+    out = tmp_path / "serve"
+    args = ["--engines", TINY_ENGINES, "--small", "--requests", 4, "--rates", "0.5", "--check", 2]
+    proc = ok(bench("serve.py", *args, "--out", out, cwd=tmp_path))
+    data = results(out)
+    rows = data["rows"]
+    assert [(r["server"], r["arrivals"]) for r in rows] == [
+        ("baseline", "all at once"),
+        ("baseline", "Poisson 50%"),
+        ("lego-serve", "all at once"),
+        ("lego-serve", "Poisson 50%"),
+    ]
+    for r in rows:
+        assert r["requests"] == 4 and r["errors"] == [] and r["images_per_s"] > 0
+        assert 0 < r["p50_s"] <= r["p99_s"] and r["images_checked"] == 2 and r["max_abs_diff_vs_offline"] < 1e-5
+    for r in rows[2:]:
+        assert r["engines"]["brick0"]["calls"] > 0 and 0 < r["engines"]["brick0"]["fill"] <= 1
+    assert data["summary"]["saturation_throughput_ratio"] > 0 and data["summary"]["notes"] == []
+    assert f"| lego-serve | Poisson 50% | {rows[3]['offered_images_per_s']:.2f} |" in proc.stdout
+
+
+class SlowServer:
+    """A server stand-in whose every answer takes `seconds`, honouring httpx's timeout as httpx does."""
+
+    def __init__(self, seconds: float):
+        import io
+        import types
+
+        buffer = io.BytesIO()
+        np.savez(buffer, images=np.zeros((1, 1, 2, 2), np.float32))
+        self.answer = types.SimpleNamespace(status_code=200, content=buffer.getvalue(), text="")
+        self.seconds, self.http = seconds, self
+
+    def post(self, url: str, json: dict, timeout: float):
+        import time
+
+        import httpx
+
+        time.sleep(min(self.seconds, timeout))
+        if timeout < self.seconds:
+            raise httpx.ReadTimeout("timed out")
+        return self.answer
+
+
+def test_serve_requests_wait_for_their_answer_whatever_the_time_limit():
+    """A request queued behind the others (here: 0.6 s) gets its answer: the client's timeout is the
+    request's own, not what is left of the run (lego-serve's Poisson row was lost to a ReadTimeout
+    that way); one that gets no answer within it is an error of the row."""
+    from serve import send_all
+
+    latencies, images, _, errors = send_all(SlowServer(0.6), [{}, {}], [0.0, 0.1], timeout=5.0)
+    assert errors == [] and all(t >= 0.6 for t in latencies) and all(x.shape == (1, 1, 2, 2) for x in images)
+    latencies, _, _, errors = send_all(SlowServer(0.6), [{}, {}], [0.0, 0.1], timeout=0.2)
+    assert latencies == [None, None] and errors == ["request 0: ReadTimeout", "request 1: ReadTimeout"]
+
+
+def test_serve_starts_a_load_pattern_only_if_it_can_end_in_time():
+    """Its last arrival plus the time the server took for the whole workload at once must fit."""
+    from serve import pattern_fits
+
+    arrivals = [0.0, 5.0, 10.0]
+    assert pattern_fits(arrivals, 30.0, 40.0) and not pattern_fits(arrivals, 30.0, 35.0)
+    assert pattern_fits([0.0] * 3, 0.0, 1.0)  # the first saturation run: nothing known yet, run it
+
+
+def test_serve_load_on_the_tiny_engines(tmp_path, committed_untouched):
+    out = tmp_path / "serve-load"
+    args = ["--engines", TINY_ENGINES, "--small", "--requests", 3, "--rounds", 1, "--c-fifo", 1, "--loads", 1]
+    args += ["--servers", "baseline,exact", "--ladder", tmp_path / "no-ladder.json", "--out", out]
+    proc = ok(bench("serve_load.py", *args, cwd=tmp_path))
+    data = results(out)
+    assert data["c_fifo_requests_per_s"] == 1.0 and data["cost_model_error"]["requests"] == 3
+    rows = data["rows"]
+    assert [(r["server"], r["quality"], r["load"]) for r in rows] == [
+        ("baseline", "-", 1.0),
+        ("lego-serve", "exact", 1.0),
+    ]
+    for r in rows:
+        assert r["other_errors"] == 0 and r["within_deadline"] + r["refused"] + r["expired"] <= 1.0 + 1e-9
+        assert len(r["requests"]["status"]) == 3
+    assert sum(rows[0]["rungs"].values()) == 3  # the baseline answers every request, late or not
+    assert "C_FIFO = **1.000 requests/s**" in proc.stdout
+
+
+def test_gpu_check_on_a_gpu(tmp_path, committed_untouched):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the CPU mode is tested above)")
+    proc = ok(bench("gpu_check.py", "--quick", TINY_CKPT, tmp_path / "gpu.json", cwd=tmp_path))
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    modes = {r["mode"] for r in rows if r["device"] == "cuda"}
+    assert modes == {"fp32", "fp16", "bf16", "fp16+graph"} and all(r["ms_per_step"] > 0 for r in rows)
+    assert "onnxruntime fp32" in proc.stdout
+
+
+# Scripts that score images in the quality classifier's feature space: a Fashion-MNIST-shaped data
+# set of a few hundred images, and 32 x 32 engines of a small random model with ten classes.
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fmnist_like(tmp_path_factory) -> Path:
+    """IDX files as Fashion-MNIST's: 28 x 28 images, ten classes, a train and a t10k split."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, k in enumerate(labels):  # a bright bar whose place depends on the class
+            images[i, 2 + 2 * k : 5 + 2 * k, 4:24] = 220
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines32(tmp_path_factory) -> Path:
+    import torch
+
+    from lego_export.checkpoint import save_checkpoint
+    from lego_export.config import get_preset
+    from lego_export.export.build import BuildOptions, build
+    from lego_export.model import LegoModel
+
+    root = tmp_path_factory.mktemp("engines32")
+    torch.manual_seed(0)
+    model = LegoModel(get_preset("pg-tiny", img_resolution=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    save_checkpoint(root / "model.safetensors", model)
+    options = BuildOptions(ckpt=str(root / "model.safetensors"), out=str(root / "engines"), max_batch=8, opt_batch=4)
+    build(BuildOptions(**{**options.__dict__, "fuse": False}))
+    return root / "engines"
+
+
+def test_quality_sweep_on_small_engines(tmp_path, fmnist_like, engines32, committed_untouched):
+    out = tmp_path / "quality"
+    args = ["--engines", engines32, "--data", fmnist_like, "--num", 20, "--steps", 2, "--t-breaks", "0,1"]
+    proc = ok(bench("quality.py", *args, "--batch", 20, "--out", out, cwd=tmp_path))
+    data = results(out)
+    assert data["real_vs_real"]["num"] == 200 and data["real_vs_real"]["fid"] > 0
+    full, late = data["sweep"]
+    assert (full["t_break"], late["t_break"]) == (0.0, 1.0)
+    assert full["flops_saved"] == 0 < late["flops_saved"]
+    for r in (full, late):
+        assert r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 and len(r["per_class_accuracy"]) == 10
+    assert f"{late['fid']:.3f}" in proc.stdout
+
+
+def test_wide_on_small_engines(tmp_path, fmnist_like, engines32, committed_untouched):
+    out = tmp_path / "wide"
+    args = ["--engines", engines32, "--data", fmnist_like, "--num", 4, "--steps", 2, "--canvases", "32x64"]
+    ok(bench("wide.py", *args, "--batch", 4, "--out", out, cwd=tmp_path))
+    rows = results(out)["rows"]
+    assert [(r["canvas"], r["tile_shift"], r["cells"]) for r in rows] == [
+        ("32x32", "off", 4),
+        ("32x64", "on", 8),
+        ("32x64", "off", 8),
+    ]
+    assert rows[0]["seam_ratio"] is None and all(r["seam_ratio"] > 0 and r["cell_fid"] > 0 for r in rows[1:])
+
+
+def test_feature_files_into_a_folder_and_by_default_into_a_temporary_one(tmp_path, fmnist_like, committed_untouched):
+    import onnxruntime as ort
+
+    out = tmp_path / "files"
+    ok(bench("feature_files.py", "--data", fmnist_like, "--num", 50, "--out", out, cwd=tmp_path))
+    reference = np.load(out / "fmnist-test.ref.npz")
+    assert reference["mu"].shape == (128,) and reference["sigma"].shape == (128, 128)
+    # The two files agree: the ONNX classifier's features of those 50 test images have that mean.
+    from lego_train.data import load_idx_dir
+
+    images = load_idx_dir(fmnist_like, split="test").images[:50].astype(np.float32) / 127.5 - 1
+    session = ort.InferenceSession(str(out / "fmnist-features.onnx"))
+    features, logits = session.run(None, {"images": images})
+    np.testing.assert_allclose(features.mean(0), reference["mu"], rtol=1e-4, atol=1e-4)
+    assert logits.shape == (50, 10)
+
+    from click.testing import CliRunner
+    from feature_files import main
+
+    result = CliRunner().invoke(main, ["--data", str(fmnist_like), "--num", "10"])  # no --out
+    assert result.exit_code == 0, result.output
+    written = Path(result.output.split()[1])  # "wrote FOLDER/fmnist-features.onnx and ..."
+    try:
+        assert written.name == "fmnist-features.onnx" and written.parent != BENCH / "classifier"
+        assert (written.parent / "fmnist-test.ref.npz").is_file()
+    finally:
+        for f in written.parent.iterdir():
+            f.unlink()
+        written.parent.rmdir()
+    assert list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("latency", ["--engines", "/nonexistent"]),
+        ("peers", ["--engines", "/nonexistent"]),
+        ("streams", ["--engines", "/nonexistent"]),
+        ("fusions", ["--engines", "/nonexistent"]),
+        ("op_profile", ["--engines", "/nonexistent"]),
+        ("quality", ["--data", "/nonexistent"]),
+        ("wide", ["--data", "/nonexistent"]),
+        ("feature_files", ["--data", "/nonexistent"]),
+        ("serve", ["--engines", "/nonexistent"]),
+        ("serve_load", ["--engines", "/nonexistent"]),
+        ("gpu_check", ["--device", "cpu", "/nonexistent.safetensors"]),
+        ("scale", ["--preset", "no-such-preset"]),
+    ],
+)
+def test_a_failing_benchmark_says_why_in_one_line_and_exits_non_zero(script, args, tmp_path, monkeypatch):
+    import importlib
+
+    from click.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(importlib.import_module(script).main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert "/nonexistent" in lines[-1] or "no-such-preset" in lines[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needs"),
+    [("scale", ["--merge"], "--merge replaces presets in OUT.json"), ("serve_load", ["--replot"], "--replot redraws")],
+)
+def test_options_that_read_earlier_results_need_out(script, args, needs, tmp_path, monkeypatch):
+    """Nothing is read from (or merged into) benchmarks/results/ unless --out names it."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(importlib.import_module(script).main, args)
+    assert result.exit_code == 2 and needs in result.output and "--out PREFIX" in result.output, result.output
+
+
+def test_peers_refuses_an_unknown_peer():
+    from click.testing import CliRunner
+    from peers import main
+
+    result = CliRunner().invoke(main, ["--peers", "eager,tensorrt"])
+    assert result.exit_code == 2 and "Invalid value for '--peers'" in result.output, result.output
