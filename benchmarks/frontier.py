@@ -58,8 +58,9 @@ def dpm(steps: int, **more) -> dict:
 HIGH = 10
 
 
-def late(low: float = 0.05, high: float = HIGH) -> str:
-    return f"0@{low}:{high},1@0.3:{high},2@0.3:{high}"
+def late(low: float = 0.05, high: float = HIGH, mid: float = 0.3) -> str:
+    """Cache rules: every brick cached above sigma `high`, bricks 1-2 below `mid`, brick 0 below `low`."""
+    return f"0@{low}:{high},1@{mid}:{high},2@{mid}:{high}"
 
 
 MAIN_ROWS = [
@@ -93,13 +94,24 @@ MAIN_ROWS = [
     Row("dpm2m 8, skip 1@0.32:, reuse", "skip", dpm(8, skip="1@0.318283:", reuse_residual=True)),
     Row("dpm2m 16", "full chain", dpm(16)),
     Row("heun 16", "full chain", {"sampler": "heun", "steps": 16}),
+    # at the best FID without skipping: lighter late caching (bricks 1-2 below 0.05, brick 0 below 0.01)
+    Row("dpm2m 9, guided", "full chain", dpm(9, **GUIDE)),
+    Row("cache: dpm2m 9, guided, high + light late", "cache", dpm(9, **GUIDE, cache=late(0.01, mid=0.05))),
+    Row("cache: dpm2m 10, guided, high (to 15) + light late, cfg cache below 1", "cache",
+        dpm(10, **GUIDE, cache=late(0.01, mid=0.05, high=15), guidance_cache="0:1")),
+    Row("cache: dpm2m 8, guided, high + light late", "cache", dpm(8, **GUIDE, cache=late(0.01, mid=0.05))),
+    Row("cache: dpm2m 8, guided, high + last step", "cache", dpm(8, **GUIDE, cache=late(0.01, mid=0.01))),
 ]  # fmt: skip
 HEUN_50 = [
     Row("heun 50", "full chain", {"sampler": "heun", "steps": 50}),
     Row("heun 50, cached: input gate 0.02, linear", "cache",
         {"sampler": "heun", "steps": 50, "gate": 0.02, "gate_signal": "input", "forecast": 1}),
+    Row("heun 50, cached: input gate 0.01, linear", "cache",
+        {"sampler": "heun", "steps": 50, "gate": 0.01, "gate_signal": "input", "forecast": 1}),
     Row("heun 50, cached: high (to 30) + late, gate 0.02", "cache",
         {"sampler": "heun", "steps": 50, "cache": late(high=30), "gate": 0.02}),
+    Row("heun 50, cached: high (to 30) + late, input gate 0.02", "cache",
+        {"sampler": "heun", "steps": 50, "cache": late(high=30), "gate": 0.02, "gate_signal": "input"}),
 ]  # fmt: skip
 QUICK = [
     Row("dpm2m 4", "full chain", dpm(4)),
@@ -122,13 +134,20 @@ class Sampler:
 
     def __init__(self, engines: str, batch: int, features: str, reference: str):
         from lego_export.runtime.pipeline import LegoPipeline
-        from lego_export.tune import FeatureNet, load_reference
 
         self.pipe = LegoPipeline.from_engines(engines, "onnxruntime")
         self.batch = batch
-        shape = (self.pipe.channels, self.pipe.resolution, self.pipe.resolution)
-        self.net = FeatureNet(features, shape)
-        self.reference = load_reference(reference, self.net)
+        self.features, self.reference_path = features, reference
+        self.net, self.reference = None, None
+
+    def scorer(self):
+        """The feature extractor and the reference statistics, loaded at first use."""
+        from lego_export.tune import FeatureNet, load_reference
+
+        if self.net is None:
+            self.net = FeatureNet(self.features, (self.pipe.channels, self.pipe.resolution, self.pipe.resolution))
+            self.reference = load_reference(self.reference_path, self.net)
+        return self.net, self.reference
 
     def run(self, row: Row, count: int):
         """Sample count images of a row (seed 0, images 0..count-1): the result and its images/s."""
@@ -143,15 +162,16 @@ class Sampler:
         from lego_export.fid import FeatureStats, frechet_distance
         from lego_export.tune import class_accuracy
 
+        net, reference = self.scorer()
         result, speed = self.run(row, count)
-        feats, logits = self.net.run(result.images)
+        feats, logits = net.run(result.images)
         return {
             "name": row.name,
             "family": row.family,
             "setting": result.options.describe(),
             "options": result.options.to_dict(),
             "num": count,
-            "fid": frechet_distance(FeatureStats.of(feats), self.reference),
+            "fid": frechet_distance(FeatureStats.of(feats), reference),
             "class_accuracy": class_accuracy(logits, result.labels) if logits is not None else None,
             "full_chain_evaluations": result.timing.full_chain_evaluations,
             "images_per_s": speed,
@@ -173,6 +193,28 @@ def time_rounds(sampler: Sampler, rows: list[Row], rounds: int, count: int) -> l
             speeds[i].append(sampler.run(rows[i], count)[1])
         click.echo(f"timing round {r + 1} of {rounds} done", err=True)
     return speeds
+
+
+def speed_only_run(sampler: Sampler, rows: list[Row], rounds: int, count: int, out: str | None, command: str) -> None:
+    """Only the timing rounds (no quality pass): each row's median images/s and brick FLOPs."""
+    speeds = time_rounds(sampler, rows, rounds, count)
+    measured = []
+    for row, timed in zip(rows, speeds, strict=True):
+        evals = sampler.run(row, 1)[0].timing.full_chain_evaluations if row.family == "full chain" else None
+        if evals is None:  # a gate decides per image: count the FLOPs of a round's worth of images
+            evals = sampler.run(row, count)[0].timing.full_chain_evaluations
+        measured.append({"name": row.name, "family": row.family, "full_chain_evaluations": evals,
+                         "images_per_s": float(np.median(timed)), "round_images_per_s": timed})  # fmt: skip
+        click.echo(f"{row.name[:70]:70s} evals {evals:6.2f}  {measured[-1]['images_per_s']:7.2f} images/s "
+                   f"(rounds: {', '.join(f'{v:.2f}' for v in timed)})")  # fmt: skip
+    if out:
+        data = {"command": command, "machine": machine(), "rounds": rounds, "images_per_round": count, "rows": measured}
+        write_json(Path(f"{out}.json"), data)
+        columns = [("name", "setting", ""), ("family", "family", ""),
+                   ("full_chain_evaluations", "brick FLOPs (full-chain evals)", ".2f"),
+                   ("images_per_s", "images/s (median)", ".2f")]  # fmt: skip
+        head = f"# Images/s side by side ({rounds} rounds of {count} images, rows interleaved)\n\n`{command}`\n\n"
+        write_text(Path(f"{out}.md"), head + markdown_table(measured, columns) + "\n")
 
 
 def equal_quality(row: dict, fid: float, accuracy: float | None) -> bool:
@@ -223,6 +265,7 @@ def summarize(rows: list[dict]) -> dict:
         speedup = cached["images_per_s"] / ref["images_per_s"]
         edges.append({"level": "Heun 50's FID", "fid": ref["fid"], "class_accuracy": ref["class_accuracy"],
                       "baseline": ref["name"], "cached": cached["name"], "speedup": speedup,
+                      "flops_baseline": ref["name"], "flops_cached": cached["name"],
                       "flops_ratio": ref["full_chain_evaluations"] / cached["full_chain_evaluations"],
                       "cached_fid": cached["fid"]})  # fmt: skip
         targets["heun50_3x"] = speedup >= 3 and cached["fid"] <= FID_TOLERANCE * ref["fid"]
@@ -242,9 +285,10 @@ def plot(rows: list[dict], path: Path) -> None:
               (axes[1], "full_chain_evaluations", "brick FLOPs per image (full-chain evaluations)")]  # fmt: skip
     for ax, x, label in panels:
         for family, (marker, name) in markers.items():
-            sub = [r for r in rows if r["family"] == family and not r["name"].startswith("heun 50")]
+            sub = [r for r in rows if r["family"] == family]
             ax.scatter([r[x] for r in sub], [r["fid"] for r in sub], marker=marker, s=60, label=name)
-        ax.set_xscale("log")
+        if all(r[x] > 0 for r in rows):
+            ax.set_xscale("log")
         ax.set(xlabel=label, ylabel="FID (classifier features)")
     axes[0].legend(fontsize=8)
     fig.suptitle("quality against speed and brick FLOPs (same noise)")
@@ -307,25 +351,32 @@ def print_rows(rows: list[dict], summary: dict) -> None:
     "--rounds", default=3, show_default=True, help="Timing rounds before the quality pass (0: time that pass)."
 )
 @click.option("--time-num", default=64, show_default=True, help="Images per row per timing round.")
-@click.option("--only", default=None, help="Comma-separated row names (substrings) to run; default: every row.")
+@click.option("--only", default=None, help="Row names or parts of names, separated by ';'; default: every row.")
 @click.option("--no-heun50", is_flag=True, help="Leave out Heun 50 full and cached (the slowest rows).")
 @click.option("--features", default=str(FEATURES), show_default=True, help="Feature extractor (ONNX), as for tune.")
 @click.option("--reference", default=str(REFERENCE), show_default=True, help="Reference statistics (.npz).")
 @click.option("--quick", is_flag=True, help="A smoke run: a few small rows, 8 images, one round of 4.")
 @click.option("--out", default=None, help="Write OUT.json, OUT.md and OUT.png, after every row (default: print only).")
+@click.option("--speed-only", is_flag=True, help="Only the interleaved timing rounds: images/s and brick FLOPs.")
 @one_line_errors
-def main(engines, num, heun50_num, batch, rounds, time_num, only, no_heun50, features, reference, quick, out):
+def main(
+    engines, num, heun50_num, batch, rounds, time_num, only, no_heun50, features, reference, quick, out, speed_only
+):
     """Measure FID, class accuracy, brick FLOPs and images/s of settings with and without brick caching."""
     if quick:
         num, heun50_num, batch, rounds, time_num = min(num, 8), min(heun50_num, 8), min(batch, 8), min(rounds, 1), 4
     rows = all_rows(quick, not no_heun50)
     if only:
-        wanted = [w.strip() for w in only.split(",") if w.strip()]
-        rows = [r for r in rows if any(w in r.name for w in wanted)]
+        wanted = [w.strip() for w in only.split(";") if w.strip()]
+        exact = {r.name for r in rows} & set(wanted)  # a whole name picks that row only, a part every row with it
+        rows = [r for r in rows if r.name in exact or any(w in r.name for w in wanted if w not in exact)]
     if not rows:
         raise click.UsageError("--only matches no row")
     sampler = Sampler(engines, batch, features, reference)
     shown = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
+    if speed_only:
+        speed_only_run(sampler, rows, rounds, time_num, out, shown)
+        return
     host = machine()
     measured: list[dict] = []
 

@@ -12,8 +12,9 @@ validated on 1) and scores them in the feature space of --features (default: the
 classifier, the space quality.py measures in) against --reference (default: the Fashion-MNIST test
 images' statistics): FID, and the classifier's accuracy on the classes asked for. lego-serve steps
 down the rungs under load (docs/serving.md). Nothing is written without --out; with it, OUT.json,
-OUT.md and OUT.features.npz: every row's features (float16, image i of each row from the same noise)
-and the reference statistics, from which serve_load.py scores the mix of rungs a server served.
+OUT.md and OUT.features.npz: every rung's features (float16, image i of each rung from the same noise;
+the named points that are no rung apart) and the reference statistics, from which serve_load.py
+scores the mix of rungs a server served.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from common import machine, markdown_table, one_line_errors, write_json, write_t
 from lego_export.atomic import atomic_write  # noqa: E402
 from lego_export.edm import evaluations  # noqa: E402
 from lego_export.fid import FeatureStats, frechet_distance  # noqa: E402
+from lego_export.options import SamplingOptions  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.tune import FeatureNet, class_accuracy, load_reference  # noqa: E402
 
@@ -38,7 +40,7 @@ CLASSIFIER = Path(__file__).resolve().parent / "classifier"
 QUICK_NUM = 24
 
 
-def ladder_rows(recommended) -> list[tuple[int | None, list[str], object]]:
+def ladder_rows(recommended) -> list[tuple[int | None, list[str], SamplingOptions]]:
     """(rung, names of the named points it is, options) for rung 0, each rung, then each named point
     that is no rung (named points may coincide: one row each setting)."""
     names: dict = {}
@@ -122,9 +124,19 @@ def main(engines: str, num: int, seed: int, batch: int, features: str, reference
     print(text)
     if out is None:
         return
-    write_json(Path(out + ".json"), {"command": command, "machine": machine(), "num": num, "seed": seed, "rows": rows})
+    # "rows" and "features": the rungs, in order (serve_load.py scores a served mix of them); the named
+    # points that are no rung apart, in "points" and "point_features"
+    rungs = sum(r["rung"] is not None for r in rows)
+    write_json(
+        Path(out + ".json"),
+        {"command": command, "machine": machine(), "num": num, "seed": seed, "rows": rows[:rungs],
+         "points": rows[rungs:]},
+    )  # fmt: skip
+    arrays = {"features": np.stack(kept[:rungs]), "test_mu": stats.mu, "test_sigma": stats.sigma}
+    if len(kept) > rungs:
+        arrays["point_features"] = np.stack(kept[rungs:])
     with atomic_write(Path(out + ".features.npz")) as f:
-        np.savez_compressed(f, features=np.stack(kept), test_mu=stats.mu, test_sigma=stats.sigma)
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     write_text(Path(out + ".md"), text)
 
 

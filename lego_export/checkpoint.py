@@ -55,6 +55,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     metadata = read_header(path).get("__metadata__") or {}
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or "config" not in metadata:
         raise LegoError(f"{path} is a .safetensors file but not a LEGO checkpoint (no lego-export metadata)")
+    for key, value in metadata.items():
+        if not isinstance(value, str):  # safetensors metadata maps strings to strings
+            raise LegoError(f"{path}: metadata field {key!r} is not a string")
     return metadata
 
 
@@ -102,15 +105,28 @@ def read_checkpoint(path: str | Path) -> tuple[LegoConfig, dict[str, torch.Tenso
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LegoError(f"{path} is not a readable .safetensors file ({e})") from None
-    return cfg, state, json.loads(metadata.get("extra", "{}"))
+    return cfg, state, read_extra(path, metadata)
+
+
+def read_extra(path: str | Path, metadata: dict) -> dict:
+    """The metadata field ``extra`` (training state, class names) as a JSON object; {} when absent;
+    one-line LegoError naming the field when it is anything else."""
+    text = metadata.get("extra", "{}")
+    try:
+        extra = json.loads(text) if isinstance(text, str) else None
+    except ValueError as e:  # JSONDecodeError, and a NaN literal's overflow
+        raise LegoError(f"{path}: metadata field 'extra' is not JSON ({e})") from None
+    if not isinstance(extra, dict):
+        raise LegoError(f"{path}: metadata field 'extra' is not a JSON object")
+    return extra
 
 
 def class_names(path: str | Path, num_classes: int) -> list[str]:
     """The class names a checkpoint was trained with (lego-train stores its data's), or [] when it has
     none that fit: anything else in its metadata is ignored, never trusted."""
     try:
-        extra = json.loads(read_metadata(path).get("extra", "{}"))
-    except ValueError:
+        extra = read_extra(path, read_metadata(path))
+    except LegoError:
         return []
     names = extra.get("class_names") if isinstance(extra, dict) else None
     return names if valid_class_names(names, num_classes) else []

@@ -103,10 +103,26 @@ def evaluations(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
+def _check_sample_arguments(denoise, sigmas, method, on_step, churn, fresh_noise) -> None:
+    """TypeErrors naming the argument of :func:`sample` given a value of the wrong type."""
+    for name, fn in (("denoise", denoise), ("on_step", on_step), ("fresh_noise", fresh_noise)):
+        if not callable(fn) and (fn is not None or name == "denoise"):
+            raise TypeError(f"{name} must be a function, got {type(fn).__name__}")
+    if np.ndim(sigmas) != 1 or len(sigmas) < 2:
+        raise TypeError(f"sigmas must be a 1-D array of at least 2 noise levels, got {type(sigmas).__name__}")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a sampler name (str), got {type(method).__name__}")
+    if churn is not None and not isinstance(churn, Churn):
+        raise TypeError(f"churn must be a Churn or None, got {type(churn).__name__}")
+    if churn is not None and churn.s_churn > 0 and method != "dpm2m" and fresh_noise is None:
+        raise TypeError("fresh_noise is needed with churn: a function of the step returning standard normal noise")
+
+
 def sample(
     denoise: Callable,
     noise,
     sigmas: np.ndarray,
+    *,
     method: str = "heun",
     on_step: Callable | None = None,
     churn: Churn | None = None,
@@ -123,11 +139,12 @@ def sample(
     With churn (heun and euler), each step first moves x to a higher noise level with
     fresh_noise(step), a standard normal like x (EDM Algorithm 2).
     """
+    _check_sample_arguments(denoise, sigmas, method, on_step, churn, fresh_noise)
     if method not in SAMPLERS:
         raise LegoError(f"unknown sampler {method!r}; use one of {', '.join(SAMPLERS)}")
     if method == "dpm2m":
         if churn is not None and churn.s_churn > 0:
-            raise LegoError("--churn works with the heun and euler samplers, not dpm2m")
+            raise LegoError("churn works with the heun and euler samplers, not dpm2m")
         return _dpm_solver_2m(denoise, noise, sigmas, on_step)
     steps = len(sigmas) - 1
     x = noise * float(sigmas[0])

@@ -24,6 +24,7 @@ from lego_export.edm import SAMPLERS, EDMConfig
 from lego_export.errors import LegoError
 from lego_export.jsonio import read_json
 from lego_export.options import GUIDANCE_FIELDS, MAX_STEPS, SamplingOptions
+from lego_export.points import POINT_NAME, QUALITY_WORDS
 
 # 2: the model entry is the full model config, EDM constants included (1 had a separate "edm").
 SCHEMA_VERSION = 2
@@ -105,12 +106,16 @@ class Recommended:
     (options.resolve); ``measured`` is for people (FID, budget, FLOPs). The JSON form is flat:
     sampler, steps, skip_policy ("k@lo:hi,..."; "" is the full chain) and reuse_residual, and
     where the setting guides, guidance and guidance_interval ("lo:hi" or null: every step).
+    ``points`` (optional; absent in manifests written before it): the tuner's named points
+    (best, balanced, fast), each a setting in the same form, that lego-run --quality, the Python
+    API's quality= and lego-serve's "quality" select by name.
     """
 
     options: SamplingOptions
     checkpoint_sha256: str  # the weights it was tuned on
     measured: dict = field(default_factory=dict)
     ladder: list[Rung] = field(default_factory=list)  # cheaper settings for a server under load, cheapest last
+    points: dict[str, Rung] = field(default_factory=dict)  # named points of the frontier, by name
 
     def describe(self) -> str:
         return self.options.describe()
@@ -124,10 +129,12 @@ class Recommended:
         d = {**_options_dict(self.options), "checkpoint_sha256": self.checkpoint_sha256, "measured": self.measured}
         if self.ladder:
             d["ladder"] = [r.to_dict() for r in self.ladder]
+        if self.points:
+            d["points"] = {name: r.to_dict() for name, r in self.points.items()}
         return d
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Manifest:
     model: LegoConfig  # bricks in order (size, patch, depth, width, heads), channels, classes, EDM constants
     source: dict  # checkpoint file name and sha256
@@ -175,6 +182,8 @@ class Manifest:
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
         """Load and validate folder/manifest.json; one-line LegoError naming the bad field."""
+        if not isinstance(folder, str | os.PathLike):
+            raise TypeError(f"folder must be a path (str or Path), got {type(folder).__name__} {folder!r:.60}")
         folder = Path(folder)
         path = folder / MANIFEST_FILE if folder.is_dir() or not folder.suffix else folder
         if not path.exists():
@@ -342,6 +351,8 @@ def _engine(value, where: str, num_bricks: int) -> EngineSpec:
         raise LegoError(f"{where}.files: lists no file")
     for fmt in files:
         _str(fmt, f"{where}.files key", None, ENGINE_FORMATS)
+    if role == "decoder" and "onnx" not in files:  # the decoder runs on ONNX Runtime under every backend
+        raise LegoError(f"{where}.files.onnx: missing; a decoder's portable ONNX file is required")
     for key in ("inputs", "outputs"):
         if not isinstance(e[key], list) or not e[key]:
             raise LegoError(f"{where}.{key}: expected a non-empty list")
@@ -404,12 +415,12 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
     names = [e.name for e in engines]
     if sorted(names) != sorted(expected):
         raise LegoError(f"{where}: engines: expected {', '.join(expected)}, found {', '.join(names) or 'none'}")
-    for e in engines:
-        role, index = (e.name, None) if e.name in ("embedder", "decoder") else ("brick", int(e.name[5:]))
-        if (e.role, e.index) != (role, index) or (e.inputs, e.outputs) != tuple(list(t) for t in expected[e.name]):
-            raise LegoError(
-                f"{where}: engines.{e.name}: role, index or tensors differ from the model's engine contract"
-            )
+    for engine in engines:
+        name = engine.name
+        role, index = (name, None) if name in ("embedder", "decoder") else ("brick", int(name[5:]))
+        tensors = tuple(list(t) for t in expected[name])
+        if (engine.role, engine.index) != (role, index) or (engine.inputs, engine.outputs) != tensors:
+            raise LegoError(f"{where}: engines.{name}: role, index or tensors differ from the model's engine contract")
     paths = [f.path for e in engines for f in e.files.values()]
     if len(set(paths)) != len(paths) or MANIFEST_FILE in paths:
         raise LegoError(f"{where}: engines: two entries name the same file")
@@ -420,13 +431,27 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
         except LegoError as e:
             at = "" if rung == 0 else f".ladder[{rung - 1}]"
             raise LegoError(f"{where}: recommended{at}: {e}") from None
+    for name, point in (recommended.points if recommended else {}).items():
+        try:
+            point.options.validate(cfg)
+        except LegoError as e:
+            raise LegoError(f"{where}: recommended.points.{name}: {e}") from None
     names = d.get("class_names", [])
     if names != [] and not valid_class_names(names, cfg.num_classes):
         shown = repr(names)[:120]
         raise LegoError(
             f"{where}: class_names: expected one distinct name for each of {cfg.num_classes} classes, got {shown}"
         )
-    return Manifest(cfg, dict(source), dict(d["toolchain"]), engines, SCHEMA_VERSION, latent, recommended, names)
+    return Manifest(
+        model=cfg,
+        source=dict(source),
+        toolchain=dict(d["toolchain"]),
+        engines=engines,
+        schema_version=SCHEMA_VERSION,
+        latent=latent,
+        recommended=recommended,
+        class_names=names,
+    )
 
 
 _SETTING_FIELDS = {"sampler", "steps", "skip_policy", "reuse_residual", "measured"}
@@ -436,15 +461,22 @@ MAX_RUNGS = 16
 
 def parse_recommended(value, where: str) -> Recommended:
     """A Recommended from its JSON form (a manifest's section, or the file `lego-export tune --save` wrote)."""
-    also = {"checkpoint_sha256", "ladder"}
+    also = {"checkpoint_sha256", "ladder", "points"}
     r = _obj(value, where, _SETTING_FIELDS | _GUIDANCE_FIELDS | also, _SETTING_FIELDS | {"checkpoint_sha256"})
     sha = _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256)
     ladder = r.get("ladder", [])
     if not isinstance(ladder, list) or len(ladder) > MAX_RUNGS:
         raise LegoError(f"{where}.ladder: expected a list of at most {MAX_RUNGS} settings")
     rungs = [_rung(v, f"{where}.ladder[{i}]") for i, v in enumerate(ladder)]
-    top = _rung(r, where, frozenset({"checkpoint_sha256", "ladder"}))
-    return Recommended(top.options, sha, top.measured, rungs)
+    points = _obj(r.get("points", {}), f"{where}.points")
+    if len(points) > MAX_RUNGS:
+        raise LegoError(f"{where}.points: expected at most {MAX_RUNGS} named settings")
+    for name in points:
+        if not POINT_NAME.match(name) or name in QUALITY_WORDS:
+            raise LegoError(f"{where}.points: {name[:40]!r} is not a point name (lower-case letters, digits, - and _)")
+    named = {name: _rung(v, f"{where}.points.{name}") for name, v in points.items()}
+    top = _rung(r, where, frozenset(also))
+    return Recommended(top.options, sha, top.measured, rungs, named)
 
 
 def _rung(value, where: str, also: frozenset = frozenset()) -> Rung:

@@ -22,14 +22,14 @@ import numpy as np
 
 from lego_export.edm import SAMPLERS, Churn
 from lego_export.errors import LegoError
-from lego_export.plan import SkipPolicy, late_brick_policy, parse_interval, parse_policy
+from lego_export.windows import SkipPolicy, late_brick_policy, parse_interval, parse_policy, parse_rules
 
 if TYPE_CHECKING:
     from lego_export.config import LegoConfig
 
 # PG: skip the global brick for the last 20% of the trajectory. Chosen by measurement
 # (docs/performance.md): on the shipped model 0.2 keeps FID within 1% of the full chain, while the
-# paper's best ImageNet point, 0.3, costs 13-17% here.
+# paper's best ImageNet point, 0.3, costs 1.17x its FID here.
 DEFAULT_T_BREAK = 0.2
 
 MAX_STEPS = 10_000
@@ -37,6 +37,9 @@ MAX_GUIDANCE = 100.0  # far beyond any useful scale; bounded so that no scale ov
 MAX_IMAGES = 1_000_000
 MAX_SIDE = 16_384
 MAX_SEED = 2**63 - 1
+MAX_FORECAST_ORDER = 2  # quadratic: higher orders extrapolate noise (three uneven points already swing)
+GATE_SIGNALS = ("brick0", "input")
+MAX_GATE = 1e6  # a relative change; far beyond any image's, bounded so that it stays a number
 CANVAS_BYTES_PER_PIXEL = 280  # measured: peak memory per canvas pixel per image in a batch
 
 
@@ -67,10 +70,18 @@ class SamplingOptions:
     guidance: float = 1.0  # classifier-free guidance scale (1: none)
     guidance_interval: str | None = None  # "lo:hi": guidance only at steps with lo <= sigma <= hi; None: all
     tile_shift: bool | None = None  # roll the tile grid between steps; None: on above the training size
+    # Brick caching (denoiser.BrickCache): a brick that does not run hands on its last correction.
+    cache: str = "none"  # "none" or "k@lo:hi,...": brick k (0 too) runs only there, elsewhere takes its cache
+    forecast: int = 0  # a cached correction: 0 the last one, 1 linear, 2 quadratic in log sigma over its last runs
+    gate: float | None = None  # per image: later bricks run only when brick 0's estimate moved this much (rel. L1)
+    gate_signal: str = "brick0"  # what the gate measures: brick 0's estimate, or "input" (c_in x; gates brick 0 too)
+    guidance_cache: str | None = None  # "lo:hi": guided steps there run the conditional half, reusing the difference
 
     def __post_init__(self) -> None:
         if self.skip is None:
             object.__setattr__(self, "skip", "none")
+        if self.cache is None:
+            object.__setattr__(self, "cache", "none")
         if self.churn is not None and not isinstance(self.churn, Churn):
             raise OptionError("churn", f"must be a Churn, got {self.churn!r}")
         if isinstance(self.churn, Churn) and self.churn.s_churn == 0:
@@ -90,7 +101,6 @@ class SamplingOptions:
         if self.t_break is not None:
             if self.skip != "late":
                 raise OptionError("t_break", 'applies only when the late bricks are skipped (skip "late")')
-            _number("t_break", self.t_break, 0.0, 1.0)
         if not isinstance(self.reuse_residual, bool):
             raise OptionError("reuse_residual", f"must be true or false, got {self.reuse_residual!r}")
         if self.tile_shift is not None and not isinstance(self.tile_shift, bool):
@@ -114,16 +124,55 @@ class SamplingOptions:
             if self.sampler == "dpm2m":
                 raise OptionError("churn", "works with the heun and euler samplers, not dpm2m")
         self.skip_policy(model)  # the rules parse, and name bricks the model has
+        self._validate_cache(model)
         return self
+
+    def _validate_cache(self, model: LegoConfig) -> None:
+        if not isinstance(self.cache, str):
+            raise OptionError("cache", f'must be "none" or rules like "2@0.5:" or "0@1:", got {self.cache!r}')
+        self.cache_policy(model)
+        _integer("forecast", self.forecast, 0, MAX_FORECAST_ORDER)
+        if self.gate is not None:
+            _number("gate", self.gate, 0.0, MAX_GATE)
+            if len(model.bricks) < 2:
+                raise OptionError("gate", "needs a model of two or more bricks (brick 0 decides for the rest)")
+        if self.gate_signal not in GATE_SIGNALS:
+            raise OptionError("gate_signal", f"must be one of {', '.join(GATE_SIGNALS)}, got {self.gate_signal!r}")
+        if self.gate_signal != "brick0" and self.gate is None:
+            raise OptionError("gate_signal", "applies only with a gate")
+        if self.forecast and not self.caches:
+            raise OptionError("forecast", "applies only where bricks take their cache (set cache or gate)")
+        if self.guidance_cache is not None:
+            if self.guidance == 1.0:
+                raise OptionError("guidance_cache", "applies only with guidance (a scale other than 1)")
+            try:
+                parse_interval(self.guidance_cache)
+            except LegoError as e:
+                raise OptionError("guidance_cache", str(e)) from None
+
+    @property
+    def caches(self) -> bool:
+        """Whether any brick may take its cache instead of running (cache rules or the gate)."""
+        return self.cache != "none" or self.gate is not None
+
+    def cache_policy(self, model: LegoConfig) -> SkipPolicy | None:
+        """The cache field as per-brick sigma windows (where each brick runs); None: no rules."""
+        if self.cache == "none":
+            return None
+        try:
+            return SkipPolicy(parse_rules(self.cache, len(model.bricks), first_may_stop=True), f"cache {self.cache}")
+        except LegoError as e:
+            raise OptionError("cache", str(e)) from None
 
     def skip_policy(self, model: LegoConfig) -> SkipPolicy:
         """The skip field as per-brick sigma windows for this model."""
         if self.skip == "none":
             return SkipPolicy()
         sizes = [b.size for b in model.bricks]
-        if self.skip == "late":
+        if self.skip == "late":  # the one place both rules of skip "late" are checked
             if len(sizes) < 2:
                 raise OptionError("skip.late", "cannot be used: this model has a single brick, none to skip")
+            _number("t_break", self.late_fraction, 0.0, 1.0)
             return late_brick_policy(sizes, self.late_fraction, model.edm)
         try:
             return parse_policy(self.skip, len(sizes))
@@ -140,6 +189,10 @@ class SamplingOptions:
         parts += [f"churn {self.churn.s_churn:g}"] if self.churn else []
         parts += [f"cfg {self.guidance:g}"] if self.guidance != 1.0 else []
         parts += [f"at sigma {self.guidance_interval}"] if self.guidance_interval else []
+        parts += [f"cache {self.cache}"] if self.cache != "none" else []
+        parts += [f"gate {self.gate:g} on {self.gate_signal}"] if self.gate is not None else []
+        parts += [f"forecast order {self.forecast}"] if self.forecast else []
+        parts += [f"guidance cached at sigma {self.guidance_cache}"] if self.guidance_cache else []
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -152,9 +205,12 @@ class SamplingOptions:
 
 FIELDS = tuple(f.name for f in fields(SamplingOptions))
 # Giving any of these says how to sample the trajectory: then the model's recommended setting is not
-# used. tile_shift combines with it; guidance given replaces the recommended setting's guidance.
-TRAJECTORY_FIELDS = ("sampler", "steps", "skip", "t_break", "reuse_residual", "churn")
-GUIDANCE_FIELDS = ("guidance", "guidance_interval")  # given either, neither comes from the recommended
+# used. tile_shift and guidance_cache combine with it; guidance given replaces the recommended setting's guidance.
+TRAJECTORY_FIELDS = (
+    *("sampler", "steps", "skip", "t_break", "reuse_residual", "churn"),
+    *("cache", "forecast", "gate", "gate_signal"),
+)
+GUIDANCE_FIELDS = ("guidance", "guidance_interval")  # given either, the recommended interval is not used
 
 
 def resolve(given: Mapping[str, Any], recommended: SamplingOptions | None = None) -> tuple[SamplingOptions, bool]:
@@ -166,8 +222,11 @@ def resolve(given: Mapping[str, Any], recommended: SamplingOptions | None = None
         raise OptionError(unknown[0], f"is not a sampling option; known: {', '.join(FIELDS)}")
     use = recommended is not None and not set(given) & set(TRAJECTORY_FIELDS)
     base = recommended if use else SamplingOptions()
-    if set(given) & set(GUIDANCE_FIELDS):  # `--cfg 2` means every step, not the recommended interval
-        base = replace(base, guidance=1.0, guidance_interval=None)
+    if set(given) & set(GUIDANCE_FIELDS):
+        # `--cfg 2` means every step, not the recommended interval; `--cfg-interval` alone moves the
+        # base's own guidance (the recommended setting's scale) to the steps given
+        scale = 1.0 if "guidance" in given else base.guidance
+        base = replace(base, guidance=scale, guidance_interval=None)
     return replace(base, **given), use
 
 
@@ -193,6 +252,7 @@ def check_canvas_sides(canvas: Sequence[int]) -> tuple[int, int]:
 
 
 def check_request(
+    *,
     num: int,
     batch: int,
     seed: int,
@@ -200,16 +260,19 @@ def check_request(
     channels: int,
     indices: Sequence[int] | None = None,
 ) -> None:
-    """Refuse, before anything is allocated, a request out of range or larger than this machine's memory."""
+    """Refuse, before anything is allocated, a request out of range or larger than this machine's memory.
+    batch: images sampled together (what memory must hold at once)."""
     _integer("num", num, 1, MAX_IMAGES)
     _integer("batch", batch, 1, MAX_IMAGES)
     _integer("seed", seed, 0, MAX_SEED)
     h, w = check_canvas_sides(canvas)
     if indices is not None:
+        if isinstance(indices, str | bytes) or not isinstance(indices, Sequence | np.ndarray):
+            raise OptionError("indices", f"must be a list of image indices, got {indices!r:.60}")
         if not len(indices):
             raise OptionError("indices", "must hold at least one image index")
         for i in indices:
-            _integer("indices", i, 0, MAX_SEED)
+            _integer("indices", i, 0, num - 1)  # image i of the num: its class block depends on num
     need = CANVAS_BYTES_PER_PIXEL * h * w * min(num, batch) * max(channels, 1)
     have = physical_memory()
     if have and need > 0.8 * have:

@@ -3,17 +3,22 @@
 ``plan(options, model, canvas, seed)`` is a pure function of its arguments: lego-run --plan, the
 pipeline, the server's validation and cost estimates all call it, with no backend.
 
-A step always runs a *prefix* of the brick chain: brick k reads brick k-1's output, so a brick can
-only be skipped together with every brick after it. Skip rules are stated in sigma, not in step
-indices, so one policy means the same thing at 18 steps or 250.
+A step runs a *prefix* of the brick chain: brick k reads brick k-1's output, so a brick can only be
+skipped together with every brick after it. Within the prefix a brick may instead take its cached
+correction (cache rules; see denoiser.BrickCache), which it hands on to the bricks after it like an
+output of its own. Rules are stated in sigma, not in step indices, so one policy means the same thing
+at 18 steps or 250.
 
 Policies:
-  - ``skip-late-bricks`` (``--t-break F``): drop the last brick for a fraction F of the sampling
+  - ``skip="late"`` (options.t_break F): drop the last brick for a fraction F of the sampling
     trajectory. In a PG or U stack the last brick is the global one (the largest tiles): it is
     dropped at low noise, the last F of the trajectory. In a PR stack the last brick is the most
     local one: it is dropped at high noise, the first F of the trajectory.
   - an explicit SPEC ``"k@lo:hi,..."``: brick k (0-based) runs only while lo <= sigma <= hi
     (either bound may be left out), e.g. ``2@0.5:`` keeps brick 2 for sigma >= 0.5 only.
+
+Cache rules ``"k@lo:hi,..."`` (any brick, brick 0 included): brick k runs only while lo <= sigma <= hi
+and takes its cached (or forecast) correction elsewhere, from its first run on.
 
 Classifier-free guidance runs at every step, or (a guidance interval ``"lo:hi"``) only at the steps
 with lo <= sigma <= hi: a guided step runs its bricks twice, for the conditional and the null label.
@@ -22,14 +27,20 @@ with lo <= sigma <= hi: a guided step runs its bricks twice, for the conditional
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lego_export.edm import EDMConfig
-from lego_export.errors import LegoError
 from lego_export.tiling import check_canvas
+from lego_export.windows import (  # noqa: F401  (the names callers know from here)
+    BrickWindow,
+    SkipPolicy,
+    late_brick_policy,
+    parse_interval,
+    parse_policy,
+    skip_window,
+)
 
 if TYPE_CHECKING:
     from lego_export.config import LegoConfig
@@ -37,104 +48,23 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class BrickWindow:
-    """Brick ``index`` runs while lo <= sigma <= hi."""
-
-    index: int
-    lo: float = 0.0
-    hi: float = math.inf
-
-    def allows(self, sigma: float) -> bool:
-        return self.lo <= sigma <= self.hi
-
-
-@dataclass(frozen=True)
-class SkipPolicy:
-    windows: tuple[BrickWindow, ...] = ()
-    description: str = "full chain"
-
-    def bricks_at(self, sigma: float, num_bricks: int) -> int:
-        """Length of the prefix of bricks to run at this noise level (at least 1)."""
-        for k in range(1, num_bricks):
-            if any(w.index == k and not w.allows(sigma) for w in self.windows):
-                return k
-        return num_bricks
-
-
-def late_brick_policy(brick_sizes: list[int], t_break: float, edm: EDMConfig) -> SkipPolicy:
-    """Drop the last brick over a fraction t_break of the trajectory (see the module docstring);
-    the trajectory is the model's Karras schedule, so the threshold follows its sigma_min / sigma_max."""
-    if not 0.0 <= t_break <= 1.0:
-        raise LegoError(f"--t-break must be between 0 and 1, got {t_break}")
-    if len(brick_sizes) < 2:
-        raise LegoError("this model has a single brick: there is no brick to skip")
-    last = len(brick_sizes) - 1
-    if t_break == 0:
-        return SkipPolicy((), "full chain (t-break 0)")
-    window = skip_window(brick_sizes, last, t_break, edm)
-    if window.lo > 0:  # PG / U: global brick last, skipped at low noise
-        return SkipPolicy(
-            (window,),
-            f"skip brick {last} (global) for sigma < {window.lo:.3g} (last {t_break:.0%} of the trajectory)",
-        )
-    return SkipPolicy(  # PR: local brick last, skipped at high noise
-        (window,),
-        f"skip brick {last} (local) for sigma > {window.hi:.3g} (first {t_break:.0%} of the trajectory)",
-    )
-
-
-def skip_window(brick_sizes: list[int], k: int, fraction: float, edm: EDMConfig) -> BrickWindow:
-    """Brick k off for a fraction of the trajectory (the model's Karras schedule): a global brick
-    (tiles no smaller than brick 0's) at low noise, the last `fraction`; a local one at high noise,
-    the first `fraction`."""
-    if brick_sizes[k] >= brick_sizes[0]:
-        return BrickWindow(k, lo=edm.sigma_at(1.0 - fraction))
-    return BrickWindow(k, hi=edm.sigma_at(fraction))
-
-
-def parse_policy(spec: str, num_bricks: int) -> SkipPolicy:
-    """Parse ``"k@lo:hi,..."`` (see the module docstring)."""
-    windows = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        try:
-            index_text, bounds = part.split("@")
-            lo_text, hi_text = bounds.split(":")
-            window = BrickWindow(
-                int(index_text), float(lo_text) if lo_text else 0.0, float(hi_text) if hi_text else math.inf
-            )
-        except ValueError:
-            raise LegoError(f"rule {part!r} cannot be read; write BRICK@LO:HI, e.g. 2@0.5: or 2@:1.5") from None
-        if not 0 <= window.index < num_bricks:
-            raise LegoError(f"rule {part!r}: brick index must be 0 to {num_bricks - 1}")
-        if window.index == 0:
-            raise LegoError(f"rule {part!r}: brick 0 always runs (every step needs an estimate)")
-        if math.isnan(window.lo) or math.isnan(window.hi) or math.isinf(window.lo):
-            raise LegoError(f"rule {part!r}: bounds must be numbers (leave a bound out for none)")
-        if window.lo > window.hi:
-            raise LegoError(f"rule {part!r}: lower bound above upper bound")
-        windows.append(window)
-    return SkipPolicy(tuple(windows), f"rules {spec}")
-
-
-def parse_interval(spec: str) -> tuple[float, float]:
-    """``"lo:hi"`` (either bound may be left out) as (lo, hi), for the guidance interval."""
-    try:
-        lo_text, hi_text = spec.split(":")
-        lo, hi = float(lo_text) if lo_text.strip() else 0.0, float(hi_text) if hi_text.strip() else math.inf
-    except (AttributeError, ValueError):
-        raise LegoError(f"{spec!r} cannot be read; write LO:HI in sigma, e.g. 4:14 or 4:") from None
-    if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or lo < 0 or lo > hi:
-        raise LegoError(f"{spec!r}: bounds must be numbers with 0 <= LO <= HI (leave a bound out for none)")
-    return lo, hi
-
-
-@dataclass(frozen=True)
 class StepPlan:
     step: int
     sigma: float
-    bricks: int  # run bricks 0 .. bricks-1
+    bricks: int  # run bricks 0 .. bricks-1 (the rest are skipped)
     shift: tuple[int, int]  # tile-grid offset (dy, dx) for this step
     guided: bool = False  # classifier-free guidance at this step: the bricks run for both halves
+    cached: tuple[int, ...] = ()  # bricks of the prefix that take their cached correction instead of running
+    guidance_cached: bool = False  # a guided step that runs the conditional half only (guidance cache)
+
+    def runs(self, k: int) -> bool:
+        """Whether brick k runs at this step (before any per-image gate)."""
+        return k < self.bricks and k not in self.cached
+
+    @property
+    def halves(self) -> int:
+        """How many times each brick that runs sees each image: 2 at a guided step with both halves."""
+        return 2 if self.guided and not self.guidance_cached else 1
 
 
 def tile_shift(step: int, period: int, seed: int = 0) -> tuple[int, int]:
@@ -147,7 +77,8 @@ def tile_shift(step: int, period: int, seed: int = 0) -> tuple[int, int]:
 def plan(options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], seed: int = 0) -> list[StepPlan]:
     """The per-step plan of one sampling run: options checked against the model, canvas against
     its bricks. The tile grid moves between steps when options.tile_shift says so (by default on a
-    canvas larger than the training size)."""
+    canvas larger than the training size). A per-image gate (options.gate) is decided at run time:
+    the plan is its upper bound, every brick it lists running for every image."""
     options.validate(model)
     h, w = canvas
     check_canvas(h, w, model.canvas_multiple)
@@ -159,7 +90,9 @@ def plan(options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], s
     if options.guidance != 1.0 and model.num_classes:
         guide = parse_interval(options.guidance_interval) if options.guidance_interval else (0.0, math.inf)
     sigmas = model.edm.sigmas(options.steps)
-    return make_plan(sigmas, len(model.bricks), options.skip_policy(model), period, seed, guide)
+    steps = make_plan(sigmas, len(model.bricks), options.skip_policy(model), period, seed, guide)
+    guide_cache = parse_interval(options.guidance_cache) if options.guidance_cache and guide else None
+    return with_cache(steps, options.cache_policy(model), guide_cache)
 
 
 def make_plan(
@@ -181,23 +114,49 @@ def make_plan(
     return plans
 
 
+def with_cache(
+    steps: list[StepPlan], cache: SkipPolicy | None = None, guide_cache: tuple[float, float] | None = None
+) -> list[StepPlan]:
+    """The plan with brick caching: a brick of a step's prefix outside its cache window takes its
+    cached correction, once it has run at an earlier step (before that there is nothing to reuse);
+    a guided step inside guide_cache runs the conditional half only, once an earlier step ran both."""
+    ran: set[int] = set()
+    guided_before = False
+    out = []
+    for p in steps:
+        outside = cache.outside(p.sigma) if cache is not None else ()
+        cached = tuple(k for k in outside if k < p.bricks and k in ran)
+        half = guide_cache is not None and p.guided and guided_before and guide_cache[0] <= p.sigma <= guide_cache[1]
+        out.append(replace(p, cached=cached, guidance_cached=half) if cached or half else p)
+        ran |= {k for k in range(p.bricks) if k not in cached}
+        guided_before |= p.guided and not half
+    return out
+
+
 def engine_work(options: SamplingOptions, model: LegoConfig, canvas: tuple[int, int], num: int) -> list[dict[str, int]]:
     """Rows each engine is called with, per denoiser evaluation of one run of num images: the
     embedder once per image (twice at a guided step: the null-label half), brick k once per tile of
     its size, for the bricks the plan runs. What a run costs follows from this and each engine's
     time per call (the server's cost model); a latent model's decoder is not included. The seed
-    only moves the tile grid (a roll keeps the tile count), so the work does not depend on it."""
+    only moves the tile grid (a roll keeps the tile count), so the work does not depend on it. A
+    per-image gate only lowers it: this is its upper bound."""
     steps = plan(options, model, canvas)
     h, w = canvas
     work = []
     for i, step in enumerate(steps):
-        rows = num * (2 if step.guided else 1)
+        rows = num * step.halves
         calls = {"embedder": rows}
-        for k, b in enumerate(model.bricks[: step.bricks]):
-            calls[f"brick{k}"] = rows * (h // b.size) * (w // b.size)
+        for k, b in enumerate(model.bricks):
+            if step.runs(k):
+                calls[f"brick{k}"] = rows * (h // b.size) * (w // b.size)
         # Heun corrects every step but the last, with a second evaluation under the same plan.
         work += [calls] * (2 if options.sampler == "heun" and i < len(steps) - 1 else 1)
     return work
+
+
+def step_flops(step: StepPlan, brick_flops: list[float]) -> float:
+    """Brick FLOPs of one evaluation of this step per image (both halves of a guided one)."""
+    return sum(f for k, f in enumerate(brick_flops) if step.runs(k)) * step.halves
 
 
 def flop_fraction_saved(plans: list[StepPlan], brick_flops: list[float]) -> float:
@@ -205,7 +164,7 @@ def flop_fraction_saved(plans: list[StepPlan], brick_flops: list[float]) -> floa
     guided step runs its bricks twice, so a guided plan can save less than nothing (-1: guidance at
     every step of the full chain)."""
     full = len(plans) * sum(brick_flops)
-    run = sum(sum(brick_flops[: p.bricks]) * (2 if p.guided else 1) for p in plans)
+    run = sum(step_flops(p, brick_flops) for p in plans)
     return 1.0 - run / full if full else 0.0
 
 

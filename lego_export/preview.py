@@ -41,7 +41,7 @@ def sample_images(
     def denoise(x, sigma, _step):
         return model(x, sigma, onehot, guidance=guidance)
 
-    x = sample(denoise, noise, cfg.edm.sigmas(steps), "heun" if heun else "euler")
+    x = sample(denoise, noise, cfg.edm.sigmas(steps), method="heun" if heun else "euler")
     return x.clamp(-1, 1).float().cpu().numpy()
 
 

@@ -1,31 +1,32 @@
-"""Choose a model's recommended sampling setting, the fewest brick FLOPs whose FID (and class
-accuracy) stays in budget, and the quality ladder of cheaper settings below it.
+"""Map a model's frontier of sampling settings and name points on it: `fast`, `balanced`, `best`.
 
-The search, on a fixed set of seeds and classes (every trial sees the same noise):
+A setting is a point (brick FLOPs per image, FID, class accuracy). Brick FLOPs follow from the plan
+without sampling; quality needs sampling, so the search spends its samples where the frontier is:
 
-1. The reference setting (default Heun, 50 steps, full chain) sets the budget:
-   FID <= FID_reference * (1 + max_fid_increase), and, where the feature extractor is a classifier
-   too, class accuracy >= accuracy_reference - max_accuracy_drop (FID alone can let a skip setting
-   lose two points of class accuracy), and >= min_accuracy where one is given.
-2. For each candidate sampler and step count (unless even brick 0 alone at every step would cost
-   more than the best setting found so far): the full chain, then per-brick skip windows found
-   greedily. Each round tries widening each brick's skipped stretch of the trajectory by one notch
-   (a tenth of it) and keeps the move that saves the most brick FLOPs while staying in budget; the
-   search stops when no move does. Global bricks (tiles no smaller than brick 0's) are skipped at
-   low noise, local ones at high noise, as in the LEGO paper (plan.skip_window). With a guidance
-   scale to search (--guidance), the candidate is then tried guided at one step, each step in turn
-   (a guided step costs twice), from its cheapest setting in budget or else its full chain; the
-   best of those in budget is widened again. Guiding one step can bring a cheap step count back
-   within the budget: it raises class accuracy more than any skip window lowers it.
-3. The winner is the trial in budget with the fewest brick FLOPs per image (counted, so it does not
-   drift with the machine as wall time does).
-4. The winner and the reference are measured again on a second, disjoint set of seeds; those FIDs
-   are the ones recorded, so the recorded numbers are not the ones the choice was fitted to.
-5. The ladder: the winner with fewer steps and, if it guides, without its guidance, and the
-   search's cheaper trials near its FID, measured with the winner on a third set of seeds; those
-   within the rung rule (FID at most a ratio of the winner's, class accuracy at most
-   max_accuracy_drop below it) and not beaten on FID by a cheaper one become the rungs lego-serve steps
-   down under load (where more qualify than are asked for: evenly from the mildest to the cheapest).
+1. Coarse: every sampler x step count of the grid (the full chain, each option variant: residual
+   reuse, guidance, brick caching, whatever the caller lists), on fixed search seeds and classes
+   (every trial sees the same noise).
+2. Skips: for the sampler and step counts on the Pareto set of (1), each per-brick skip window of a
+   coarse grid (fractions of the trajectory; global bricks at low noise, local ones at high noise,
+   as in the LEGO paper: plan.skip_window).
+3. Refine: the neighbours of every Pareto point (a step more or fewer, a brick's window a notch wider
+   or narrower, another variant or sampler) until a round adds no Pareto point, or the rounds or
+   trials run out. Two settings with the same plan are sampled once. Each stage first screens its
+   settings on a third of the images and samples in full only those no other screened setting
+   clearly beats (as cheap, no less accurate, a FID lower by more than a fifth).
+4. Validate: the Pareto points are measured again on seeds the search never saw. The named points
+   are chosen from points that meet their rule on both seed sets, so a choice fitted to one set of
+   seeds does not pass:
+     best      the lowest validated FID (at or above --min-accuracy, where one is given);
+     balanced  the fewest brick FLOPs whose FID is at most (1 + max_fid_increase) x best's and whose
+               class accuracy is at most max_accuracy_drop below best's;
+     fast      the cheap end of the ladder: the fewest brick FLOPs whose FID is at most
+               rung_fid_ratio x balanced's, class accuracy at most rung_accuracy_drop below it.
+   When no point meets a budget on the validation seeds the tuner stops with the check that failed
+   and by how much (:class:`ValidationFailed`); nothing is written.
+5. The ladder (lego-serve steps down it under load): validated Pareto points cheaper than the
+   recommended setting (balanced unless the author picks another name) within the rung rule, none
+   beaten on FID by a cheaper one; its cheap end is `fast`.
 
 FID is measured in the feature space of an ONNX feature extractor the user provides (images in, one
 feature vector per image out; optionally a second output `logits`, one score per class) against
@@ -36,8 +37,9 @@ reference files are. No PyTorch needed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,13 +52,19 @@ from lego_export.fid import FeatureStats, frechet_distance
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Recommended, Rung
 from lego_export.options import SamplingOptions
-from lego_export.plan import plan, skip_window
+from lego_export.plan import flop_fraction_saved, plan, skip_window
 from lego_export.runtime.pipeline import LegoPipeline
 
-NOTCH = 0.1  # the search moves a brick's skip window by this fraction of the trajectory
+NOTCH = 0.1  # refinement moves a brick's skip window by this fraction of the trajectory
+NAMES = ("best", "balanced", "fast")  # the named points, dearest first
 MAX_FEATURE_FILE = 512 << 20
 MAX_REFERENCE_FILE = 1 << 30
 MAX_FEATURE_DIM = 8192
+
+
+class ValidationFailed(LegoError):
+    """No setting meets a budget (on the search seeds, or again on the validation seeds): the message
+    says which check and by how much."""
 
 
 @dataclass(frozen=True)
@@ -82,16 +90,22 @@ class Setting:
         b = self.base
         skip = "/".join(f"{f:.1f}" for f in self.skipped) if any(self.skipped) else "none"
         guided = f", cfg {b.guidance:g} at sigma {b.guidance_interval}" if b.guidance != 1.0 else ""
-        return f"{b.sampler} {b.steps} steps, skipped {skip}{', reuse' if b.reuse_residual else ''}{guided}"
+        extra = "".join(f", {k} {v}" for k, v in _variant_fields(b).items())
+        reuse = ", reuse" if b.reuse_residual and any(self.skipped) else ""
+        return f"{b.sampler} {b.steps} steps, skipped {skip}{reuse}{guided}{extra}"
 
 
-def one_step_interval(sigmas, step: int) -> str:
-    """A guidance interval ("lo:hi") holding exactly one step's sigma: its bounds are the geometric
-    means with the neighbouring steps' sigmas (open at the ends of the schedule)."""
-    steps = len(sigmas) - 1  # the schedule ends with sigma 0
-    lo = f"{np.sqrt(sigmas[step] * sigmas[step + 1]):.6g}" if step + 1 < steps else ""
-    hi = f"{np.sqrt(sigmas[step - 1] * sigmas[step]):.6g}" if step > 0 else ""
-    return f"{lo}:{hi}"
+_LABELLED = {"sampler", "steps", "skip", "reuse_residual", "guidance", "guidance_interval"}
+
+
+def _variant_fields(options: SamplingOptions) -> dict:
+    """Option fields other than those a label already shows, where they differ from the defaults."""
+    default = SamplingOptions()
+    return {
+        f.name: getattr(options, f.name)
+        for f in dataclasses.fields(options)
+        if f.name not in _LABELLED and getattr(options, f.name) != getattr(default, f.name)
+    }
 
 
 def policy_spec(windows) -> str:
@@ -110,32 +124,81 @@ class Trial:
     fid: float
     flops: float  # brick FLOPs per image, in full-chain evaluations
     images_per_s: float
-    in_budget: bool = False
     class_accuracy: float | None = None  # None: the feature extractor has no logits
+    seed: int = 0
+    images: int = 0
+
+
+@dataclass(frozen=True)
+class Space:
+    """The settings the search may visit. variants: option fields every setting is also tried with
+    (e.g. {"reuse_residual": True}, a guidance scale and interval, a brick-cache mode); the search
+    treats them as opaque SamplingOptions fields."""
+
+    samplers: tuple[str, ...] = ("dpm2m", "heun")
+    steps: tuple[int, ...] = (4, 6, 8, 12, 16)  # the coarse grid; refinement visits the counts between
+    skip_fractions: tuple[float, ...] = (0.3, 0.6)  # coarse skip windows per brick (none is always tried)
+    variants: tuple[Mapping, ...] = ({},)
+    refine_rounds: int = 2
+    max_trials: int = 80  # settings sampled in full in the search, all stages together
+    screen: int = 3  # each stage samples its settings on 1/screen of the images first (1: no screening)
+    screen_margin: float = 0.2  # and drops those another beats by this much FID (module docstring)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How the named points and the ladder are chosen from the validated frontier."""
+
+    max_fid_increase: float = 0.05  # balanced: FID at most (1 + this) x best's
+    max_accuracy_drop: float = 0.01  # balanced: class accuracy at most this below best's
+    min_accuracy: float | None = None  # every named point and rung at least this
+    rung_fid_ratio: float = 2.0  # fast and each rung: FID at most this x the one above's (a rung trades quality)
+    rung_accuracy_drop: float = 0.03  # fast and each rung: class accuracy at most this below the one above's
+    rungs: int = 3  # most rungs of the ladder
 
 
 @dataclass
-class TuneResult:
-    reference: Trial
-    budget: float
-    max_accuracy_drop: float = 0.01  # class accuracy at most this far below the reference's
-    accuracy_floor: float | None = None  # and at least this (--min-accuracy)
-    trials: list[Trial] = field(default_factory=list)  # every setting sampled, in order
-    by_plan: dict = field(default_factory=dict)  # (sampler, steps, reuse, plan) -> its trial
-    winner: Trial | None = None
-    validation: dict = field(default_factory=dict)
+class Point:
+    """A Pareto point of the search, measured on the search seeds and again on the validation seeds."""
+
+    search: Trial
+    validation: Trial
 
     @property
-    def min_accuracy(self) -> float | None:
-        ref = self.reference.class_accuracy
-        if ref is None:
-            return None
-        floor = ref - self.max_accuracy_drop
-        return floor if self.accuracy_floor is None else max(floor, self.accuracy_floor)
+    def setting(self) -> Setting:
+        return self.search.setting
 
-    def admits(self, fid: float, accuracy: float | None) -> bool:
-        """Within the budget: FID, and class accuracy where it is measured."""
-        return fid <= self.budget and (self.min_accuracy is None or accuracy >= self.min_accuracy)
+    @property
+    def flops(self) -> float:
+        return self.validation.flops
+
+
+@dataclass
+class Frontier:
+    """What the tuner found: every search trial, the Pareto set, its validated points, the named points."""
+
+    searched: list[Trial] = field(default_factory=list)
+    pareto: list[Trial] = field(default_factory=list)  # of the search, cheapest first
+    points: list[Point] = field(default_factory=list)  # the validated Pareto points, cheapest first
+    named: dict[str, Point] = field(default_factory=dict)
+    reference: Trial | None = None  # measured on the validation seeds, for comparison only
+    reference_flops: float = 0.0  # its brick FLOPs (from its plan), measured or not
+    rejected: list[str] = field(default_factory=list)  # points that met a rule on one seed set only
+
+
+def _accuracy(t: Trial) -> float:
+    return -1.0 if t.class_accuracy is None else t.class_accuracy
+
+
+def dominates(a: Trial, b: Trial) -> bool:
+    """a is no worse than b on brick FLOPs, FID and class accuracy, and better on one."""
+    no_worse = a.flops <= b.flops and a.fid <= b.fid and _accuracy(a) >= _accuracy(b)
+    return no_worse and (a.flops < b.flops or a.fid < b.fid or _accuracy(a) > _accuracy(b))
+
+
+def pareto(trials: Sequence[Trial]) -> list[Trial]:
+    """The trials no other dominates, cheapest first."""
+    return sorted((t for t in trials if not any(dominates(o, t) for o in trials)), key=lambda t: (t.flops, t.fid))
 
 
 class FeatureNet:
@@ -252,14 +315,40 @@ def parse_settings(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def parse_list(text: str, flag: str, kind: type, lo: float, hi: float) -> tuple:
+    """'4,6,8' -> (4, 6, 8), every value of kind and in [lo, hi]; LegoError naming the flag."""
+    values = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            value = kind(part)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise LegoError(f"{flag}: cannot read {part!r}; expected numbers from {lo:g} to {hi:g}, comma-separated")
+        values.append(value)
+    if not values:
+        raise LegoError(f"{flag}: no value given")
+    return tuple(sorted(set(values)))
+
+
+def parse_samplers(text: str) -> tuple[str, ...]:
+    """'dpm2m,heun' -> ('dpm2m', 'heun')."""
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    bad = [n for n in names if n not in SAMPLERS]
+    if bad or not names:
+        raise LegoError(f"--samplers: {bad[0] if bad else text!r} is not a sampler; choose from {', '.join(SAMPLERS)}")
+    return names
+
+
 class Tuner:
-    """Runs trials (sample, featurise, FID and class accuracy) on one fixed set of seeds and classes."""
+    """Runs trials (sample, featurise, FID and class accuracy) on fixed seeds and classes, and maps the frontier."""
 
     def __init__(
         self,
         pipe: LegoPipeline,
         features: FeatureNet,
         reference: FeatureStats,
+        *,
         num: int,
         batch: int = 64,
         seed: int = 0,
@@ -274,208 +363,258 @@ class Tuner:
         self.pipe, self.features, self.reference = pipe, features, reference
         self.classify = logits is not None and bool(classes)  # class accuracy needs labels to compare with
         self.model = pipe.cfg
+        self.flops = model_brick_flops(self.model)
         self.num, self.batch, self.seed, self.log = num, batch, seed, log
 
-    def trial(self, setting: Setting, seed: int | None = None) -> Trial:
+    # -- one measurement ------------------------------------------------------------------------
+
+    def trial(self, setting: Setting, seed: int | None = None, num: int | None = None) -> Trial:
+        """Sample num images (default: the search's) of setting on seed and score them."""
+        seed = self.seed if seed is None else seed
+        num = num or self.num
         start = time.perf_counter()
-        options = setting.options(self.model)
-        result = self.pipe(options, num=self.num, batch=self.batch, seed=self.seed if seed is None else seed)
+        result = self.pipe(setting.options(self.model), num=num, batch=self.batch, seed=seed)
         seconds = time.perf_counter() - start
         features, logits = self.features.run(result.images)
         score = frechet_distance(FeatureStats.of(features), self.reference)
         accuracy = class_accuracy(logits, result.labels) if self.classify else None
+        # measured, not planned: a brick cache may decide per image what runs
         flops = evaluations(setting.base.sampler, setting.base.steps) * (1.0 - result.timing.flops_saved)
-        return Trial(setting, score, flops, self.num / seconds, class_accuracy=accuracy)
+        return Trial(setting, score, flops, num / seconds, accuracy, seed, num)
 
-    def run(
-        self,
-        reference: Setting,
-        candidates: list[tuple[str, int]],
-        max_fid_increase: float,
-        reuse: bool,
-        max_accuracy_drop: float = 0.01,
-        min_accuracy: float | None = None,
-        guidance: float = 1.0,
-    ) -> TuneResult:
-        """The search (the module's docstring, steps 1-3). guidance: other than 1, each candidate is
-        also tried guided at one step, each step in turn, from its cheapest setting in budget (else
-        its full chain), and the best guided one in budget has its skip windows widened again."""
-        ref = self.trial(reference)
-        result = TuneResult(ref, ref.fid * (1.0 + max_fid_increase), max_accuracy_drop, min_accuracy)
-        ref.in_budget = True
-        floor = "" if result.min_accuracy is None else f", class accuracy at least {result.min_accuracy:.3f}"
-        self.log(f"reference {reference.label()}: {_scores(ref)}; budget: FID at most {result.budget:.3f}{floor}")
-        skippable = len(self.model.bricks) - 1
-        flops = model_brick_flops(self.model)
-        brick0_share = flops[0] / sum(flops)
-        for sampler, steps in candidates:
-            # Even brick 0 alone at every step would cost no less than the best setting found: skip it.
-            best = min(t.flops for t in [ref, *result.trials] if t.in_budget)
-            if evaluations(sampler, steps) * brick0_share >= best:
-                self.log(f"  {sampler} {steps} steps: cannot beat {best:.1f} full-chain evaluations/image; not tried")
-                continue
-            full = self._measure(result, Setting(SamplingOptions(sampler, steps), (0.0,) * skippable))
-            cheapest = self._widen(result, full, reuse)
-            if guidance != 1.0:
-                start = (cheapest or full).setting
-                sigmas = self.model.edm.sigmas(steps)
-                guided = [
-                    self._measure(result, start.but(guidance=guidance, guidance_interval=one_step_interval(sigmas, i)))
-                    for i in range(steps)
-                ]
-                self._widen(result, cheapest_in_budget(guided), reuse)
-        result.winner = cheapest_in_budget([ref, *result.trials])
-        return result
-
-    def _widen(self, result: TuneResult, current: Trial | None, reuse: bool) -> Trial | None:
-        """Greedy skip windows from a trial (the module's docstring, step 2): the cheapest trial in
-        budget on the way, or None if the first is not (or is None)."""
-        best = None
-        while current is not None and current.in_budget:
-            best = current
-            moves, current_plan = [], self._plan(current.setting)
-            for k in range(len(current.setting.skipped)):
-                skipped = list(current.setting.skipped)
-                skipped[k] = round(skipped[k] + NOTCH, 6)
-                move = current.setting.but(tuple(skipped), reuse_residual=reuse)
-                # A brick skipped inside a stretch where an earlier one already is changes nothing
-                # (a step runs a prefix of the chain): widen it without a trial.
-                while skipped[k] <= 1.0 and self._plan(move) == current_plan:
-                    skipped[k] = round(skipped[k] + NOTCH, 6)
-                    move = move.but(tuple(skipped))
-                if skipped[k] <= 1.0:
-                    moves.append(self._measure(result, move))
-            current = cheapest_in_budget(moves)
-        return best
-
-    def _plan(self, setting: Setting) -> tuple[tuple[int, bool], ...]:
-        """Bricks run at each step, and whether it is guided: two settings with the same plan (and
-        guidance scale) sample the same images."""
+    def planned_flops(self, setting: Setting) -> float:
+        """Brick FLOPs per image (full-chain evaluations) from the plan alone, without sampling."""
         canvas = (self.model.img_resolution, self.model.img_resolution)
-        return tuple((p.bricks, p.guided) for p in plan(setting.options(self.model), self.model, canvas))
+        saved = flop_fraction_saved(plan(setting.options(self.model), self.model, canvas), self.flops)
+        return evaluations(setting.base.sampler, setting.base.steps) * (1.0 - saved)
 
-    def _unguided_if_idle(self, setting: Setting) -> Setting:
-        """The setting without guidance when its interval holds no step of its schedule (the winner
-        with fewer steps, say): it guides nothing, and a rung should not say it does."""
-        if setting.base.guidance != 1.0 and not any(guided for _, guided in self._plan(setting)):
-            return setting.but(guidance=1.0, guidance_interval=None)
-        return setting
+    def key(self, setting: Setting) -> tuple:
+        """Settings with the same key sample the same images: the options but for how the skip windows
+        and guidance interval are written, and the plan (bricks run and guidance, per step)."""
+        canvas = (self.model.img_resolution, self.model.img_resolution)
+        options = setting.options(self.model)
+        steps = tuple((p.bricks, p.guided) for p in plan(options, self.model, canvas))
+        guidance = options.guidance if any(guided for _, guided in steps) else 1.0
+        return dataclasses.replace(options, skip="none", guidance=guidance, guidance_interval=None), steps
 
-    def _key(self, setting: Setting) -> tuple:
-        """Settings with the same key sample the same images (a guidance interval that holds no step
-        of the schedule is no guidance)."""
-        steps = self._plan(setting)
-        b = setting.base
-        guidance = b.guidance if any(guided for _, guided in steps) else 1.0
-        return b.sampler, b.steps, b.reuse_residual, guidance, steps
+    # -- the search ------------------------------------------------------------------------------
 
-    def _measure(self, result: TuneResult, setting: Setting) -> Trial:
-        """A trial of setting, or the earlier trial of the same plan (a move can reach a plan an
-        earlier round already sampled)."""
-        key = self._key(setting)
-        earlier = result.by_plan.get(key)
-        if earlier is not None:
-            return dataclasses.replace(earlier, setting=setting)
-        result.by_plan[key] = self._keep(result, self.trial(setting))
-        return result.by_plan[key]
+    def search(self, space: Space, rules: Rules) -> Frontier:
+        """Steps 1-3 of the module's docstring, on the search seeds."""
+        frontier = Frontier()
+        measured: dict[tuple, Trial | None] = {}  # None: screened out
+        skippable = len(self.model.bricks) - 1
 
-    def _keep(self, result: TuneResult, trial: Trial) -> Trial:
-        trial.in_budget = result.admits(trial.fid, trial.class_accuracy)
-        result.trials.append(trial)
-        verdict = "in budget" if trial.in_budget else "over budget"
-        self.log(
-            f"  {trial.setting.label()}: {_scores(trial)} ({verdict}), "
-            f"{trial.flops:.1f} full-chain evaluations/image, {trial.images_per_s:.1f} images/s"
-        )
-        return trial
+        def measure(settings: list[Setting], stage: str, cheapest_first: bool = True) -> None:
+            fresh = {}
+            for s in settings:
+                k = self.key(s)
+                if k not in measured and k not in fresh:
+                    fresh[k] = s
+            room = space.max_trials - len(frontier.searched)
+            if len(fresh) > room:
+                self.log(f"{stage}: {len(fresh)} settings, {room} left of --max-trials; the cheapest are sampled")
+            todo = list(fresh.items())
+            if cheapest_first:
+                todo.sort(key=lambda kv: self.planned_flops(kv[1]))
+            if space.screen > 1 and len(todo) > 2 and room > 0:  # at most twice as many screened as there is room for
+                todo = self._screen(todo[: 2 * max(room, 0)], space, measured, stage)
+            todo = todo[: max(room, 0)]
+            if todo:
+                self.log(f"{stage}: {len(todo)} settings on seed {self.seed}, {self.num} images each")
+            for k, s in todo:
+                t = measured[k] = self.trial(s)
+                frontier.searched.append(t)
+                self.log(f"  {s.label()}: {_scores(t)}, {t.flops:.2f} full-chain evaluations/image")
 
-    def validate(self, result: TuneResult, seed: int) -> None:
-        """Measure the winner and the reference again on seeds the search never saw."""
-        ref, win = self.trial(result.reference.setting, seed), self.trial(result.winner.setting, seed)
-        in_budget = win.fid <= ref.fid * result.budget / result.reference.fid
-        if ref.class_accuracy is not None:
-            in_budget &= win.class_accuracy >= ref.class_accuracy - result.max_accuracy_drop
-            in_budget &= result.accuracy_floor is None or win.class_accuracy >= result.accuracy_floor
-        result.validation = {
-            "seed": seed,
-            "reference_fid": ref.fid,
-            "fid": win.fid,
-            "fid_vs_reference": win.fid / ref.fid,
-            "reference_images_per_s": ref.images_per_s,
-            "images_per_s": win.images_per_s,
-            "in_budget": bool(in_budget),
-        }
-        if ref.class_accuracy is not None:
-            result.validation.update(reference_class_accuracy=ref.class_accuracy, class_accuracy=win.class_accuracy)
-        verdict = "within" if in_budget else "OVER (the choice may be fitted to the seeds: try more --num)"
-        self.log(
-            f"validation on seed {seed}: {_scores(win)} vs reference {_scores(ref)} "
-            f"(FID {win.fid / ref.fid:.3f}x), {verdict} the budget"
-        )
-
-    def ladder(self, result: TuneResult, seed: int, most: int, max_fid_ratio: float) -> list[Rung]:
-        """Up to `most` rungs below the winner, measured with it on seeds neither the search nor the
-        validation saw (see the module's docstring, step 5)."""
-        win = result.winner
-        bases = [win.setting]
-        if win.setting.base.guidance != 1.0:  # guidance is a cost like any other: the winner without it
-            bases.append(win.setting.but(guidance=1.0, guidance_interval=None))
-        candidates = [b.but(steps=b.base.steps - k) for b in bases for k in (0, 1, 2, 3)]
-        near = [t for t in result.trials if t.flops < win.flops and t.fid <= max_fid_ratio * win.fid]
-        candidates += [t.setting for t in sorted(near, key=lambda t: -t.flops)]
-        seen, unique = {self._key(win.setting)}, []
-        for setting in candidates:
-            if setting.base.steps >= 1 and self._key(setting) not in seen and len(unique) < 2 * most:
-                seen.add(self._key(setting))
-                unique.append(self._unguided_if_idle(setting))
-        if not unique:  # also when most is 0
-            return []
-        self.log(f"ladder: {len(unique)} cheaper settings measured with the winner on seed {seed}")
-        top, *trials = (self.trial(s, seed) for s in [win.setting, *unique])
-        for t in trials:
-            self.log(f"  {t.setting.label()}: {_scores(t)}, {t.flops:.1f} full-chain evaluations/image")
-        rungs = spread(select_rungs(top, trials, max_fid_ratio, result.max_accuracy_drop), most)
-        self.log(f"ladder: {len(rungs)} rungs, {', '.join(t.setting.label() for t in rungs) or 'none within the rule'}")
-        measured = {"images": self.num, "seed": seed, "top_fid": top.fid, "top_class_accuracy": top.class_accuracy}
-        return [
-            Rung(
-                t.setting.options(self.model),
-                {
-                    "fid": t.fid,
-                    "class_accuracy": t.class_accuracy,
-                    "brick_flops_vs_reference": t.flops / result.reference.flops,
-                    **measured,
-                },
-            )
-            for t in rungs
+        zeros = (0.0,) * skippable
+        variants = [dict(v) for v in space.variants] or [{}]
+        chains = [
+            Setting(SamplingOptions(sampler, steps, **variant), zeros)
+            for sampler in space.samplers
+            for steps in space.steps
+            for variant in variants
         ]
+        measure(chains, "coarse: full chains")
+        if skippable:
+            grid = [f for f in itertools.product((0.0, *space.skip_fractions), repeat=skippable) if any(f)]
+            heads = {(t.setting.base.sampler, t.setting.base.steps) for t in pareto(frontier.searched)}
+            skips = [
+                Setting(SamplingOptions(sampler, steps, **variant), fractions)
+                for sampler, steps in sorted(heads)
+                for variant in variants
+                for fractions in grid
+            ]
+            measure(skips, "coarse: skip windows of the Pareto chains")
+        for round_ in range(space.refine_rounds):
+            before = {id(t) for t in pareto(frontier.searched)}
+            # round-robin over the Pareto points, so that a trial cap leaves no end of the frontier unrefined
+            moves = [neighbours(t.setting, space, variants) for t in pareto(frontier.searched)]
+            near = [n for group in itertools.zip_longest(*moves) for n in group if n is not None]
+            measure(near, f"refine {round_ + 1}: neighbours of the Pareto points", cheapest_first=False)
+            if {id(t) for t in pareto(frontier.searched)} == before:
+                break
+        frontier.pareto = pareto(frontier.searched)
+        self.log(f"search: {len(frontier.searched)} settings sampled, {len(frontier.pareto)} on the Pareto set")
+        if rules.min_accuracy is not None and self.classify:
+            top = max(frontier.searched, key=_accuracy)
+            if _accuracy(top) < rules.min_accuracy:
+                raise ValidationFailed(
+                    f"no setting searched reaches the class accuracy budget {rules.min_accuracy:.3f} (--min-accuracy) "
+                    f"on the search seeds: the most accurate, {top.setting.label()}, has "
+                    f"{top.class_accuracy:.3f}, {rules.min_accuracy - top.class_accuracy:.3f} below it"
+                )
+        return frontier
+
+    def _screen(self, todo: list, space: Space, measured: dict, stage: str) -> list:
+        """Successive halving: every setting on 1/screen of the search images (the first of the same
+        seeds); a setting another of them beats (no more brick FLOPs, class accuracy at most 0.01
+        lower, FID lower by more than screen_margin) is dropped before its full trial. Only settings
+        screened together are compared: FID's bias depends on the number of images."""
+        num = max(self.num // space.screen, 2)
+        self.log(f"{stage}: screening {len(todo)} settings on {num} images each")
+        quick = [(k, s, self.trial(s, num=num)) for k, s in todo]
+        kept = []
+        for k, s, t in quick:
+            beaten = next((o for _, _, o in quick if _screens_out(o, t, space.screen_margin)), None)
+            if beaten is None:
+                kept.append((k, s))
+                continue
+            measured[k] = None
+            self.log(f"  screened out: {s.label()}: {_scores(t)}; {beaten.setting.label()}: {_scores(beaten)}")
+        return kept
+
+    def validate(self, frontier: Frontier, rules: Rules, seed: int, num: int, most: int) -> None:
+        """Step 4: measure up to `most` Pareto points on unseen seeds and choose the named points."""
+        chosen = spread_frontier(frontier.pareto, most)
+        self.log(f"validation: {len(chosen)} Pareto points on seed {seed}, {num} images each")
+        frontier.points = []
+        for t in chosen:
+            v = self.trial(t.setting, seed, num)
+            frontier.points.append(Point(t, v))
+            self.log(f"  {t.setting.label()}: {_scores(v)} (search: {_scores(t)})")
+        frontier.named = name_points(frontier.points, rules, self.classify, frontier.rejected)
+        for line in frontier.rejected:
+            self.log(f"  {line}")
+
+    def measure_reference(self, frontier: Frontier, reference: Setting, seed: int, num: int, sample: bool) -> None:
+        """The reference setting's brick FLOPs (from its plan) and, when sample, its scores on the validation seeds."""
+        frontier.reference_flops = self.planned_flops(reference)
+        if sample:
+            frontier.reference = self.trial(reference, seed, num)
+            self.log(f"reference {reference.label()} on seed {seed}: {_scores(frontier.reference)}")
 
 
-def cheapest_in_budget(trials: list[Trial]) -> Trial | None:
-    """The trial in budget with the fewest brick FLOPs (then the lowest FID); None if none is."""
-    fitting = [t for t in trials if t.in_budget]
-    return min(fitting, key=lambda t: (t.flops, t.fid)) if fitting else None
+def _screens_out(a: Trial, b: Trial, margin: float) -> bool:
+    """a beats b clearly enough to skip b's full trial: no more FLOPs, FID lower by the margin, class
+    accuracy at most 0.01 lower."""
+    return a.flops <= b.flops and a.fid * (1.0 + margin) < b.fid and _accuracy(a) >= _accuracy(b) - 0.01
 
 
-def select_rungs(top: Trial, trials: list[Trial], max_fid_ratio: float, max_accuracy_drop: float) -> list[Trial]:
-    """The trials that become rungs, most expensive first: cheaper than the top, FID at most
-    max_fid_ratio times the top's, class accuracy at most max_accuracy_drop below it, and none
-    beaten by a cheaper one on FID. Accuracy is a floor, not a rank: a rung kept for a little more
-    accuracy than a cheaper one with a lower FID would make the ladder's FID rise and fall as a
-    server steps down it."""
+def neighbours(setting: Setting, space: Space, variants: list[dict]) -> list[Setting]:
+    """The settings one move away: a step more or fewer (within the grid's range), one brick's skip
+    window a notch wider or narrower, another variant, another sampler."""
+    b, out = setting.base, []
+    for steps in (b.steps - 1, b.steps + 1):
+        if min(space.steps) <= steps <= max(space.steps):
+            out.append(setting.but(steps=steps))
+    for k, f in enumerate(setting.skipped):
+        for moved in (round(f - NOTCH, 6), round(f + NOTCH, 6)):
+            if 0.0 <= moved <= 1.0:
+                out.append(setting.but(tuple(moved if i == k else g for i, g in enumerate(setting.skipped))))
+    keys = {name for v in variants for name in v}
+    plain = {name: getattr(SamplingOptions(), name) for name in keys}
+    out += [setting.but(**{**plain, **v}) for v in variants]
+    out += [setting.but(sampler=s) for s in space.samplers if s != b.sampler]
+    return out
 
-    def accuracy(t: Trial) -> float:
-        return 0.0 if t.class_accuracy is None else t.class_accuracy
 
+def spread_frontier(points: list[Trial], most: int) -> list[Trial]:
+    """At most `most` (at least 3) of the Pareto points (cheapest first), evenly over the list, always
+    with its cheapest and its lowest-FID point (the ends of the frontier the named points come from)."""
+    if len(points) <= most:
+        return list(points)
+    last = len(points) - 1
+    keep = {0, last, min(range(len(points)), key=lambda i: points[i].fid)}
+    for i in range(most):
+        if len(keep) >= most:
+            break
+        keep.add(round(i * last / (most - 1)))
+    return [points[i] for i in sorted(keep)]
+
+
+def _within(p: Point, top: Point, fid_ratio: float, drop: float) -> str | None:
+    """None when p meets the rule against top on both seed sets; else which check failed, by how much."""
+    for name, t, ref in (("search", p.search, top.search), ("validation", p.validation, top.validation)):
+        if t.fid > fid_ratio * ref.fid:
+            return (
+                f"FID {t.fid:.3f} on the {name} seeds, {t.fid / ref.fid - 1:.1%} above {ref.fid:.3f} "
+                f"(budget {fid_ratio - 1:.1%})"
+            )
+        if t.class_accuracy is not None and t.class_accuracy < ref.class_accuracy - drop:
+            budget = ref.class_accuracy - drop
+            return (
+                f"class accuracy {t.class_accuracy:.3f} on the {name} seeds, {budget - t.class_accuracy:.3f} "
+                f"below the budget {budget:.3f}"
+            )
+    return None
+
+
+def _floor_failure(p: Point, floor: float) -> str | None:
+    for name, t in (("search", p.search), ("validation", p.validation)):
+        if t.class_accuracy is not None and t.class_accuracy < floor:
+            return (
+                f"class accuracy {t.class_accuracy:.3f} on the {name} seeds, {floor - t.class_accuracy:.3f} "
+                f"below the budget {floor:.3f} (--min-accuracy)"
+            )
+    return None
+
+
+def name_points(points: list[Point], rules: Rules, classify: bool, notes: list[str] | None = None) -> dict[str, Point]:
+    """best, balanced and fast (module docstring, step 4) among validated points; each meets its rule
+    on both seed sets. ValidationFailed when none meets the accuracy floor."""
+    notes = [] if notes is None else notes
+    eligible = points
+    if rules.min_accuracy is not None and classify:
+        eligible = [p for p in points if _floor_failure(p, rules.min_accuracy) is None]
+        if not eligible:
+            closest = max(points, key=lambda p: min(_accuracy(p.search), _accuracy(p.validation)))
+            raise ValidationFailed(
+                f"validation failed: {_floor_failure(closest, rules.min_accuracy)}, for the most accurate "
+                f"setting validated ({closest.setting.label()}); nothing written"
+            )
+    best = min(eligible, key=lambda p: (p.validation.fid, p.flops))
+
+    def cheapest(top: Point, ratio: float, name: str, drop: float = rules.max_accuracy_drop) -> Point:
+        fitting = []
+        for p in sorted(eligible, key=lambda p: (p.flops, p.validation.fid)):
+            failed = _within(p, top, ratio, drop)
+            if failed is None:
+                fitting.append(p)
+            elif p.flops < top.flops and not fitting:
+                notes.append(f"not {name}: {p.setting.label()}: {failed}")
+        return fitting[0]  # top itself always fits
+
+    balanced = cheapest(best, 1.0 + rules.max_fid_increase, "balanced")
+    fast = cheapest(balanced, rules.rung_fid_ratio, "fast", rules.rung_accuracy_drop)
+    return {"best": best, "balanced": balanced, "fast": fast}
+
+
+def ladder_points(frontier: Frontier, top: Point, rules: Rules) -> list[Point]:
+    """Step 5: validated points cheaper than top within the rung rule on both seed sets (and the accuracy
+    floor), none beaten on validated FID by a cheaper one, most expensive first, at most rules.rungs."""
     ok = [
-        t
-        for t in trials
-        if t.flops < top.flops and t.fid <= max_fid_ratio * top.fid and accuracy(t) >= accuracy(top) - max_accuracy_drop
+        p
+        for p in frontier.points
+        if p.flops < top.flops
+        and _within(p, top, rules.rung_fid_ratio, rules.rung_accuracy_drop) is None
+        and (rules.min_accuracy is None or _floor_failure(p, rules.min_accuracy) is None)
     ]
-    return sorted((t for t in ok if not any(c.flops < t.flops and c.fid <= t.fid for c in ok)), key=lambda t: -t.flops)
+    kept = [p for p in ok if not any(c.flops < p.flops and c.validation.fid <= p.validation.fid for c in ok)]
+    return spread(sorted(kept, key=lambda p: -p.flops), rules.rungs)
 
 
-def spread(rungs: list[Trial], most: int) -> list[Trial]:
+def spread(rungs: list, most: int) -> list:
     """At most `most` of the rungs (most expensive first), evenly over the list and always with its
     cheapest: the first `most` alone would keep the mildest rungs and drop the one that sheds the
     most work, which is the rung a server needs most under overload."""
@@ -492,31 +631,69 @@ def _scores(trial: Trial) -> str:
     return f"FID {trial.fid:.3f}{accuracy}"
 
 
+def point_measured(p: Point, reference_flops: float) -> dict:
+    """What a named point or rung records: its validated scores, its search scores, its cost."""
+    v, s = p.validation, p.search
+    return {
+        "fid": v.fid,
+        "class_accuracy": v.class_accuracy,
+        "full_chain_evaluations": v.flops,
+        "brick_flops_vs_reference": v.flops / reference_flops if reference_flops else None,
+        "images": v.images,
+        "seed": v.seed,
+        "images_per_s": v.images_per_s,
+        "search": {"fid": s.fid, "class_accuracy": s.class_accuracy, "images": s.images, "seed": s.seed},
+    }
+
+
+def frontier_rows(frontier: Frontier, model: LegoConfig) -> list[dict]:
+    """The validated frontier for people (the manifest's measured.frontier, the command's table)."""
+    names = {id(p): [n for n in NAMES if frontier.named.get(n) is p] for p in frontier.points}
+    return [
+        {
+            "setting": p.setting.options(model).describe(),
+            "names": names[id(p)],
+            "full_chain_evaluations": p.flops,
+            "fid": p.validation.fid,
+            "class_accuracy": p.validation.class_accuracy,
+            "search_fid": p.search.fid,
+            "search_class_accuracy": p.search.class_accuracy,
+        }
+        for p in frontier.points
+    ]
+
+
 def recommendation(
-    result: TuneResult, pipe: LegoPipeline, checkpoint_sha256: str, measured: dict, ladder: list[Rung] | None = None
+    frontier: Frontier, model: LegoConfig, checkpoint_sha256: str, rules: Rules, recommend: str, measured: dict
 ) -> Recommended:
-    """The winner as the manifest's recommended setting (and its ladder), with what was measured."""
-    win, ref = result.winner, result.reference
-    accuracy = {}
-    if ref.class_accuracy is not None:
-        accuracy = {"class_accuracy": win.class_accuracy, "max_accuracy_drop": result.max_accuracy_drop}
-        if result.accuracy_floor is not None:
-            accuracy["min_accuracy"] = result.accuracy_floor
+    """The named points, the recommended one (balanced unless the author picks another) and the ladder below it."""
+    top = frontier.named[recommend]
+    ref = frontier.reference_flops
+    best = frontier.named["best"]
+    budget = (
+        rules.rung_fid_ratio * frontier.named["balanced"].validation.fid
+        if recommend == "fast"
+        else (1.0 + rules.max_fid_increase) * best.validation.fid
+    )
+    reference = {}
+    if frontier.reference is not None:
+        r = frontier.reference
+        reference = {"reference": {"setting": r.setting.label(), "fid": r.fid, "class_accuracy": r.class_accuracy}}
     return Recommended(
-        options=win.setting.options(pipe.cfg),
+        options=top.setting.options(model),
         checkpoint_sha256=checkpoint_sha256,
         measured={
-            "fid": win.fid,
-            **accuracy,
-            "reference": {"setting": ref.setting.label(), "fid": ref.fid, "class_accuracy": ref.class_accuracy},
-            "budget": result.budget,
-            "brick_flops_vs_reference": win.flops / ref.flops,
-            "speedup_in_flops": ref.flops / win.flops,
-            "images_per_s": win.images_per_s,
-            "reference_images_per_s": ref.images_per_s,
-            "trials": len(result.trials) + 1,
-            "validation": result.validation,
+            **point_measured(top, ref),
+            "name": recommend,
+            "budget": budget,
+            "rules": dataclasses.asdict(rules),
+            **reference,
+            "speedup_in_flops": ref / top.flops if ref else None,
+            "trials": len(frontier.searched),
+            "validation": {"seed": top.validation.seed, "images": top.validation.images, "in_budget": True},
+            "frontier": frontier_rows(frontier, model),
             **measured,
         },
-        ladder=list(ladder or []),
+        ladder=[Rung(p.setting.options(model), point_measured(p, ref)) for p in ladder_points(frontier, top, rules)],
+        points={n: Rung(p.setting.options(model), point_measured(p, ref)) for n, p in frontier.named.items()},
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lego_export.arrays import NumpyArrays
-from lego_export.denoiser import denoise
+from lego_export.denoiser import BrickCache, denoise
 from lego_export.errors import LegoError
 from tests.test_model import make
 
@@ -114,13 +114,13 @@ def test_residual_reuse_restores_the_skipped_correction():
     model = make("pg-tiny")
     x, sigma, onehot = torch.randn(2, 1, 16, 32), 0.8, torch.eye(10)[[1, 6]]
     kwargs = dict(embed=model.embedder, bricks=model.bricks, brick_sizes=[4, 8, 16], edm=model.cfg.edm, shift=(3, 5))
-    reuse = {}
-    plain = denoise(x, sigma, onehot, num_bricks=2, reuse=reuse, **kwargs)
+    reuse = BrickCache(residual=True)
+    plain = denoise(x, sigma, onehot, num_bricks=2, cache=reuse, **kwargs)
     torch.testing.assert_close(plain, denoise(x, sigma, onehot, num_bricks=2, **kwargs))  # nothing stored yet
-    full = denoise(x, sigma, onehot, reuse=reuse, **kwargs)
-    assert set(reuse) == {1, 2}
+    full = denoise(x, sigma, onehot, cache=reuse, **kwargs)
+    assert set(reuse.suffix) == {1, 2}
     for k in (1, 2):
-        torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=k, reuse=reuse, **kwargs), full)
+        torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=k, cache=reuse, **kwargs), full)
     assert (plain - full).abs().max() > 1e-3  # the correction is not nothing
 
 
@@ -132,11 +132,11 @@ def test_residual_reuse_across_the_edge_of_a_guidance_interval():
     model = make("pg-tiny")
     x, sigma, onehot = torch.randn(2, 1, 16, 16), 0.8, torch.eye(10)[[1, 6]]
     kwargs = dict(embed=model.embedder, bricks=model.bricks, brick_sizes=[4, 8, 16], edm=model.cfg.edm)
-    guided, unguided = {}, {}
-    denoise(x, sigma, onehot, guidance=2.0, reuse=guided, **kwargs)
-    full = denoise(x, sigma, onehot, reuse=unguided, **kwargs)
-    assert guided[1].shape[0] == 4 and unguided[1].shape[0] == 2
-    torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=1, reuse=guided, **kwargs), full)
-    skipped = denoise(x, sigma, onehot, num_bricks=1, guidance=2.0, reuse=unguided, **kwargs)
-    doubled = {k: torch.cat([r, r]) for k, r in unguided.items()}
-    torch.testing.assert_close(skipped, denoise(x, sigma, onehot, num_bricks=1, guidance=2.0, reuse=doubled, **kwargs))
+    guided, unguided = BrickCache(residual=True), BrickCache(residual=True)
+    denoise(x, sigma, onehot, guidance=2.0, cache=guided, **kwargs)
+    full = denoise(x, sigma, onehot, cache=unguided, **kwargs)
+    assert guided.suffix[1].shape[0] == 4 and unguided.suffix[1].shape[0] == 2
+    torch.testing.assert_close(denoise(x, sigma, onehot, num_bricks=1, cache=guided, **kwargs), full)
+    skipped = denoise(x, sigma, onehot, num_bricks=1, guidance=2.0, cache=unguided, **kwargs)
+    doubled = BrickCache(residual=True, suffix={k: torch.cat([r, r]) for k, r in unguided.suffix.items()})
+    torch.testing.assert_close(skipped, denoise(x, sigma, onehot, num_bricks=1, guidance=2.0, cache=doubled, **kwargs))

@@ -160,7 +160,7 @@ def test_inspect_prints_a_table(built):
     _, engines = built["pr-tiny"]
     result = CliRunner().invoke(export_main, ["inspect", str(engines)])
     assert result.exit_code == 0
-    for word in ("embedder", "brick0", "brick2", "onnx-ort", "tiles[Nx3x16x16]", "rel. error"):
+    for word in ("embedder", "brick0", "brick2", "onnx-ort", "tiles[Nx3x16x16]", "max error/peak"):
         assert word in result.output
 
 
@@ -263,3 +263,46 @@ def test_an_engine_returning_nan_fails_verification(built):
 
     result = measure_error(model.bricks[0], NaNRunner(), spec, "fp32", recorded)
     assert not result["passed"] and result["relative_error"] == float("inf")
+
+
+def test_plans_from_onnx_are_published_with_the_folder_in_one_move(built, tmp_path, monkeypatch):
+    """lego-export build --from-onnx publishes like a build: the new folder (ONNX files carried over,
+    plans added, the manifest listing them) replaces the old one in one rename. TensorRT's builder
+    cannot run here: a stand-in writes each plan as the bytes it was given to build from."""
+    import shutil
+
+    from lego_export.export import tensorrt
+    from lego_export.export.build import add_tensorrt_plans
+    from lego_export.manifest import EngineFile, sha256_file
+
+    def stand_in(manifest, onnx_folder, plan_folder, progress, *flags):
+        for spec in manifest.engines:
+            plan = plan_folder / f"{spec.name}.plan"
+            plan.write_bytes(manifest.read_engine_file(onnx_folder, spec.files["onnx"]))
+            spec.files["tensorrt"] = EngineFile(plan.name, sha256_file(plan), plan.stat().st_size, "fp32")
+
+    monkeypatch.setattr(tensorrt, "add_plans", stand_in)
+    folder = tmp_path / "engines"
+    shutil.copytree(built["pg-tiny"][1], folder)
+    (folder / "NOTES.md").write_text("kept")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "manifest.json"}
+    inode = folder.stat().st_ino
+    add_tensorrt_plans(folder)
+    manifest = Manifest.read(folder)
+    assert manifest.check_files(folder) == [] and all("tensorrt" in e.files for e in manifest.engines)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
+    plans = sorted(p.name for p in folder.iterdir() if p.suffix == ".plan")
+    assert plans == sorted(f"{e.name}.plan" for e in manifest.engines)
+    assert folder.stat().st_ino != inode and not list(tmp_path.glob(".engines.*"))
+
+
+def test_plans_need_the_portable_onnx_files(built, tmp_path, monkeypatch):
+    from lego_export.errors import LegoError
+    from lego_export.export import tensorrt
+
+    monkeypatch.setattr(tensorrt, "tensorrt_environment", lambda: (type("trt", (), {"__version__": "10"}), "9.0"))
+    manifest = Manifest.read(built["pg-tiny"][1])
+    embedder = manifest.engines[0]
+    embedder.files = {"tensorrt": embedder.files["onnx"]}  # a folder of plans alone
+    with pytest.raises(LegoError, match=r"^engines\[0\]\.files\.onnx: missing \(embedder lists tensorrt\)"):
+        tensorrt.add_plans(manifest, built["pg-tiny"][1], tmp_path)

@@ -59,6 +59,19 @@ def engines(tmp_path) -> Path:
         (dict(churn=Churn(10, s_max=float("nan"))), "churn.s_max"),
         (dict(churn=Churn(10), sampler="dpm2m"), "churn"),
         (dict(tile_shift="yes"), "tile_shift"),
+        (dict(cache="3@1:"), "cache"),  # the tiny model has bricks 0-2
+        (dict(cache="1@2:1"), "cache"),
+        (dict(cache=5), "cache"),
+        (dict(cache="1@1:", forecast=3), "forecast"),
+        (dict(cache="1@1:", forecast=1.5), "forecast"),
+        (dict(forecast=1), "forecast"),  # nothing is cached: it would change nothing
+        (dict(gate=-0.1), "gate"),
+        (dict(gate=float("nan")), "gate"),
+        (dict(gate=True), "gate"),
+        (dict(gate=0.1, gate_signal="noise"), "gate_signal"),
+        (dict(gate_signal="input"), "gate_signal"),  # without a gate it would change nothing
+        (dict(guidance_cache="0:1"), "guidance_cache"),  # without guidance it would change nothing
+        (dict(guidance=2.0, guidance_cache="1:0"), "guidance_cache"),
     ],
 )
 def test_every_bad_field_is_refused_by_name(change, field):

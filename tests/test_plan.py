@@ -75,11 +75,22 @@ def test_bad_specs(spec, message):
         parse_policy(spec, 3)
 
 
-def test_bad_t_break_and_single_brick():
-    with pytest.raises(LegoError, match="between 0 and 1"):
-        late_brick_policy([4, 16, 32], 1.5, EDM)
-    with pytest.raises(LegoError, match="single brick"):
-        late_brick_policy([32], 0.3, EDM)
+def test_bad_t_break_and_single_brick_are_checked_once_by_the_options_naming_fields():
+    """The t-break range and the single-brick rule live in SamplingOptions (windows.py parses, plan.py
+    plans); the errors name fields, never a command-line flag."""
+    from dataclasses import replace
+
+    from lego_export.config import get_preset
+    from lego_export.options import OptionError, SamplingOptions
+
+    model = get_preset("pg-tiny")
+    with pytest.raises(OptionError, match="^t_break must be") as bad:
+        SamplingOptions(skip="late", t_break=1.5).validate(model)
+    assert bad.value.field == "t_break" and "--" not in str(bad.value)
+    single = replace(model, bricks=model.bricks[:1])
+    with pytest.raises(OptionError, match="single brick") as one:
+        SamplingOptions(skip="late").validate(single)
+    assert one.value.field == "skip.late" and "--" not in str(one.value)
 
 
 def test_tile_shifts_are_reproducible_and_vary():

@@ -319,7 +319,7 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
         (["--engines", engines, "--cfg-interval", "4:14"], "--cfg-interval applies only with guidance"),
         (["--engines", engines, "--cfg", 2, "--cfg-interval", "x"], "--cfg-interval 'x' cannot be read"),
         (["--engines", engines, "--backend", "tensorrt"], "TensorRT is not installed"),
-        (["--engines", engines, "--backend", "torch"], "needs --ckpt"),
+        (["--engines", engines, "--backend", "torch"], "--ckpt is needed by the torch backend"),
         (["--engines", engines, "--skip-policy", "9@1:"], "brick index must be 0 to 2"),
         (["--engines", engines, "--skip-late-bricks", "--skip-policy", "2@1:"], "not both"),
     ]

@@ -85,11 +85,10 @@ def test_a_planted_symlink_is_never_written_through(engines, tmp_path):
 
 
 SWAPPER = """
-import os, sys, time
-path, seconds = sys.argv[1], float(sys.argv[4])
+import os, sys
+path, stop = sys.argv[1], sys.argv[4]
 good, bad = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
-end = time.time() + seconds
-while time.time() < end:
+while not os.path.exists(stop):  # until the test has seen enough loads, however slow the machine
     for data in (bad, good):
         with open(path + ".swap", "wb") as f:
             f.write(data)
@@ -119,12 +118,12 @@ def test_an_engine_swapped_by_another_process_never_runs(engines, tmp_path):
     (tmp_path / "good.onnx").write_bytes(good)
     swapper = subprocess.Popen(
         [sys.executable, "-c", SWAPPER, str(engines / "brick1.onnx"), str(tmp_path / "good.onnx")]
-        + [str(other / "brick1.onnx"), "6"]
+        + [str(other / "brick1.onnx"), str(tmp_path / "stop")]
     )
     ran = refused_loads = 0
     try:
-        deadline = time.time() + 5.0
-        while time.time() < deadline:
+        deadline = time.monotonic() + 120
+        while (ran + refused_loads <= 5 or not refused_loads) and time.monotonic() < deadline:
             try:
                 images = LegoPipeline.from_engines(engines)(num=2, steps=2).images
             except LegoError as e:
@@ -134,6 +133,7 @@ def test_an_engine_swapped_by_another_process_never_runs(engines, tmp_path):
             np.testing.assert_array_equal(images, expected)
             ran += 1
     finally:
+        (tmp_path / "stop").touch()
         swapper.wait(timeout=30)
     assert ran + refused_loads > 5 and refused_loads > 0
 
@@ -305,6 +305,7 @@ def signalled(script: str, args: list, ready, sig: int) -> tuple[int, str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_sampling_cleans_up_and_says_so(engines, tmp_path, sig):
     out = tmp_path / "out"
+    out.mkdir()  # lego-run refuses an output whose folder does not exist
     args = ["--engines", str(engines), "--steps", "1000", "--num", "4", "--batch", "1", "--out", str(out / "g.png")]
     args += ["--out-dir", str(out / "each")]
     # "sampling 4 image(s)" is printed before the first of 4000 steps
@@ -609,11 +610,152 @@ def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, moment, sig):
     base = ["build", "--ckpt", str(CKPT), "--max-batch", "2"]
     assert CliRunner().invoke(export_main, [*base, "--out", str(old)]).exit_code == 0
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    staged = f".build.*.lego-staging/{moment}"  # the moment: its file in the build's staging folder
     for out, extra in ((fresh, []), (old, ["--force"])):
-        reached = lambda _, out=out: any(out.glob(staged))  # noqa: E731
+        staged = f".{out.name}.*.lego-staging/{moment}"  # the moment: its file in the build's staging folder
+        reached = lambda _, staged=staged: any(tmp_path.glob(staged))  # noqa: E731
         status, text = signalled("lego-export", [*base, "--out", out, *extra], reached, sig)
         assert status == 1 and "interrupted; nothing partial was left behind" in text, text
         assert "Traceback" not in text
     assert not fresh.exists(), list(fresh.iterdir())
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before and not leftovers(tmp_path)
+
+
+HOLDER = """
+import fcntl, os, sys
+folder = os.path.join(sys.argv[1], f".{sys.argv[2]}.{os.getpid()}.abcdef.lego-staging")
+os.mkdir(folder)
+fd = os.open(folder, os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print(folder, flush=True)
+sys.stdin.read()  # holds the folder and its lock until the test closes our stdin
+"""
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_build_killed_with_sigkill_leaves_the_old_folder_or_none_and_the_next_build_cleans_up(tmp_path):
+    """kill -9 while brick 1 is being written (nothing can clean up): a new --out does not exist, an
+    old one is whole; the next build succeeds without --force and removes the dead builds' staging
+    folders, never a live builder's."""
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    base = ["build", "--ckpt", str(CKPT), "--max-batch", "2", "--no-fuse", "--no-verify"]
+    assert CliRunner().invoke(export_main, [*base, "--out", str(old)]).exit_code == 0
+    (old / "NOTES.md").write_text("my notes")
+    before = folder_bytes(old)
+    for out, extra in ((fresh, []), (old, ["--force"])):
+        staged = f".{out.name}.*.lego-staging/brick1.onnx"
+        status, text = signalled(
+            "lego-export", [*base, "--out", out, *extra], lambda _, s=staged: any(tmp_path.glob(s)), signal.SIGKILL
+        )
+        assert status == -signal.SIGKILL, text
+        # its staging folder stays until the next build (this one removed the previous killed build's)
+        assert [name.split(".")[1] for name in leftovers(tmp_path)] == [out.name]
+    assert not fresh.exists()
+    assert folder_bytes(old) == before
+
+    # A live builder's staging folder for fresh: the next build is refused and leaves it alone.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), fresh.name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        live = Path(holder.stdout.readline().strip())
+        result = CliRunner().invoke(export_main, [*base, "--out", str(fresh)])
+        refused(result, f"another lego-export build is writing to {fresh}")
+        assert live.is_dir() and not fresh.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+
+    for out in (fresh, old):
+        result = CliRunner().invoke(export_main, [*base, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert not Manifest.read(out).check_files(out)
+    assert not leftovers(tmp_path)
+    assert (old / "NOTES.md").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_rebuild_replaces_the_folder_whole_keeping_what_is_not_the_builds(tmp_path, monkeypatch, exchange):
+    """With the atomic exchange of two folders, and where the system has none (renamed aside first)."""
+    import lego_export.atomic as atomic
+
+    real = atomic._exchange
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: real(a, b) if exchange else False)
+    out = tmp_path / "e"
+    base = ["build", "--ckpt", str(CKPT), "--out", str(out), "--max-batch", "2", "--no-verify"]
+    assert CliRunner().invoke(export_main, base).exit_code == 0
+    assert (out / "brick0.ort.onnx").is_file()
+    (out / "README.md").write_text("notes")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.txt").write_text("x")
+    out.chmod(0o750)
+    inode = out.stat().st_ino
+    assert CliRunner().invoke(export_main, [*base, "--no-fuse"]).exit_code == 0
+    names = sorted(p.name for p in out.iterdir())
+    # the fused files only the old build listed are gone; the notes and folder stay; a new folder in its place
+    assert names == ["README.md", "brick0.onnx", "brick1.onnx", "brick2.onnx", "embedder.onnx", "manifest.json", "sub"]
+    assert (out / "sub" / "x.txt").read_text() == "x" and (out / "README.md").read_text() == "notes"
+    assert out.stat().st_ino != inode and out.stat().st_mode & 0o777 == 0o750
+    assert not Manifest.read(out).check_files(out) and not leftovers(tmp_path)
+
+
+def with_metadata(tmp_path: Path, **changes) -> Path:
+    """A copy of the tiny checkpoint with its header's metadata fields changed (the weights as they were)."""
+    data = CKPT.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"].update(changes)
+    text = json.dumps(header).encode()
+    path = tmp_path / "changed.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("{not json", "metadata field 'extra' is not JSON"),
+        ("[1, 2]", "metadata field 'extra' is not a JSON object"),
+        (7, "metadata field 'extra' is not a string"),
+    ],
+)
+def test_checkpoint_metadata_that_is_not_json_is_refused_naming_the_field(tmp_path, extra, message):
+    ckpt = with_metadata(tmp_path, extra=extra)
+    out = tmp_path / "e"
+    result = CliRunner().invoke(export_main, ["build", "--ckpt", str(ckpt), "--out", str(out), "--max-batch", "2"])
+    refused(result, message)
+    assert not out.exists() and not leftovers(tmp_path)
+    assert "JSONDecodeError" not in result.output
+
+
+def test_a_manifest_of_tensorrt_plans_only_is_refused_naming_the_field(engines, tmp_path):
+    def plans_only(data):
+        for engine in data["engines"]:
+            engine["files"] = {"tensorrt": engine["files"]["onnx"]}
+
+    edit_manifest(engines, plans_only)
+    import importlib.util
+
+    backends = ["auto", "onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    for backend in backends:
+        result = run(["--engines", engines, "--num", 1, "--backend", backend, "--out", tmp_path / "g.png"])
+        refused(result, "manifest.json: engines[0].files.onnx: missing (embedder lists tensorrt)")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_decoder_without_its_onnx_file_is_refused_when_the_manifest_is_read(engines):
+    """The decoder runs on ONNX Runtime under every backend: a decoder entry must list its ONNX file."""
+
+    def plan_only_decoder(data):
+        decoder = json.loads(json.dumps(data["engines"][0]))
+        decoder.update(name="decoder", role="decoder", files={"tensorrt": decoder["files"]["onnx"]})
+        data["engines"].append(decoder)
+
+    edit_manifest(engines, plan_only_decoder)
+    with pytest.raises(LegoError, match=r"engines\[4\]\.files\.onnx: missing; a decoder's portable ONNX file"):
+        Manifest.read(engines)

@@ -1,4 +1,4 @@
-"""lego-export tune: the search, the manifest's recommended setting, and lego-run using it."""
+"""lego-export tune: the frontier search, its validation, the named points, and every surface selecting them."""
 
 import dataclasses
 import json
@@ -12,14 +12,25 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from lego_export.cli import export_main
-from lego_export.edm import evaluations
+from lego_export.errors import LegoError
 from lego_export.fid import FeatureStats, fid, frechet_distance
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
-from lego_export.options import SamplingOptions
-from lego_export.plan import flop_fraction_saved, plan
+from lego_export.options import OptionError, SamplingOptions
 from lego_export.runtime.cli import main as lego_run
-from lego_export.tune import Setting, Trial, Tuner
+from lego_export.tune import (
+    Frontier,
+    Point,
+    Rules,
+    Setting,
+    Space,
+    Trial,
+    Tuner,
+    ValidationFailed,
+    ladder_points,
+    name_points,
+    pareto,
+)
 
 TINY = Path(__file__).parent / "fixtures" / "tiny-engines"
 
@@ -65,7 +76,7 @@ def tuned_folder(tmp_path):
 def tune_args(engines, features, reference, *extra):
     return [
         "tune", "--engines", str(engines), "--features", str(features), "--reference", str(reference),
-        "--num", "24", "--batch", "24", "--reference-setting", "heun:4", "--candidates", "euler:3,dpm2m:3", *extra,
+        "--quick", "--batch", "24", "--reference-setting", "heun:4", *extra,
     ]  # fmt: skip
 
 
@@ -78,221 +89,361 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     assert fid(x, x) == pytest.approx(0, abs=1e-8)
 
 
-REFERENCE = Setting(SamplingOptions("heun", 20))
-
-
 class ScriptedTuner(Tuner):
-    """The search without sampling: FID (and class accuracy) is a fixed function of the setting."""
+    """The search without sampling: FID and class accuracy are fixed functions of (setting, seed)."""
 
     def __init__(self, manifest, fid_of, accuracy_of=None):
-        self.model, self.fid_of, self.accuracy_of, self.seen = manifest.model, fid_of, accuracy_of, []
-        self.flops = model_brick_flops(manifest.model)
+        self.model, self.flops = manifest.model, model_brick_flops(manifest.model)
+        self.fid_of, self.accuracy_of, self.seen, self.sizes = fid_of, accuracy_of, [], []
+        self.classify = accuracy_of is not None
         self.log = lambda _m: None
-        self.num = 100
+        self.num, self.seed = 100, 0
 
-    def trial(self, setting, seed=None):
-        self.seen.append(setting)
-        saved = flop_fraction_saved(plan(setting.options(self.model), self.model, (16, 16)), self.flops)
-        flops = evaluations(setting.base.sampler, setting.base.steps) * (1 - saved)
-        accuracy = self.accuracy_of(setting) if self.accuracy_of else None
-        return Trial(setting, self.fid_of(setting), flops, 1.0, class_accuracy=accuracy)
+    def trial(self, setting, seed=None, num=None):
+        seed = self.seed if seed is None else seed
+        self.seen.append((setting, seed))
+        self.sizes.append(num or self.num)
+        accuracy = self.accuracy_of(setting, seed) if self.accuracy_of else None
+        flops = self.planned_flops(setting)
+        return Trial(setting, self.fid_of(setting, seed), flops, 1.0, accuracy, seed, num or self.num)
 
 
-def test_the_search_keeps_the_cheapest_setting_in_budget_and_never_repeats_a_plan():
+def scripted_fid(s: Setting, seed: int = 0) -> float:
+    """More steps, a lower FID; Heun worse than DPM-Solver++; each tenth of the trajectory without
+    brick 1 (which takes brick 2 with it) costs 0.5, without brick 2 0.2."""
+    skipped = s.skipped or (0.0, 0.0)
+    return {"dpm2m": 1.0, "heun": 3.0}[s.base.sampler] + 24 / s.base.steps + 5 * skipped[0] + 2 * max(skipped)
+
+
+def test_the_pareto_set_keeps_exactly_the_points_no_other_beats():
+    def t(flops, fid, accuracy=None):
+        return Trial(Setting(SamplingOptions("dpm2m", 8)), fid, flops, 1.0, accuracy)
+
+    rows = [t(4, 10, 0.8), t(6, 8, 0.8), t(6, 9, 0.8), t(8, 8, 0.9), t(8, 8, 0.8), t(3, 12, 0.7)]
+    # (6, 9) loses to (6, 8) on FID; (8, 8, 0.8) to (6, 8, 0.8) on FLOPs; (8, 8, 0.9) stays for its accuracy
+    assert pareto(rows) == [rows[5], rows[0], rows[1], rows[3]]
+    plain = [dataclasses.replace(r, class_accuracy=None) for r in rows]
+    assert pareto(plain) == [plain[5], plain[0], plain[1]]  # without accuracy: FLOPs and FID alone
+
+
+def test_the_search_samples_a_coarse_grid_then_skips_the_pareto_chains_then_refines():
     manifest = Manifest.read(TINY)
-    # Reference FID 10, budget 11. Each tenth of the trajectory without brick 1 (which takes brick 2
-    # with it) costs 0.5 FID, without brick 2 0.2; 16 steps start 1 FID lower than 8.
-    base = {("heun", 20): 10.0, ("dpm2m", 16): 9.0, ("dpm2m", 8): 10.0, ("euler", 40): 8.0}
+    space = Space(("dpm2m", "heun"), (4, 8), (0.5,), ({"reuse_residual": True},), refine_rounds=0, max_trials=200,
+                  screen=1)  # fmt: skip
+    coarse = ScriptedTuner(manifest, scripted_fid)
+    coarse.search(space, Rules())
+    sampled = [(s.base.sampler, s.base.steps, s.skipped) for s, _ in coarse.seen]
+    chains = [(sampler, steps, (0.0, 0.0)) for sampler in ("dpm2m", "heun") for steps in (4, 8)]
+    assert sorted(sampled[:4]) == sorted(chains)  # every sampler x step count, full chain, first
+    # Heun is beaten by DPM-Solver++ 4 (fewer FLOPs, a lower FID): only the DPM-Solver++ chains get
+    # skip windows, and (0.5, 0.5) runs the plan of (0.5, 0): sampled once.
+    assert sorted(sampled[4:]) == sorted(("dpm2m", steps, f) for steps in (4, 8) for f in [(0.0, 0.5), (0.5, 0.0)])
+    assert all(s.base.reuse_residual for s, _ in coarse.seen if any(s.skipped))
 
-    def fid_of(s: Setting) -> float:
-        skipped = s.skipped or (0.0, 0.0)
-        return base[(s.base.sampler, s.base.steps)] + 5 * skipped[0] + 2 * max(skipped)
-
-    tuner = ScriptedTuner(manifest, fid_of)
-    result = tuner.run(REFERENCE, [("dpm2m", 16), ("dpm2m", 8), ("euler", 40)], 0.1, reuse=True)
-    # 40 steps of brick 0 alone cost more than the best 8-step setting: never sampled
-    assert not any(s.base.steps == 40 for s in tuner.seen)
-    assert result.budget == pytest.approx(11.0)
-    in_budget = [t for t in [result.reference, *result.trials] if t.in_budget]
-    assert all(t.fid <= result.budget for t in in_budget)
-    assert result.winner.flops == min(t.flops for t in in_budget)
-    # Greedy from 8 steps: brick 1 for the last tenth (10.7), then brick 2 widened past the stretch
-    # brick 1 already covers, to two tenths (10.9); every further move is over budget.
-    assert (result.winner.setting.base.sampler, result.winner.setting.base.steps) == ("dpm2m", 8)
-    assert result.winner.setting.skipped == (0.1, 0.2)
-    assert result.winner.setting.base.reuse_residual
-    plans = [(s.base.sampler, s.base.steps, tuner._plan(s)) for s in tuner.seen]
+    tuner = ScriptedTuner(manifest, scripted_fid)
+    frontier = tuner.search(dataclasses.replace(space, refine_rounds=2), Rules())
+    visited = {(s.base.sampler, s.base.steps) for s, _ in tuner.seen}
+    assert {("dpm2m", n) for n in (5, 6, 7)} & visited  # refinement visits the counts between the grid's
+    plans = [tuner.key(s) for s, _ in tuner.seen]
     assert len(plans) == len(set(plans))  # no plan is ever sampled twice
+    assert frontier.pareto == pareto(frontier.searched)
+    assert all(seed == 0 for _, seed in tuner.seen)  # the search sees only its own seeds
+    # FLOPs come from the plan: brick 2 off for the last half of 4 steps (2 steps) saves its share twice
+    half = next(t for t in frontier.searched if t.setting.skipped == (0.0, 0.5) and t.setting.base.steps == 4)
+    share = model_brick_flops(manifest.model)[2] / sum(model_brick_flops(manifest.model))
+    assert half.flops == pytest.approx(4 - 2 * share)
+
+    capped = ScriptedTuner(manifest, scripted_fid)
+    capped.search(dataclasses.replace(space, refine_rounds=2, max_trials=7), Rules())
+    assert len(capped.seen) == 7
 
 
-def test_the_accuracy_floor_turns_down_a_setting_that_keeps_fid_and_loses_classes():
-    """The same FIDs as above; skipping brick 1 now also costs class accuracy (a point per tenth)."""
+def test_screening_drops_settings_clearly_beaten_on_a_share_of_the_images_before_their_full_trial():
+    manifest = Manifest.read(TINY)
+    space = Space(("dpm2m", "heun"), (4, 8), (0.5,), ({"reuse_residual": True},), refine_rounds=0, screen=4)
+    tuner = ScriptedTuner(manifest, scripted_fid)
+    frontier = tuner.search(space, Rules())
+    screened = [(s.base.sampler, s.base.steps) for (s, _), n in zip(tuner.seen, tuner.sizes, strict=True) if n == 25]
+    full = [t.setting for t in frontier.searched]
+    assert all(t.images == 100 for t in frontier.searched)  # what is kept is measured on every image
+    # Heun 4 (7 evaluations, FID 9) and Heun 8 (15, FID 6) lose to DPM-Solver++ 4 (4, FID 7) and 8
+    # (8, FID 4) by more than a fifth: screened on 25 images, never sampled in full.
+    assert ("heun", 4) in screened and ("heun", 8) in screened
+    assert not any(s.base.sampler == "heun" for s in full)
+    assert {(s.base.sampler, s.base.steps) for s in full if not any(s.skipped)} == {("dpm2m", 4), ("dpm2m", 8)}
+    # a margin nothing clears drops nothing
+    keep_all = ScriptedTuner(manifest, scripted_fid)
+    keep_all.search(dataclasses.replace(space, screen_margin=10.0), Rules())
+    assert {s.base.sampler for (s, _), n in zip(keep_all.seen, keep_all.sizes, strict=True) if n == 100} == {
+        "dpm2m",
+        "heun",
+    }
+
+
+def point(flops, search, validation, steps=8):
+    setting = Setting(SamplingOptions("dpm2m", steps))
+    return Point(Trial(setting, search[0], flops, 1.0, search[1], 0, 100), Trial(setting, *validation[:1], flops,
+                 1.0, validation[1], 1, 200))  # fmt: skip
+
+
+def frontier_points():
+    return {
+        "A": point(12, (10.0, 0.85), (10.0, 0.85), 12),  # the lowest FID
+        "B": point(8, (10.4, 0.85), (10.3, 0.845), 8),  # within 5% and 0.01 of A on both seed sets
+        "C": point(6, (10.45, 0.85), (10.8, 0.85), 6),  # within on the search seeds only (8% on validation)
+        "D": point(5, (11.0, 0.84), (11.2, 0.84), 5),  # within 1.15x and 0.01 of B on both
+        "E": point(3, (12.5, 0.85), (13.0, 0.85), 3),  # 1.26x B's FID
+        "F": point(4, (11.5, 0.80), (11.4, 0.80), 4),  # 0.045 below B's accuracy
+    }
+
+
+def test_named_points_meet_their_rules_on_the_search_and_the_validation_seeds():
+    p = frontier_points()
+    notes = []
+    rules = Rules(rung_fid_ratio=1.15, rung_accuracy_drop=0.01)
+    named = name_points(list(p.values()), rules, classify=True, notes=notes)
+    assert (named["best"], named["balanced"], named["fast"]) == (p["A"], p["B"], p["D"])
+    assert any("not balanced" in n and "FID 10.800 on the validation seeds, 8.0% above 10.000" in n for n in notes)
+    # the ladder below balanced: C and D (E over the FID ratio, F under the accuracy); its cheap end is fast
+    frontier = Frontier(points=list(p.values()), named=named)
+    assert ladder_points(frontier, p["B"], rules) == [p["C"], p["D"]]
+    one = dataclasses.replace(rules, rungs=1)
+    assert ladder_points(frontier, p["B"], one) == [p["D"]]  # the rung that sheds the most work
+    wider = dataclasses.replace(rules, rung_fid_ratio=1.3)
+    assert ladder_points(frontier, p["B"], wider) == [p["C"], p["D"], p["E"]]  # E joins
+    # a rung trades quality: F (0.045 below B) joins at a drop of 0.05, and is cheaper than D
+    looser = dataclasses.replace(rules, rung_accuracy_drop=0.05)
+    assert ladder_points(frontier, p["B"], looser) == [p["C"], p["D"], p["F"]]
+    assert name_points(list(p.values()), looser, classify=True)["fast"] is p["F"]
+    # an accuracy floor: D (0.84) may no longer be named; C, cheaper than B, within 1.15x of it, is fast
+    floored = name_points(list(p.values()), dataclasses.replace(rules, min_accuracy=0.845), classify=True)
+    assert (floored["best"], floored["balanced"], floored["fast"]) == (p["A"], p["B"], p["C"])
+    assert (
+        name_points(list(p.values()), dataclasses.replace(rules, max_fid_increase=0.1), classify=True)["balanced"]
+        is p["C"]
+    )  # 8% is within 10%
+
+
+def test_a_floor_no_point_meets_on_the_validation_seeds_fails_naming_the_check_and_the_amount():
+    points = [point(8, (10.0, 0.90), (10.2, 0.80)), point(4, (11.0, 0.88), (11.1, 0.79), 4)]
+    with pytest.raises(ValidationFailed) as e:
+        name_points(points, Rules(min_accuracy=0.82), classify=True)
+    assert "class accuracy 0.800 on the validation seeds, 0.020 below the budget 0.820 (--min-accuracy)" in str(e.value)
+    assert name_points(points, Rules(min_accuracy=0.79), classify=True)["best"] is points[0]
+    # without class accuracy the floor checks nothing
+    assert name_points(points, Rules(min_accuracy=0.82), classify=False)["best"] is points[0]
+
+
+def test_guidance_and_other_option_variants_are_searched_as_more_settings():
     manifest = Manifest.read(TINY)
 
-    def fid_of(s: Setting) -> float:
-        return {("heun", 20): 10.0, ("dpm2m", 8): 10.0}[(s.base.sampler, s.base.steps)] + 2 * max(s.skipped or (0.0,))
+    def accuracy_of(s, seed):
+        return 0.9 if s.base.guidance != 1.0 else 0.8
 
-    def accuracy_of(s: Setting) -> float:
-        return 0.80 - 0.1 * (s.skipped or (0.0,))[0]
-
-    def winner(drop: float) -> Setting:
-        tuner = ScriptedTuner(manifest, fid_of, accuracy_of)
-        result = tuner.run(REFERENCE, [("dpm2m", 8)], 0.1, reuse=True, max_accuracy_drop=drop)
-        assert result.min_accuracy == pytest.approx(0.80 - drop)
-        assert all(t.class_accuracy >= 0.80 - drop for t in result.trials if t.in_budget)
-        return result.winner.setting
-
-    # FID alone allows half the trajectory without brick 1 or brick 2 (10 + 2 x 0.5 = 11)
-    assert winner(1.0).skipped[0] == pytest.approx(0.5)
-    assert winner(0.0).skipped[0] == 0.0  # any skip of brick 1 loses accuracy: only brick 2 skipped
-    assert winner(0.0).skipped[1] == pytest.approx(0.5)
-    assert winner(0.025).skipped[0] == pytest.approx(0.2)  # two tenths lose 0.02, three 0.03
+    tuner = ScriptedTuner(manifest, scripted_fid, accuracy_of)
+    guided = {"guidance": 1.5, "guidance_interval": "0.3:3"}
+    space = Space(("dpm2m",), (4,), (0.5,), ({}, guided, {"tile_shift": True}), refine_rounds=1)
+    frontier = tuner.search(space, Rules())
+    seen = [s.base for s, _ in tuner.seen]
+    assert any(b.guidance == 1.5 and b.guidance_interval == "0.3:3" for b in seen)
+    assert any(b.tile_shift for b in seen)
+    # a guided step costs twice: the guided chain is dearer, and on the Pareto set for its accuracy
+    chain = [t for t in frontier.searched if not any(t.setting.skipped)]
+    plain, dear = sorted((t for t in chain if t.setting.base.tile_shift is None), key=lambda t: t.flops)
+    assert dear.setting.base.guidance == 1.5 and dear.flops > plain.flops and dear in frontier.pareto
 
 
-def test_guiding_one_step_brings_a_setting_within_an_accuracy_floor():
-    """A floor no unguided setting meets: the search guides one step at a time and keeps the step
-    that lifts accuracy over it, then widens the skip windows of that guided setting."""
-    from lego_export.tune import one_step_interval
+def test_a_named_point_in_budget_is_written_and_every_surface_selects_it(tuned_folder, tmp_path):
+    from lego_export.runtime.pipeline import LegoPipeline
+    from lego_export.serve.validation import Limits, RequestError, parse_image_request
 
-    manifest = Manifest.read(TINY)
-    sigmas = manifest.model.edm.sigmas(8)
-    lifting = one_step_interval(sigmas, 5)  # only guidance at step 5 (of 0-7) helps in this script
-
-    def fid_of(s: Setting) -> float:  # fewer steps than 8: far over budget
-        fid = {("heun", 20): 10.0, ("dpm2m", 8): 10.0}.get((s.base.sampler, s.base.steps), 30.0)
-        return fid + 2 * max(s.skipped or (0.0,))
-
-    def accuracy_of(s: Setting) -> float:
-        return 0.85 if s.base.guidance_interval == lifting else 0.78
-
-    def search(guidance: float):
-        tuner = ScriptedTuner(manifest, fid_of, accuracy_of)
-        result = tuner.run(
-            REFERENCE, [("dpm2m", 8)], 0.1, True, max_accuracy_drop=0.1, min_accuracy=0.8, guidance=guidance
-        )
-        return tuner, result
-
-    tuner, result = search(1.0)
-    assert result.winner is result.reference and not any(s.base.guidance != 1.0 for s in tuner.seen)
-    tuner, result = search(1.5)
-    win = result.winner.setting
-    assert (win.base.steps, win.base.guidance, win.base.guidance_interval) == (8, 1.5, lifting)
-    assert any(win.skipped) and result.winner.flops < result.reference.flops
-    guided = [s for s in tuner.seen if s.base.guidance != 1.0 and not any(s.skipped)]
-    assert len({s.base.guidance_interval for s in guided}) == 8  # each step tried once
-    steps = [p for p in plan(win.options(manifest.model), manifest.model, (16, 16)) if p.guided]
-    assert [p.step for p in steps] == [5]  # the interval holds exactly that step
-    assert all(t.class_accuracy >= 0.8 for t in result.trials if t.in_budget)
-    # The ladder tries the winner without guidance: cheaper, the same FID here, 0.07 less accurate.
-    (rung,) = tuner.ladder(result, seed=2, most=3, max_fid_ratio=1.15)
-    assert rung.options == win.but(guidance=1.0, guidance_interval=None).options(manifest.model)
-    assert rung.measured["class_accuracy"] == pytest.approx(0.78)
-    # A candidate rung whose interval holds no step of its schedule (the winner with fewer steps,
-    # say) guides nothing, and is measured and written without guidance.
-    idle = win.but(guidance_interval=f"{sigmas[6] * 1.01:g}:{sigmas[5] * 0.99:g}")  # between two steps
-    assert tuner._unguided_if_idle(idle) == idle.but(guidance=1.0, guidance_interval=None)
-    assert tuner._unguided_if_idle(win) == win
-
-
-def test_rungs_are_cheaper_within_the_rule_and_none_is_beaten_on_fid_by_a_cheaper_one():
-    from lego_export.tune import select_rungs
-
-    def trial(flops, fid, accuracy):
-        return Trial(Setting(SamplingOptions("dpm2m", 8)), fid, flops, 1.0, class_accuracy=accuracy)
-
-    top = trial(8.0, 10.0, 0.80)
-    rows = [
-        trial(7.0, 10.5, 0.80),  # a rung
-        trial(6.5, 10.8, 0.79),  # beaten by the next: cheaper, a lower FID
-        trial(6.0, 10.6, 0.795),  # a rung
-        trial(5.0, 11.6, 0.80),  # FID over 1.15x
-        trial(4.0, 11.0, 0.78),  # accuracy more than 0.01 below the top's
-        trial(9.0, 9.0, 0.85),  # dearer than the top
-    ]
-    assert select_rungs(top, rows, 1.15, 0.01) == [rows[0], rows[2]]
-    assert select_rungs(top, rows, 1.2, 0.01) == [rows[0], rows[2], rows[3]]  # the ratio lets one more in
-    assert select_rungs(top, rows, 1.15, 0.05) == [rows[0], rows[2], rows[4]]  # the drop lets one more in
-    without_accuracy = [dataclasses.replace(r, class_accuracy=None) for r in rows]
-    got = select_rungs(dataclasses.replace(top, class_accuracy=None), without_accuracy, 1.15, 0.01)
-    assert got == [without_accuracy[i] for i in (0, 2, 4)]  # FID and FLOPs alone decide
-    # Accuracy is a floor, not a rank: more accurate, dearer and a higher FID is no rung (its FID
-    # would rise above the cheaper rung's below it).
-    accurate = [trial(7.0, 11.2, 0.84), trial(6.0, 10.6, 0.80)]
-    assert select_rungs(top, accurate, 1.15, 0.01) == [accurate[1]]
-
-
-def test_a_ladder_of_fewer_rungs_than_qualify_keeps_the_cheapest_and_spreads_the_rest():
-    from lego_export.tune import spread
-
-    rungs = list("abcdefg")  # most expensive first
-    assert spread(rungs, 8) == rungs and spread(rungs, 7) == rungs
-    assert spread(rungs, 4) == ["a", "c", "e", "g"]
-    assert spread(rungs, 3) == ["a", "d", "g"]
-    assert spread(rungs, 2) == ["a", "g"]
-    assert spread(rungs, 1) == ["g"]  # the one that sheds the most work
-    assert spread(rungs, 0) == []
-
-
-def test_tune_writes_a_setting_that_lego_run_uses_unless_told_otherwise(tuned_folder, tmp_path):
     engines, features, reference = tuned_folder
+    classifier = write_features(tmp_path / "classifier.onnx", classes=10)
     saved = tmp_path / "recommended.json"
     runner = CliRunner()
-    out = runner.invoke(export_main, tune_args(engines, features, reference, "--max-fid-increase", "10",
-                                               "--save", str(saved)))  # fmt: skip
+    out = runner.invoke(export_main, tune_args(engines, classifier, reference, "--save", str(saved)))
     assert out.exit_code == 0, out.output
     tuned = Manifest.read(engines).recommended
-    rec = tuned.options
-    assert rec is not None and rec.sampler in ("euler", "dpm2m") and rec.steps == 3
-    assert rec.skip != "none"  # a budget this loose lets it skip
-    assert tuned.measured["fid"] <= tuned.measured["budget"]
-    assert tuned.measured["brick_flops_vs_reference"] < 3 / 7
-    assert json.loads(saved.read_text())["skip_policy"] == rec.skip
-    assert "recommended sampling setting" in runner.invoke(export_main, ["inspect", str(engines)]).output
+    assert set(tuned.points) == {"best", "balanced", "fast"}
+    assert tuned.options == tuned.points["balanced"].options and tuned.measured["name"] == "balanced"
+    assert json.loads(saved.read_text()) == json.loads(json.dumps(tuned.to_dict()))  # the same named points
+    rows = {tuple(r["names"]): r for r in tuned.measured["frontier"] if r["names"]}
+    assert any("best" in names for names in rows) and tuned.measured["validation"]["in_budget"]
+    best = tuned.points["best"].measured
+    assert best["fid"] == min(r["fid"] for r in tuned.measured["frontier"])  # best: the lowest validated FID
+    assert best["seed"] == 1 and best["search"]["seed"] == 0  # validated on seeds the search never saw
+    # lego-serve's ladder (the recommended setting, then its rungs) starts at balanced and ends at fast
+    assert tuned.rungs[0] == tuned.points["balanced"].options
+    assert tuned.rungs[-1] == tuned.points["fast"].options
 
-    def images(*args):
-        npz = tmp_path / "x.npz"
-        result = runner.invoke(lego_run, ["--engines", str(engines), "--num", "4", "--out", str(tmp_path / "g.png"),
-                                          "--save-npz", str(npz), *args])  # fmt: skip
-        assert result.exit_code == 0, result.output
-        return np.load(npz)["images"], result.output
+    pipe = LegoPipeline.from_engines(engines, "onnxruntime")
+    fast = pipe(quality="fast", num=2)
+    np.testing.assert_array_equal(fast.images, pipe(tuned.points["fast"].options, num=2).images)
+    assert pipe.options(quality="best") == tuned.points["best"].options
+    assert pipe.options(quality="fast", guidance=2.0).guidance == 2.0  # guidance combines with a point
+    with pytest.raises(OptionError) as e:
+        pipe(quality="turbo", num=1)
+    assert e.value.field == "quality" and "this model has best, balanced, fast" in str(e.value)
+    with pytest.raises(OptionError, match="give it or steps, not both"):
+        pipe.options(quality="fast", steps=3)
 
-    default, said = images()
-    assert "the model's recommended" in said
-    reuse = ["--reuse-residual"] if rec.reuse_residual else []
-    explicit, said = images("--sampler", rec.sampler, "--steps", "3", "--skip-policy", rec.skip, *reuse)
-    assert "recommended" not in said
-    np.testing.assert_array_equal(default, explicit)
-    _, said = images("--churn", "5")  # churn is a sampling option too (and dpm2m would refuse it)
-    assert "recommended" not in said
-    plain, _ = images("--no-recommended")
-    plain_explicit, _ = images("--steps", "50")
-    np.testing.assert_array_equal(plain, plain_explicit)
-    assert np.abs(plain - default).max() > 1e-2
+    npz = tmp_path / "x.npz"
+    ran = runner.invoke(lego_run, ["--engines", str(engines), "--quality", "fast", "--num", "2", "--columns", "2",
+                                   "--out", str(tmp_path / "g.png"), "--save-npz", str(npz)])  # fmt: skip
+    assert ran.exit_code == 0 and "named point 'fast'" in ran.output, ran.output
+    np.testing.assert_allclose(np.load(npz)["images"], fast.images, atol=1e-5)  # lego-run's own backend and threads
+    for args, message in (
+        (["--quality", "turbo"], "--quality 'turbo' is not a named point: this model has best, balanced, fast"),
+        (["--quality", "fast", "--steps", "3"], "--quality names a whole sampling setting"),
+    ):
+        bad = runner.invoke(
+            lego_run, ["--engines", str(engines), "--num", "1", "--out", str(tmp_path / "b.png"), *args]
+        )
+        assert bad.exit_code == 1 and message in bad.output and "Traceback" not in bad.output, bad.output
+
+    manifest = Manifest.read(engines)
+    request = parse_image_request({"quality": "balanced"}, manifest, Limits())
+    assert request.options == tuned.points["balanced"].options and request.quality == "exact"
+    assert request.point == "balanced" and request.describe()["point"] == "balanced"
+    for body, message in (
+        ({"quality": "turbo"}, "named point (this model's named points: best, balanced, fast), got 'turbo'"),
+        ({"quality": "fast", "steps": 3}, "quality names a whole sampling setting"),
+    ):
+        with pytest.raises(RequestError) as e:
+            parse_image_request(body, manifest, Limits())
+        assert e.value.status == 400 and message in e.value.message
+
+    out = runner.invoke(export_main, tune_args(engines, classifier, reference, "--recommend", "best"))
+    assert out.exit_code == 0, out.output
+    tuned = Manifest.read(engines).recommended
+    assert tuned.options == tuned.points["best"].options and tuned.measured["name"] == "best"
 
 
-def test_with_a_classifier_tune_checks_class_accuracy_and_writes_a_measured_ladder(tuned_folder, tmp_path):
+def test_a_manifest_without_named_points_still_loads_and_says_it_has_none(tmp_path):
+    engines = tmp_path / "engines"
+    shutil.copytree(TINY, engines)
+    data = json.loads((engines / "manifest.json").read_text())
+    data["recommended"] = {"sampler": "euler", "steps": 4, "skip_policy": "", "reuse_residual": False,
+                           "checkpoint_sha256": "a" * 64, "measured": {}}  # fmt: skip
+    (engines / "manifest.json").write_text(json.dumps(data))
+    manifest = Manifest.read(engines)
+    assert manifest.recommended.points == {} and "points" not in manifest.recommended.to_dict()
+    out = CliRunner().invoke(lego_run, ["--engines", str(engines), "--quality", "fast", "--num", "1",
+                                        "--out", str(tmp_path / "g.png")])  # fmt: skip
+    assert out.exit_code == 1 and "this model has no named points (lego-export tune writes them)" in out.output
+
+
+@pytest.mark.parametrize(
+    "points, message",
+    [
+        ({"Fast!": None}, "'Fast!' is not a point name"),
+        ({"exact": None}, "'exact' is not a point name"),  # lego-serve's own quality word
+        ({"fast": {"steps": 0}}, "recommended.points.fast.steps: expected an integer from 1"),
+        ({"fast": {"skip_policy": "5@1:"}}, "recommended.points.fast: skip"),
+        ("fast", "recommended.points: expected an object"),
+    ],
+)
+def test_bad_named_points_in_a_manifest_are_refused_naming_the_point(tmp_path, points, message):
+    engines = tmp_path / "engines"
+    shutil.copytree(TINY, engines)
+    data = json.loads((engines / "manifest.json").read_text())
+    setting = {"sampler": "euler", "steps": 4, "skip_policy": "", "reuse_residual": False, "measured": {}}
+    if isinstance(points, dict):
+        points = {name: {**setting, **(change or {})} for name, change in points.items()}
+    data["recommended"] = {**setting, "checkpoint_sha256": "a" * 64, "points": points}
+    (engines / "manifest.json").write_text(json.dumps(data))
+    out = CliRunner().invoke(lego_run, ["--engines", str(engines), "--num", "1", "--out", str(tmp_path / "g.png")])
+    assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
+
+
+def scripted_accuracy(monkeypatch, search: float, validation: float) -> None:
+    """Real trials, with class accuracy set by seed: the search's (0) and the validation's (1)."""
+    real = Tuner.trial
+
+    def trial(self, setting, seed=None, num=None):
+        t = real(self, setting, seed, num)
+        t.class_accuracy = search if t.seed == 0 else validation
+        return t
+
+    monkeypatch.setattr(Tuner, "trial", trial)
+
+
+def test_a_choice_that_fails_validation_is_not_written_and_says_which_check_by_how_much(
+    tuned_folder, tmp_path, monkeypatch
+):
     engines, _, reference = tuned_folder
     classifier = write_features(tmp_path / "classifier.onnx", classes=10)
-    loose = ["--max-fid-increase", "10", "--max-accuracy-drop", "1", "--rung-fid-ratio", "10"]
-    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose))
-    assert out.exit_code == 0, out.output
-    tuned = Manifest.read(engines).recommended
-    assert 0 <= tuned.measured["class_accuracy"] <= 1 and "class_accuracy" in tuned.measured["validation"]
-    assert 1 <= len(tuned.ladder) <= 3 and f"{len(tuned.ladder)} rungs below it" in out.output
-    costs = [r.measured["brick_flops_vs_reference"] for r in [tuned, *tuned.ladder]]
-    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # each rung cheaper
-    for rung in tuned.ladder:
-        assert rung.measured["seed"] == 2 and 0 <= rung.measured["class_accuracy"] <= 1
-        assert rung.measured["fid"] <= 10 * rung.measured["top_fid"]
+    saved = tmp_path / "recommended.json"
+    before = (engines / "manifest.json").read_bytes()
+    scripted_accuracy(monkeypatch, search=0.90, validation=0.80)
+    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, "--min-accuracy", "0.82",
+                                                    "--save", str(saved)))  # fmt: skip
+    assert out.exit_code == 1, out.output
+    assert "class accuracy 0.800 on the validation seeds, 0.020 below the budget 0.820 (--min-accuracy)" in out.output
+    assert "recommended" not in out.output.replace("--recommended", "") and "Traceback" not in out.output
+    assert not saved.exists() and (engines / "manifest.json").read_bytes() == before
 
-    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose, "--rungs", "0"))
-    assert out.exit_code == 0 and Manifest.read(engines).recommended.ladder == [], out.output
-    guided = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, *loose, "--guidance", "2",
-                                                       "--min-accuracy", "0", "--dry-run"))  # fmt: skip
-    assert guided.exit_code == 0 and "cfg 2 at sigma" in guided.output, guided.output  # guided trials ran
-    plain = CliRunner().invoke(export_main, tune_args(engines, tuned_folder[1], reference, *loose))  # no logits
-    assert plain.exit_code == 0 and "class accuracy not checked" in plain.output, plain.output
-    assert "class_accuracy" not in Manifest.read(engines).recommended.measured
+    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, "--min-accuracy", "0.95",
+                                                    "--save", str(saved)))  # fmt: skip
+    assert out.exit_code == 1 and "no setting searched reaches the class accuracy budget 0.950" in out.output
+    assert "0.050 below it" in out.output and not saved.exists()
+    assert (engines / "manifest.json").read_bytes() == before
+
+    passing = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, "--min-accuracy", "0.78"))
+    assert passing.exit_code == 0 and (engines / "manifest.json").read_bytes() != before, passing.output
+
+
+def test_the_tuner_without_logits_names_points_by_fid_alone(tuned_folder):
+    engines, features, reference = tuned_folder
+    out = CliRunner().invoke(export_main, tune_args(engines, features, reference))
+    assert out.exit_code == 0 and "class accuracy not checked" in out.output, out.output
+    tuned = Manifest.read(engines).recommended
+    assert "class_accuracy" in tuned.measured and tuned.measured["class_accuracy"] is None
+    assert set(tuned.points) == {"best", "balanced", "fast"}
+
+
+def test_the_ladder_benchmark_has_help_and_a_quick_mode_that_writes_only_where_told(tuned_folder, tmp_path):
+    import subprocess
+    import sys
+
+    engines, _, reference = tuned_folder
+    classifier = write_features(tmp_path / "classifier.onnx", classes=10)
+    assert CliRunner().invoke(export_main, tune_args(engines, classifier, reference)).exit_code == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder.py"
+    helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--quick" in helped.stdout
+    out = tmp_path / "ladder"
+    ran = subprocess.run(
+        [sys.executable, str(script), "--quick", "--engines", str(engines), "--features", str(classifier),
+         "--reference", str(reference), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    written = json.loads(out.with_suffix(".json").read_text())
+    rows, points = written["rows"], written["points"]
+    tuned = Manifest.read(engines).recommended
+    assert [r["setting"] for r in rows] == [o.describe() for o in tuned.rungs]  # what serve_load.py reads
+    assert [r["rung"] for r in rows] == list(range(len(tuned.rungs))) and all(r["rung"] is None for r in points)
+    assert {name for r in rows + points for name in r["points"]} == {"best", "balanced", "fast"}
+    assert all(0 <= r["class_accuracy"] <= 1 and r["fid"] >= 0 for r in rows + points)
+    features = np.load(out.with_suffix(".features.npz"))
+    assert features["features"].shape[:2] == (len(rows), 24)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ladder")) == [
+        "ladder.features.npz", "ladder.json", "ladder.md"
+    ]  # fmt: skip
+
+
+def test_bad_recommended_points_do_not_load_through_build(tmp_path):
+    """build --recommended FILE reads the named points with the same checks."""
+    from lego_export.export.build import read_recommended
+
+    rec = tmp_path / "rec.json"
+    setting = {"sampler": "euler", "steps": 4, "skip_policy": "", "reuse_residual": False, "measured": {}}
+    rec.write_text(json.dumps({**setting, "checkpoint_sha256": "a" * 64, "points": {"fast": {**setting, "steps": -1}}}))
+    with pytest.raises(LegoError, match="points.fast.steps"):
+        read_recommended(str(rec), "a" * 64)
+    rec.write_text(json.dumps({**setting, "checkpoint_sha256": "a" * 64, "points": {"fast": setting}}))
+    assert read_recommended(str(rec), "a" * 64).points["fast"].options == SamplingOptions("euler", 4)
 
 
 def test_a_classifier_of_another_class_count_is_refused(tuned_folder, tmp_path):
@@ -394,14 +545,26 @@ def test_bad_reference_files_are_refused_in_one_line(tuned_folder, tmp_path, ref
         (["--max-accuracy-drop", "2"], "--max-accuracy-drop must be from 0 to 1"),
         (["--rung-fid-ratio", "0.5"], "--rung-fid-ratio must be from 1 to 10"),
         (["--rung-fid-ratio", "inf"], "--rung-fid-ratio must be from 1 to 10"),
+        (["--rung-accuracy-drop", "-0.1"], "--rung-accuracy-drop must be from 0 to 1"),
         (["--min-accuracy", "nan"], "--min-accuracy must be from 0 to 1"),
         (["--min-accuracy", "1.5"], "--min-accuracy must be from 0 to 1"),
         (["--min-accuracy", "0.5"], "--min-accuracy needs class accuracy"),  # these features have no logits
         (["--guidance", "0.5"], "--guidance must be from 1 to 100"),
         (["--guidance", "inf"], "--guidance must be from 1 to 100"),
         (["--num", "1"], "--num must be at least 2"),
+        (["--validation-num", "1"], "--validation-num must be at least 2"),
         (["--num", str(10**7)], "--num must be an integer from 1"),
+        (["--validation-num", str(10**7)], "--validation-num must be an integer from 1"),
+        (["--samplers", "ddim"], "--samplers: 'ddim' is not a sampler"),
         (["--candidates", "dpm2m:0"], "cannot read 'dpm2m:0'"),
+        (["--steps", "0"], "--steps: cannot read '0'"),
+        (["--steps", "four"], "--steps: cannot read 'four'"),
+        (["--skip-fractions", "1.5"], "--skip-fractions: cannot read '1.5'"),
+        (["--reference-setting", "heun:0"], "cannot read 'heun:0'"),
+        (["--variant", "gate=0.1"], "--variant 'gate=0.1': expected a JSON object"),
+        (["--variant", '{"speed": 2}'], "--variant: 'speed' is not a sampling option"),
+        (["--variant", '{"steps": -3}'], "steps must be an integer from 1"),
+        (["--guidance", "1.5", "--guidance-interval", "3:1"], "--guidance-interval: guidance_interval"),
     ],
 )
 def test_bad_tune_options_are_refused_in_one_line(tuned_folder, extra, message):
@@ -442,3 +605,35 @@ def test_a_small_npz_holding_a_huge_array_is_refused_before_it_is_read(tuned_fol
     monkeypatch.setattr(tune, "MAX_REFERENCE_FILE", 1000)
     out = CliRunner().invoke(export_main, tune_args(engines, features, tmp_path / "r.npz"))
     assert out.exit_code == 1 and "an array larger than" in out.output, out.output
+
+
+def test_brick_cache_settings_are_searched_as_variants_and_never_written_without_their_fields(tuned_folder, tmp_path):
+    """--variant adds any SamplingOptions fields (brick caching, forecasting, the per-image gate) to the
+    search. A named point the manifest's format cannot hold in full is refused, not written without them."""
+    from lego_export.manifest import parse_recommended
+
+    engines, _, reference = tuned_folder
+    classifier = write_features(tmp_path / "classifier.onnx", classes=10)
+    before = (engines / "manifest.json").read_bytes()
+    cached = '{"cache": "2@0.5:", "forecast": 1}'
+    out = CliRunner().invoke(export_main, tune_args(engines, classifier, reference, "--variant", cached,
+                                                    "--variant", '{"gate": 0.05}', "--recommend", "best"))  # fmt: skip
+    assert "cache 2@0.5:, forecast 1" in out.output and "gate 0.05" in out.output, out.output  # both were sampled
+    if out.exit_code == 0:  # every point reads back whole
+        tuned = Manifest.read(engines).recommended
+        assert parse_recommended(json.loads(json.dumps(tuned.to_dict())), "x").points == tuned.points
+    else:
+        assert "the manifest cannot yet store" in out.output and "nothing written" in out.output, out.output
+        assert (engines / "manifest.json").read_bytes() == before
+
+    from lego_export.cli import _check_storable
+    from lego_export.manifest import Recommended, Rung
+
+    gated = SamplingOptions("dpm2m", 4, gate=0.05)
+    chosen = Recommended(SamplingOptions("dpm2m", 4), "a" * 64, {}, points={"fast": Rung(gated, {})})
+    back = parse_recommended(json.loads(json.dumps(chosen.to_dict())), "x").points["fast"].options
+    if back == gated:  # the format holds the gate
+        _check_storable(chosen)
+    else:
+        with pytest.raises(LegoError, match="the manifest cannot yet store fast"):
+            _check_storable(chosen)

@@ -99,6 +99,7 @@ from lego_train.loop import TrainConfig, train
     show_default=True,
     help="Write checkpoint, resumable state and sample grid every this many thousand images.",
 )
+@click.version_option(package_name="lego-export", prog_name="lego-train")
 @one_line_errors(interrupted="interrupted; the last snapshot can be resumed with --resume")
 def main(**kwargs) -> None:
     """Train a LEGO diffusion model.

@@ -1,7 +1,9 @@
 """lego-export build: checkpoint -> one engine per brick + the embedder + manifest.json.
 
-Everything is built and verified in a staging folder beside the output; only a build whose every
-engine passes verification is moved into place, engine files first and the manifest last.
+Everything is built and verified in a staging folder beside the output (``.<name>.<pid>.<random>.lego-staging``
+in its parent); only a build whose every engine passes verification is put in the output's place, in
+one rename. A build killed at any point leaves the old folder, or none; the next build removes its
+staging folder.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 import lego_export
 from lego_export import contract
-from lego_export.atomic import folder_lock, staging_dir
+from lego_export.atomic import FolderBuild, build_folder, publish_folder
 from lego_export.checkpoint import class_names, load_model
 from lego_export.errors import LegoError
 from lego_export.export import onnx as onnx_export
@@ -29,12 +32,13 @@ from lego_export.manifest import (
     MANIFEST_FILE,
     EngineFile,
     EngineSpec,
+    LatentSpace,
     Manifest,
     Recommended,
     parse_recommended,
     sha256_file,
 )
-from lego_export.model import LegoModel
+from lego_export.model import Brick, LegoModel
 from lego_export.runtime.backends import OnnxRuntimeRunner  # the public runner, for verification only
 
 RECORDED_IMAGES = 8
@@ -64,6 +68,11 @@ class EngineJob:
     module: nn.Module  # what the engine must reproduce
 
 
+def _brick_module(job: EngineJob) -> Brick:
+    """A brick engine's module: engine_jobs pairs each brick's spec with the Brick itself."""
+    return cast(Brick, job.module)
+
+
 def engine_jobs(model: LegoModel, max_batch: int, opt_batch: int) -> list[EngineJob]:
     """The embedder and every brick, with the contract's tensors and their batch ranges."""
     cfg = model.cfg
@@ -83,7 +92,7 @@ def engine_jobs(model: LegoModel, max_batch: int, opt_batch: int) -> list[Engine
 
 
 def example_inputs(spec: EngineSpec, n: int = 2) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.randn([n if d == "N" else d for d in t.shape]) for t in spec.inputs)
+    return tuple(torch.randn(contract.resolve_shape(t.shape, n)) for t in spec.inputs)
 
 
 def record_file(staging: Path, name: str, precision: str, verification: dict | None, **build) -> EngineFile:
@@ -150,19 +159,22 @@ def toolchain(opset: int) -> dict:
     }
 
 
-def publish(staging: Path, out: Path, manifest: Manifest, old: Manifest | None) -> None:
-    """Move the manifest's files that this build wrote into staging to out, then write the manifest;
-    remove files only the old build listed."""
-    out.mkdir(parents=True, exist_ok=True)
-    new_files = {f.path for e in manifest.engines for f in e.files.values()}
-    for name in sorted(new_files):
-        if (staging / name).is_file():
-            os.replace(staging / name, out / name)
-    manifest.write(out)
-    if old is not None:
-        for f in (f for e in old.engines for f in e.files.values()):
-            if f.path not in new_files:
-                (out / f.path).unlink(missing_ok=True)
+def engine_paths(manifest: Manifest | None) -> set[str]:
+    return set() if manifest is None else {f.path for e in manifest.engines for f in e.files.values()}
+
+
+def output_target(out: Path) -> Path:
+    """The folder a build replaces: absolute, so that "." and "engines/" have a parent to stage in,
+    and through a symlink, so that a linked folder is replaced where it lies."""
+    return Path(os.path.abspath(out)).resolve()
+
+
+def publish(build: FolderBuild, manifest: Manifest, old: Manifest | None) -> None:
+    """Write the manifest into the staging folder and put that folder in the output's place, in one
+    rename; the output's other files (notes, someone's files) are carried over, files only the old
+    build listed are not."""
+    manifest.write(build.staging)
+    publish_folder(build, drop=engine_paths(old) - engine_paths(manifest))
 
 
 def add_tensorrt_plans(
@@ -175,11 +187,11 @@ def add_tensorrt_plans(
     staging and published beside its ONNX files like any build."""
     from lego_export.export import tensorrt
 
-    with folder_lock(folder, "lego-export build"), staging_dir(folder / "plans") as staging:
+    with build_folder(output_target(folder), "lego-export build") as staged:
         old = Manifest.read(folder)
         manifest = Manifest.read(folder)
-        tensorrt.add_plans(manifest, folder, staging, progress, version_compatible, hardware_compatible)
-        publish(staging, folder, manifest, old)
+        tensorrt.add_plans(manifest, folder, staged.staging, progress, version_compatible, hardware_compatible)
+        publish(staged, manifest, old)
     return manifest
 
 
@@ -222,7 +234,8 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
     calibration = {}
     if opts.int8:  # more canvases than for verification, and other ones (see quantize.py)
         calibration = record_engine_inputs(model, quantize.CALIBRATION_IMAGES, seed=quantize.CALIBRATION_SEED)
-    with folder_lock(out, "lego-export build"), staging_dir(out / "build") as staging:
+    with build_folder(output_target(out), "lego-export build") as staged:
+        staging = staged.staging
         old = check_output_folder(out, ckpt_sha, opts.force)
         if recommended is None and old is not None and old.recommended is not None:
             # A rebuild of the same weights keeps the tuned setting; other weights need tuning again.
@@ -241,13 +254,15 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                 formats["onnx-ort"] = (f"{spec.name}.ort.onnx", "fp32")
                 progress(f"{spec.name}: ONNX Runtime fusions")
                 onnx_export.export_onnxruntime_fused(
-                    job.module, example_inputs(spec), staging / formats["onnx-ort"][0], opts.opset
+                    _brick_module(job), example_inputs(spec), staging / formats["onnx-ort"][0], opts.opset
                 )
             if opts.int8 and spec.role == "brick":
                 formats["onnx-int8"] = (f"{spec.name}.int8.onnx", "int8")
                 progress(f"{spec.name}: int8 calibration and quantization")
                 int8_path = staging / formats["onnx-int8"][0]
-                quantize.export_int8(job.module, example_inputs(spec), calibration[spec.name], int8_path, opts.opset)
+                quantize.export_int8(
+                    _brick_module(job), example_inputs(spec), calibration[spec.name], int8_path, opts.opset
+                )
             for fmt, (name, prec) in formats.items():
                 verification = None
                 if opts.verify:
@@ -262,7 +277,8 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
                 spec.files[fmt] = record_file(staging, name, prec, verification, **build_info)
             spec.files["onnx"].build["export_seconds"] = round(time.perf_counter() - start, 2)
 
-        engines, latent = [job.spec for job in jobs], None
+        engines = [job.spec for job in jobs]
+        latent: LatentSpace | None = None
         if vae is not None:
             decoder, latent = _export_decoder(vae, latent_space, model.cfg, staging, opts, progress)
             engines.append(decoder)
@@ -284,13 +300,18 @@ def build(opts: BuildOptions, progress: Callable[[str], None] = lambda _msg: Non
             except LegoError as e:
                 trt_error = e  # keep the ONNX engines, then report
         progress("publish")
-        publish(staging, out, manifest, old)
+        if not staged.target_locked:  # the output appeared during the build: check it again, under its lock
+            staged.lock_target()
+            old = check_output_folder(out, ckpt_sha, opts.force)
+        publish(staged, manifest, old)
     if trt_error is not None:
         raise LegoError(f"{trt_error} (the ONNX engines and manifest were written to {out})")
     return manifest
 
 
-def _export_decoder(vae, latent, cfg, staging: Path, opts: BuildOptions, progress) -> tuple[EngineSpec, object]:
+def _export_decoder(
+    vae, latent: LatentSpace, cfg, staging: Path, opts: BuildOptions, progress
+) -> tuple[EngineSpec, LatentSpace]:
     """The latent model's decoder engine, exported and verified against diffusers."""
     from lego_export.export import vae as vae_export
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import onnx
 import torch
@@ -118,15 +119,9 @@ def _fused_attention_forward(self: Attention, x: Tensor) -> Tensor:
     return self.proj(_MultiHeadAttention.apply(q, k, v, self.heads))
 
 
-@contextlib.contextmanager
-def onnxruntime_attention():
+def onnxruntime_attention() -> contextlib.AbstractContextManager:
     """While active, Attention modules export as com.microsoft::MultiHeadAttention."""
-    original = Attention.forward
-    Attention.forward = _fused_attention_forward
-    try:
-        yield
-    finally:
-        Attention.forward = original
+    return mock.patch.object(Attention, "forward", _fused_attention_forward)  # restores the method on exit
 
 
 def export_onnxruntime_fused(brick: Brick, example: tuple[Tensor, ...], path: Path, opset: int) -> None:

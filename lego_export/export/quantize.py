@@ -21,6 +21,7 @@ import copy
 import logging
 import re
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx
@@ -29,7 +30,7 @@ from torch import nn
 
 from lego_export import contract
 from lego_export.export import onnx as onnx_export
-from lego_export.model import Brick
+from lego_export.model import Brick, DiTBlock
 
 # Operators quantized; every other operator (LayerNorm, softmax, GELU, residual adds and gates, the
 # patch-embedding convolution over 3-4 input channels) stays fp32.
@@ -151,9 +152,10 @@ def smoothed(brick: Brick, recorded_inputs: dict[str, np.ndarray], alpha: float 
     rows of channel j divided by s_j and (1 / s_j - 1) added to the scale bias.
     """
     brick = copy.deepcopy(brick).float().eval()
+    blocks = [cast(DiTBlock, b) for b in brick.blocks]
     # (linear, its adaLN layer, index of its shift chunk, index of its scale chunk), as in DiTBlock
-    targets = [(b.attn.qkv, b.ada_ln[-1], 0, 1) for b in brick.blocks]
-    targets += [(b.mlp[0], b.ada_ln[-1], 3, 4) for b in brick.blocks]
+    targets = [(b.attn.qkv, cast(nn.Linear, b.ada_ln[-1]), 0, 1) for b in blocks]
+    targets += [(cast(nn.Linear, b.mlp[0]), cast(nn.Linear, b.ada_ln[-1]), 3, 4) for b in blocks]
     peak = {lin: torch.zeros(lin.in_features) for lin, *_ in targets}
 
     def observe(module, inputs, _output):
@@ -184,7 +186,7 @@ def smoothed(brick: Brick, recorded_inputs: dict[str, np.ndarray], alpha: float 
 
 
 def export_int8(
-    brick: nn.Module, example: tuple[torch.Tensor, ...], recorded_inputs: dict[str, np.ndarray], dst: Path, opset: int
+    brick: Brick, example: tuple[torch.Tensor, ...], recorded_inputs: dict[str, np.ndarray], dst: Path, opset: int
 ) -> None:
     """brick -> dst, an int8 QDQ graph: smoothed, exported and cleaned like the fp32 graph, quantized."""
     fp32 = dst.with_name(dst.name + ".smoothed.onnx")  # beside dst, in the build's staging folder

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lego_export.atomic import atomic_write
+from lego_export.contract import resolve_shape
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineFile, EngineSpec, Manifest, sha256_file
 from lego_export.tensorrt_env import tensorrt_environment
@@ -27,12 +28,11 @@ def timing_cache_path(trt_version: str, capability: str) -> Path:
 
 def profile_shapes(spec: EngineSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min / opt / max shape of every input: only N varies."""
-    shapes = {}
-    for t in spec.inputs:
-        shapes[t.name] = tuple(
-            tuple(spec.batch[key] if d == "N" else d for d in t.shape) for key in ("min", "opt", "max")
-        )
-    return shapes
+    lo, opt, hi = (spec.batch[key] for key in ("min", "opt", "max"))
+    return {
+        t.name: (resolve_shape(t.shape, lo), resolve_shape(t.shape, opt), resolve_shape(t.shape, hi))
+        for t in spec.inputs
+    }
 
 
 def build_plan(
@@ -89,9 +89,14 @@ def add_plans(
     record it in the manifest."""
     trt, capability = tensorrt_environment()
     cache = timing_cache_path(trt.__version__, capability)
-    for spec in manifest.engines:
+    for i, spec in enumerate(manifest.engines):
         if spec.role == "decoder":  # dynamic latent size: stays on ONNX Runtime
             continue
+        if "onnx" not in spec.files:
+            raise LegoError(
+                f"engines[{i}].files.onnx: missing ({spec.name} lists {', '.join(spec.files)}); "
+                "TensorRT plans are built from the portable ONNX files"
+            )
         source = spec.files["onnx"]
         plan_name = Path(source.path).with_suffix(".plan").name
         progress(f"{spec.name}: TensorRT plan")

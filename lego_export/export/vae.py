@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,8 @@ VERIFY_SHAPES = ((1, 1, 1), (3, 1, 1.5), (1, 2, 2))
 
 class DecoderGraph(nn.Module):
     """latents (N, C, H, W), scaled as the model samples them -> images (N, 3, f H, f W) in [-1, 1]."""
+
+    vae: Any  # a diffusers AutoencoderKL (diffusers is optional: not imported for its type)
 
     def __init__(self, vae: nn.Module, scale: float):
         super().__init__()
@@ -73,7 +76,7 @@ def export_decoder(graph: DecoderGraph, spec: EngineSpec, resolution: int, path:
     """Trace with dynamic batch and latent size (the TorchScript exporter; checked at several shapes)."""
     from lego_export.export.onnx import quiet_exporter
 
-    example = torch.randn(2, spec.inputs[0].shape[1], resolution, resolution)
+    example = torch.randn(contract.resolve_shape(spec.inputs[0].shape, 2, resolution, resolution))
     axes = {contract.LATENTS: {0: "N", 2: "H", 3: "W"}, contract.IMAGES: {0: "N", 2: "fH", 3: "fW"}}
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(
@@ -99,7 +102,7 @@ def measure_decoder_error(graph: DecoderGraph, runner, spec: EngineSpec, resolut
 
     def pairs():
         for n, h, w in shapes:
-            latents = torch.randn(n, spec.inputs[0].shape[1], h, w, generator=gen)
+            latents = torch.randn(contract.resolve_shape(spec.inputs[0].shape, n, h, w), generator=gen)
             yield runner.infer({contract.LATENTS: latents.numpy()})[contract.IMAGES], graph(latents).numpy()
 
     inputs = "unit Gaussian latents, N x H x W = " + ", ".join("x".join(map(str, s)) for s in shapes)

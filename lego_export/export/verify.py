@@ -46,7 +46,8 @@ def record_engine_inputs(model: LegoModel, images: int, seed: int = 0) -> Record
         labels = torch.randint(0, cfg.num_classes, (images,), generator=gen)
         keep = (torch.rand(images, 1, generator=gen) >= 0.1).float()
         onehot = torch.nn.functional.one_hot(labels, cfg.num_classes).float() * keep
-    clean = sample(lambda x, s, _i: model(x, s, onehot), torch.randn(shape, generator=gen), cfg.edm.sigmas(4), "euler")
+    noise = torch.randn(shape, generator=gen)
+    clean = sample(lambda x, s, _i: model(x, s, onehot), noise, cfg.edm.sigmas(4), method="euler")
     sigma = torch.tensor([cfg.edm.sigma_at(t) for t in torch.rand(images, generator=gen).tolist()])
     x = clean.clamp(-1, 1) + sigma.reshape(-1, 1, 1, 1) * torch.randn(shape, generator=gen)
 

@@ -10,6 +10,9 @@ A *backend* makes the runner for each engine of a manifest and says, through ``a
 runners take and return: NumPy arrays on the host, or torch tensors on the backend's device (see
 arrays.py). Only the chosen backend's library is imported: the ONNX Runtime backend on the CPU
 works where PyTorch is not installed.
+
+Errors about the arguments are OptionErrors naming the argument (``backend``, ``precision``,
+``ckpt``, ``device``, ``streams``); each command line maps them to its flags (:data:`FLAGS`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from typing import Protocol
 
 import numpy as np
 
+from lego_export import contract
 from lego_export.arrays import NumpyArrays, TorchArrays
 from lego_export.errors import LegoError
-from lego_export.manifest import EngineSpec, Manifest, TensorSpec
+from lego_export.manifest import MANIFEST_FILE, EngineSpec, Manifest, TensorSpec
+from lego_export.options import OptionError
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
 # What the bricks compute in: fp32; int8, the onnx-int8 graphs of lego-export build --int8 (ONNX Runtime
@@ -32,6 +37,26 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
 COMPUTE_PRECISIONS = ("fp32", "int8", "bf16")
 MAX_THREADS = 1024
 INT8_FORMAT = "onnx-int8"
+# The command-line flags of make_backend's and LegoPipeline.from_engines' arguments (lego-run, lego-serve).
+FLAGS = {
+    "backend": "--backend",
+    "precision": "--precision",
+    "ckpt": "--ckpt",
+    "device": "--device",
+    "threads": "--threads",
+    "cuda_graphs": "--cuda-graphs",
+}
+
+
+def require_files(folder: Path, manifest: Manifest, formats: tuple[str, ...], who: str, roles=None) -> None:
+    """Refuse, in one line naming the manifest field, engines with none of the formats a backend runs
+    (a folder of TensorRT plans alone, say), before any is loaded."""
+    for i, e in enumerate(manifest.engines):
+        if (roles is None or e.role in roles) and not any(f in e.files for f in formats):
+            raise LegoError(
+                f"{folder / MANIFEST_FILE}: engines[{i}].files.{formats[-1]}: missing ({e.name} lists "
+                f"{', '.join(e.files)}); {who} runs its {' or '.join(formats)} file"
+            )
 
 
 def check_int8_files(folder: Path, manifest: Manifest) -> None:
@@ -123,7 +148,7 @@ class OnnxRuntimeRunner:
             binding.bind_input(name, device_type, device_id, np.float32, tuple(x.shape), x.data_ptr())
         outputs = {}
         for spec in self.output_specs:
-            shape = tuple(first.shape[0] if d == "N" else d for d in spec.shape)
+            shape = contract.resolve_shape(spec.shape, first.shape[0])
             y = torch.empty(shape, dtype=torch.float32, device=first.device)
             binding.bind_output(spec.name, device_type, device_id, np.float32, shape, y.data_ptr())
             outputs[spec.name] = y
@@ -153,7 +178,7 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         if precision not in ("fp32", "int8"):
-            raise LegoError(f"--precision {precision} runs on openvino only, not on --backend onnxruntime")
+            raise OptionError("precision", f"{precision} runs on the openvino backend only, not on onnxruntime")
         if precision == "int8":
             check_int8_files(folder, manifest)
         self.precision = precision
@@ -169,9 +194,7 @@ class OnnxRuntimeBackend:
         self.folder, self.manifest, self.threads = folder, manifest, threads
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.formats = ("onnx-ort", "onnx") if self.device == "cpu" else ("onnx",)
-        missing = [e.name for e in manifest.engines if not any(f in e.files for f in self.formats)]
-        if missing:
-            raise LegoError(f"{missing[0]} has no ONNX file for ONNX Runtime; rebuild with lego-export build")
+        require_files(folder, manifest, self.formats, "the onnxruntime backend")
         # On a GPU the canvas stays in CUDA memory between bricks (I/O binding on torch tensors);
         # without torch, every call copies through the host.
         on_gpu = self.device == "cuda" and importlib.util.find_spec("torch") is not None
@@ -200,19 +223,21 @@ class OpenVinoBackend:
         try:
             import openvino as ov
         except ImportError:
-            raise LegoError(
-                "--backend openvino needs the openvino package (pip install 'lego-export[openvino]')"
+            raise OptionError(
+                "backend", "openvino needs the openvino package (pip install 'lego-export[openvino]')"
             ) from None
         self.core, self.folder, self.manifest = ov.Core(), folder, manifest
-        if precision not in COMPUTE_PRECISIONS:
-            raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(COMPUTE_PRECISIONS)}")
+        _check_precision(precision)
         if precision == "int8":
             check_int8_files(folder, manifest)
+            require_files(folder, manifest, ("onnx",), "the openvino backend", roles=("embedder", "decoder"))
+        else:
+            require_files(folder, manifest, ("onnx",), "the openvino backend")
         if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise LegoError("--precision bf16: this CPU has no bf16 units OpenVINO can use; use fp32 or int8")
+            raise OptionError("precision", "bf16: this CPU has no bf16 units OpenVINO can use; use fp32 or int8")
         self.precision = precision
         # f32 explicitly: on CPUs with bf16 units OpenVINO otherwise computes in bf16 (about 1e-3 off).
-        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        self.config: dict[str, str | int] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         if streams > 1:  # OpenVINO's own throughput streams, the threads split among them
@@ -276,12 +301,14 @@ class TorchBackend:
         from lego_export.checkpoint import load_model
         from lego_export.manifest import sha256_file
 
+        if not Path(ckpt).is_file():
+            raise OptionError("ckpt", f"{ckpt}: no such file")
         if sha256_file(ckpt) != manifest.source["sha256"]:
-            raise LegoError(
-                f"{ckpt} is not the checkpoint these engines were built from ({manifest.source['checkpoint']})"
+            raise OptionError(
+                "ckpt", f"{ckpt} is not the checkpoint these engines were built from ({manifest.source['checkpoint']})"
             )
         if device == "cuda" and not torch.cuda.is_available():
-            raise LegoError("--backend torch on cuda asked for, but PyTorch sees no CUDA GPU")
+            raise OptionError("device", "cuda: PyTorch sees no CUDA GPU (the torch backend on cuda asked for)")
         self.torch, self.device = torch, device
         self.folder, self.manifest = folder, manifest
         self.model = load_model(ckpt, device)
@@ -367,7 +394,7 @@ class _TensorRTRunner:
     def __init__(self, context, spec: EngineSpec, torch, stream, cuda_graphs: bool):
         self.context, self.spec, self.torch, self.stream = context, spec, torch, stream
         self.cuda_graphs = cuda_graphs
-        self.graphs = {}  # N -> (graph, static inputs, static outputs)
+        self.graphs: dict[int, tuple] = {}  # N -> (graph, static inputs, static outputs)
 
     def _bind(self, inputs: dict, n: int) -> dict:
         """Point the context at the input tensors and at new output tensors for batch n."""
@@ -421,6 +448,11 @@ class _TensorRTRunner:
         return graph, static_inputs, static_outputs
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in COMPUTE_PRECISIONS:
+        raise OptionError("precision", f"must be one of {', '.join(COMPUTE_PRECISIONS)}, got {precision!r}")
+
+
 def _onnxruntime_has_cuda() -> bool:
     if importlib.util.find_spec("onnxruntime") is None:
         return False
@@ -456,28 +488,27 @@ def make_backend(
     """The backend asked for; 'auto' as in _auto_backend. streams: engine calls that may run at once
     from different threads (a server's parallel streams), the cores shared among them."""
     if name not in BACKENDS:
-        raise LegoError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if precision not in COMPUTE_PRECISIONS:
-        raise LegoError(f"unknown precision {precision!r}; choose one of {', '.join(COMPUTE_PRECISIONS)}")
+        raise OptionError("backend", f"must be one of {', '.join(BACKENDS)}, got {name!r}")
+    _check_precision(precision)
     if name == "auto":
         name = _auto_backend(manifest, precision)
     allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)
     if name not in allowed:
-        raise LegoError(f"--precision {precision} runs on {' and '.join(allowed)} only, not on --backend {name}")
+        raise OptionError("precision", f"{precision} runs on {' and '.join(allowed)} only, not on the {name} backend")
     if streams > 1 and name not in ("onnxruntime", "openvino"):
-        raise LegoError(f"streams {streams}: parallel engine streams run on onnxruntime and openvino, not on {name}")
+        raise OptionError("streams", f"{streams}: parallel engine streams run on onnxruntime and openvino, not {name}")
     if name == "torch":
         if ckpt is None:
-            raise LegoError("--backend torch needs --ckpt CHECKPOINT (the reference runs the PyTorch model)")
+            raise OptionError("ckpt", "is needed by the torch backend (the reference runs the PyTorch model)")
         if importlib.util.find_spec("torch") is None:
-            raise LegoError("--backend torch needs PyTorch, which is not installed")
+            raise OptionError("backend", "torch needs PyTorch, which is not installed")
         return TorchBackend(folder, manifest, ckpt, device)
     if name == "tensorrt":
         return TensorRTBackend(folder, manifest, cuda_graphs)
     if name == "openvino":
         return OpenVinoBackend(folder, manifest, threads, precision, streams=streams)
     if importlib.util.find_spec("onnxruntime") is None:
-        raise LegoError("--backend onnxruntime needs the onnxruntime package, which is not installed")
+        raise OptionError("backend", "onnxruntime needs the onnxruntime package, which is not installed")
     if streams > 1:  # each call runs on the thread that makes it, with its share of the cores
         threads = max(1, (threads or os.cpu_count() or 1) // streams)
     return OnnxRuntimeBackend(folder, manifest, threads=threads, precision=precision)

@@ -29,7 +29,9 @@ from lego_export.options import (
     resolve,
 )
 from lego_export.plan import describe_saving, flop_fraction_saved, plan
+from lego_export.points import resolve_quality
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
+from lego_export.runtime.backends import FLAGS as BACKEND_FLAGS
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import Timing
 
@@ -50,13 +52,23 @@ FLAGS = {
     "guidance": "--cfg",
     "guidance_interval": "--cfg-interval",
     "tile_shift": "--tile-shift",
+    "cache": "--cache",
+    "forecast": "--forecast",
+    "gate": "--gate",
+    "gate_signal": "--gate-signal",
+    "guidance_cache": "--cfg-cache",
     "num": "--num",
     "batch": "--batch",
     "seed": "--seed",
     "resolution": "--resolution",
     "classes": "--class",
+    "quality": "--quality",
+    **BACKEND_FLAGS,  # backend, precision, ckpt, device, threads, cuda_graphs
 }
 CHURN_DETAIL = ("s_min", "s_max", "s_noise")  # meaningful with --churn only
+CACHE_FLAGS = ("cache", "forecast", "gate", "gate_signal")  # parameters named as their fields
+DEFAULT_OUT = "grid.png"
+GRID_COLUMNS = 8  # the grid's columns when classes do not fill rows
 
 
 def plan_table_for(model, plan) -> str:
@@ -65,10 +77,13 @@ def plan_table_for(model, plan) -> str:
     lines = [f"{'step':>4} {'sigma':>9}  {'shift':>8}  bricks run"]
     for p in plan:
         guided = " (guided: twice)" if p.guided else ""
-        lines.append(f"{p.step:>4} {p.sigma:>9.4f}  {str(p.shift):>8}  {' > '.join(names[: p.bricks])}{guided}")
+        guided = " (guided: conditional half, cached difference)" if p.guidance_cached else guided
+        chain = " > ".join(f"{n} cached" if k in p.cached else n for k, n in enumerate(names[: p.bricks]))
+        lines.append(f"{p.step:>4} {p.sigma:>9.4f}  {str(p.shift):>8}  {chain}{guided}")
     skipped = sum(len(names) - p.bricks for p in plan)
+    cached = sum(len(p.cached) for p in plan)
     lines.append(
-        f"{skipped} of {len(plan) * len(names)} brick runs skipped; "
+        f"{skipped} of {len(plan) * len(names)} brick runs skipped, {cached} cached; "
         f"{describe_saving(flop_fraction_saved(plan, model_brick_flops(model)))}"
     )
     return "\n".join(lines)
@@ -91,7 +106,7 @@ def _gather(result, indices, rank: int, world: int):
         return result.images, result.labels, result.timing
     import torch.distributed as dist
 
-    parts = [None] * world if rank == 0 else None
+    parts: list | None = [None] * world if rank == 0 else None  # gather_object fills rank 0's list
     dist.gather_object((indices, result.images, result.labels, result.timing), parts, dst=0)
     if rank != 0:
         return None, None, None
@@ -116,6 +131,24 @@ def check_outputs(out: str | None, out_dir: str | None, save_npz: str | None, ti
     check_output(out_dir, "--out-dir", folder=True)
     check_output(save_npz, "--save-npz")
     check_output(timing_json, "--timing-json")
+    outputs = {"--out": out, "--out-dir": out_dir, "--save-npz": save_npz, "--timing-json": timing_json}
+    for option, path in outputs.items():
+        check_parent(path, option)
+
+
+def check_parent(path: str | None, option: str) -> None:
+    """Refuse an output whose folder does not exist, as most tools do: creating it (at the file
+    system's root, say) for a mistyped path would surprise more than a one-line refusal."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise LegoError(f"{option} {path}: the folder {Path(path).parent} does not exist; create it first")
+
+
+def grid_columns(num: int, classes: tuple[str, ...], num_classes: int) -> int:
+    """The grid's columns when --columns is not given: one row per class when every class comes in
+    equal consecutive blocks (no --class, --num a multiple of the class count), else GRID_COLUMNS."""
+    if not classes and num_classes and num % num_classes == 0:
+        return num // num_classes
+    return GRID_COLUMNS
 
 
 def write_outputs(
@@ -137,7 +170,7 @@ def write_outputs(
             for i, p in enumerate(to_uint8(images)):
                 save_image(p, staging / f"{i:06d}.png", text)
             publish_dir(staging, target)
-        written.append(f"{out_dir}/ ({len(images)} PNGs)")
+        written.append(f"{target}/ ({len(images)} PNGs)")  # Path drops a trailing slash: one, not two
     if out:
         save_image(make_grid(images, columns=columns), out, text)
         written.append(out)
@@ -157,7 +190,7 @@ def given_options(params: dict) -> dict:
         if given(name) and not params["s_churn"]:
             raise LegoError(f"--{name.replace('_', '-')} applies with --churn only")
     fields = {}
-    for name in ("sampler", "steps", "t_break", "reuse_residual", "tile_shift"):
+    for name in ("sampler", "steps", "t_break", "reuse_residual", "tile_shift", *CACHE_FLAGS):
         if given(name):
             fields[name] = params[name]
     if params["skip_late_bricks"]:
@@ -170,6 +203,8 @@ def given_options(params: dict) -> dict:
         fields["guidance"] = params["cfg"]
     if given("cfg_interval"):
         fields["guidance_interval"] = params["cfg_interval"]
+    if given("cfg_cache"):
+        fields["guidance_cache"] = params["cfg_cache"]
     return fields
 
 
@@ -193,6 +228,8 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
         "images": images,
         "processes": world,
         "checkpoint_sha256": pipe.manifest.source["sha256"],
+        # brick FLOPs actually spent per image (a per-image gate decides them at run time)
+        **({"full_chain_evaluations": round(result.timing.full_chain_evaluations, 4)} if result.options.caches else {}),
     }
 
 
@@ -231,10 +268,17 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
     "instead of dropping it (same FLOPs as plain skipping).",
 )
 @click.option(
+    "--quality",
+    default=None,
+    help="Sample with one of the model's named points (lego-export tune writes best, balanced and fast) "
+    "instead of its recommended setting; combines with --cfg and --tile-shift, not with the trajectory options.",
+)
+@click.option(
     "--no-recommended",
     is_flag=True,
     help="Ignore the setting lego-export tune recommended for this model; without it, that setting is used "
-    "whenever no sampling option (--steps, --sampler, --skip-*, --t-break, --reuse-residual, --churn) is given.",
+    "whenever no sampling option (--steps, --sampler, --skip-*, --t-break, --reuse-residual, --churn, --cache, "
+    "--forecast, --gate) is given.",
 )
 @click.option(
     "--skip-policy",
@@ -266,8 +310,8 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
     "classes",
     multiple=True,
     help="Class label(s), by index or by name (--class sneaker, as the checkpoint names them), cycled over "
-    "the images (repeat the option); default: every class in equal consecutive blocks, one grid row per "
-    "class when --num is classes x --columns.",
+    "the images (repeat the option); default: every class in consecutive blocks as equal as --num allows, "
+    "one grid row per class when --num is a multiple of the class count.",
 )
 @click.option(
     "--cfg",
@@ -282,6 +326,44 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
     metavar="LO:HI",
     help="Guide only the steps whose noise level sigma is within LO:HI (a bound may be left out), e.g. 4:14: "
     "a guided step costs twice an unguided one (see the steps' sigmas with --plan). Default: every step.",
+)
+@click.option(
+    "--cfg-cache",
+    default=None,
+    metavar="LO:HI",
+    help="Guided steps with sigma within LO:HI run the conditional half only and reuse the difference "
+    "between the halves from the last step that ran both (half the bricks' work at those steps).",
+)
+@click.option(
+    "--cache",
+    default=None,
+    metavar="RULES",
+    help="Brick caching, 'BRICK@LO:HI,...': brick k runs only for sigma within LO:HI and elsewhere takes its "
+    "cached correction, handing it on to the bricks after it (brick 0 too), e.g. '1@0.3:,2@0.3:' or '0@0.5:'.",
+)
+@click.option(
+    "--forecast",
+    type=click.IntRange(0, 2),
+    default=0,
+    show_default=True,
+    help="A cached correction: 0 the last one, 1 linear, 2 quadratic extrapolation in log sigma (with "
+    "--cache or --gate).",
+)
+@click.option(
+    "--gate",
+    type=float,
+    default=None,
+    help="Per image: run the bricks after brick 0 only when brick 0's estimate moved by this relative L1 "
+    "change since the image's last full evaluation; otherwise take their cache (0: always run). Decided at "
+    "run time; --plan shows the upper bound.",
+)
+@click.option(
+    "--gate-signal",
+    type=click.Choice(["brick0", "input"]),
+    default="brick0",
+    show_default=True,
+    help="What --gate measures: brick 0's estimate (gates the bricks after it), or the bricks' input c_in x "
+    "(gates every brick, brick 0 too).",
 )
 @click.option(
     "--churn",
@@ -348,7 +430,13 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
 @click.option(
     "--cuda-graphs", is_flag=True, help="TensorRT backend: capture each engine once per batch size and replay it."
 )
-@click.option("--out", default="grid.png", show_default=True, help="PNG grid of all images.")
+@click.option(
+    "--out",
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="PNG grid of all images; without --out it goes to grid.png in the current folder (the line "
+    "'wrote ...' names it). Its folder must exist.",
+)
 @click.option("--out-dir", default=None, help="Also write one PNG per image here.")
 @click.option("--save-npz", default=None, help="Also write images (float32 N x C x H x W in [-1, 1]) and labels.")
 @click.option(
@@ -356,7 +444,13 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
     default=None,
     help="Latent models: also write the raw latents (float32 N x C x h x w, before the decoder) as .npz.",
 )
-@click.option("--columns", type=click.IntRange(1, 4096), default=8, show_default=True, help="Grid columns.")
+@click.option(
+    "--columns",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Grid columns [default: one row per class when every class comes in equal blocks (no --class, "
+    f"--num a multiple of the class count), else {GRID_COLUMNS}].",
+)
 @click.option(
     "--tile-shift/--no-tile-shift",
     default=None,
@@ -371,6 +465,7 @@ def run_record(pipe: LegoPipeline, result, canvas: tuple[int, int], seed: int, i
     help="Time every engine call on GPU backends too (waits for the GPU after each call, which slows "
     "sampling; engine times are always taken on the CPU).",
 )
+@click.version_option(package_name="lego-export", prog_name="lego-run")
 @one_line_errors()
 def main(**params) -> None:
     """Sample images from LEGO brick engines, chaining or skipping bricks per step.
@@ -390,6 +485,7 @@ def run(
     *,
     engines: str,
     no_recommended: bool,
+    quality: str | None,
     resolution: str | None,
     num: int,
     batch: int,
@@ -418,23 +514,41 @@ def run(
     if not plan_only:
         check_outputs(out, out_dir, save_npz, timing_json)
         check_output(save_latents, "--save-latents")
+        check_parent(save_latents, "--save-latents")
     if cuda_graphs and backend not in ("tensorrt", "auto"):
         raise LegoError("--cuda-graphs applies to the TensorRT backend only")
     manifest = Manifest.read(engines)
     model = manifest.model
     canvas = parse_canvas(resolution) if resolution else (model.img_resolution,) * 2
-    tuned = None if no_recommended else manifest.recommended
-    options, recommended = resolve(fields, tuned.options if tuned else None)
+    if quality is not None:  # a named point, whatever the recommended setting is
+        options, recommended = resolve_quality(fields, manifest.recommended, quality)
+        tuned = manifest.recommended
+    else:
+        tuned = None if no_recommended else manifest.recommended
+        options, recommended = resolve(fields, tuned.options if tuned else None)
     steps = plan(options, model, canvas, seed)  # every option and the canvas checked before loading
-    if recommended:
-        click.echo(f"sampling setting: the model's recommended ({describe_recommended(tuned)})")
+    announce = None  # said once everything is checked and loaded, by rank 0 only
+    if quality is not None:
+        announce = f"sampling setting: the model's named point {quality!r} ({options.describe()})"
+    elif recommended:
+        announce = f"sampling setting: the model's recommended ({describe_recommended(tuned)})"
     if plan_only:
+        if announce:
+            click.echo(announce)
         click.echo(f"options: {options.describe()}; skip policy: {options.skip_policy(model).description}")
         click.echo(plan_table_for(model, steps))
+        if options.gate is not None:
+            click.echo(
+                f"decided at run time: per image, bricks 1-{len(model.bricks) - 1} run only where brick 0's "
+                f"estimate moved by >= {options.gate:g} (relative L1) since the image's last full evaluation; "
+                "the table is the upper bound"
+            )
         return
 
-    check_request(num, batch, seed, canvas, model.img_channels)
+    check_request(num=num, batch=batch, seed=seed, canvas=canvas, channels=model.img_channels)
     check_classes(list(classes), model.num_classes, manifest.class_names)
+    if save_latents and manifest.latent is None:
+        raise LegoError("--save-latents: this model samples images directly (no latent space in its manifest)")
     pipe = LegoPipeline.from_engines(
         engines,
         backend,
@@ -446,6 +560,10 @@ def run(
         precision=precision,
     )
     rank, world = _distributed()
+    if save_latents and world > 1:
+        raise LegoError("--save-latents is not supported under torchrun yet; run one process")
+    if announce and rank == 0:
+        click.echo(announce)
     indices = list(range(rank, num, world))
     from tqdm import tqdm
 
@@ -453,6 +571,11 @@ def run(
     if rank == 0:  # before the first step: also the line a caller can wait for before signalling
         click.echo(f"sampling {num} image(s) on {pipe.backend.name}: {evaluations} steps of batch {batch}", err=True)
     with tqdm(total=evaluations, unit="step", disable=rank != 0 or None, file=sys.stderr, leave=False) as bar:
+
+        def step_done(_step: int) -> None:
+            check_interrupted()
+            bar.update(1)
+
         result = pipe(
             options,
             num=num,
@@ -461,11 +584,9 @@ def run(
             seed=seed,
             batch=batch,
             indices=indices,
-            progress=lambda _i: (check_interrupted(), bar.update(1)),
+            progress=step_done,
         )
     result.recommended = recommended
-    if save_latents and result.latents is None:
-        raise LegoError("--save-latents: this model samples images directly (no latent space in its manifest)")
     images, labels, timing = _gather(result, indices, rank, world)
     if world > 1:
         import torch.distributed as dist
@@ -477,11 +598,10 @@ def run(
     written: list[str] = []
     try:
         if save_latents:
-            if world > 1:
-                raise LegoError("--save-latents is not supported under torchrun yet; run one process")
             with atomic_write(save_latents) as f:
                 np.savez(f, latents=result.latents)
             written.append(save_latents)
+        columns = columns or grid_columns(num, classes, model.num_classes)
         write_outputs(images, labels, out, out_dir, save_npz, columns, written, record)
         if timing_json:
             with atomic_write(timing_json) as f:
@@ -495,6 +615,8 @@ def run(
         f"backend {pipe.backend.name}; canvas {canvas[0]}x{canvas[1]}; seed {seed}; {world} process(es)"
     )
     click.echo(timing.table())
+    if out and click.get_current_context().get_parameter_source("out") is ParameterSource.DEFAULT:
+        written[written.index(out)] = f"{out} (the default --out, in {Path.cwd()})"
     click.echo(f"wrote {', '.join(written)}" if written else "wrote nothing (no output asked for)")
 
 

@@ -4,10 +4,8 @@ ONNX Runtime, with its default thread count, starts one worker per physical core
 pins each worker to its core; the thread that calls ``run`` works beside them, unpinned. A server
 calls the engines from a different thread for each request in flight, and the scheduler often
 wakes such a thread on a core whose pinned worker is about to need it: both then share one core
-until the kernel moves the caller. On 2 cores, after a change of calling thread, a third of the
-next five calls took over 1.4x their usual time, and some calls still did twenty calls later (0.2%
-of calls with one calling thread). A calling thread kept to the cores the runtime left to it never
-meets its workers.
+until the kernel moves the caller, and the calls after a change of calling thread run slow. A
+calling thread kept to the cores the runtime left to it never meets its workers.
 
 Linux only (``/proc/self/task``); elsewhere nothing is pinned.
 """

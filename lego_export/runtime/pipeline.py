@@ -20,6 +20,7 @@ tensors on the GPU for GPU backends, so nothing goes through host memory between
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,15 +30,30 @@ import numpy as np
 
 from lego_export import contract
 from lego_export.arrays import NumpyArrays
-from lego_export.denoiser import denoise
-from lego_export.edm import churn_noise, initial_noise, sample
+from lego_export.denoiser import BrickCache, denoise
+from lego_export.edm import churn_noise, evaluations, initial_noise, sample
 from lego_export.errors import LegoError
 from lego_export.flops import model_brick_flops
 from lego_export.manifest import Manifest
-from lego_export.options import SamplingOptions, check_canvas_sides, check_classes, check_request, resolve
+from lego_export.options import OptionError, SamplingOptions, check_canvas_sides, check_classes, check_request, resolve
 from lego_export.plan import StepPlan, flop_fraction_saved, plan
-from lego_export.runtime.backends import make_backend
+from lego_export.points import resolve_quality
+from lego_export.runtime.backends import MAX_THREADS, make_backend
 from lego_export.runtime.runner import EngineRunner, Timing
+
+
+def _expect(argument: str, value, kinds: tuple, wanted: str) -> None:
+    """A TypeError naming the API argument given a value of the wrong type, before it is used."""
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"{argument} must be {wanted}, got {type(value).__name__} {value!r:.60}")
+
+
+def _expect_options(options, optional: bool = True) -> None:
+    kinds = (SamplingOptions, type(None)) if optional else (SamplingOptions,)
+    _expect("options", options, kinds, "a SamplingOptions" + (" or None" if optional else ""))
+
+
+_PATH = (str, os.PathLike)
 
 
 @dataclass
@@ -124,6 +140,16 @@ class LegoPipeline:
         device is the torch backend's; threads ONNX Runtime's and OpenVINO's; cuda_graphs TensorRT's;
         profile as in the constructor; precision what the bricks compute in (backends.COMPUTE_PRECISIONS).
         """
+        _expect("folder", folder, _PATH, "a folder path (str or Path)")
+        _expect("backend", backend, (str,), "a backend name (str)")
+        _expect("ckpt", ckpt, (*_PATH, type(None)), "a checkpoint path or None")
+        for name, value in (("device", device), ("precision", precision)):
+            _expect(name, value, (str,), "a str")
+        _expect("threads", threads, (int, np.integer), "an int")
+        for name, value in (("cuda_graphs", cuda_graphs), ("profile", profile)):
+            _expect(name, value, (bool,), "True or False")
+        if not 0 <= threads <= MAX_THREADS:
+            raise OptionError("threads", f"must be from 0 (all cores) to {MAX_THREADS}, got {threads}")
         folder = Path(folder)
         manifest = Manifest.read(folder)
         # Every backend reads each engine file once, checks its sha256 and loads those bytes.
@@ -145,21 +171,33 @@ class LegoPipeline:
 
     # -- what a call will do, without running it ----------------------------------------------
 
-    def options(self, options: SamplingOptions | None = None, recommended: bool = True, **fields) -> SamplingOptions:
+    def options(
+        self, options: SamplingOptions | None = None, recommended: bool = True, quality: str | None = None, **fields
+    ) -> SamplingOptions:
         """The options a call with these arguments runs, checked: options (or the defaults) with the
         fields given by keyword; with no options and no trajectory field, the model's recommended
-        setting when it has one and recommended is true (the rule of options.resolve)."""
-        return self._choose(options, recommended, fields)[0].validate(self.cfg)
+        setting when it has one and recommended is true (the rule of options.resolve); quality: the
+        manifest's named point of that name ("fast", "balanced", "best") instead."""
+        _expect_options(options)
+        _expect("recommended", recommended, (bool,), "True or False")
+        return self._choose(options, recommended, fields, quality)[0].validate(self.cfg)
 
-    def _choose(self, options, recommended: bool, fields: dict) -> tuple[SamplingOptions, bool]:
+    def _choose(
+        self, options, recommended: bool, fields: dict, quality: str | None = None
+    ) -> tuple[SamplingOptions, bool]:
         """The options of a call and whether they are the recommended setting (checked by plan())."""
         if options is not None:
+            if quality is not None:
+                raise OptionError("quality", "names a whole sampling setting; give it or options, not both")
             return (replace(options, **fields) if fields else options), False
         tuned = self.manifest.recommended
+        if quality is not None:
+            return resolve_quality(fields, tuned, quality)
         return resolve(fields, tuned.options if recommended and tuned is not None else None)
 
     def plan(self, options: SamplingOptions, resolution: tuple[int, int] | None = None, seed: int = 0):
         """The per-step table of bricks run and tile-grid offsets (plan.py)."""
+        _expect_options(options, optional=False)
         return plan(options, self.cfg, resolution or (self.resolution, self.resolution), seed)
 
     def flops_saved(self, steps: list[StepPlan]) -> float:
@@ -190,15 +228,20 @@ class LegoPipeline:
         indices: Sequence[int] | None = None,
         progress: Callable[[int], None] | None = None,
         recommended: bool = True,
+        quality: str | None = None,
         **fields,
     ) -> SampleResult:
         """Generate images. options and fields as in :meth:`options`. indices (default 0..num-1) pick
         each image's noise and class, so any split of the indices (batches, processes) yields the
         same images for the same seed; churn's fresh noise also depends only on (seed, index, step)."""
-        chosen, used_recommended = self._choose(options, recommended, fields)
+        _expect_options(options)
+        _expect("recommended", recommended, (bool,), "True or False")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function of the step or None, got {type(progress).__name__}")
+        chosen, used_recommended = self._choose(options, recommended, fields, quality)
         h, w = check_canvas_sides(resolution) if resolution is not None else (self.resolution, self.resolution)
         steps = self.plan(chosen, (h, w), seed)  # checks the options against the model, once
-        check_request(num, batch, seed, (h, w), self.channels, indices)
+        check_request(num=num, batch=batch, seed=seed, canvas=(h, w), channels=self.channels, indices=indices)
         indices = list(range(num)) if indices is None else [int(i) for i in indices]
         labels = self.labels_for(num, classes, indices)
         sigmas = self.edm.sigmas(chosen.steps)
@@ -212,20 +255,32 @@ class LegoPipeline:
             onehot = None
             if labels is not None:
                 onehot = self.arrays.from_numpy(np.eye(self.num_classes, dtype=np.float32)[labels[lo : lo + batch]])
-            reuse = {} if chosen.reuse_residual else None  # one per batch: the corrections of its own images
+            cache = BrickCache.for_options(chosen)  # one per batch: the corrections of its own images
 
-            def evaluate(x, sigma, step, onehot=onehot, reuse=reuse):
+            def evaluate(x, sigma, step, onehot=onehot, cache=cache):
                 guidance = chosen.guidance if steps[step].guided else 1.0  # the plan knows the interval
-                return self._denoise(call, x, sigma, steps[step], onehot, guidance, reuse)
+                return self._denoise(call, x, sigma, steps[step], onehot, guidance, cache)
 
             def fresh_noise(step, chunk=chunk):
                 return self.arrays.from_numpy(churn_noise(seed, chunk, (self.channels, h, w), step))
 
-            x = sample(evaluate, noise, sigmas, chosen.sampler, progress, chosen.churn, fresh_noise)
+            x = sample(
+                evaluate,
+                noise,
+                sigmas,
+                method=chosen.sampler,
+                on_step=progress,
+                churn=chosen.churn,
+                fresh_noise=fresh_noise,
+            )
             images.append(self.arrays.to_numpy(x))
         timing = call.timing
         timing.total_s = time.perf_counter() - start
         timing.steps, timing.images, timing.flops_saved = chosen.steps, len(indices), self.flops_saved(steps)
+        timing.full_chain_flops = sum(self._flops_per_row((h, w)))
+        if chosen.caches and timing.full_chain_flops:  # the gate decides at run time: count what ran
+            full = timing.images * timing.full_chain_flops * evaluations(chosen.sampler, chosen.steps)
+            timing.flops_saved = 1.0 - timing.brick_flops / full
         out = np.concatenate(images)
         if not np.isfinite(out).all():
             raise LegoError(call.first_non_finite())
@@ -245,15 +300,36 @@ class LegoPipeline:
             raise LegoError("the decoder returned NaN or infinity: check the decoder engine (lego-export verify)")
         return images
 
-    def denoise(self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0, reuse=None):
+    def denoise(
+        self, x, sigma: float, step: StepPlan, onehot=None, guidance: float = 1.0, cache: BrickCache | None = None
+    ):
         """D(x; sigma) from the first step.bricks bricks with step.shift; guided when guidance != 1.
-        x and onehot are arrays of this pipeline's kind (``self.arrays``)."""
-        return self._denoise(_Call(Timing()), x, sigma, step, onehot, guidance, reuse)
+        x and onehot are arrays of this pipeline's kind (``self.arrays``); cache: the batch's BrickCache."""
+        return self._denoise(_Call(Timing()), x, sigma, step, onehot, guidance, cache)
 
-    def _denoise(self, call: _Call, x, sigma, step: StepPlan, onehot, guidance, reuse):
+    def _flops_per_row(self, canvas: tuple[int, int]) -> list[float]:
+        """Each brick's FLOPs for one image (one row of an evaluation) on this canvas."""
+        scale = canvas[0] * canvas[1] / self.resolution**2  # tiles grow with the canvas area
+        return [f * scale for f in self.brick_flops]
+
+    def _denoise(self, call: _Call, x, sigma, step: StepPlan, onehot, guidance, cache):
         call.step = step.step
         call.timing.brick_evaluations += len(self.brick_sizes)
         call.timing.bricks_skipped += len(self.brick_sizes) - step.bricks
+        out = self._denoise_call(call, x, sigma, step, onehot, guidance, cache)
+        if cache is not None:
+            record = cache.record[-1]
+        else:  # nothing decided at run time: the plan says what ran
+            rows = x.shape[0] * (2 if guidance != 1.0 and onehot is not None else 1)
+            record = {"rows": rows, "run": [rows if step.runs(k) else 0 for k in range(len(self.bricks))],
+                      "reused": [0] * len(self.bricks), "forecast": [0] * len(self.bricks),
+                      "skipped": [0 if k < step.bricks else rows for k in range(len(self.bricks))]}  # fmt: skip
+        call.timing.add_step(step.step, step.sigma, record)
+        per_row = self._flops_per_row(tuple(x.shape[2:]))
+        call.timing.brick_flops += sum(r * f for r, f in zip(record["run"], per_row, strict=True))
+        return out
+
+    def _denoise_call(self, call: _Call, x, sigma, step: StepPlan, onehot, guidance, cache):
         return denoise(
             x,
             sigma,
@@ -265,7 +341,9 @@ class LegoPipeline:
             num_bricks=step.bricks,
             shift=step.shift,
             guidance=guidance,
-            reuse=reuse,
+            cache=cache,
+            cached=step.cached,
+            guidance_cached=step.guidance_cached,
             arrays=self.arrays,
         )
 

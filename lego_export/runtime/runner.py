@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec
@@ -30,6 +31,9 @@ class Timing:
     per_engine: bool = True  # False on an asynchronous device unless profiling: engine_ms stays empty
     precision: str = "fp32"  # the runtime's compute precision (backends.COMPUTE_PRECISIONS)
     built: str = "fp32"  # the precision of the brick files it ran (manifest.FILE_PRECISIONS)
+    brick_flops: float = 0.0  # brick FLOPs actually spent, all images (rows each brick ran x its FLOPs per row)
+    full_chain_flops: float = 0.0  # one full-chain evaluation of one image (the unit of full_chain_evaluations)
+    bricks_per_step: list = field(default_factory=list)  # per step: rows each brick ran / reused / forecast / skipped
 
     def add(self, name: str, seconds: float | None, rows: int = 0) -> None:
         """One engine call of `rows` rows; seconds None where it was not timed (an asynchronous device)."""
@@ -49,9 +53,40 @@ class Timing:
             total.images += t.images
             total.brick_evaluations += t.brick_evaluations
             total.bricks_skipped += t.bricks_skipped
+            total.brick_flops += t.brick_flops
+            total.add_steps(t.bricks_per_step)
+        total.full_chain_flops = parts[0].full_chain_flops
         total.total_s = max(t.total_s for t in parts)
         total.steps, total.flops_saved = parts[0].steps, parts[0].flops_saved
         return total
+
+    def add_step(self, step: int, sigma: float, record: dict) -> None:
+        """Add one denoiser evaluation's rows per brick (denoiser record) to its step's entry."""
+        while len(self.bricks_per_step) <= step:
+            self.bricks_per_step.append({"step": len(self.bricks_per_step), "sigma": None, "evaluations": 0})
+        entry = self.bricks_per_step[step]
+        entry["sigma"] = sigma if entry["sigma"] is None else entry["sigma"]
+        entry["evaluations"] += 1
+        for key in ("rows", "run", "reused", "forecast", "skipped"):
+            value = record[key]
+            if key not in entry:
+                entry[key] = list(value) if isinstance(value, list) else value
+            elif isinstance(value, list):
+                entry[key] = [x + y for x, y in zip(entry[key], value, strict=True)]
+            else:
+                entry[key] += value
+
+    def add_steps(self, steps: list[dict]) -> None:
+        """Another process's steps (torchrun): rows add up step by step."""
+        for entry in steps:
+            self.add_step(entry["step"], entry["sigma"], entry)
+            self.bricks_per_step[entry["step"]]["evaluations"] += entry["evaluations"] - 1
+
+    @property
+    def full_chain_evaluations(self) -> float:
+        """Brick FLOPs spent per image, in full-chain evaluations of one image."""
+        per_image = self.brick_flops / self.images if self.images else 0.0
+        return per_image / self.full_chain_flops if self.full_chain_flops else 0.0
 
     @property
     def overhead_fraction(self) -> float | None:
@@ -78,6 +113,9 @@ class Timing:
             "flops_saved": self.flops_saved,
             "precision": self.precision,
             "files_precision": self.built,
+            "brick_flops": self.brick_flops,
+            "full_chain_evaluations": self.full_chain_evaluations,
+            "bricks_per_step": self.bricks_per_step,
         }
 
     def table(self) -> str:
@@ -91,6 +129,7 @@ class Timing:
             f"total {s['total_s']:.2f} s for {s['images']} images over {s['steps']} steps: "
             f"{s['ms_per_step']:.1f} ms/step, {s['s_per_image']:.3f} s/image, {s['images_per_s']:.2f} images/s; "
             f"bricks skipped {s['bricks_skipped']}/{s['brick_evaluations']} ({describe_saving(s['flops_saved'])}); "
+            f"brick FLOPs spent: {s['full_chain_evaluations']:.2f} full-chain evaluations per image; "
             f"runtime overhead {overhead}; brick files {self.built}, runtime precision {self.precision}"
         )
         return "\n".join(lines)
@@ -107,6 +146,12 @@ def balanced_chunks(total: int, chunk: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+class ChunkTiming(Protocol):
+    """What EngineRunner.infer reports each chunk to: a Timing, or the server's per-engine counters."""
+
+    def add(self, name: str, seconds: float | None, rows: int) -> None: ...
 
 
 class EngineRunner:
@@ -144,7 +189,7 @@ class EngineRunner:
             n = shape[0]
         return int(n or 0)
 
-    def infer(self, feeds: dict, timing: Timing | None = None) -> dict:
+    def infer(self, feeds: dict, timing: ChunkTiming | None = None) -> dict:
         if self._closed:
             raise LegoError(f"{self.name}: the runner was closed")
         n = self.check(feeds)

@@ -6,6 +6,9 @@
     GET    /v1/jobs/{id}/result    its image bytes once done (409 before; its error after a failure)
     GET    /v1/jobs/{id}/events    server-sent events: the job's JSON at every step, until it ends
     DELETE /v1/jobs/{id}           cancel (frees the slot)
+    POST   /v1/plan                the brick plan of a request (the same JSON, checked the same way); nothing runs
+    GET    /v1/model               the model: classes, canvas, limits, the quality ladder and its named points
+    GET    /                       the playground page (off with ui=False)
     GET    /healthz                liveness and load
     GET    /metrics                Prometheus text
 
@@ -19,13 +22,17 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lego_export.flops import model_brick_flops
+from lego_export.plan import describe_saving, flop_fraction_saved, plan
 from lego_export.serve.service import CANCELLED, DONE, EXPIRED, FAILED, ImageService, Job, ServiceUnavailable
-from lego_export.serve.validation import MAX_BODY_BYTES, Limits, RequestError, parse_body, request_schema
+from lego_export.serve.validation import MAX_BODY_BYTES, ImageRequest, Limits, RequestError, parse_body, request_schema
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 EVENTS = "text/event-stream"
@@ -40,6 +47,8 @@ def error(status: int, message: str, retry_after: int | None = None) -> JSONResp
 
 ERROR = {"description": "one line of JSON naming the problem", "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}  # fmt: skip
+PLAN = {"description": "per step: the bricks that run, cached and guided; brick runs, guided steps, FLOPs saved",
+        "content": {"application/json": {"schema": {"type": "object"}}}}  # fmt: skip
 JOB = {"description": "the job's JSON (status, queue_position, progress, run, result, error)",
        "content": {"application/json": {"schema": {"type": "object"}}}}  # fmt: skip
 
@@ -50,12 +59,13 @@ def create_app(
     *,
     docs: bool = True,
     limits: Limits | None = None,
+    ui: bool = True,
 ) -> FastAPI:
     """The FastAPI app. service: the service, or a callable returning it (looked up per request, so
     a Ray replica can build its service after the app exists). on_shutdown runs (in a worker
     thread) when the server stops: lego-serve drains the service there. docs: serve the OpenAPI
     document at /openapi.json and its browser view at /docs, the request schema stating limits
-    (the service's, or these when it is built later)."""
+    (the service's, or these when it is built later). ui: serve the playground page at /."""
     current = service if callable(service) and not isinstance(service, ImageService) else lambda: service
     known = service if isinstance(service, ImageService) else None
     limits = known.config.limits if known is not None else limits or Limits()
@@ -70,7 +80,7 @@ def create_app(
     app = FastAPI(
         title="lego-serve",
         summary="LEGO brick engines over HTTP: deadlines, least-slack-first order, a quality ladder under load",
-        docs_url="/docs" if docs else None,
+        docs_url=None,  # FastAPI's Swagger UI loads its scripts from a CDN: /docs is our own page (below)
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
         lifespan=lifespan,
@@ -165,6 +175,39 @@ def create_app(
             svc.forget(job)  # a finished job's result is dropped
         return JSONResponse({"id": job.id, "status": job.state})
 
+    @app.post(
+        "/v1/plan",
+        openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": body_schema}}}},
+        responses={200: PLAN, **{code: ERROR for code in (400, 413)}},
+    )
+    async def plan_request(request: Request) -> Response:
+        """The brick plan of a request (the JSON of POST /v1/images), refused as generation refuses it; runs nothing."""
+        svc = current()
+        try:
+            req = svc.parse(parse_body(await read_body(request)))
+        except RequestError as e:
+            return error(e.status, e.message)
+        return JSONResponse(describe_plan(svc, req))
+
+    @app.get("/v1/model")
+    async def model_info() -> Response:
+        """The model and what a request may ask of it: classes, canvas, limits, the quality ladder."""
+        return JSONResponse(describe_model(current()))
+
+    if ui:
+        from lego_export.serve.ui import page_files
+
+        for path, (content, media_type) in page_files().items():
+            app.add_api_route(path, static_page(content, media_type), methods=["GET"], include_in_schema=False)
+
+    if docs:
+        from lego_export.serve.docs_page import CONTENT_SECURITY_POLICY, docs_html
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_page() -> Response:
+            page = docs_html(app.openapi())  # the same document as /openapi.json; nothing loaded from elsewhere
+            return Response(page, media_type="text/html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+
     @app.get("/healthz")
     async def healthz() -> Response:
         svc = current()
@@ -248,3 +291,85 @@ def job_response(job: Job) -> Response:
     # Cancelled: by the server at shutdown (503, worth retrying elsewhere) or by a client (410).
     status = 503 if job.status == 503 else 410
     return JSONResponse({"error": job.error or "cancelled", "id": job.id, "status": CANCELLED}, status_code=status)
+
+
+def static_page(content: bytes, media_type: str) -> Callable:
+    """A GET handler answering one file of the page; the policy header keeps the browser from
+    loading anything from another host."""
+    from lego_export.serve.ui import CONTENT_SECURITY_POLICY
+
+    headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"}
+
+    async def page() -> Response:
+        return Response(content, media_type=media_type, headers=headers)
+
+    return page
+
+
+def describe_plan(svc: ImageService, req: ImageRequest) -> dict:
+    """What a request would run as asked, without running it: per step the bricks that run (the
+    rest skipped), those that take their cache, and whether it is guided (its bricks run twice);
+    in all, brick runs of the full chain's, and the share of brick FLOPs saved (plan.py)."""
+    model = svc.manifest.model
+    canvas = req.canvas(model)
+    steps = plan(req.options, model, canvas, req.seed)
+    bricks = len(model.bricks)
+    saved = flop_fraction_saved(steps, model_brick_flops(model))
+    rows: list[dict[str, Any]] = [
+        {
+            "step": p.step,
+            "sigma": round(p.sigma, 6),
+            "runs": [k for k in range(bricks) if p.runs(k)],
+            "cached": list(p.cached),
+            "guided": p.guided,
+            "halves": p.halves,
+        }
+        for p in steps
+    ]
+    predicted = svc.predict(req, req.options)
+    return {
+        "options": req.options.to_dict(),
+        "description": req.options.describe(),
+        "recommended": req.recommended,
+        "quality": req.quality,
+        "canvas": list(canvas),
+        "images": req.num,
+        "bricks": [{"name": f"brick{k}", "size": b.size} for k, b in enumerate(model.bricks)],
+        "steps": rows,
+        "brick_runs": sum(len(r["runs"]) for r in rows),
+        "brick_runs_full": len(rows) * bricks,
+        "guided_steps": sum(p.guided for p in steps),
+        "flops_saved": round(saved, 6),
+        "saving": describe_saving(saved),
+        "predicted_s": round(predicted, 4) if predicted else None,  # alone on the machine; None: no cost model
+    }
+
+
+def describe_model(svc: ImageService) -> dict:
+    """The model a request samples from and the choices it offers: class names, training canvas and
+    the multiple every canvas side must be, this server's limits, the recommended setting, the
+    rungs of its quality ladder (0: the recommended setting) and its named points."""
+    manifest, model = svc.manifest, svc.manifest.model
+    recommended = manifest.recommended
+
+    def setting(options, measured: dict) -> dict:
+        return {"options": options.to_dict(), "description": options.describe(), "measured": measured}
+
+    ladder, points = [], {}
+    if recommended is not None:
+        ladder = [setting(recommended.options, recommended.measured)]
+        ladder += [setting(r.options, r.measured) for r in recommended.ladder]
+        points = {name: setting(r.options, r.measured) for name, r in getattr(recommended, "points", {}).items()}
+    return {
+        "name": model.name,
+        "num_classes": model.num_classes,
+        "class_names": list(manifest.class_names or []),
+        "resolution": [model.img_resolution, model.img_resolution],
+        "canvas_multiple": model.canvas_multiple,
+        "bricks": [b.size for b in model.bricks],
+        "limits": asdict(svc.config.limits),
+        "recommended": ladder[0] if ladder else None,
+        "ladder": ladder,
+        "points": points,
+        "backend": svc.backend_name,
+    }

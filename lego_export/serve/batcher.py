@@ -219,9 +219,8 @@ class CallBatcher:
         for spec in manifest.engines:  # every key exists from the start: readers never see one added
             self.stats.engines[spec.name] = EngineStats()
         # One lock; each request's thread waits on its slot's own condition and is woken only when
-        # its call is done or it should lead the next tick. Waking every waiting thread at every
-        # call put runnable threads beside the engine's on a 2-core machine: three requests in
-        # flight took 1.04-1.11x the time of the same three run one after another (1.02-1.05x so).
+        # its call is done or it should lead the next tick: a thread woken for nothing competes with
+        # the engine's threads for the cores.
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # close() waits here for the ticks to end
         self._pending: list[EngineCall] = []
@@ -313,8 +312,8 @@ class CallBatcher:
             self._pending.append(call)
             # Wait until the call is done, running any tick that may start on the way. The tick
             # of a call usually becomes ready as its own request submits it, so it runs in that
-            # request's thread, with no hand-over between threads (a dedicated tick thread cost
-            # a small request about 7% of its time alone).
+            # request's thread, with no hand-over between threads (a dedicated tick thread would
+            # add a thread switch to every call).
             while not call.done.is_set():
                 taken = self._take()
                 if taken is None:

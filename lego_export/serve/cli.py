@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 
@@ -150,9 +151,18 @@ def _range(name: str) -> click.IntRange:
     help="Serve the OpenAPI document (/openapi.json: every request field, its type and limits) and /docs.",
 )
 @click.option(
+    "--ui/--no-ui",
+    default=True,
+    show_default=True,
+    help="Serve the playground page at / (pick a class, canvas and quality, see the brick plan, watch a job run).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
-def main(host: str, port: int, ckpt: str | None, drain_timeout: float, docs: bool, log_level: str, **settings) -> None:
+@click.version_option(package_name="lego-export", prog_name="lego-serve")
+def main(
+    host: str, port: int, ckpt: str | None, drain_timeout: float, docs: bool, ui: bool, log_level: str, **settings
+) -> None:
     """Serve LEGO brick engines over HTTP, batching tiles of all requests in flight.
 
     \b
@@ -166,7 +176,7 @@ def main(host: str, port: int, ckpt: str | None, drain_timeout: float, docs: boo
         service = load_service(make_config(**settings), ckpt)
     except LegoError as e:
         raise click.ClickException(str(e)) from None
-    serve(service, host, port, drain_timeout, log_level, docs=docs)
+    serve(service, host, port, drain_timeout, log_level, docs=docs, ui=ui)
 
 
 def make_config(
@@ -245,7 +255,14 @@ def load_service(config, ckpt: str | None = None):
 
 
 def serve(
-    service, host: str, port: int, drain_timeout: float, log_level: str = "info", sockets=None, docs: bool = True
+    service,
+    host: str,
+    port: int,
+    drain_timeout: float,
+    log_level: str = "info",
+    sockets=None,
+    docs: bool = True,
+    ui: bool = True,
 ) -> None:
     """Run uvicorn until SIGTERM / Ctrl-C, then drain: stop accepting, let running requests finish
     within drain_timeout, fail the rest, stop the batcher."""
@@ -276,11 +293,11 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(
-        create_app(service, on_shutdown=drain, docs=docs),
+        create_app(service, on_shutdown=drain, docs=docs, ui=ui),
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=drain_timeout + 5.0,  # the drain's 503 answers still go out
+        timeout_graceful_shutdown=math.ceil(drain_timeout + 5.0),  # the drain's 503 answers still go out
         access_log=log_level == "debug",
     )
     server = DrainingServer(config)

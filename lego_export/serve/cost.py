@@ -20,8 +20,8 @@ import numpy as np
 
 from lego_export.runtime.runner import balanced_chunks
 
-# A finish predicted within this share of the time left counts as in time: the prediction errs by
-# 5-7% (median), and the jobs that expired before this margin had missed by under a tenth.
+# A finish predicted within this share of the time left counts as in time: the rest is room for the
+# prediction's error, which is a few percent at the median.
 SPARE = 0.9
 HOST_ROWS = "brick0"  # its tiles count images x canvas pixels: the host's work per evaluation follows them
 

@@ -49,6 +49,7 @@ class RayOptions:
     max_steps: int = 1000
     max_images: int = 64
     drain_timeout: float = 30.0
+    ui: bool = True  # the playground page at /
     num_cpus: float = 2.0  # cores reserved per replica (its engines' threads)
     min_replicas: int = 1
     max_replicas: int = 4
@@ -272,7 +273,9 @@ def deployment(options: RayOptions):
         def __serve_build_asgi_app__(self):
             from lego_export.serve.app import create_app
 
-            return create_app(self.service, on_shutdown=lambda: self.service.close(self.options.drain_timeout))
+            return create_app(
+                self.service, on_shutdown=lambda: self.service.close(self.options.drain_timeout), ui=self.options.ui
+            )
 
     return LegoServeReplica
 

@@ -374,7 +374,7 @@ class ImageService:
         own = Choice(request.options, 0 if request.recommended else None, self.predict(request, request.options))
         if request.quality == "exact" or request.options.churn is not None or self.cost is None:
             return [own]
-        lowest = len(self.ladder) - 1 if request.quality == "elastic" else request.quality
+        lowest = request.quality if isinstance(request.quality, int) else len(self.ladder) - 1  # "elastic"
         top = self.ladder[0] if self.ladder else None
         # The rungs' own guidance applies unless the request asked for guidance of its own.
         own_guidance = (request.options.guidance, request.options.guidance_interval)
@@ -603,6 +603,8 @@ class ImageService:
         finally:
             self.batcher.leave(slot)
         body = None
+        if state == DONE and job.choice.options.caches:  # the gate decided at run time: what actually ran
+            job.run["full_chain_evaluations"] = round(result.timing.full_chain_evaluations, 4)
         if state == DONE:
             try:
                 body = encode(result, job.request, job.run)

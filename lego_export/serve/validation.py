@@ -27,12 +27,18 @@ from lego_export.options import (
     resolve,
 )
 from lego_export.plan import plan
+from lego_export.points import point_names, resolve_quality
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes; anything this large is not one
 RESPONSE_FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
 # SamplingOptions field -> JSON field, where they differ, and back
-JSON_NAMES = {"guidance": "cfg", "guidance_interval": "cfg_interval", "skip.late": "skip"}
-OPTION_NAMES = {"cfg": "guidance", "cfg_interval": "guidance_interval"}
+JSON_NAMES = {
+    "guidance": "cfg",
+    "guidance_interval": "cfg_interval",
+    "guidance_cache": "cfg_cache",
+    "skip.late": "skip",
+}
+OPTION_NAMES = {"cfg": "guidance", "cfg_interval": "guidance_interval", "cfg_cache": "guidance_cache"}
 OPTION_FIELDS = {JSON_NAMES.get(name, name) for name in OPTION_FIELD_NAMES}
 REQUEST_FIELDS = {"class", "classes", "resolution", "seed", "num", "format", "columns", "recommended", "async",
                   "stream", "deadline_s", "priority", "quality"}  # fmt: skip
@@ -78,6 +84,7 @@ class ImageRequest:
     deadline_s: float | None = None  # finish within this many seconds of arrival (None: the server's --slo)
     priority: int = 0  # higher runs first (0 to MAX_PRIORITY)
     quality: str | int = "elastic"  # "exact": never degraded; elastic: any rung; k: rungs 0..k only
+    point: str | None = None  # the model's named point asked for ("quality": NAME): its options, never degraded
 
     def pipe_kwargs(self) -> dict:
         """The offline pipeline's arguments for the same images; the whole request is one batch, so
@@ -101,7 +108,8 @@ class ImageRequest:
 
     def describe(self) -> dict:
         """What was asked, for the answer (headers and job JSON)."""
-        return {"options": self.options.to_dict(), "recommended": self.recommended, "seed": self.seed}
+        asked = {"options": self.options.to_dict(), "recommended": self.recommended, "seed": self.seed}
+        return {**asked, "point": self.point} if self.point else asked
 
 
 def request_schema(limits: Limits, manifest: Manifest | None = None) -> dict:
@@ -139,6 +147,11 @@ def request_schema(limits: Limits, manifest: Manifest | None = None) -> dict:
         "cfg": {"type": "number", "minimum": -MAX_GUIDANCE, "maximum": MAX_GUIDANCE, "default": 1.0},
         "cfg_interval": {"type": "string", "description": 'guidance only at steps with LO <= sigma <= HI: "LO:HI"'},
         "churn": {"oneOf": [{"type": "number", "minimum": 0}, churn_object]},
+        "cache": {"type": "string", "description": 'brick caching rules "K@LO:HI,...": brick K runs only there'},
+        "forecast": {"type": "integer", "minimum": 0, "maximum": 2, "default": 0},
+        "gate": {"type": ["number", "null"], "minimum": 0, "description": "per-image gate (relative L1 change)"},
+        "gate_signal": {"type": "string", "enum": ["brick0", "input"], "default": "brick0"},
+        "cfg_cache": {"type": "string", "description": 'guided steps in "LO:HI" run the conditional half only'},
         "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0},
         "tile_shift": {"type": ["boolean", "null"]},
         "format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "png"},
@@ -148,7 +161,11 @@ def request_schema(limits: Limits, manifest: Manifest | None = None) -> dict:
         "deadline_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_S},
         "priority": {"type": "integer", "minimum": 0, "maximum": MAX_PRIORITY, "default": 0},
         "quality": {
-            "oneOf": [{"type": "string", "enum": list(QUALITIES)}, {"type": "integer", "minimum": 0}],
+            "oneOf": [
+                {"type": "string", "enum": [*QUALITIES, *point_names(manifest.recommended if manifest else None)]},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "elastic, exact, the lowest rung of the ladder allowed, or a named point (never degraded)",
             "default": "elastic",
         },  # fmt: skip
     }
@@ -218,11 +235,16 @@ def _deadline(data: dict) -> float | None:
     return float(value)
 
 
-def _quality(data: dict, rungs: int) -> str | int:
-    """The quality asked for: "elastic", "exact", or a rung of the ladder (rungs: how many, the top included)."""
+def _quality(data: dict, rungs: int, names: list[str] = ()) -> str | int:
+    """The quality asked for: "elastic", "exact", a rung of the ladder (rungs: how many, the top
+    included), or one of the model's named points (names)."""
     value = data.get("quality", "elastic")
-    if value in QUALITIES:
+    if value in QUALITIES or (isinstance(value, str) and value in names):
         return value
+    if isinstance(value, str):
+        have = f"this model's named points: {', '.join(names)}" if names else "this model has no named points"
+        raise RequestError(400, f'quality must be "elastic", "exact", a rung number or a named point ({have}), '
+                                f"got {value!r}")  # fmt: skip
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise RequestError(400, f'quality must be "elastic", "exact" or a rung number of the ladder, got {value!r}')
     if value >= rungs:
@@ -250,8 +272,14 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
     tuned = manifest.recommended if _bool(data, "recommended", True) else None
     model = manifest.model
     names = {**JSON_NAMES, "classes": "class"} if "class" in data else JSON_NAMES
+    rungs = len(manifest.recommended.rungs) if manifest.recommended is not None else 0
+    quality = _quality(data, rungs, point_names(manifest.recommended))
+    point = quality if isinstance(quality, str) and quality not in QUALITIES else None
     try:
-        options, used = resolve(given, tuned.options if tuned is not None else None)
+        if point is not None:  # a named point: its setting, run as asked (never degraded)
+            options, used = resolve_quality(given, manifest.recommended, point)
+        else:
+            options, used = resolve(given, tuned.options if tuned is not None else None)
         steps = options.steps
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > limits.max_steps:
             raise RequestError(413, f"steps {steps} is over this server's limit of {limits.max_steps}")
@@ -274,14 +302,16 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
             recommended=used,
             deadline_s=_deadline(data),
             priority=_int(data, "priority", 0, 0, MAX_PRIORITY),
-            quality=_quality(data, len(manifest.recommended.rungs) if manifest.recommended is not None else 0),
+            quality="exact" if point is not None else quality,
+            point=point,
         )
         if req.is_async and req.stream:
             raise RequestError(400, "async and stream: choose one (a streamed job's result is at /v1/jobs/{id}/result)")
         hw = req.canvas(model)
         plan(options, model, hw, req.seed)  # every option against the model, the canvas against the bricks
         req.classes = check_classes(_classes(data), model.num_classes, manifest.class_names) or None
-        check_request(req.num, req.num, req.seed, hw, model.img_channels)
+        # batch = num: a request's images are sampled together (ImageRequest.to_pipeline)
+        check_request(num=req.num, batch=req.num, seed=req.seed, canvas=hw, channels=model.img_channels)
     except OptionError as e:
         raise RequestError(400, str(e.renamed(names))) from None
     except LegoError as e:
