@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -101,6 +102,9 @@ MAIN_ROWS = [
         dpm(10, **GUIDE, cache=late(0.01, mid=0.05, high=15), guidance_cache="0:1")),
     Row("cache: dpm2m 8, guided, high + light late", "cache", dpm(8, **GUIDE, cache=late(0.01, mid=0.05))),
     Row("cache: dpm2m 8, guided, high + last step", "cache", dpm(8, **GUIDE, cache=late(0.01, mid=0.01))),
+    # the guided chains past 10 steps, for the best FID without skipping
+    Row("dpm2m 12, guided", "full chain", dpm(12, **GUIDE)),
+    Row("dpm2m 16, guided", "full chain", dpm(16, **GUIDE)),
 ]  # fmt: skip
 HEUN_50 = [
     Row("heun 50", "full chain", {"sampler": "heun", "steps": 50}),
@@ -138,7 +142,8 @@ class Sampler:
         self.pipe = LegoPipeline.from_engines(engines, "onnxruntime")
         self.batch = batch
         self.features, self.reference_path = features, reference
-        self.net, self.reference = None, None
+        self.net: Any = None  # FeatureNet and FeatureStats, loaded at first use
+        self.reference: Any = None
 
     def scorer(self):
         """The feature extractor and the reference statistics, loaded at first use."""
@@ -245,6 +250,11 @@ def edge(rows: list[dict], fid: float, accuracy: float | None, level: str) -> di
     return out
 
 
+def met(edge: dict, factor: float) -> bool:
+    """A target met: at least `factor` both in images/s (which drifts) and in brick FLOPs (which does not)."""
+    return edge["speedup"] is not None and min(edge["speedup"], edge["flops_ratio"]) >= factor
+
+
 def summarize(rows: list[dict]) -> dict:
     """The edges the targets ask about (docs/caching.md): at the recommended setting's quality, at the
     best FID reached without skipping, and Heun 50 cached against Heun 50."""
@@ -252,12 +262,12 @@ def summarize(rows: list[dict]) -> dict:
     rec = next((r for r in rows if r["name"] == "recommended"), None)
     if rec is not None:
         edges.append(edge(rows, rec["fid"], rec["class_accuracy"], "the recommended setting's FID and accuracy"))
-        targets["recommended_quality_2x"] = edges[-1]["speedup"] is not None and edges[-1]["speedup"] >= 2
+        targets["recommended_quality_2x"] = met(edges[-1], 2)
     full = [r for r in rows if r["family"] == "full chain" and not r["name"].startswith("heun 50")]
     if full:
         best = min(full, key=lambda r: r["fid"])
         edges.append(edge(rows, best["fid"], best["class_accuracy"], f"the best FID without skipping ({best['name']})"))
-        targets["best_fid_1.5x"] = edges[-1]["speedup"] is not None and edges[-1]["speedup"] >= 1.5
+        targets["best_fid_1.5x"] = met(edges[-1], 1.5)
     heun = {r["name"]: r for r in rows if r["name"].startswith("heun 50")}
     if "heun 50" in heun and len(heun) >= 2:
         ref = heun.pop("heun 50")
@@ -268,7 +278,7 @@ def summarize(rows: list[dict]) -> dict:
                       "flops_baseline": ref["name"], "flops_cached": cached["name"],
                       "flops_ratio": ref["full_chain_evaluations"] / cached["full_chain_evaluations"],
                       "cached_fid": cached["fid"]})  # fmt: skip
-        targets["heun50_3x"] = speedup >= 3 and cached["fid"] <= FID_TOLERANCE * ref["fid"]
+        targets["heun50_3x"] = met(edges[-1], 3) and cached["fid"] <= FID_TOLERANCE * ref["fid"]
     return {"edges": edges, "targets_met": targets}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -78,7 +79,8 @@ def main(engines: str, num: int, seed: int, batch: int, features: str, reference
         raise click.ClickException(f"{engines}: no recommended setting (lego-export tune writes one and its ladder)")
     net = FeatureNet(features, (pipe.channels, pipe.resolution, pipe.resolution))
     stats = load_reference(reference, net)
-    rows, kept = [], []
+    rows: list[dict[str, Any]] = []
+    kept = []
     for rung, points, options in ladder_rows(recommended):
         result = pipe(options, num=num, seed=seed, batch=batch)
         feats, logits = net.run(result.images)

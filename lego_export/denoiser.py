@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,9 @@ from lego_export.edm import EDMConfig
 from lego_export.errors import LegoError
 from lego_export.tiling import check_canvas, tile, untile
 
-Embed = Callable[[object, object], object]
-BrickCall = Callable[[object, object], object]
+Array = Any  # a NumPy array or a torch tensor (arrays.py)
+Embed = Callable[[Array, Array], Array]
+BrickCall = Callable[[Array, Array], Array]
 
 
 @dataclass
@@ -128,8 +130,8 @@ class BrickCache:
     guidance: bool = False
     suffix: dict = field(default_factory=dict)  # prefix length j -> F_K - F_j of the last full chain
     history: dict[int, BrickHistory] = field(default_factory=dict)
-    reference: object = None  # (images, C, H, W): brick 0's estimate at each image's last full evaluation
-    guidance_delta: object = None  # (images, C, H, W): F_cond - F_uncond at the last guided evaluation
+    reference: Array = None  # (images, C, H, W): brick 0's estimate at each image's last full evaluation
+    guidance_delta: Array = None  # (images, C, H, W): F_cond - F_uncond at the last guided evaluation
     record: list[dict] = field(default_factory=list)
 
     @classmethod

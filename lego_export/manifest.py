@@ -95,6 +95,8 @@ def _options_dict(o: SamplingOptions) -> dict:
     }
     if o.guidance != 1.0:  # written only when set, so settings without guidance read as before
         d.update(guidance=o.guidance, guidance_interval=o.guidance_interval)
+    default = SamplingOptions()
+    d.update({name: getattr(o, name) for name in _CACHE_FIELDS if getattr(o, name) != getattr(default, name)})
     return d
 
 
@@ -456,13 +458,20 @@ def parse_manifest(data, where: str = MANIFEST_FILE) -> Manifest:
 
 _SETTING_FIELDS = {"sampler", "steps", "skip_policy", "reuse_residual", "measured"}
 _GUIDANCE_FIELDS = set(GUIDANCE_FIELDS)  # optional, named as the options are: absent is no guidance
+# The brick cache (options.py), optional like guidance: absent is the option's default (no cache).
+_CACHE_FIELDS = ("cache", "forecast", "gate", "gate_signal", "guidance_cache")
+_CACHE_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "cache": ("a string", (str,)), "forecast": ("an integer", (int,)), "gate": ("a number", (int, float)),
+    "gate_signal": ("a string", (str,)), "guidance_cache": ("a string", (str,)),
+}  # fmt: skip
+_OPTIONAL_FIELDS = _GUIDANCE_FIELDS | set(_CACHE_FIELDS)
 MAX_RUNGS = 16
 
 
 def parse_recommended(value, where: str) -> Recommended:
     """A Recommended from its JSON form (a manifest's section, or the file `lego-export tune --save` wrote)."""
     also = {"checkpoint_sha256", "ladder", "points"}
-    r = _obj(value, where, _SETTING_FIELDS | _GUIDANCE_FIELDS | also, _SETTING_FIELDS | {"checkpoint_sha256"})
+    r = _obj(value, where, _SETTING_FIELDS | _OPTIONAL_FIELDS | also, _SETTING_FIELDS | {"checkpoint_sha256"})
     sha = _str(r["checkpoint_sha256"], f"{where}.checkpoint_sha256", _SHA256)
     ladder = r.get("ladder", [])
     if not isinstance(ladder, list) or len(ladder) > MAX_RUNGS:
@@ -480,7 +489,7 @@ def parse_recommended(value, where: str) -> Recommended:
 
 
 def _rung(value, where: str, also: frozenset = frozenset()) -> Rung:
-    r = _obj(value, where, _SETTING_FIELDS | _GUIDANCE_FIELDS | also, _SETTING_FIELDS)
+    r = _obj(value, where, _SETTING_FIELDS | _OPTIONAL_FIELDS | also, _SETTING_FIELDS)
     _finite_tree(_obj(r["measured"], f"{where}.measured"), f"{where}.measured")
     if not isinstance(r["reuse_residual"], bool):
         raise LegoError(f"{where}.reuse_residual: expected true or false, got {r['reuse_residual']!r}")
@@ -501,4 +510,9 @@ def _rung(value, where: str, also: frozenset = frozenset()) -> Rung:
         options = replace(options, guidance=float(guidance), guidance_interval=interval)
     elif "guidance_interval" in r:
         raise LegoError(f"{where}.guidance_interval: given without guidance")
-    return Rung(options, dict(r["measured"]))
+    cache = {name: r[name] for name in _CACHE_FIELDS if name in r}
+    for name, value in cache.items():
+        kind, types = _CACHE_TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise LegoError(f"{where}.{name}: expected {kind}, got {value!r}")
+    return Rung(replace(options, **cache), dict(r["measured"]))

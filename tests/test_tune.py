@@ -499,6 +499,12 @@ def test_a_rebuild_keeps_the_setting_and_other_weights_refuse_it(tmp_path):
         ("guidance", "lots", "guidance: expected a number"),
         ("guidance", 1e9, "guidance must be"),
         ("guidance_interval", "3:1", "given without guidance"),
+        ("cache", 3, "cache: expected a string"),
+        ("cache", "9@1:", "cache"),
+        ("forecast", 1.5, "forecast: expected an integer"),
+        ("gate", "often", "gate: expected a number"),
+        ("gate", -1, "gate must be"),
+        ("guidance_cache", "0:1", "guidance_cache applies only with guidance"),
     ],
 )
 def test_a_bad_recommended_setting_in_a_manifest_is_refused(tmp_path, field, value, message):
@@ -629,11 +635,10 @@ def test_brick_cache_settings_are_searched_as_variants_and_never_written_without
     from lego_export.cli import _check_storable
     from lego_export.manifest import Recommended, Rung
 
-    gated = SamplingOptions("dpm2m", 4, gate=0.05)
-    chosen = Recommended(SamplingOptions("dpm2m", 4), "a" * 64, {}, points={"fast": Rung(gated, {})})
-    back = parse_recommended(json.loads(json.dumps(chosen.to_dict())), "x").points["fast"].options
-    if back == gated:  # the format holds the gate
-        _check_storable(chosen)
-    else:
-        with pytest.raises(LegoError, match="the manifest cannot yet store fast"):
-            _check_storable(chosen)
+    gated = SamplingOptions(sampler="dpm2m", steps=4, gate=0.05, gate_signal="input", forecast=1)
+    cached = SamplingOptions(sampler="dpm2m", steps=8, guidance=1.5, cache="0@0.05:10,1@0.3:", guidance_cache="0:1")
+    chosen = Recommended(cached, "a" * 64, {}, points={"fast": Rung(gated, {})})
+    back = parse_recommended(json.loads(json.dumps(chosen.to_dict())), "x")
+    assert back.options == cached and back.points["fast"].options == gated  # every cache field reads back
+    assert "cache" not in Recommended(SamplingOptions(), "a" * 64).to_dict()  # absent when off: older readers
+    _check_storable(chosen)

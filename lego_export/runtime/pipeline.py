@@ -143,11 +143,11 @@ class LegoPipeline:
         _expect("folder", folder, _PATH, "a folder path (str or Path)")
         _expect("backend", backend, (str,), "a backend name (str)")
         _expect("ckpt", ckpt, (*_PATH, type(None)), "a checkpoint path or None")
-        for name, value in (("device", device), ("precision", precision)):
-            _expect(name, value, (str,), "a str")
+        for name, text in (("device", device), ("precision", precision)):
+            _expect(name, text, (str,), "a str")
         _expect("threads", threads, (int, np.integer), "an int")
-        for name, value in (("cuda_graphs", cuda_graphs), ("profile", profile)):
-            _expect(name, value, (bool,), "True or False")
+        for name, flag in (("cuda_graphs", cuda_graphs), ("profile", profile)):
+            _expect(name, flag, (bool,), "True or False")
         if not 0 <= threads <= MAX_THREADS:
             raise OptionError("threads", f"must be from 0 (all cores) to {MAX_THREADS}, got {threads}")
         folder = Path(folder)

@@ -9,6 +9,7 @@ format and grid columns, and whether to answer at once or as a job. Any failure 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lego_export.config import LegoConfig
@@ -235,7 +236,7 @@ def _deadline(data: dict) -> float | None:
     return float(value)
 
 
-def _quality(data: dict, rungs: int, names: list[str] = ()) -> str | int:
+def _quality(data: dict, rungs: int, names: Sequence[str] = ()) -> str | int:
     """The quality asked for: "elastic", "exact", a rung of the ladder (rungs: how many, the top
     included), or one of the model's named points (names)."""
     value = data.get("quality", "elastic")
