@@ -31,7 +31,8 @@ def doc_commands() -> list[tuple[str, str, bool]]:
         text = doc.read_text()
         blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
         lines = [(line, True) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-        lines += [(span, False) for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))]
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        lines += [(" ".join(span.split()), False) for span in re.findall(r"`([^`]+)`", prose)]  # spans may wrap
         for line, whole in lines:
             line = line.split(" #")[0].strip()
             if COMMAND.match(line):
