@@ -159,19 +159,15 @@ def ort_cpu_rows(model: LegoModel, batches, ckpt: str) -> list[dict]:
                     start = time.perf_counter()
                     pipe.denoise(x, 1.0, plan, onehot)
                     times.append((time.perf_counter() - start) * 1e3)
-                ms = float(np.median(times))
-                rows.append(
-                    {
-                        "device": "cpu",
-                        "mode": "onnxruntime fp32",
-                        "canvas": f"{res}x{res}",
-                        "batch": b,
-                        "chain": chain,
-                        "ms_per_step": ms,
-                        "images_per_s": b / (ms * HEUN_EVALS / 1e3),
-                    }
-                )
+                rows.append(cpu_row("onnxruntime fp32", f"{res}x{res}", b, chain, times))
     return rows
+
+
+def cpu_row(mode: str, canvas: str, batch: int, chain: str, times_ms: list[float]) -> dict:
+    """One CPU row: the median step time and the images/s of a Heun 50 trajectory at that pace."""
+    ms = float(np.median(times_ms))
+    return {"device": "cpu", "mode": mode, "canvas": canvas, "batch": batch, "chain": chain,
+            "ms_per_step": ms, "images_per_s": batch / (ms * HEUN_EVALS / 1e3)}  # fmt: skip
 
 
 def cpu_rows(model: LegoModel, batches, canvases, reps: int) -> list[dict]:
@@ -195,18 +191,7 @@ def cpu_rows(model: LegoModel, batches, canvases, reps: int) -> list[dict]:
                         start = time.perf_counter()
                         model(x, sigma, onehot, num_bricks=k)
                         times.append((time.perf_counter() - start) * 1e3)
-                ms = float(np.median(times))
-                rows.append(
-                    {
-                        "device": "cpu",
-                        "mode": "torch fp32",
-                        "canvas": f"{h}x{w}",
-                        "batch": b,
-                        "chain": chain,
-                        "ms_per_step": ms,
-                        "images_per_s": b / (ms * HEUN_EVALS / 1e3),
-                    }
-                )
+                rows.append(cpu_row("torch fp32", f"{h}x{w}", b, chain, times))
     return rows
 
 
