@@ -108,13 +108,7 @@ class SamplingOptions:
         _number("guidance", self.guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
         if self.guidance != 1.0 and not model.num_classes:
             raise OptionError("guidance", "needs a class-conditional model (classifier-free guidance); this one is not")
-        if self.guidance_interval is not None:
-            if self.guidance == 1.0:
-                raise OptionError("guidance_interval", "applies only with guidance (a scale other than 1)")
-            try:
-                parse_interval(self.guidance_interval)
-            except LegoError as e:
-                raise OptionError("guidance_interval", str(e)) from None
+        self._check_guided_interval("guidance_interval")
         if self.churn is not None:
             c = self.churn
             for name in ("s_churn", "s_min", "s_noise"):
@@ -142,13 +136,19 @@ class SamplingOptions:
             raise OptionError("gate_signal", "applies only with a gate")
         if self.forecast and not self.caches:
             raise OptionError("forecast", "applies only where bricks take their cache (set cache or gate)")
-        if self.guidance_cache is not None:
-            if self.guidance == 1.0:
-                raise OptionError("guidance_cache", "applies only with guidance (a scale other than 1)")
-            try:
-                parse_interval(self.guidance_cache)
-            except LegoError as e:
-                raise OptionError("guidance_cache", str(e)) from None
+        self._check_guided_interval("guidance_cache")
+
+    def _check_guided_interval(self, name: str) -> None:
+        """guidance_interval and guidance_cache: a sigma interval "lo:hi" that needs guidance."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        if self.guidance == 1.0:
+            raise OptionError(name, "applies only with guidance (a scale other than 1)")
+        try:
+            parse_interval(value)
+        except LegoError as e:
+            raise OptionError(name, str(e)) from None
 
     @property
     def caches(self) -> bool:
