@@ -124,7 +124,9 @@ class SamplingOptions:
     def _validate_cache(self, model: LegoConfig) -> None:
         if not isinstance(self.cache, str):
             raise OptionError("cache", f'must be "none" or rules like "2@0.5:" or "0@1:", got {self.cache!r}')
-        self.cache_policy(model)
+        policy = self.cache_policy(model)
+        if policy is not None and not policy.windows:  # blank rules would cache nothing yet drop the recommended
+            raise OptionError("cache", f'needs a rule like "2@0.5:" ("none" for no caching), got {self.cache!r}')
         _integer("forecast", self.forecast, 0, MAX_FORECAST_ORDER)
         if self.gate is not None:
             _number("gate", self.gate, 0.0, MAX_GATE)

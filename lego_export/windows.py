@@ -65,6 +65,8 @@ def parse_rules(spec: str, num_bricks: int, first_may_stop: bool = False) -> tup
             raise LegoError(f"rule {part!r}: brick 0 always runs (every step needs an estimate)")
         if math.isnan(window.lo) or math.isnan(window.hi) or math.isinf(window.lo):
             raise LegoError(f"rule {part!r}: bounds must be numbers (leave a bound out for none)")
+        if window.lo < 0:  # sigma is never negative: such a bound would read as a rule it is not
+            raise LegoError(f"rule {part!r}: bounds are noise levels, 0 or more")
         if window.lo > window.hi:
             raise LegoError(f"rule {part!r}: lower bound above upper bound")
         windows.append(window)

@@ -256,6 +256,25 @@ def test_server_fields_map_to_options_and_errors_name_them():
         assert caught.value.status == 400 and caught.value.message.startswith(name)
 
 
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"cache": ""}, "cache", "needs a rule like"),
+        ({"cache": " , "}, "cache", "needs a rule like"),
+        ({"cache": "1@-1:"}, "cache", "0 or more"),
+        ({"skip": "1@-0.5:2"}, "skip", "0 or more"),
+        ({"cache": "1@nan:"}, "cache", "bounds must be numbers"),
+        ({"gate": float("nan")}, "gate", "finite number"),
+        ({"gate": 1e300}, "gate", "finite number"),
+        ({"forecast": -1, "cache": "1@1:"}, "forecast", "integer from 0 to 2"),
+    ],
+)
+def test_hostile_cache_values_are_refused_naming_the_field(fields, field, message):
+    with pytest.raises(OptionError) as caught:
+        SamplingOptions(sampler="dpm2m", steps=4, **fields).validate(LegoPipeline.from_engines(TINY, "onnxruntime").cfg)
+    assert caught.value.field == field and message in str(caught.value), caught.value
+
+
 def test_options_errors_name_fields_not_flags():
     with pytest.raises(OptionError) as caught:
         SamplingOptions(gate=-1.0).validate(LegoPipeline.from_engines(TINY, "onnxruntime").cfg)
