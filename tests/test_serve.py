@@ -37,11 +37,12 @@ from lego_export.runtime.cores import cores_left_to_caller, parse_cpu_list, pin_
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.runtime.runner import balanced_chunks  # noqa: E402
 from lego_export.serve.app import create_app  # noqa: E402
-from lego_export.serve.batcher import BatcherConfig, CallBatcher  # noqa: E402
+from lego_export.serve.batcher import CallBatcher  # noqa: E402
 from lego_export.serve.calibrate import best_chunk  # noqa: E402
 from lego_export.serve.cli import main as lego_serve  # noqa: E402
-from lego_export.serve.service import ImageService, ServeConfig  # noqa: E402
-from lego_export.serve.validation import Limits, RequestError  # noqa: E402
+from lego_export.serve.config import ServeConfig  # noqa: E402
+from lego_export.serve.service import ImageService  # noqa: E402
+from lego_export.serve.validation import RequestError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny-engines"  # pg-tiny: 16 x 16, 10 classes, bricks 4 / 8 / 16
@@ -52,6 +53,8 @@ class HookedBackend:
     count, sleep, wait or raise)."""
 
     name = "onnxruntime+hook"
+    precision = "fp32"
+    device = "cpu"
 
     def __init__(self, hook=None, engines: Path = TINY):
         self.manifest = Manifest.read(engines)
@@ -308,7 +311,7 @@ BAD = [
 
 
 def test_every_invalid_field_is_refused_with_a_one_line_json_error_before_anything_runs():
-    service, backend = make_service(limits=Limits(max_resolution=64, max_steps=100, max_images=16))
+    service, backend = make_service(max_resolution=64, max_steps=100, max_images=16)
     with running(service) as http:
         for body, status in BAD:
             r = http.post("/v1/images", content=body, headers={"content-type": "application/json"})
@@ -405,7 +408,7 @@ def test_a_request_alone_runs_on_every_thread_and_requests_side_by_side_on_their
             inside[0] -= 1
 
     wide, narrow = HookedBackend(), HookedBackend(side_by_side)
-    batcher = CallBatcher(wide.manifest, wide, BatcherConfig(streams=2), narrow_backend=narrow)
+    batcher = CallBatcher(wide.manifest, wide, ServeConfig(streams=2, calibrate=False), narrow_backend=narrow)
 
     def sample(slot, seed: int, out: dict) -> threading.Thread:
         def run() -> None:
@@ -508,11 +511,11 @@ def test_streams_need_a_backend_that_runs_calls_side_by_side():
         make_backend("tensorrt", TINY, Manifest.read(TINY), streams=2)
     backend = HookedBackend()
     with pytest.raises(LegoError, match="streams must be at least 1, got 0"):  # no tick thread would ever run
-        CallBatcher(backend.manifest, backend, BatcherConfig(streams=0))
+        CallBatcher(backend.manifest, backend, ServeConfig(streams=0, calibrate=False))
 
 
 def test_a_request_larger_than_memory_is_refused_before_allocation():
-    service, backend = make_service(limits=Limits(max_resolution=16384, max_steps=100, max_images=1_000_000))
+    service, backend = make_service(max_resolution=16384, max_steps=100, max_images=1_000_000)
     with pytest.raises(RequestError, match="needs about") as refused:
         service.parse({"resolution": "16384x16384", "num": 64})
     assert refused.value.status == 400
@@ -755,7 +758,9 @@ def test_a_cancel_is_published_when_it_is_said_not_when_the_engine_call_ends(mon
     backend = HookedBackend(lambda engine, feeds: gate.wait(30))
     directory = ray_app.JobDirectory()
     config = ServeConfig(engines=str(TINY), calibrate=False)
-    service = ray_app.SharedJobsService(config, InlineActor(directory), backend=backend, manifest=backend.manifest)
+    store = ray_app.SharedJobStore(config.keep_jobs, config.job_ttl_s, InlineActor(directory))
+    service = ImageService(config, backend=backend, manifest=backend.manifest, store=store)
+    store.start(service)
     try:
         job = service.submit(service.parse({"steps": 4, "async": True}))
         wait_for(lambda: len(backend.calls) == 1, what="the job's first call held in the engine")

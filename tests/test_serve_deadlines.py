@@ -26,18 +26,18 @@ from lego_export.options import SamplingOptions  # noqa: E402
 from lego_export.plan import engine_work  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.batcher import Slot  # noqa: E402
-from lego_export.serve.cost import SPARE, CostModel, EngineCost  # noqa: E402
-from lego_export.serve.service import (  # noqa: E402
+from lego_export.serve.config import ServeConfig, parse_slo  # noqa: E402
+from lego_export.serve.cost import CostModel, EngineCost  # noqa: E402
+from lego_export.serve.policy import (  # noqa: E402
     HEADROOM,
     HEADROOM_MIN,
     HEADROOM_STEP,
     LOSS_TARGET,
+    SPARE,
     Headroom,
-    ImageService,
-    ServeConfig,
-    ServiceUnavailable,
-    parse_slo,
+    in_order,
 )
+from lego_export.serve.service import ImageService, ServiceUnavailable  # noqa: E402
 from tests.test_serve import (  # noqa: E402
     TINY,
     HookedBackend,
@@ -68,7 +68,7 @@ def service_with(
         top = top or SamplingOptions(sampler="dpm2m", steps=6)
         manifest = dataclasses.replace(manifest, recommended=Recommended(top, "0" * 64, {}, [Rung(rung, {})]))
     service = ImageService(ServeConfig(engines=str(TINY), calibrate=False, **config), backend, manifest)
-    service.cost = service.batcher.cost = per_row_cost(manifest, seconds_per_row)
+    service.prices.model = per_row_cost(manifest, seconds_per_row)
     return service, backend
 
 
@@ -148,24 +148,25 @@ def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
 
 
 def test_only_the_requests_arrival_order_would_make_late_move_ahead():
-    service, _ = service_with()
-    order = service.batcher._in_order
+    def order(slots, now):
+        ordered, rescued = in_order([slot.work() for slot in slots], now, pace=1.0)
+        return [w.key for w in ordered], rescued
+
     now = 100.0
-    big = Slot(0, work_s=1.0, deadline=now + 5.0)  # arrived first, time to spare
-    mid = Slot(1, work_s=0.5, deadline=now + 4.0)  # in time after it
-    tight = Slot(2, work_s=0.1, deadline=now + 1.2)  # after both it would end at 1.6 s: late
+    big = Slot(0, work_s=1.0, order_by=now + 5.0)  # arrived first, time to spare
+    mid = Slot(1, work_s=0.5, order_by=now + 4.0)  # in time after it
+    tight = Slot(2, work_s=0.1, order_by=now + 1.2)  # after both it would end at 1.6 s: late
     assert order([tight, big, mid], now) == ([tight, big, mid], True)  # least slack first: tight, mid, big
     assert order([mid, big], now) == ([big, mid], False)  # all in time: arrival order
-    close = Slot(5, work_s=0.1, deadline=now + 1.15)  # after big at 1.1 s: in its last tenth
+    close = Slot(5, work_s=0.1, order_by=now + 1.15)  # after big at 1.1 s: in its last tenth
     assert order([close, big], now) == ([close, big], True)
-    first = Slot(3, work_s=1.0, deadline=now + 1.05)  # moving the late one ahead makes this one late:
-    second = Slot(4, work_s=0.1, deadline=now + 1.0)  # least slack first for all
+    first = Slot(3, work_s=1.0, order_by=now + 1.05)  # moving the late one ahead makes this one late:
+    second = Slot(4, work_s=0.1, order_by=now + 1.0)  # least slack first for all
     assert order([second, first], now) == ([first, second], True)
-    service.close()
 
 
 def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
-    from lego_export.serve.batcher import BatcherConfig, CallBatcher
+    from lego_export.serve.batcher import CallBatcher
 
     backend = HookedBackend()
 
@@ -181,7 +182,7 @@ def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
             assert not batcher._ready()
 
     def check(order: str) -> None:
-        batcher = CallBatcher(backend.manifest, backend, BatcherConfig(order=order))
+        batcher = CallBatcher(backend.manifest, backend, ServeConfig(order=order, calibrate=False))
         try:
             head, busy = batcher.join(), batcher.join()  # busy: joined, still on host work, no call yet
             result: dict = {}
@@ -258,8 +259,10 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_or_degraded(
         # setting (6) 1.3 s, the cheap rung (3) 0.66 s: with 1 s allowed, only the cheap rung is in time.
         slow = {"steps": 50, "deadline_s": 1.0, "format": "npz", "class": 2}
         refused = http.post("/v1/images", json={**slow, "quality": "exact"})
-        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
-        assert "deadline" in one_line_error(refused)
+        # Alone it would not make it either: retrying cannot help, and the answer names what would.
+        assert refused.status_code == 429 and "Retry-After" not in refused.headers
+        message = one_line_error(refused)
+        assert "deadline_s of at least" in message and "retrying will not help" in message
         served = http.post("/v1/images", json=slow)  # elastic (the default): down the ladder
         assert served.status_code == 200, served.text
         run = json.loads(served.headers["X-Lego-Run"])
@@ -554,7 +557,7 @@ def test_jobs_that_ran_alone_refit_the_cost_model():
     # Engine calls take the 1 ms a row predicted, but each evaluation 8 ms more than predicted
     # (host time, as a server right after startup misjudges it). Jobs that ran alone are timed,
     # and every REFIT_EVERY of them the host terms are fitted again on them.
-    from lego_export.serve.service import REFIT_EVERY
+    from lego_export.serve.cost import REFIT_EVERY
 
     def hook(engine, feeds):
         rows = len(next(iter(feeds.values())))

@@ -5,6 +5,7 @@ that break it), never answers 5xx, logs no traceback, and refuses with a one-lin
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import pytest
 
@@ -15,7 +16,8 @@ pytest.importorskip("fastapi", reason="lego-serve needs FastAPI: pip install '.[
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
-from lego_export.serve.service import ImageService, ServeConfig  # noqa: E402
+from lego_export.serve.config import ServeConfig  # noqa: E402
+from lego_export.serve.service import ImageService  # noqa: E402
 from lego_export.serve.validation import FIELDS, Limits  # noqa: E402
 from tests.test_serve import TINY, HookedBackend, running  # noqa: E402
 
@@ -26,7 +28,7 @@ EXAMPLES = {"POST": 60}  # per operation and generation mode; others 15
 
 def test_the_openapi_document_states_every_field_and_its_limits():
     backend = HookedBackend()
-    service = ImageService(ServeConfig(engines=str(TINY), calibrate=False, limits=LIMITS), backend, backend.manifest)
+    service = ImageService(ServeConfig(engines=str(TINY), calibrate=False, **asdict(LIMITS)), backend, backend.manifest)
     try:
         with running(service) as http:
             spec = http.get("/openapi.json").json()
@@ -44,13 +46,13 @@ def test_the_openapi_document_states_every_field_and_its_limits():
 def test_lego_serve_without_docs_serves_no_schema():
     from lego_export.serve.app import create_app
 
-    paths = {route.path for route in create_app(lambda: None, docs=False).routes}
+    paths = {route.path for route in create_app(lambda: None, config=ServeConfig(docs=False)).routes}
     assert "/openapi.json" not in paths and "/docs" not in paths
 
 
 def test_fuzzed_requests_never_get_a_server_error(caplog):
     backend = HookedBackend()
-    config = ServeConfig(engines=str(TINY), calibrate=False, limits=LIMITS, max_queue=8, job_ttl_s=30)
+    config = ServeConfig(engines=str(TINY), calibrate=False, **asdict(LIMITS), max_queue=8, job_ttl_s=30)
     service = ImageService(config, backend, backend.manifest)
     caplog.set_level(logging.WARNING)
     problems: list[str] = []

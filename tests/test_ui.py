@@ -484,7 +484,7 @@ def test_ray_serve_replicas_take_the_ui_option(engines):
     from lego_export.errors import LegoError
     from lego_export.serve.ray_app import RayOptions
 
-    assert RayOptions.from_args({"engines": str(engines)}).ui is True
-    assert RayOptions.from_args({"engines": str(engines), "ui": "false"}).ui is False
+    assert RayOptions.from_args({"engines": str(engines)}).serve.ui is True
+    assert RayOptions.from_args({"engines": str(engines), "ui": "false"}).serve.ui is False
     with pytest.raises(LegoError, match="ui must be true or false"):
         RayOptions.from_args({"engines": str(engines), "ui": "maybe"})

@@ -30,9 +30,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lego_export.flops import model_brick_flops
+from lego_export.ladder import full_chain_evaluations
 from lego_export.plan import describe_saving, flop_fraction_saved, plan
-from lego_export.serve.service import CANCELLED, DONE, EXPIRED, FAILED, ImageService, Job, ServiceUnavailable
-from lego_export.serve.validation import MAX_BODY_BYTES, ImageRequest, Limits, RequestError, parse_body, request_schema
+from lego_export.serve.config import ServeConfig
+from lego_export.serve.jobs import CANCELLED, DONE, EXPIRED, FAILED, Job
+from lego_export.serve.service import ImageService, ServiceUnavailable
+from lego_export.serve.validation import MAX_BODY_BYTES, ImageRequest, RequestError, parse_body, request_schema
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 EVENTS = "text/event-stream"
@@ -56,20 +59,18 @@ JOB = {"description": "the job's JSON (status, queue_position, progress, run, re
 def create_app(
     service: ImageService | Callable[[], ImageService],
     on_shutdown: Callable[[], None] | None = None,
-    *,
-    docs: bool = True,
-    limits: Limits | None = None,
-    ui: bool = True,
+    config: ServeConfig | None = None,
 ) -> FastAPI:
     """The FastAPI app. service: the service, or a callable returning it (looked up per request, so
-    a Ray replica can build its service after the app exists). on_shutdown runs (in a worker
-    thread) when the server stops: lego-serve drains the service there. docs: serve the OpenAPI
-    document at /openapi.json and its browser view at /docs, the request schema stating limits
-    (the service's, or these when it is built later). ui: serve the playground page at /."""
+    a Ray replica can build its service after the app exists; config then gives its settings).
+    on_shutdown runs (in a worker thread) when the server stops: lego-serve drains the service
+    there. config.docs: serve the OpenAPI document at /openapi.json and its browser view at /docs,
+    the request schema stating the limits; config.ui: serve the playground page at /."""
     current = service if callable(service) and not isinstance(service, ImageService) else lambda: service
     known = service if isinstance(service, ImageService) else None
-    limits = known.config.limits if known is not None else limits or Limits()
-    body_schema = request_schema(limits, known.manifest if known is not None else None)
+    config = known.config if known is not None else config or ServeConfig()
+    docs, ui = config.docs, config.ui
+    body_schema = request_schema(config.limits, known.manifest if known is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -214,10 +215,10 @@ def create_app(
         info = {
             "status": "ok" if svc.accepting else "shutting down",
             "model": svc.manifest.model.name,
-            "backend": svc.backend_name,
+            "backend": svc.backend.name,
             "in_flight": svc.in_flight,
             "queued": svc.queued,
-            "pace": round(svc.pace, 4),  # wall seconds per predicted second of work, while busy
+            "pace": round(svc.pace.value, 4),  # wall seconds per predicted second of work, while busy
             "headroom": round(svc.headroom.share, 4),  # share of its time a request may take at a rung
             "instance": svc.instance,
             "config": svc.describe_config(),
@@ -348,28 +349,40 @@ def describe_plan(svc: ImageService, req: ImageRequest) -> dict:
 def describe_model(svc: ImageService) -> dict:
     """The model a request samples from and the choices it offers: class names, training canvas and
     the multiple every canvas side must be, this server's limits, the recommended setting, the
-    rungs of its quality ladder (0: the recommended setting) and its named points."""
-    manifest, model = svc.manifest, svc.manifest.model
+    rungs of its quality ladder (0: the recommended setting, or the model's default; each with
+    whether the tuner measured it, its brick FLOPs and its predicted time for one image at the
+    training canvas) and its named points."""
+    manifest, model, ladder = svc.manifest, svc.manifest.model, svc.ladder
     recommended = manifest.recommended
+    side = model.img_resolution
+    one = ImageRequest(num=1, resolution=(side, side))
 
     def setting(options, measured: dict) -> dict:
         return {"options": options.to_dict(), "description": options.describe(), "measured": measured}
 
-    ladder, points = [], {}
+    rungs = []
+    for i, options in enumerate(ladder.rungs):
+        rung = setting(options, ladder.measured[i] if i < len(ladder.measured) else {})
+        predicted = svc.predict(one, options)
+        rung.update(
+            tuned=ladder.tuned,
+            full_chain_evaluations=round(full_chain_evaluations(options, model), 4),
+            predicted_s=round(predicted, 4) if predicted else None,
+        )
+        rungs.append(rung)
+    points = {}
     if recommended is not None:
-        ladder = [setting(recommended.options, recommended.measured)]
-        ladder += [setting(r.options, r.measured) for r in recommended.ladder]
-        points = {name: setting(r.options, r.measured) for name, r in getattr(recommended, "points", {}).items()}
+        points = {name: setting(r.options, r.measured) for name, r in recommended.points.items()}
     return {
         "name": model.name,
         "num_classes": model.num_classes,
         "class_names": list(manifest.class_names or []),
-        "resolution": [model.img_resolution, model.img_resolution],
+        "resolution": [side, side],
         "canvas_multiple": model.canvas_multiple,
         "bricks": [b.size for b in model.bricks],
         "limits": asdict(svc.config.limits),
-        "recommended": ladder[0] if ladder else None,
-        "ladder": ladder,
+        "recommended": rungs[0] if recommended is not None else None,
+        "ladder": rungs,
         "points": points,
-        "backend": svc.backend_name,
+        "backend": svc.backend.name,
     }

@@ -17,36 +17,37 @@ else is in the batch (each tile is computed on its own), so every request gets t
 would get offline.
 
 Which calls a tick runs is the batcher's order:
-  - ``slack`` (the default): the call of the request at the head of the order: higher priority
-    first, then arrival order while that keeps every request in time, else the requests it would
-    make late first, least slack (its deadline, less now, less its predicted remaining work;
-    cost.py) first, the others behind them by arrival (``_in_order``). Calls of other requests join
-    it only where one merged call is measurably cheaper than separate ones (on a CPU a tile costs
-    about the same in any batch, so merging mostly makes short requests wait on long ones). When a
-    request's deadline passes, the service ends it (``expire``): its pending call fails with
-    RequestExpired instead of taking the engines.
+  - ``slack`` (the default): the call of the request at the head of the policy's order
+    (policy.in_order: by arrival while that keeps every request in time, else the ones it would
+    make late first). Calls of other requests join it only where one merged call is measurably
+    cheaper than separate ones (on a CPU a tile costs about the same in any batch, so merging
+    mostly makes short requests wait on long ones). When a request's deadline passes, the service
+    ends it (``expire``): its pending call fails with RequestExpired instead of taking the engines.
   - ``merge``: every request's calls merged, the earliest engine of the chain first (``align``), so
     that requests fall into step and later engines see them all in one call.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lego_export.arrays import NumpyArrays
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec, Manifest
+from lego_export.runtime.backends import Backend
 from lego_export.runtime.cores import cores_left_to_caller, pin_this_thread, thread_cpus
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
 from lego_export.serve.calibrate import best_chunk
-from lego_export.serve.cost import CostModel, finish_by
+from lego_export.serve.config import ServeConfig
+from lego_export.serve.cost import CostModel, Prices
+from lego_export.serve.policy import Pace, Work, in_order
 
 # A request hands its whole evaluation to the batcher at once (its pipeline calls engines with any
 # N); the batcher cuts merged calls to the real engine's range.
@@ -67,19 +68,6 @@ class EngineFailed(Exception):
     def __init__(self, engine: str, message: str):
         super().__init__(f"{engine} failed: {message}")
         self.engine = engine
-
-
-ORDERS = ("slack", "merge")
-
-
-@dataclass
-class BatcherConfig:
-    max_batch_tiles: int = 0  # cap on N per engine call; 0: each engine's manifest maximum
-    calibrate: bool = False  # measure each engine's fastest N per row at startup and cut calls to it
-    order: str = "slack"  # which calls a tick runs (ORDERS, see the module docstring)
-    align: bool = True  # merge order: run the earliest engine of the chain first, so requests fall into step
-    max_wait_ticks: int = 0  # with align: a call waits at most this many ticks (0: engines in the chain)
-    streams: int = 1  # ticks that may run at once, each in a waiting request's thread (sharing the cores)
 
 
 @dataclass
@@ -128,7 +116,7 @@ class Slot:
         number: int,
         *,
         work_s: float = 0.0,
-        deadline: float | None = None,
+        order_by: float | None = None,
         priority: int = 0,
         lock: threading.RLock | None = None,
     ):
@@ -140,20 +128,16 @@ class Slot:
         self.call: EngineCall | None = None
         self.work_s = work_s  # predicted seconds of the whole request (cost.py); 0: unknown
         self.done_s = 0.0  # predicted seconds of the calls it has had
-        self.deadline = math.inf if deadline is None else deadline  # time.monotonic() it is ordered by
+        self.order_by = math.inf if order_by is None else order_by  # time.monotonic() it is ordered by
         self.priority = priority
 
     @property
     def remaining_s(self) -> float:
         return max(0.0, self.work_s - self.done_s)
 
-    def urgency(self, now: float) -> tuple:
-        """Sort key, most urgent first: higher priority, then least slack, then arrival."""
-        return (-self.priority, self.deadline - now - self.remaining_s, self.number)
-
-    def arrival(self) -> tuple:
-        """Sort key while nobody is late: higher priority, then arrival."""
-        return (-self.priority, self.number)
+    def work(self) -> Work:
+        """The policy's view of this request."""
+        return Work(self, self.remaining_s, self.order_by, self.number, self.priority)
 
 
 @dataclass(eq=False)  # calls are compared by identity: their feeds are arrays
@@ -177,21 +161,31 @@ class EngineCall:
 class CallBatcher:
     """Owns one real backend and runs every request's engine calls in merged, chunked batches."""
 
-    def __init__(self, manifest: Manifest, backend, config: BatcherConfig | None = None, narrow_backend=None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend,
+        config: ServeConfig | None = None,
+        pace: Pace | None = None,
+        narrow_backend=None,
+    ):
         """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work, with
-        all the engine threads. narrow_backend: the same engines on a 1/streams share of the
-        threads, for ticks that run beside others (None: every tick uses backend's runners)."""
-        self.manifest, self.backend = manifest, backend
-        self.config = config or BatcherConfig()
-        if self.config.streams < 1:  # no tick thread: every request would wait forever
-            raise LegoError(f"streams must be at least 1, got {self.config.streams}")
-        self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
+        all the engine threads; config: the server's (max_batch_tiles, calibrate, order, align,
+        streams, without). narrow_backend: the same engines on a 1/streams share of the threads, for
+        ticks that run beside others (None: every tick uses backend's runners). pace: the service's."""
+        config = config or ServeConfig(calibrate=False)
+        self.manifest, self.backend, self.config = manifest, backend, config
+        if config.streams < 1:  # no tick thread: every request would wait forever
+            raise LegoError(f"streams must be at least 1, got {config.streams}")
+        self.pace = pace or Pace()
+        self.arrays = backend.arrays
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
         before = thread_cpus()
         self.runners = self._runners(backend)
         # One tick at a time: the threads that run ticks keep off the cores the engines' own pinned
         # workers are on (cores.py; the service pins its job threads with pin_caller).
-        self.caller_cpus = cores_left_to_caller(before) if self.config.streams == 1 else None
+        pin = config.streams == 1 and "pinning" not in config.switched_off
+        self.caller_cpus = cores_left_to_caller(before) if pin else None
         self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
         if self.config.calibrate:
             for spec in manifest.engines:
@@ -206,15 +200,13 @@ class CallBatcher:
             self.narrow_runners = self._runners(narrow_backend)
             for name, runner in self.narrow_runners.items():
                 runner.max_rows = self.runners[name].max_rows
-        # Prices engine calls for the slack order and the service's predictions (None: uncalibrated,
+        # Prices engine calls for the slack order and the service's predictions (no model: uncalibrated,
         # then requests are taken in arrival order and calls are never merged in the slack order).
-        self.cost = CostModel.from_calibration(self.calibration, self.chunks) if self.calibration else None
-        self.pace = 1.0  # wall seconds per predicted second while busy; the service keeps it current
+        self.prices = Prices(CostModel.from_calibration(self.calibration, self.chunks) if self.calibration else None)
         # Chain order: embedder, bricks, then a latent model's decoder.
         chain = [manifest.embedder, *manifest.bricks] + [e for e in manifest.engines if e.role == "decoder"]
         self._order = {spec.name: i for i, spec in enumerate(chain)}
-        if not self.config.max_wait_ticks:
-            self.config = dataclasses.replace(self.config, max_wait_ticks=len(chain))
+        self.max_wait_ticks = len(chain)  # with align, a call waits at most a chain's length of ticks
         self.stats = BatcherStats()
         for spec in manifest.engines:  # every key exists from the start: readers never see one added
             self.stats.engines[spec.name] = EngineStats()
@@ -372,7 +364,7 @@ class CallBatcher:
         if not self._stream_free():
             return None
         slack = self.config.order == "slack"
-        order, rescued = self._in_order(self._active, time.monotonic()) if slack else (None, False)  # once per look
+        order, rescued = self._in_order() if slack else (None, False)  # once per look
         if not self._ready(order):
             return None
         self.stats.slack_ticks += rescued
@@ -414,7 +406,7 @@ class CallBatcher:
             return False
         if self.config.streams > 1:
             return bool(self._pending)
-        head = (order or self._in_order(self._active, time.monotonic())[0])[0]
+        head = (order or self._in_order()[0])[0]
         return head.blocked and head.call in self._pending
 
     def _most_urgent(self, calls: list[EngineCall], order: list[Slot]) -> list[list[EngineCall]]:
@@ -424,40 +416,20 @@ class CallBatcher:
         rank = {id(slot): i for i, slot in enumerate(order)}
         live = sorted(calls, key=lambda c: rank.get(id(c.slot), len(rank)))
         group, rows = [live[0]], live[0].n
-        if self.cost is not None:
+        cost = self.prices.model
+        if cost is not None:
             for call in live[1:]:
                 fits = rows + call.n <= self.limits[call.engine]
-                if call.key == group[0].key and fits and self.cost.merge_pays(call.engine, rows, call.n):
+                if call.key == group[0].key and fits and cost.merge_pays(call.engine, rows, call.n):
                     group.append(call)
                     rows += call.n
         return [group]
 
-    def _in_order(self, slots, now: float) -> tuple[list[Slot], bool]:
-        """Requests in the slack order, and whether it differs from arrival order: by arrival while
-        that keeps every request in time; else the requests it would make late first (least slack
-        first), the others after them still by arrival; least slack first for all only when that
-        too leaves one late. Taking short requests first whenever it is safe would make the largest
-        ones wait on every small one that arrives, and so would reordering every request whenever
-        one is at risk: the largest would fare worse than on a one-at-a-time server."""
-        ordered = sorted(slots, key=Slot.arrival)
-        late = self._late(ordered, now)
-        if not late:
-            return ordered, False
-        rescued = sorted(late, key=lambda s: s.urgency(now)) + [s for s in ordered if s not in late]
-        if not self._late(rescued, now):
-            return rescued, True
-        return sorted(ordered, key=lambda s: s.urgency(now)), True
-
-    def _late(self, order: list[Slot], now: float) -> list[Slot]:
-        """The requests that would not finish in time (cost.finish_by: with a tenth of it to spare),
-        run one after another in this order at the service's pace (without a cost model, those whose
-        deadline has passed)."""
-        finish, late = now, []
-        for slot in order:
-            finish += self.pace * slot.remaining_s
-            if finish > finish_by(slot.deadline, now):
-                late.append(slot)
-        return late
+    def _in_order(self) -> tuple[list[Slot], bool]:
+        """The active requests in the policy's order (policy.in_order, at the service's pace), and
+        whether it differs from arrival order."""
+        order, rescued = in_order([slot.work() for slot in self._active], time.monotonic(), self.pace.value)
+        return [w.key for w in order], rescued  # type: ignore[misc]  # the keys are the slots
 
     def _aligned(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
         """The groups this tick runs: the engine earliest in the chain, and any call kept waiting
@@ -470,9 +442,7 @@ class CallBatcher:
         if not self.config.align:
             return list(groups.values())
         first = min(groups, key=lambda key: self._order.get(key[0], len(self._order)))
-        return [
-            g for key, g in groups.items() if key == first or max(c.waited for c in g) >= self.config.max_wait_ticks
-        ]
+        return [g for key, g in groups.items() if key == first or max(c.waited for c in g) >= self.max_wait_ticks]
 
     def _tick(self, groups: list[list[EngineCall]], runners: dict[str, EngineRunner]) -> None:
         start = time.perf_counter()
@@ -497,6 +467,10 @@ class CallBatcher:
             stats.group_requests += len(live)
         try:
             outputs = self._run_rows(live, runners)
+        except RequestCancelled as e:  # every request in the call was cancelled while it ran
+            for call in live:
+                self._finish(call, None, e)
+            return
         except Exception:
             # Find the culprit: each call alone, so a bad request fails only itself.
             for call in live:
@@ -520,7 +494,10 @@ class CallBatcher:
             merged = calls[0].feeds
         else:
             merged = {k: runner.arrays.concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
-        return runner.infer(merged, _Counted(self.stats, runner.max_rows, self._stats_lock))
+        # Between chunks, a call whose every request was cancelled stops: a shutdown does not wait
+        # for the rest of a large call.
+        stop = lambda: all(c.slot.cancelled for c in calls)  # noqa: E731
+        return runner.infer(merged, _Counted(self.stats, runner.max_rows, self._stats_lock, stop))
 
     def _finish(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
         with self._cond:
@@ -529,8 +506,8 @@ class CallBatcher:
     def _finish_locked(self, call: EngineCall, outputs: dict | None, error: BaseException | None) -> None:
         call.outputs, call.error = outputs, error
         slot = call.slot
-        if self.cost is not None and outputs is not None:  # progress, in predicted seconds
-            slot.done_s += self.cost.call_seconds(call.engine, call.n) + self.cost.host_share(call.engine, call.n)
+        if outputs is not None:  # progress, in predicted seconds
+            slot.done_s += self.prices.call_done_s(call.engine, call.n)
         if slot.blocked and slot.call is call:
             slot.blocked, slot.call = False, None
             if slot in self._active:
@@ -539,7 +516,7 @@ class CallBatcher:
         slot.wake.notify()
 
 
-class BatchingBackend:
+class BatchingBackend(Backend):
     """A backend for one request's pipeline: its runners submit calls to the batcher."""
 
     name = "batching"
@@ -547,7 +524,8 @@ class BatchingBackend:
     def __init__(self, batcher: CallBatcher, slot: Slot):
         self.batcher, self.slot = batcher, slot
         self.arrays = batcher.arrays
-        self.precision = getattr(batcher.backend, "precision", "fp32")
+        self.precision = batcher.backend.precision
+        self.device = batcher.backend.device
 
     def runner(self, spec: EngineSpec) -> _BatchingRunner:
         return _BatchingRunner(self.batcher, self.slot, spec.name)
@@ -564,8 +542,8 @@ class _BatchingRunner:
 class _Counted:
     """Reports each chunk an EngineRunner runs into the batcher's counters."""
 
-    def __init__(self, stats: BatcherStats, chunk_rows: int, lock: threading.Lock):
-        self.stats, self.chunk_rows, self.lock = stats, chunk_rows, lock
+    def __init__(self, stats: BatcherStats, chunk_rows: int, lock: threading.Lock, stop: Callable[[], bool]):
+        self.stats, self.chunk_rows, self.lock, self.stop = stats, chunk_rows, lock, stop
 
     def add(self, name: str, seconds: float | None, rows: int) -> None:
         stats = self.stats.engines[name]
@@ -578,3 +556,5 @@ class _Counted:
             stats.seconds += seconds
             stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
             self.stats.engine_seconds += seconds
+        if self.stop():
+            raise RequestCancelled("cancelled")

@@ -2,6 +2,8 @@
 
 lego-serve --engines engines/                      # http://127.0.0.1:8000, one process
 curl -s localhost:8000/v1/images -d '{"class": 7, "num": 8, "steps": 18}' -o grid.png
+
+Its options are ServeConfig's fields (config.py), with the process's own: host, port, log level.
 """
 
 from __future__ import annotations
@@ -11,158 +13,50 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Callable
 
 import click
 
 from lego_export.cli_common import CONTEXT
 from lego_export.errors import LegoError
-from lego_export.options import MAX_IMAGES, MAX_SIDE, MAX_STEPS
-from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
-from lego_export.serve.batcher import ORDERS
-from lego_export.serve.validation import Limits
+from lego_export.options import OptionError
+from lego_export.serve.config import ServeConfig, config_fields
 
-# The server's numeric settings and their ranges, checked once here for lego-serve's flags and for
-# Ray Serve's key=value options alike (make_config).
-RANGES = {
-    "threads": (0, MAX_THREADS),
-    "streams": (0, 64),
-    "max_batch_tiles": (0, 2**31 - 1),
-    "max_active": (1, 4096),
-    "max_queue": (0, 1_000_000),
-    "max_resolution": (1, MAX_SIDE),
-    "max_steps": (1, MAX_STEPS),
-    "max_images": (1, MAX_IMAGES),
-}
-MAX_DRAIN_S = 86_400  # --drain-timeout's bound, for lego-serve and Ray alike
+DRAIN_GRACE_S = 5.0  # beyond --drain-timeout: the cancelled jobs' 503 answers still go out
 
 
-def _range(name: str) -> click.IntRange:
-    return click.IntRange(*RANGES[name])
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def config_options(command: Callable) -> Callable:
+    """Decorate a click command with one option per ServeConfig field."""
+    for f in reversed(config_fields()):
+        meta, default = f.metadata, f.default
+        kind: click.ParamType | None = None  # str
+        if meta["choices"]:
+            kind = click.Choice(meta["choices"])
+        elif meta["range"] and isinstance(default, int):
+            kind = click.IntRange(*meta["range"])
+        elif meta["range"]:
+            kind = click.FloatRange(*meta["range"])
+        declaration = f"{flag(f.name)}/--no-{f.name.replace('_', '-')}" if isinstance(default, bool) else flag(f.name)
+        command = click.option(
+            declaration, f.name, default=default, type=kind, show_default=default is not None, help=meta["help"],
+            hidden=meta.get("hidden", False),
+        )(command)  # fmt: skip
+    return command
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--engines", default="engines", show_default=True, help="Folder written by lego-export build.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="Engine backend (one per process, shared by every request); auto chooses as lego-run does.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(COMPUTE_PRECISIONS),
-    default="fp32",
-    show_default=True,
-    help="What the bricks compute in, as lego-run's --precision (int8: the graphs of lego-export build --int8).",
-)
-@click.option("--ckpt", default=None, help="Checkpoint for --backend torch.")
-@click.option("--threads", type=_range("threads"), default=0, show_default=True, help="Engine threads (0 = all cores).")
-@click.option(
-    "--streams",
-    type=_range("streams"),
-    default=1,
-    show_default=True,
-    help="Engine calls of different requests that run at once, each on its share of the threads (ONNX Runtime, "
-    "OpenVINO); a request alone still runs on all of them. 0: two on ONNX Runtime on a CPU of two or more "
-    "cores, else one (measured: docs/serving.md).",
-)
-@click.option(
-    "--max-batch-tiles",
-    type=_range("max_batch_tiles"),
-    default=0,
-    show_default=True,
-    help="Most tiles per engine call (0: each engine's N range from the manifest).",
-)
-@click.option(
-    "--max-active",
-    type=_range("max_active"),
-    default=16,
-    show_default=True,
-    help="Requests sampling at once; their tiles share engine calls.",
-)
-@click.option(
-    "--order",
-    type=click.Choice(ORDERS),
-    default="slack",
-    show_default=True,
-    help="Which engine calls run first. slack: the earliest request's while arrival order keeps every "
-    "request in time, else the most urgent one's (least slack to its deadline, less its predicted "
-    "remaining work), merged with others only where that is measurably cheaper; "
-    "merge: every request's calls merged into one call per engine.",
-)
-@click.option(
-    "--slo",
-    default="none",
-    show_default=True,
-    help='Deadline of a request that gives no deadline_s: seconds ("30s") or a multiple of its own predicted '
-    'time alone ("5x"). Requests that cannot meet theirs are refused (429) or, unless they ask for '
-    '"quality": "exact", run at a cheaper rung of the model\'s quality ladder; late ones end as expired.',
-)
-@click.option(
-    "--align/--no-align",
-    default=True,
-    show_default=True,
-    help="With --order merge: each tick, run the earliest engine of the chain that has work, so that requests "
-    "fall into step and later engines see them all in one call (--no-align: every engine with work, every tick).",
-)
-@click.option(
-    "--calibrate/--no-calibrate",
-    default=True,
-    show_default=True,
-    help="At startup, time each engine at N = 1, 2, 4, ... and cut merged calls at the N that runs fastest "
-    "per tile (on a CPU often below the manifest maximum); --no-calibrate: the maximum (or --max-batch-tiles).",
-)
-@click.option(
-    "--max-queue",
-    type=_range("max_queue"),
-    default=64,
-    show_default=True,
-    help="Requests waiting for a slot; more get 429.",
-)
-@click.option(
-    "--max-resolution",
-    type=_range("max_resolution"),
-    default=256,
-    show_default=True,
-    help="Largest canvas side a request may ask for.",
-)
-@click.option(
-    "--max-steps",
-    type=_range("max_steps"),
-    default=1000,
-    show_default=True,
-    help="Most sampling steps a request may ask for (the LEGO authors' FID recipe uses 256).",
-)
-@click.option("--max-images", type=_range("max_images"), default=64, show_default=True, help="Most images per request.")
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(0, MAX_DRAIN_S),
-    default=30.0,
-    show_default=True,
-    help="On SIGTERM / Ctrl-C: seconds running requests may take to finish before they are failed.",
-)
-@click.option(
-    "--docs/--no-docs",
-    default=True,
-    show_default=True,
-    help="Serve the OpenAPI document (/openapi.json: every request field, its type and limits) and /docs.",
-)
-@click.option(
-    "--ui/--no-ui",
-    default=True,
-    show_default=True,
-    help="Serve the playground page at / (pick a class, canvas and quality, see the brick plan, watch a job run).",
-)
+@config_options
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.version_option(package_name="lego-export", prog_name="lego-serve")
-def main(
-    host: str, port: int, ckpt: str | None, drain_timeout: float, docs: bool, ui: bool, log_level: str, **settings
-) -> None:
+def main(host: str, port: int, log_level: str, **settings) -> None:
     """Serve LEGO brick engines over HTTP, batching tiles of all requests in flight.
 
     \b
@@ -173,99 +67,33 @@ def main(
     SIGTERM or Ctrl-C drains running requests (--drain-timeout) and exits with status 0.
     """
     try:
-        service = load_service(make_config(**settings), ckpt)
+        service = load_service(make_config(**settings))
     except LegoError as e:
         raise click.ClickException(str(e)) from None
-    serve(service, host, port, drain_timeout, log_level, docs=docs, ui=ui)
+    serve(service, host, port, log_level)
 
 
-def make_config(
-    *,
-    engines: str = "engines",
-    backend: str = "auto",
-    precision: str = "fp32",
-    threads: int = 0,
-    streams: int = 1,
-    max_batch_tiles: int = 0,
-    max_active: int = 16,
-    order: str = "slack",
-    slo: str = "none",
-    align: bool = True,
-    calibrate: bool = True,
-    max_queue: int = 64,
-    max_resolution: int = 256,
-    max_steps: int = 1000,
-    max_images: int = 64,
-):
-    """The server's configuration, every setting range-checked (one-line LegoError naming it)."""
-    from lego_export.serve.service import ServeConfig
-
-    given = dict(threads=threads, streams=streams, max_batch_tiles=max_batch_tiles, max_active=max_active)
-    given.update(max_queue=max_queue, max_resolution=max_resolution, max_steps=max_steps, max_images=max_images)
-    for name, value in given.items():
-        lo, hi = RANGES[name]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise LegoError(f"{name.replace('_', '-')} must be an integer from {lo} to {hi}, got {value!r}")
-    if backend not in BACKENDS:
-        raise LegoError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if precision not in COMPUTE_PRECISIONS:
-        raise LegoError(f"precision must be one of {', '.join(COMPUTE_PRECISIONS)}, got {precision!r}")
-    if order not in ORDERS:
-        raise LegoError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    if not align and order != "merge":  # the slack order never aligns: the option would change nothing
-        raise LegoError(f"align applies to order merge only; order is {order!r}")
-    from lego_export.serve.service import parse_slo
-
-    parse_slo(slo)
-    return ServeConfig(
-        engines=engines,
-        backend=backend,
-        precision=precision,
-        threads=threads,
-        streams=streams,
-        max_batch_tiles=max_batch_tiles,
-        max_active=max_active,
-        order=order,
-        slo=slo,
-        align=align,
-        calibrate=calibrate,
-        max_queue=max_queue,
-        limits=Limits(max_resolution=max_resolution, max_steps=max_steps, max_images=max_images),
-    )
+def make_config(**settings) -> ServeConfig:
+    """A checked ServeConfig; an error names the setting by its flag."""
+    try:
+        return ServeConfig(**settings).check()
+    except OptionError as e:
+        raise e.renamed({f.name: flag(f.name) for f in config_fields()}) from None
 
 
-def load_service(config, ckpt: str | None = None):
+def load_service(config: ServeConfig):
     """Read the manifest, check and load every engine, start the batcher."""
-    from pathlib import Path
-
-    from lego_export.manifest import Manifest
-    from lego_export.runtime.backends import make_backend
     from lego_export.serve.service import ImageService
 
-    manifest = Manifest.read(config.engines)
-    backend = make_backend(
-        config.backend,
-        Path(config.engines),
-        manifest,
-        ckpt=ckpt,
-        threads=config.threads,
-        precision=config.precision,
-    )
-    return ImageService(config, backend=backend, manifest=manifest)
+    try:
+        return ImageService(config)
+    except OptionError as e:
+        raise e.renamed({f.name: flag(f.name) for f in config_fields()}) from None
 
 
-def serve(
-    service,
-    host: str,
-    port: int,
-    drain_timeout: float,
-    log_level: str = "info",
-    sockets=None,
-    docs: bool = True,
-    ui: bool = True,
-) -> None:
+def serve(service, host: str, port: int, log_level: str = "info", sockets=None) -> None:
     """Run uvicorn until SIGTERM / Ctrl-C, then drain: stop accepting, let running requests finish
-    within drain_timeout, fail the rest, stop the batcher."""
+    within the config's drain_timeout, fail the rest, stop the batcher."""
     try:
         import uvicorn
     except ImportError:
@@ -273,6 +101,7 @@ def serve(
 
     from lego_export.serve.app import create_app
 
+    drain_timeout = service.config.drain_timeout
     closer = threading.Thread(target=service.close, args=(drain_timeout,), name="lego-drain", daemon=True)
 
     def drain() -> None:
@@ -280,7 +109,7 @@ def serve(
         if not closer.is_alive() and not service.closed:
             closer.start()
         if closer.ident is not None:
-            closer.join(drain_timeout + 10.0)
+            closer.join(drain_timeout + DRAIN_GRACE_S)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -293,11 +122,11 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(
-        create_app(service, on_shutdown=drain, docs=docs, ui=ui),
+        create_app(service, on_shutdown=drain),
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=math.ceil(drain_timeout + 5.0),  # the drain's 503 answers still go out
+        timeout_graceful_shutdown=math.ceil(drain_timeout + DRAIN_GRACE_S),
         access_log=log_level == "debug",
     )
     server = DrainingServer(config)
@@ -311,7 +140,7 @@ def exit_normally_after_signals(server):
 
     uvicorn handles SIGTERM / SIGINT while it runs and, once it has shut down, raises the same
     signal again with the previous handlers back in place: with the default ones the process then
-    dies by SIGTERM (status -15, 143 in a shell) or, on Ctrl-C, click prints "Aborted!" and exits 1,
+    dies by SIGTERM (status 143 in a shell) or, on Ctrl-C, click prints "Aborted!" and exits 1,
     although the drain went as designed. The handlers installed here stand in as "previous": they
     hand a signal to the server (a signal that comes before uvicorn listens still stops it cleanly),
     so the re-raised one ends nothing and lego-serve returns normally."""

@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections import deque
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from lego_export.runtime.runner import balanced_chunks
 
-# A finish predicted within this share of the time left counts as in time: the rest is room for the
-# prediction's error, which is a few percent at the median.
-SPARE = 0.9
 HOST_ROWS = "brick0"  # its tiles count images x canvas pixels: the host's work per evaluation follows them
-
-
-def finish_by(deadline: float, now: float, share: float = SPARE) -> float:
-    """The latest predicted finish that counts as in time: within this share of the time left."""
-    return now + share * (deadline - now)
 
 
 @dataclass(frozen=True)
@@ -117,3 +110,61 @@ class CostModel:
             keep.remove(int(np.argmin(terms)))
         per_request, per_eval, per_tile = (float(t) for t in np.maximum(terms, 0.0))
         return replace(self, per_request_s=per_request, per_evaluation_s=per_eval, per_tile_s=per_tile)
+
+
+MAX_PRICES = 4096  # predictions remembered (request kinds)
+REFIT_RUNS = 32  # the latest jobs that ran alone, which the host terms are refitted on
+REFIT_EVERY = 8  # refit after this many more
+
+
+class Prices:
+    """The server's one cost model, and what keeps it current: predictions memoised per (options,
+    canvas, images) for the model they were made with, and the host terms fitted again on the jobs
+    that ran alone (every REFIT_EVERY of them, on the latest REFIT_RUNS with the startup runs), as
+    the startup runs can be slower than the same work later. Read by the service (admission) and the
+    batcher (progress, merging) alike."""
+
+    def __init__(self, model: CostModel | None, refit: bool = True):
+        self._model, self.refit = model, refit
+        self.startup: list[tuple[list[dict[str, int]], float]] = []
+        self.alone: deque[tuple[list[dict[str, int]], float]] = deque(maxlen=REFIT_RUNS)
+        self._since_refit = 0
+        self._memo: dict[tuple, float] = {}
+
+    @property
+    def model(self) -> CostModel | None:
+        return self._model
+
+    @model.setter
+    def model(self, model: CostModel | None) -> None:
+        self._model = model
+        self._memo.clear()  # predictions of the model before
+
+    def fit(self, runs: list[tuple[list[dict[str, int]], float]]) -> None:
+        """The host terms from the startup runs [(work, seconds)]."""
+        self.startup = runs
+        self.model = self.model.fit_host(runs)
+
+    def seconds(self, key: tuple, work) -> float:
+        """A request's seconds alone; key: what determines it, work: a callable giving its engine work."""
+        if self.model is None:
+            return 0.0
+        if key not in self._memo:
+            if len(self._memo) >= MAX_PRICES:
+                self._memo.clear()
+            self._memo[key] = self.model.seconds(work())
+        return self._memo[key]
+
+    def learn(self, work: list[dict[str, int]], seconds: float) -> None:
+        """A job that ran alone took this long."""
+        self.alone.append((work, seconds))
+        self._since_refit += 1
+        if self.refit and self._since_refit >= REFIT_EVERY:
+            self._since_refit = 0
+            self.model = self.model.fit_host(self.startup + list(self.alone))
+
+    def call_done_s(self, engine: str, rows: int) -> float:
+        """Predicted seconds of one engine call with its share of host time: a job's progress."""
+        if self.model is None:
+            return 0.0
+        return self.model.call_seconds(engine, rows) + self.model.host_share(engine, rows)

@@ -51,7 +51,7 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[str, int] = {}  # by outcome: ok, failed, cancelled, expired, refused, rejected, invalid
-        self.rungs: dict[str, int] = {}  # requests started, by the ladder rung they ran ("asked": their own options)
+        self.rungs: dict[tuple[str, str], int] = {}  # requests started, by (rung, tuned); rung "asked": own options
         self.images = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self._recent: deque[tuple[float, int]] = deque()  # (finish time, images) in the rate window
@@ -60,9 +60,9 @@ class ServiceMetrics:
         with self._lock:
             self.requests[outcome] = self.requests.get(outcome, 0) + 1
 
-    def count_rung(self, rung: int | None) -> None:
+    def count_rung(self, rung: int | None, tuned: bool | None) -> None:
         with self._lock:
-            key = "asked" if rung is None else str(rung)
+            key = ("asked", "") if rung is None else (str(rung), str(bool(tuned)).lower())
             self.rungs[key] = self.rungs.get(key, 0) + 1
 
     def finished(self, images: int, seconds: float) -> None:
@@ -114,8 +114,12 @@ def render(metrics: ServiceMetrics, stats: BatcherStats, queued: int, in_flight:
     metric(
         "lego_serve_requests_by_rung_total",
         "counter",
-        'Requests started, by the quality-ladder rung they ran ("asked": their own options).',
-        [f'lego_serve_requests_by_rung_total{{rung="{k}"}} {v}' for k, v in sorted(rungs.items())],
+        'Requests started, by the quality-ladder rung they ran ("asked": their own options) and whether '
+        "lego-export tune measured it (tuned) or it was derived from the model.",
+        [
+            f'lego_serve_requests_by_rung_total{{{f"tuned={chr(34)}{t}{chr(34)}," if t else ""}rung="{k}"}} {v}'
+            for (k, t), v in sorted(rungs.items())
+        ],
     )
     metric("lego_serve_images_total", "counter", "Images returned.", [f"lego_serve_images_total {images}"])
     metric(

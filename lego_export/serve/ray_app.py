@@ -13,15 +13,16 @@ cancel that reaches another replica is passed on through it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lego_export.errors import LegoError
-from lego_export.serve.service import QUEUED, RUNNING, ImageService, Job, ServeConfig
+from lego_export.options import OptionError
+from lego_export.serve.config import ServeConfig, config_fields
+from lego_export.serve.jobs import LIVE, Job, JobStore
 from lego_export.serve.validation import ImageRequest
 
 DIRECTORY_NAME = "lego-serve-jobs"
@@ -30,26 +31,10 @@ CANCEL_POLL_S = 0.5  # how often a replica looks for cancels of its jobs sent to
 
 @dataclass
 class RayOptions:
-    """The deployment: what every replica serves (lego-serve's settings, checked by the same
-    make_config), and how many replicas."""
+    """The deployment: what every replica serves (a ServeConfig, from the same keys as lego-serve's
+    options: threads 0 means the replica's num_cpus), and how many replicas."""
 
-    engines: str = "engines"
-    backend: str = "auto"
-    precision: str = "fp32"
-    threads: int = 0  # engine threads per replica; 0: the replica's num_cpus
-    streams: int = 1  # 0: default_streams
-    max_batch_tiles: int = 0
-    max_active: int = 16
-    order: str = "slack"
-    slo: str = "none"
-    align: bool = True
-    calibrate: bool = True
-    max_queue: int = 64
-    max_resolution: int = 256
-    max_steps: int = 1000
-    max_images: int = 64
-    drain_timeout: float = 30.0
-    ui: bool = True  # the playground page at /
+    serve: ServeConfig = field(default_factory=ServeConfig)
     num_cpus: float = 2.0  # cores reserved per replica (its engines' threads)
     min_replicas: int = 1
     max_replicas: int = 4
@@ -58,21 +43,29 @@ class RayOptions:
     @classmethod
     def from_args(cls, args: dict) -> RayOptions:
         """From `serve run ... key=value` arguments (strings) or a dict of values; every lego-serve
-        setting checked as lego-serve checks it."""
-        types = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(args) - set(types))
+        setting checked as lego-serve checks it, named by its key."""
+        serve_fields = {f.name: f for f in config_fields()}
+        own = {f.name: f for f in fields(cls) if f.name != "serve"}
+        unknown = sorted(set(args) - set(serve_fields) - set(own))
         if unknown:
-            raise LegoError(f"unknown lego-serve Ray option {unknown[0]!r}; known: {', '.join(sorted(types))}")
-        values = {key: _typed(key, value, str(types[key])) for key, value in args.items()}
-        options = cls(**values)
-        options.engines = str(Path(options.engines).resolve())  # replicas may start elsewhere
-        options.serve_config()  # refuse bad settings here, not in every replica
+            raise LegoError(
+                f"unknown lego-serve Ray option {unknown[0]!r}; known: {', '.join(sorted({**serve_fields, **own}))}"
+            )
+        typed = {
+            key: _typed(key, value, type((serve_fields.get(key) or own[key]).default)) for key, value in args.items()
+        }
+        try:
+            config = ServeConfig(**{k: v for k, v in typed.items() if k in serve_fields})
+            options = cls(serve=config, **{k: v for k, v in typed.items() if k in own})
+            options.serve = replace(
+                config,
+                engines=str(Path(config.engines).resolve()),  # replicas may start elsewhere
+                threads=config.threads or max(1, int(options.num_cpus)) if math.isfinite(options.num_cpus) else 1,
+            ).check()
+        except OptionError as e:
+            raise LegoError(str(e)) from None
         if not (math.isfinite(options.num_cpus) and options.num_cpus > 0):
             raise LegoError(f"num_cpus must be a positive number, got {options.num_cpus}")
-        from lego_export.serve.cli import MAX_DRAIN_S
-
-        if not 0 <= options.drain_timeout <= MAX_DRAIN_S:  # NaN fails too
-            raise LegoError(f"drain_timeout must be 0 to {MAX_DRAIN_S} seconds, got {options.drain_timeout}")
         if not (math.isfinite(options.target_ongoing_requests) and options.target_ongoing_requests >= 0):
             raise LegoError(f"target_ongoing_requests must be 0 or more, got {options.target_ongoing_requests}")
         if not 1 <= options.min_replicas <= options.max_replicas:
@@ -81,24 +74,16 @@ class RayOptions:
             )
         return options
 
-    def serve_config(self) -> ServeConfig:
-        """The replica's ServeConfig: every lego-serve setting, by name."""
-        from lego_export.serve.cli import make_config
 
-        settings = {name: getattr(self, name) for name in inspect.signature(make_config).parameters}
-        settings["threads"] = self.threads or max(1, int(self.num_cpus))
-        return make_config(**settings)
-
-
-def _typed(key: str, value, kind: str):
+def _typed(key: str, value, kind: type):
     """A `key=value` argument as its field's type (values already typed pass through)."""
-    if kind == "bool":
+    if kind is bool:
         if isinstance(value, bool):
             return value
         if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
             return str(value).lower() in ("true", "1", "yes")
         raise LegoError(f"{key} must be true or false, got {value!r}")
-    converter = {"int": int, "float": float}.get(kind, str)
+    converter = {int: int, float: float}.get(kind, str)
     if converter is int and isinstance(value, bool | float):
         raise LegoError(f"{key} must be an integer, got {value!r}")
     try:
@@ -107,46 +92,46 @@ def _typed(key: str, value, kind: str):
         raise LegoError(f"{key} must be {'an integer' if converter is int else 'a number'}, got {value!r}") from None
 
 
-class SharedJobsService(ImageService):
-    """An ImageService whose asynchronous jobs can be read and cancelled from any replica."""
+class SharedJobStore(JobStore):
+    """A job store whose asynchronous jobs can be read and cancelled from any replica: the replica
+    that runs a job publishes it to the directory actor; a cancel sent to another replica reaches
+    it through the directory, which this replica polls (start())."""
 
-    def __init__(self, config: ServeConfig, directory, **kwargs):
-        super().__init__(config, **kwargs)
+    def __init__(self, keep: int, ttl_s: float, directory):
+        super().__init__(keep, ttl_s)
         self.directory = directory
         # job id -> its last record written to the directory; a job this replica says has ended is
         # answered only once the directory says so too, so no later read through another replica
         # sees it still running
         self._written: dict[str, object] = {}
-        self._poller = threading.Thread(target=self._poll_cancels, name="lego-cancels", daemon=True)
-        self._poller.start()
 
-    def submit(self, request: ImageRequest, received: float | None = None) -> Job:
-        job = super().submit(request, received)
-        if request.is_async:
-            _ray().get(self.directory.put.remote(job.id, _record(job)))
-        return job
+    def start(self, service) -> None:
+        """Poll the directory for cancels of this replica's jobs, and cancel them in service."""
+        self.service = service
+        threading.Thread(target=self._poll_cancels, name="lego-cancels", daemon=True).start()
 
-    def get(self, job_id: str) -> Job | None:
-        job = super().get(job_id)
+    def add(self, job: Job) -> None:
+        super().add(job)
+        if job.request.is_async:
+            self.changed(job)
+
+    def settled(self, job_id: str, job: Job | None) -> Job | None:
         if job is not None:
-            with self._lock:  # _written is read and changed under the lock only
-                written = self._written.get(job_id)
+            written = self._written.pop(job_id, None)
             if written is not None:
-                _ray().get(written)  # outside the lock: the write may take a moment
-                with self._lock:
-                    if self._written.get(job_id) is written:
-                        del self._written[job_id]
+                _ray().get(written)
             return job
         record = _ray().get(self.directory.get.remote(job_id))
         return None if record is None else _remote_job(job_id, record)
 
-    def cancel(self, job: Job, reason: str = "cancelled") -> None:
-        if super().get(job.id) is job:
-            super().cancel(job, reason)
-        else:  # running on another replica: it sees the flag within CANCEL_POLL_S
-            _ray().get(self.directory.cancel.remote(job.id))
+    def cancel_elsewhere(self, job: Job) -> bool:
+        """Pass a cancel on to the replica that runs the job (it sees it within CANCEL_POLL_S)."""
+        if self.get(job.id) is job:
+            return False
+        _ray().get(self.directory.cancel.remote(job.id))
+        return True
 
-    def _said_locked(self, job: Job) -> None:
+    def changed(self, job: Job) -> None:
         # Sent under the lock that changed the job, so no read sees the change before the write is sent.
         if job.request.is_async:
             self._written[job.id] = self.directory.put.remote(job.id, _record(job))
@@ -154,27 +139,26 @@ class SharedJobsService(ImageService):
     def forget(self, job: Job) -> None:
         super().forget(job)
         if job.request.is_async:
-            with self._lock:
-                self._written.pop(job.id, None)
+            self._written.pop(job.id, None)
             self.directory.forget.remote(job.id)
 
-    def _evict_locked(self) -> None:
-        super()._evict_locked()
-        for job_id in [j for j in self._written if j not in self._jobs]:
+    def evict(self) -> None:
+        super().evict()
+        for job_id in [j for j in self._written if j not in self.jobs]:
             del self._written[job_id]
 
     def _poll_cancels(self) -> None:
-        while not self.closed:
+        while not self.service.closed:
             time.sleep(CANCEL_POLL_S)
-            with self._lock:
-                mine = [j.id for j in self._jobs.values() if j.request.is_async and j.state in (QUEUED, RUNNING)]
+            with self.service.lock:
+                mine = [j.id for j in self.jobs.values() if j.request.is_async and j.state in LIVE]
             if not mine:
                 continue
             with contextlib.suppress(Exception):  # the directory briefly unreachable: try again later
                 for job_id in _ray().get(self.directory.cancelled.remote(mine)):
-                    job = super().get(job_id)
+                    job = self.service.get(job_id)
                     if job is not None:
-                        super().cancel(job, "cancelled by the client")
+                        self.service.cancel(job, "cancelled by the client")
 
 
 def _ray():
@@ -233,7 +217,7 @@ class JobDirectory:
         self.cancels.discard(job_id)
 
     def cancel(self, job_id: str) -> None:
-        if job_id in self.records and self.records[job_id]["state"] in (QUEUED, RUNNING):
+        if job_id in self.records and self.records[job_id]["state"] in LIVE:
             self.cancels.add(job_id)
 
     def cancelled(self, job_ids: list[str]) -> list[str]:
@@ -256,26 +240,28 @@ def deployment(options: RayOptions):
     @serve.deployment(
         name="lego-serve",
         ray_actor_options={"num_cpus": options.num_cpus},
-        max_ongoing_requests=options.max_active + options.max_queue,
+        max_ongoing_requests=options.serve.max_active + options.serve.max_queue,
         autoscaling_config={
             "min_replicas": options.min_replicas,
             "max_replicas": options.max_replicas,
-            "target_ongoing_requests": options.target_ongoing_requests or options.max_active,
+            "target_ongoing_requests": options.target_ongoing_requests or options.serve.max_active,
         },
-        graceful_shutdown_timeout_s=options.drain_timeout + 5,
+        graceful_shutdown_timeout_s=options.serve.drain_timeout + 5,
     )
     @serve.ingress()
     class LegoServeReplica:
         def __init__(self, opts: RayOptions):
-            self.options = opts
-            self.service = SharedJobsService(opts.serve_config(), job_directory())
+            from lego_export.serve.service import ImageService
+
+            config = opts.serve
+            store = SharedJobStore(config.keep_jobs, config.job_ttl_s, job_directory())
+            self.service = ImageService(config, store=store)
+            store.start(self.service)
 
         def __serve_build_asgi_app__(self):
             from lego_export.serve.app import create_app
 
-            return create_app(
-                self.service, on_shutdown=lambda: self.service.close(self.options.drain_timeout), ui=self.options.ui
-            )
+            return create_app(self.service, on_shutdown=lambda: self.service.close(self.service.config.drain_timeout))
 
     return LegoServeReplica
 
@@ -283,8 +269,8 @@ def deployment(options: RayOptions):
 def build_app(args: dict | RayOptions):
     """Application builder for `serve run lego_export.serve.ray_app:build_app key=value ...`."""
     options = args if isinstance(args, RayOptions) else RayOptions.from_args(dict(args))
-    if not (Path(options.engines) / "manifest.json").is_file():
-        raise LegoError(f"{options.engines} holds no manifest.json: build engines with lego-export build")
+    if not (Path(options.serve.engines) / "manifest.json").is_file():
+        raise LegoError(f"{options.serve.engines} holds no manifest.json: build engines with lego-export build")
     return deployment(options).bind(options)
 
 
