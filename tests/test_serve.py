@@ -675,6 +675,65 @@ def test_sigterm_finishes_short_work_fails_long_work_and_exits():
     assert answers["long"].status_code == 503 and "shutting down" in one_line_error(answers["long"])
 
 
+CALLS_OF_BRICK0 = 'lego_serve_engine_calls_total{engine="brick0"}'
+
+
+def test_sigterm_exits_within_the_drain_timeout_while_one_engine_call_is_long():
+    """A 64-image 512 x 512 request: each brick-0 call is a million tiles in engine chunks (about 15 s
+    here). A drain of 1 s must not wait for the call to end: the process exits within the drain
+    plus its grace."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "lego_export.serve.cli", "--engines", str(TINY), "--port", str(port)]
+    cmd += [
+        "--drain-timeout",
+        "1",
+        "--threads",
+        "1",
+        "--no-calibrate",
+        "--max-resolution",
+        "512",
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answer: dict = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, trust_env=False) as http:
+
+            def health():
+                try:
+                    return http.get("/healthz").json()
+                except httpx.TransportError:
+                    assert server.poll() is None, server.stdout.read()
+                    return {}
+
+            wait_for(lambda: health().get("status") == "ok", 30, "lego-serve to start")
+            body = {"steps": 4, "num": 64, "resolution": "512x512", "format": "npz"}
+            thread = threading.Thread(target=lambda: answer.update(r=http.post("/v1/images", json=body)))
+            thread.start()
+            wait_for(lambda: health().get("in_flight") == 1, 10, "the long request")
+
+            def brick0_chunks() -> int:
+                line = next(x for x in http.get("/metrics").text.splitlines() if x.startswith(CALLS_OF_BRICK0))
+                return int(float(line.rsplit(" ", 1)[1]))
+
+            wait_for(lambda: brick0_chunks() > 100, 30, "the request to be inside a brick-0 call")
+            start = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+            elapsed = time.monotonic() - start
+            thread.join(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    from lego_export.serve.cli import DRAIN_GRACE_S
+
+    assert elapsed < 1 + DRAIN_GRACE_S, f"shutdown took {elapsed:.1f} s"
+    assert server.returncode == 0
+    assert answer["r"].status_code == 503 and "shutting down" in one_line_error(answer["r"])
+
+
 def test_ctrl_c_on_an_idle_server_exits_0_without_a_message():
     port = free_port()
     cmd = [sys.executable, "-m", "lego_export.serve.cli", "--engines", str(TINY), "--port", str(port)]

@@ -276,6 +276,33 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_or_degraded(
         assert 'outcome="refused"} 1' in metrics and 'rung="1"} 1' in metrics and 'rung="asked"} 1' in metrics
 
 
+def test_a_model_nobody_tuned_degrades_along_its_default_ladder():
+    from lego_export.ladder import serving_ladder
+
+    service, _ = service_with(seconds_per_row=0.01)  # the tiny engines carry no recommended setting
+    ladder = serving_ladder(service.manifest)
+    assert not ladder.tuned and len(ladder.rungs) > 3
+    with running(service) as http:
+        model = http.get("/v1/model").json()
+        assert [r["tuned"] for r in model["ladder"]] == [False] * len(ladder.rungs)
+        evaluations = [r["full_chain_evaluations"] for r in model["ladder"]]
+        assert evaluations == sorted(evaluations, reverse=True) and evaluations[0] == 99  # Heun 50 on top
+        # Heun 50 (the default) takes about 22 s here: 4 s allows only a rung well down the ladder.
+        slow = {"deadline_s": 4.0, "format": "npz", "class": 2}
+        refused = http.post("/v1/images", json={**slow, "quality": "exact"})
+        assert refused.status_code == 429
+        served = http.post("/v1/images", json=slow)
+        assert served.status_code == 200, served.text
+        run = json.loads(served.headers["X-Lego-Run"])
+        assert run["degraded"] and run["tuned"] is False and run["rung"] > 0
+        options = ladder.rungs[run["rung"]]
+        assert run["options"] == options.to_dict() and run["predicted_s"] < 0.9 * 4.0
+        pipe = LegoPipeline.from_engines(TINY, "onnxruntime")
+        expected = pipe(options, num=1, resolution=(16, 16), classes=[2]).images
+        np.testing.assert_allclose(npz_images(served), expected, atol=1e-5, rtol=0)
+        assert 'tuned="false",rung="%d"} 1' % run["rung"] in http.get("/metrics").text
+
+
 def test_a_guided_rung_brings_its_guidance_unless_the_request_gave_its_own():
     top = SamplingOptions(sampler="dpm2m", steps=6, guidance=1.5, guidance_interval="0.5:3")
     rung = SamplingOptions(sampler="dpm2m", steps=3, guidance=1.5, guidance_interval="1:20")
@@ -523,7 +550,7 @@ def test_a_streamed_request_answers_its_events_then_its_result_and_leaving_cance
         ({"deadline_s": "soon"}, "deadline_s must be"),
         ({"priority": 10}, "priority must be from 0 to 9"),
         ({"quality": "best"}, "quality must be"),
-        ({"quality": 3}, "quality 3: this model has no quality ladder"),
+        ({"quality": 9}, "quality 9: this model has rungs 0 to 5"),  # its default ladder (ladder.py)
     ],
 )
 def test_bad_deadline_priority_and_quality_fields_are_named(body, needle):

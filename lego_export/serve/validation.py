@@ -16,6 +16,7 @@ from lego_export.config import LegoConfig
 from lego_export.edm import Churn
 from lego_export.errors import LegoError
 from lego_export.jsonio import loads_strict
+from lego_export.ladder import serving_ladder
 from lego_export.manifest import Manifest
 from lego_export.options import FIELDS as OPTION_FIELD_NAMES
 from lego_export.options import (
@@ -249,8 +250,7 @@ def _quality(data: dict, rungs: int, names: Sequence[str] = ()) -> str | int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise RequestError(400, f'quality must be "elastic", "exact" or a rung number of the ladder, got {value!r}')
     if value >= rungs:
-        have = f"rungs 0 to {rungs - 1}" if rungs else "no quality ladder (lego-export tune writes one)"
-        raise RequestError(400, f"quality {value}: this model has {have}")
+        raise RequestError(400, f"quality {value}: this model has rungs 0 to {rungs - 1}")
     return value
 
 
@@ -273,8 +273,7 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
     tuned = manifest.recommended if _bool(data, "recommended", True) else None
     model = manifest.model
     names = {**JSON_NAMES, "classes": "class"} if "class" in data else JSON_NAMES
-    rungs = len(manifest.recommended.rungs) if manifest.recommended is not None else 0
-    quality = _quality(data, rungs, point_names(manifest.recommended))
+    quality = _quality(data, len(serving_ladder(manifest).rungs), point_names(manifest.recommended))
     point = quality if isinstance(quality, str) and quality not in QUALITIES else None
     try:
         if point is not None:  # a named point: its setting, run as asked (never degraded)

@@ -150,9 +150,8 @@ function qualityHint() {
   const value = $("quality").value;
   let text;
   if (value === "elastic") {
-    text = model.ladder.length
-      ? `Runs as asked, or under load at a cheaper rung (${model.ladder.length - 1} below the model's setting).`
-      : "This model has no quality ladder: it runs as asked.";
+    const source = model.ladder[0].tuned ? "measured by lego-export tune" : "derived from the model, not tuned";
+    text = `Runs as asked, or under load at a cheaper rung (${model.ladder.length - 1} below the model's setting; ${source}).`;
   } else if (value === "exact") {
     text = "Runs as asked, or is refused (429) when it cannot meet its deadline.";
   } else if (/^\d+$/.test(value)) {
