@@ -300,7 +300,8 @@ def test_a_model_nobody_tuned_degrades_along_its_default_ladder():
         pipe = LegoPipeline.from_engines(TINY, "onnxruntime")
         expected = pipe(options, num=1, resolution=(16, 16), classes=[2]).images
         np.testing.assert_allclose(npz_images(served), expected, atol=1e-5, rtol=0)
-        assert 'tuned="false",rung="%d"} 1' % run["rung"] in http.get("/metrics").text
+        rung = run["rung"]
+        assert f'tuned="false",rung="{rung}"}} 1' in http.get("/metrics").text
 
 
 def test_a_guided_rung_brings_its_guidance_unless_the_request_gave_its_own():
