@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --out $(RESULTS)/quality
 	$(BIN)/python benchmarks/wide.py --out $(RESULTS)/wide
 	$(BIN)/python benchmarks/peers.py --out $(RESULTS)/peers
+	$(BIN)/python benchmarks/peers.py --batch 1 --out $(RESULTS)/peers-b1
 	$(BIN)/python benchmarks/frontier.py --out $(RESULTS)/frontier-cache
 	$(BIN)/python benchmarks/serve.py --out $(RESULTS)/serve
 

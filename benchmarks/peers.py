@@ -3,16 +3,22 @@
     python benchmarks/peers.py --engines engines --ckpt checkpoints/fmnist-pg-s.safetensors \\
         --out benchmarks/results/peers
 
-Peers in fp32: PyTorch eager, torch.compile, ONNX Runtime on the portable and on the fused graphs,
-and OpenVINO reading the portable ONNX files (if installed). In lower precision: OpenVINO in bf16
-(its default on CPUs with bf16 units), and the int8 graphs of `lego-export build --int8` on ONNX
-Runtime and OpenVINO (skipped when the engines have none). Each
-peer lives in its own worker process (one runtime's spinning thread pool slows the next by up to
-10x when they share a process), and every worker but the one being timed is stopped (SIGSTOP), so
-no idle pool spins meanwhile; the coordinator asks them in turn, round after round, to time a few
-calls on the same inputs, so that the machine's drift hits every peer alike. Reports the median per
-peer, its ratio to the fastest, its speed-up over the fastest fp32 peer, and GFLOP/s against this
-machine's measured matmul rate.
+Peers in fp32: the project's default (`auto`, as it chooses on this machine: autoselect.py),
+PyTorch eager, torch.compile, ONNX Runtime on the portable and on the fused graphs, OpenVINO through
+the project's backend, and OpenVINO used directly on the same portable ONNX files (`openvino-direct`:
+its default settings, `compiled(feeds)`, the same denoiser around the calls). In lower precision:
+OpenVINO in bf16 (its default on CPUs with bf16 units), and the int8 graphs of `lego-export build
+--int8` on ONNX Runtime and OpenVINO (skipped when the engines have none). Each peer lives in its own
+worker process (one runtime's spinning thread pool slows the next by up to 10x when they share a
+process), and every worker but the one being timed is stopped (SIGSTOP), so no idle pool spins
+meanwhile; the coordinator asks them in turn, round after round (the order reversed every other
+round), to time a few calls on the same inputs, so that the machine's drift hits every peer alike.
+
+Reports per peer the median, its spread (interquartile range of the calls, and the range of the
+per-round medians), its ratio to the fastest, its speed-up over the fastest fp32 peer, GFLOP/s
+against this machine's measured matmul rate; and the ratio of the default (`auto`) to the fastest
+other fp32 peer with a 95% bootstrap interval over rounds (rounds resampled, both peers' calls of a
+round together). The load average before and after is recorded: the machine may be shared.
 Prints the table; with --out PREFIX also writes PREFIX.json and PREFIX.md.
 """
 
@@ -32,7 +38,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, matmul_peak_gflops, one_line_errors, out_option, save_results  # noqa: E402
 
-PEERS = ("eager", "compile", "openvino", "ort-portable", "ort-fused", "openvino-bf16", "ort-int8", "openvino-int8")
+from lego_export.arrays import NumpyArrays  # noqa: E402
+from lego_export.runtime.backends import Backend  # noqa: E402
+
+PEERS = (
+    "auto",
+    "eager",
+    "compile",
+    "openvino",
+    "openvino-direct",
+    "ort-portable",
+    "ort-fused",
+    "openvino-bf16",
+    "ort-int8",
+    "openvino-int8",
+)
+DEFAULT = "auto"
+BOOTSTRAP = 2000
 LOW_PRECISION = {"openvino-bf16": "bf16", "ort-int8": "int8", "openvino-int8": "int8"}
 
 
@@ -69,10 +91,16 @@ def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
         return step
 
     precision = LOW_PRECISION.get(peer, "fp32")
-    if peer.startswith("openvino"):
+    if peer == "auto":
+        from lego_export.runtime.backends import make_backend
+
+        backend = make_backend("auto", Path(engines), manifest, threads=threads)
+    elif peer == "openvino-direct":
+        backend = DirectOpenVino(Path(engines), manifest, threads)
+    elif peer.startswith("openvino"):
         from lego_export.runtime.backends import OpenVinoBackend
 
-        backend: OpenVinoBackend | OnnxRuntimeBackend = OpenVinoBackend(Path(engines), manifest, threads, precision)
+        backend = OpenVinoBackend(Path(engines), manifest, threads, precision)
     else:
         from lego_export.runtime.backends import OnnxRuntimeBackend
 
@@ -80,7 +108,34 @@ def make_step(peer: str, engines: str, ckpt: str, batch: int, threads: int):
         if peer == "ort-portable":
             backend.formats = ("onnx",)
     pipe = LegoPipeline(manifest, backend)
-    return lambda: pipe.denoise(x, 1.0, plan, onehot)
+    step = lambda: pipe.denoise(x, 1.0, plan, onehot)  # noqa: E731
+    step.choice = backend.choice  # type: ignore[attr-defined]
+    return step
+
+
+class DirectOpenVino(Backend):
+    """OpenVINO used directly: each engine's .onnx file compiled with OpenVINO's defaults (the thread
+    count aside) and called as ``compiled(feeds)``, no checks, under the same denoiser."""
+
+    name = "openvino-direct"
+
+    def __init__(self, folder: Path, manifest, threads: int):
+        import openvino as ov
+
+        self.core, self.folder, self.threads = ov.Core(), folder, threads
+        self.arrays = NumpyArrays()
+
+    def runner(self, spec):
+        config = {"INFERENCE_NUM_THREADS": self.threads} if self.threads else {}
+        compiled = self.core.compile_model(str(self.folder / spec.files["onnx"].path), "CPU", config)
+        ports = [(t.name, compiled.output(t.name)) for t in spec.outputs]
+
+        class Direct:
+            def infer(self, feeds: dict) -> dict:
+                result = compiled(feeds)
+                return {name: result[port] for name, port in ports}
+
+        return Direct()
 
 
 def worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> None:
@@ -88,7 +143,7 @@ def worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> None
     step = make_step(peer, engines, ckpt, batch, threads)
     for _ in range(3):  # warm-up (torch.compile compiles here)
         step()
-    print(json.dumps({"ready": peer}), flush=True)
+    print(json.dumps({"ready": peer, "choice": getattr(step, "choice", "")}), flush=True)
     for line in sys.stdin:
         reps = int(line.split()[1])
         times = []
@@ -111,34 +166,40 @@ def peer_list(ctx, param, value: str) -> list[str]:
     return chosen
 
 
-def start_worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> subprocess.Popen | None:
-    """A worker process for one peer, warmed up (its 'ready' line read), or None if it did not start."""
+def start_worker(peer: str, engines: str, ckpt: str, batch: int, threads: int) -> tuple[subprocess.Popen, str] | None:
+    """A worker process for one peer, warmed up (its 'ready' line read), and how its backend was
+    chosen; None if it did not start."""
     cmd = [sys.executable, __file__, "--worker", peer, "--engines", engines, "--ckpt", ckpt]
     cmd += ["--batch", str(batch), "--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if proc.stdout.readline():  # one peer warms up at a time: compilation is not timed
-        return proc
+    line = proc.stdout.readline()  # one peer warms up at a time: compilation is not timed
+    if line:
+        return proc, json.loads(line).get("choice", "")
     proc.wait()
     return None
 
 
-def time_peers(workers: dict, skipped: dict, engines, ckpt, batch, threads, rounds, reps) -> dict[str, list[float]]:
-    """Start a worker per available peer (into workers, for the caller to stop), then time them in
-    rounds: milliseconds per call, per peer."""
+def time_peers(
+    workers: dict, skipped: dict, choices: dict, engines, ckpt, batch, threads, rounds, reps
+) -> dict[str, list[list[float]]]:
+    """Start a worker per available peer (into workers, for the caller to stop; how each backend was
+    chosen into choices), then time them in rounds: per peer, per round, milliseconds per call."""
     for peer, why in skipped.items():
         if why:
             print(f"{peer}: skipped ({why})")
             continue
-        proc = start_worker(peer, engines, ckpt, batch, threads)
-        if proc is None:
+        started = start_worker(peer, engines, ckpt, batch, threads)
+        if started is None:
             print(f"{peer}: failed to start")
             skipped[peer] = "failed to start"
             continue
-        workers[peer] = proc
-        os.kill(proc.pid, signal.SIGSTOP)  # quiet while the next peer warms up
-    times: dict[str, list[float]] = {p: [] for p in workers}
-    for _ in range(rounds):
-        for peer, proc in workers.items():
+        workers[peer], choices[peer] = started
+        os.kill(started[0].pid, signal.SIGSTOP)  # quiet while the next peer warms up
+    times: dict[str, list[list[float]]] = {p: [] for p in workers}
+    order = list(workers)
+    for r in range(rounds):
+        for peer in order if r % 2 == 0 else order[::-1]:  # no peer always runs right after the same one
+            proc = workers[peer]
             # Only the peer being timed runs: the others are stopped, so no thread pool of theirs can
             # spin on the cores in the meantime.
             os.kill(proc.pid, signal.SIGCONT)
@@ -147,9 +208,25 @@ def time_peers(workers: dict, skipped: dict, engines, ckpt, batch, threads, roun
             line = proc.stdout.readline()
             if not line:
                 raise click.ClickException(f"peer {peer}'s worker stopped (exit {proc.wait()})")
-            times[peer] += json.loads(line)["ms"]
+            times[peer].append(json.loads(line)["ms"])
             os.kill(proc.pid, signal.SIGSTOP)
     return times
+
+
+def ratio_interval(num: list[list[float]], den: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """median(num) / median(den) over all calls, and its 95% bootstrap interval: rounds drawn with
+    replacement, each drawn round bringing both peers' calls of that round (drift is shared)."""
+    rng = np.random.default_rng(seed)
+    ratio = float(np.median(np.concatenate(num)) / np.median(np.concatenate(den)))
+    if len(num) < 2:
+        return ratio, ratio, ratio
+    draws = []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(0, len(num), len(num))
+        top, bottom = (np.median(np.concatenate([rounds[i] for i in pick])) for rounds in (num, den))
+        draws.append(top / bottom)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return ratio, float(lo), float(hi)
 
 
 def stop_workers(workers: dict) -> None:
@@ -166,6 +243,31 @@ def stop_workers(workers: dict) -> None:
             proc.wait()
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages ([] where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def default_vs_fastest(rounds_ms: dict[str, list[list[float]]], choices: dict[str, str]) -> dict | None:
+    """The default's median time over the fastest other fp32 peer's, with its interval (None when
+    the default or every other fp32 peer is missing)."""
+    others = {p: float(np.median(np.concatenate(r))) for p, r in rounds_ms.items() if p not in LOW_PRECISION}
+    others.pop(DEFAULT, None)
+    if DEFAULT not in rounds_ms or not others:
+        return None
+    best = min(others, key=others.__getitem__)
+    ratio, lo, hi = ratio_interval(rounds_ms[DEFAULT], rounds_ms[best])
+    choice = choices.get(DEFAULT, "")
+    return {
+        "runs": choice.split(":", 1)[0],
+        "choice": choice,
+        "fastest_fp32_peer": best,
+        "ratio": ratio,
+        "interval": [lo, hi],
+        "at_or_below": lo <= 1.0,
+    }
+
+
 def available(peer: str, engines: str) -> str | None:
     """Why a peer cannot run here, or None."""
     import importlib.util
@@ -174,6 +276,17 @@ def available(peer: str, engines: str) -> str | None:
 
     if LOW_PRECISION.get(peer) == "int8" and any("onnx-int8" not in e.files for e in Manifest.read(engines).bricks):
         return "no int8 files: build with lego-export build --int8"
+    if peer == "openvino-bf16" and importlib.util.find_spec("openvino"):
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        if flags and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")):
+            return "this CPU has no bf16 units"
+    if peer == DEFAULT:
+        runtimes = ("onnxruntime", "openvino")
+        return (
+            None
+            if any(importlib.util.find_spec(r) for r in runtimes)
+            else "neither onnxruntime nor openvino is installed"
+        )
     need = "openvino" if peer.startswith("openvino") else "torch" if peer in ("eager", "compile") else "onnxruntime"
     return None if importlib.util.find_spec(need) else f"{need} is not installed"
 
@@ -207,36 +320,52 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
     gflop = sum(model_brick_flops(cfg)) * batch / 1e9
     skipped = {p: available(p, engines) for p in peers}
     workers: dict[str, subprocess.Popen] = {}
+    choices: dict[str, str] = {}
+    load_before = load_average()
     try:
-        times = time_peers(workers, skipped, engines, ckpt, batch, threads, rounds, reps)
+        rounds_ms = time_peers(workers, skipped, choices, engines, ckpt, batch, threads, rounds, reps)
     finally:
         stop_workers(workers)
-    if not times:
+    load_after = load_average()
+    if not rounds_ms:
         raise click.ClickException("no peer ran: " + "; ".join(f"{p}: {why}" for p, why in skipped.items()))
     peak = matmul_peak_gflops(threads)["peak"]
+    times = {p: np.concatenate(r) for p, r in rounds_ms.items()}
     medians = {p: float(np.median(t)) for p, t in times.items()}
     fastest = min(medians.values())
     fastest_fp32 = min(ms for p, ms in medians.items() if p not in LOW_PRECISION)
-    rows = [
-        {
-            "peer": p,
-            "median_ms": ms,
-            "p90_ms": float(np.percentile(times[p], 90)),
-            "precision": LOW_PRECISION.get(p, "fp32"),
-            "vs_fastest": ms / fastest,
-            "speedup_vs_fastest_fp32": fastest_fp32 / ms,
-            "gflops": gflop / (ms / 1e3),
-            "of_peak": gflop / (ms / 1e3) / peak,
-        }
-        for p, ms in sorted(medians.items(), key=lambda kv: kv[1])
-    ]
+    rows = []
+    for p, ms in sorted(medians.items(), key=lambda kv: kv[1]):
+        per_round = [float(np.median(r)) for r in rounds_ms[p]]
+        rows.append(
+            {
+                "peer": p,
+                "median_ms": ms,
+                "iqr_ms": [float(np.percentile(times[p], 25)), float(np.percentile(times[p], 75))],
+                "round_medians_ms": [min(per_round), max(per_round)],
+                "p90_ms": float(np.percentile(times[p], 90)),
+                "precision": LOW_PRECISION.get(p, "fp32"),
+                "vs_fastest": ms / fastest,
+                "speedup_vs_fastest_fp32": fastest_fp32 / ms,
+                "gflops": gflop / (ms / 1e3),
+                "of_peak": gflop / (ms / 1e3) / peak,
+            }
+        )
+    for row in rows:
+        row["spread"] = "{:.1f}-{:.1f}".format(*row["iqr_ms"])
+        row["round_spread"] = "{:.1f}-{:.1f}".format(*row["round_medians_ms"])
     command = " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]])
     result = {"command": command, "machine": machine(), "batch": batch, "gflop_per_step": gflop, "peak_gflops": peak}
+    result["load_average"] = {"before": load_before, "after": load_after}
     result["rows"] = rows
+    default = default_vs_fastest(rounds_ms, choices)
+    if default is not None:
+        result["default"] = default
     columns = [
         ("peer", "peer", ""),
         ("median_ms", "ms / step (median)", ".1f"),
-        ("p90_ms", "p90 ms", ".1f"),
+        ("spread", "IQR ms", ""),
+        ("round_spread", "round medians ms", ""),
         ("precision", "precision", ""),
         ("vs_fastest", "x fastest", ".2f"),
         ("speedup_vs_fastest_fp32", "speed-up vs fastest fp32", ".2f"),
@@ -244,11 +373,18 @@ def main(engines, ckpt, batch, rounds, reps, threads, peers, out, worker_peer) -
         ("of_peak", "of matmul peak", ".0%"),
     ]
     table = markdown_table(rows, columns)
+    load = f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after" if load_before else ""
     text = (
         f"# One full-chain step, batch {batch}, {cfg.img_resolution}x{cfg.img_resolution}\n\n`{command}`\n\n"
-        f"{gflop:.2f} GFLOP per step; matmul peak {peak:.0f} GFLOP/s; {rounds} rounds x {reps} calls per peer.\n\n"
-        f"{table}\n"
+        f"{gflop:.2f} GFLOP per step; matmul peak {peak:.0f} GFLOP/s; {rounds} rounds x {reps} calls per peer"
+        f"{'; ' + load if load else ''}.\n\n{table}\n"
     )
+    if default is not None:
+        text += (
+            f"\nThe default (`auto`) ran {default['runs']} ({default['choice']}). Against the fastest other fp32 "
+            f"peer, {default['fastest_fp32_peer']}: {default['ratio']:.3f}x its median time (95% bootstrap "
+            f"interval over rounds {default['interval'][0]:.3f}-{default['interval'][1]:.3f}).\n"
+        )
     save_results(out, result, text)
 
 

@@ -51,8 +51,8 @@ from common import machine, markdown_table, one_line_errors, out_option, save_fi
 
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
-from lego_export.serve.config import ORDERS  # noqa: E402
 from lego_export.serve.cli import make_config  # noqa: E402
+from lego_export.serve.config import ORDERS  # noqa: E402
 from lego_export.serve.validation import Limits, RequestError, parse_body, parse_image_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# `--backend auto` takes OpenVINO when installed, else ONNX Runtime, without timing both first
+# (autoselect.py): the same choice on every machine, and no measurement per test. Inherited by the
+# commands the tests start; tests/test_autoselect.py turns the measurement back on where it tests it.
+os.environ.setdefault("LEGO_EXPORT_AUTO_MEASURE", "0")
 
 
 @pytest.fixture

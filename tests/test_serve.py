@@ -32,7 +32,7 @@ from lego_export.arrays import NumpyArrays  # noqa: E402
 from lego_export.edm import Churn  # noqa: E402
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
-from lego_export.runtime.backends import make_backend  # noqa: E402
+from lego_export.runtime.backends import Backend, make_backend  # noqa: E402
 from lego_export.runtime.cores import cores_left_to_caller, parse_cpu_list, pin_this_thread, thread_cpus  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.runtime.runner import balanced_chunks  # noqa: E402
@@ -48,13 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny-engines"  # pg-tiny: 16 x 16, 10 classes, bricks 4 / 8 / 16
 
 
-class HookedBackend:
+class HookedBackend(Backend):
     """The real ONNX Runtime backend with a hook before every engine call (a test double: it may
     count, sleep, wait or raise)."""
 
     name = "onnxruntime+hook"
-    precision = "fp32"
-    device = "cpu"
 
     def __init__(self, hook=None, engines: Path = TINY):
         self.manifest = Manifest.read(engines)

@@ -91,6 +91,26 @@ class Runner(Protocol):
     def infer(self, feeds: dict) -> dict: ...
 
 
+class Backend:
+    """What every backend has, read directly by its callers (the pipeline, lego-run, lego-serve).
+
+    name: the runtime (one of BACKENDS but auto); precision: what the bricks compute in
+    (COMPUTE_PRECISIONS); arrays: what its runners take and return (NumpyArrays or TorchArrays);
+    device: "cpu", "cuda" or "cuda:N"; streams: engine calls that may run at once; choice: how this
+    backend came to be chosen, one line (named by the caller, a rule, or a measurement on this machine).
+    """
+
+    name: str = ""
+    precision: str = "fp32"
+    arrays: NumpyArrays | TorchArrays
+    device: str = "cpu"
+    streams: int = 1
+    choice: str = ""
+
+    def runner(self, spec: EngineSpec) -> Runner:
+        raise NotImplementedError
+
+
 class OnnxRuntimeRunner:
     """ONNX Runtime session over one .onnx file; CPU provider unless told otherwise.
 
@@ -158,7 +178,7 @@ class OnnxRuntimeRunner:
         return outputs
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: CPU provider by default; CUDA / TensorRT providers when onnxruntime-gpu has them.
 
     On the CPU provider the ORT-fused brick graphs (``onnx-ort``) are preferred; the portable graph
@@ -174,6 +194,7 @@ class OnnxRuntimeBackend:
         providers: list[str] | None = None,
         threads: int = 0,
         precision: str = "fp32",
+        streams: int = 1,
     ):
         import onnxruntime as ort
 
@@ -191,7 +212,7 @@ class OnnxRuntimeBackend:
         missing = [p for p in self.providers if p not in available]
         if missing:
             raise LegoError(f"ONNX Runtime here has no {', '.join(missing)} (available: {', '.join(available)})")
-        self.folder, self.manifest, self.threads = folder, manifest, threads
+        self.folder, self.manifest, self.threads, self.streams = folder, manifest, threads, streams
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         self.formats = ("onnx-ort", "onnx") if self.device == "cpu" else ("onnx",)
         require_files(folder, manifest, self.formats, "the onnxruntime backend")
@@ -211,10 +232,11 @@ class OnnxRuntimeBackend:
         return runner
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(Backend):
     """OpenVINO on the CPU, reading the portable ONNX files (from the checked bytes, like every backend).
 
-    Measured faster than ONNX Runtime on this project's bricks on some CPUs (benchmarks/peers.py).
+    Faster than ONNX Runtime on this project's bricks on some CPUs, slower on others
+    (benchmarks/peers.py): `auto` measures both on first use (autoselect.py).
     """
 
     name = "openvino"
@@ -226,7 +248,7 @@ class OpenVinoBackend:
             raise OptionError(
                 "backend", "openvino needs the openvino package (pip install 'lego-export[openvino]')"
             ) from None
-        self.core, self.folder, self.manifest = ov.Core(), folder, manifest
+        self.core, self.folder, self.manifest, self.device = ov.Core(), folder, manifest, "cpu"
         _check_precision(precision)
         if precision == "int8":
             check_int8_files(folder, manifest)
@@ -235,9 +257,13 @@ class OpenVinoBackend:
             require_files(folder, manifest, ("onnx",), "the openvino backend")
         if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise OptionError("precision", "bf16: this CPU has no bf16 units OpenVINO can use; use fp32 or int8")
-        self.precision = precision
+        self.precision, self.streams = precision, streams
         # f32 explicitly: on CPUs with bf16 units OpenVINO otherwise computes in bf16 (about 1e-3 off).
-        self.config: dict[str, str | int] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        self.config: dict[str, str | int | bool] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # Unpinned: a call splits its work evenly over the threads and waits for the last one, and a
+        # thread pinned to a core that another process is busy on cannot move to a free one.
+        if "ENABLE_CPU_PINNING" in self.core.get_property("CPU", "SUPPORTED_PROPERTIES"):
+            self.config["ENABLE_CPU_PINNING"] = False
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         if streams > 1:  # OpenVINO's own throughput streams, the threads split among them
@@ -276,8 +302,11 @@ class _OpenVinoRunner:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer(feeds)
-        return {name: np.array(result[port]) for name, port in self.outputs}  # a copy: the next call reuses its buffer
+        # share_inputs: the call reads the caller's arrays in place (it returns before they can
+        # change). The outputs (share_outputs off) come back as new arrays, not views of the
+        # request's buffers, which the next call overwrites.
+        result = request.infer(feeds, share_inputs=True, share_outputs=False)
+        return {name: result[port] for name, port in self.outputs}
 
 
 def host_runner(folder: Path, manifest: Manifest, spec: EngineSpec) -> Runner:
@@ -290,7 +319,7 @@ def host_runner(folder: Path, manifest: Manifest, spec: EngineSpec) -> Runner:
     return OnnxRuntimeRunner(manifest.read_engine_file(folder, file), providers, name=file.path)
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """The PyTorch reference: the checkpoint's own modules, on CPU or CUDA."""
 
     name = "torch"
@@ -309,7 +338,7 @@ class TorchBackend:
             )
         if device == "cuda" and not torch.cuda.is_available():
             raise OptionError("device", "cuda: PyTorch sees no CUDA GPU (the torch backend on cuda asked for)")
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.precision = torch, device, "fp32"
         self.folder, self.manifest = folder, manifest
         self.model = load_model(ckpt, device)
         self.arrays = TorchArrays(device)
@@ -334,7 +363,7 @@ class _TorchRunner:
             return {self.output: self.module(*(feeds[n] for n in self.inputs)).float()}
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """Native TensorRT plans on torch CUDA tensors: the canvas never leaves the GPU, all engines share
     one activation memory block (they run one after another on one stream), and with cuda_graphs
     each (engine, N) is captured once as a CUDA graph and replayed.
@@ -352,7 +381,7 @@ class TensorRTBackend:
         import torch
 
         self.trt, self.torch, self.cuda_graphs = trt, torch, cuda_graphs
-        self.folder, self.manifest = folder, manifest
+        self.folder, self.manifest, self.device, self.precision = folder, manifest, "cuda", "fp32"
         self.arrays = TorchArrays("cuda")
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -461,17 +490,29 @@ def _onnxruntime_has_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def _auto_backend(manifest: Manifest, precision: str) -> str:
-    """TensorRT plans on a GPU if built (fp32 only); else, on a CPU, OpenVINO when installed (measured
-    fastest on the CPU in fp32 and int8: benchmarks/peers.py; bf16 runs nowhere else); else ONNX Runtime."""
+def _auto_backend(
+    folder: Path, manifest: Manifest, precision: str, threads: int = 0, streams: int = 1
+) -> tuple[str, str]:
+    """The backend auto takes, and why (Backend.choice). On a GPU by rule: TensorRT plans when built and
+    TensorRT is installed (fp32 only), else ONNX Runtime's CUDA provider. bf16 runs on OpenVINO only.
+    Else, on the CPU, the faster of OpenVINO and ONNX Runtime on this model, as measured on this
+    machine on first use and cached (autoselect.py)."""
+    from lego_export.runtime import autoselect
+
     has_plans = all("tensorrt" in e.files for e in manifest.engines)
     if precision == "fp32" and has_plans and importlib.util.find_spec("tensorrt"):
-        return "tensorrt"
+        return "tensorrt", "tensorrt: auto on a GPU: the engines have TensorRT plans and TensorRT is installed"
     if precision == "bf16":
-        return "openvino"
-    if importlib.util.find_spec("openvino") and (precision == "int8" or not _onnxruntime_has_cuda()):
-        return "openvino"
-    return "onnxruntime"
+        return "openvino", "openvino: auto: bf16 runs on OpenVINO only"
+    if precision == "fp32" and _onnxruntime_has_cuda():
+        return "onnxruntime", "onnxruntime: auto on a GPU: ONNX Runtime has the CUDA provider here"
+    candidates = autoselect.installed()
+    if not candidates:  # make_backend names the package to install
+        return "onnxruntime", "onnxruntime: auto: no CPU runtime is installed"
+    if precision == "int8":
+        check_int8_files(folder, manifest)  # before measuring runtimes that would both refuse the folder
+    chosen = autoselect.choose(folder, manifest, candidates, precision, threads, streams)
+    return chosen.backend, chosen.reason
 
 
 def make_backend(
@@ -484,14 +525,25 @@ def make_backend(
     cuda_graphs: bool = False,
     precision: str = "fp32",
     streams: int = 1,
-):
+) -> Backend:
     """The backend asked for; 'auto' as in _auto_backend. streams: engine calls that may run at once
-    from different threads (a server's parallel streams), the cores shared among them."""
+    from different threads (a server's parallel streams), the cores shared among them. The backend's
+    ``choice`` says how it was chosen."""
     if name not in BACKENDS:
         raise OptionError("backend", f"must be one of {', '.join(BACKENDS)}, got {name!r}")
     _check_precision(precision)
+    choice = f"{name}: asked for by name (auto not used)"
     if name == "auto":
-        name = _auto_backend(manifest, precision)
+        name, choice = _auto_backend(folder, manifest, precision, threads, streams)
+    backend = _open(name, folder, manifest, ckpt, device, threads, cuda_graphs, precision, streams)
+    backend.choice = choice
+    return backend
+
+
+def _open(
+    name: str, folder: Path, manifest: Manifest, ckpt, device: str, threads: int, cuda_graphs: bool, precision: str,
+    streams: int,
+) -> Backend:  # fmt: skip
     allowed = {"int8": ("onnxruntime", "openvino"), "bf16": ("openvino",)}.get(precision, BACKENDS)
     if name not in allowed:
         raise OptionError("precision", f"{precision} runs on {' and '.join(allowed)} only, not on the {name} backend")
@@ -511,4 +563,4 @@ def make_backend(
         raise OptionError("backend", "onnxruntime needs the onnxruntime package, which is not installed")
     if streams > 1:  # each call runs on the thread that makes it, with its share of the cores
         threads = max(1, (threads or os.cpu_count() or 1) // streams)
-    return OnnxRuntimeBackend(folder, manifest, threads=threads, precision=precision)
+    return OnnxRuntimeBackend(folder, manifest, threads=threads, precision=precision, streams=streams)

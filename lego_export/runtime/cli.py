@@ -569,7 +569,8 @@ def run(
 
     evaluations = -(-len(indices) // batch) * options.steps
     if rank == 0:  # before the first step: also the line a caller can wait for before signalling
-        click.echo(f"sampling {num} image(s) on {pipe.backend.name}: {evaluations} steps of batch {batch}", err=True)
+        said = f"sampling {num} image(s) on {pipe.backend.name}: {evaluations} steps of batch {batch}"
+        click.echo(f"{said}; backend {pipe.backend.choice}", err=True)  # one line: how the backend was chosen
     with tqdm(total=evaluations, unit="step", disable=rank != 0 or None, file=sys.stderr, leave=False) as bar:
 
         def step_done(_step: int) -> None:

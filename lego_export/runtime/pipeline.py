@@ -38,7 +38,7 @@ from lego_export.manifest import Manifest
 from lego_export.options import OptionError, SamplingOptions, check_canvas_sides, check_classes, check_request, resolve
 from lego_export.plan import StepPlan, flop_fraction_saved, plan
 from lego_export.points import resolve_quality
-from lego_export.runtime.backends import MAX_THREADS, make_backend
+from lego_export.runtime.backends import MAX_THREADS, Backend, make_backend
 from lego_export.runtime.runner import EngineRunner, Timing
 
 
@@ -97,7 +97,7 @@ def files_precision(manifest: Manifest, backend: str, precision: str) -> str:
 class LegoPipeline:
     """Sampling from a folder of brick engines with one backend."""
 
-    def __init__(self, manifest: Manifest, backend, profile: bool = False, max_rows: int | None = None):
+    def __init__(self, manifest: Manifest, backend: Backend, profile: bool = False, max_rows: int | None = None):
         """profile: time every engine call on GPU backends too (a device wait after each call; always
         done on the CPU). max_rows: rows per engine call (default: each engine's N range)."""
         self.manifest, self.backend = manifest, backend
@@ -107,10 +107,12 @@ class LegoPipeline:
         self.edm = cfg.edm
         self.brick_sizes = [b.size for b in cfg.bricks]
         self.brick_flops = model_brick_flops(cfg)
-        self.arrays = getattr(backend, "arrays", None) or NumpyArrays()
-        self.per_engine_timing = profile or not getattr(self.arrays, "device", "cpu").startswith("cuda")
-        self.precision = getattr(backend, "precision", "fp32")
-        self.built_precision = files_precision(manifest, getattr(backend, "name", ""), self.precision)
+        self.arrays = backend.arrays
+        # Host arrays: every call returns once done, so timing it costs no device wait.
+        on_host = isinstance(self.arrays, NumpyArrays) or not backend.device.startswith("cuda")
+        self.per_engine_timing = profile or on_host
+        self.precision = backend.precision
+        self.built_precision = files_precision(manifest, backend.name, self.precision)
 
         def runner(spec, arrays=self.arrays):
             rows = spec.batch["max"] if max_rows is None else max_rows
@@ -135,7 +137,8 @@ class LegoPipeline:
         precision: str = "fp32",
     ) -> LegoPipeline:
         """Load manifest.json, check every engine file's sha256, and open the chosen backend (auto:
-        TensorRT plans where usable, else OpenVINO on a CPU when installed, else ONNX Runtime).
+        TensorRT plans where usable, else on a CPU the faster of OpenVINO and ONNX Runtime, measured
+        on this machine on first use and cached: autoselect.py); ``pipe.backend.choice`` says why.
 
         device is the torch backend's; threads ONNX Runtime's and OpenVINO's; cuda_graphs TensorRT's;
         profile as in the constructor; precision what the bricks compute in (backends.COMPUTE_PRECISIONS).

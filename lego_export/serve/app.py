@@ -216,6 +216,7 @@ def create_app(
             "status": "ok" if svc.accepting else "shutting down",
             "model": svc.manifest.model.name,
             "backend": svc.backend.name,
+            "backend_choice": svc.backend.choice,  # how --backend auto chose it, or "asked for by name"
             "in_flight": svc.in_flight,
             "queued": svc.queued,
             "pace": round(svc.pace.value, 4),  # wall seconds per predicted second of work, while busy
