@@ -33,7 +33,6 @@ from lego_export.edm import Churn  # noqa: E402
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.manifest import Manifest  # noqa: E402
 from lego_export.runtime.backends import Backend, make_backend  # noqa: E402
-from lego_export.runtime.cores import cores_left_to_caller, parse_cpu_list, pin_this_thread, thread_cpus  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.runtime.runner import balanced_chunks  # noqa: E402
 from lego_export.serve.app import create_app  # noqa: E402
@@ -444,48 +443,7 @@ needs_two_cpus = pytest.mark.skipif(
 
 
 @needs_two_cpus
-def test_the_cores_left_to_the_caller_are_those_no_new_pinned_thread_holds():
-    allowed = frozenset(os.sched_getaffinity(0))
-    before, ready, done = thread_cpus(), threading.Event(), threading.Event()
-
-    def pinned() -> None:
-        pin_this_thread(frozenset({max(allowed)}))
-        ready.set()
-        done.wait(10)
-
-    thread = threading.Thread(target=pinned)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        assert cores_left_to_caller(before) == allowed - {max(allowed)}
-        assert cores_left_to_caller(thread_cpus()) is None  # no thread started since: nothing to keep off
-    finally:
-        done.set()
-        thread.join(10)
-    assert parse_cpu_list("0-3,6\n") == {0, 1, 2, 3, 6}
-
-
 @needs_two_cpus
-def test_job_threads_keep_off_the_cores_onnx_runtime_pinned_its_workers_to():
-    service = ImageService(ServeConfig(engines=str(TINY), backend="onnxruntime", calibrate=False))
-    try:
-        cpus = service.batcher.caller_cpus
-        if cpus is None:
-            pytest.skip("ONNX Runtime pinned no worker here (one physical core)")
-        assert cpus < frozenset(os.sched_getaffinity(0))
-        assert service._workers.submit(os.sched_getaffinity, 0).result(30) == cpus  # a job's thread
-        job = service.submit(service.parse({"steps": 2, "format": "npz"}))
-        assert job.future.result(60).state == "done"
-    finally:
-        service.close()
-    threads = ServeConfig(engines=str(TINY), backend="onnxruntime", calibrate=False, threads=2)
-    service = ImageService(threads)  # a thread count given: ONNX Runtime pins nothing, nor does the service
-    try:
-        assert service.batcher.caller_cpus is None
-    finally:
-        service.close()
-
-
 def test_automatic_streams_are_two_on_onnx_runtime_on_a_cpu_else_one():
     from lego_export.serve.service import default_streams
 

@@ -581,30 +581,6 @@ def test_lego_serve_refuses_a_bad_slo_in_one_line():
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
-def test_jobs_that_ran_alone_refit_the_cost_model():
-    # Engine calls take the 1 ms a row predicted, but each evaluation 8 ms more than predicted
-    # (host time, as a server right after startup misjudges it). Jobs that ran alone are timed,
-    # and every REFIT_EVERY of them the host terms are fitted again on them.
-    from lego_export.serve.cost import REFIT_EVERY
-
-    def hook(engine, feeds):
-        rows = len(next(iter(feeds.values())))
-        time.sleep(MS_PER_ROW * rows + (0.008 if engine == "embedder" else 0.0))
-
-    service, _ = service_with(hook)
-    kinds = [{"steps": 2, "format": "npz"}, {"steps": 4, "format": "npz"}, {"steps": 2, "num": 3, "format": "npz"}]
-    before = [service.predict(service.parse(k), service.parse(k).options) for k in kinds]
-    last = {}  # each kind's last job
-    for i in range(REFIT_EVERY):
-        job = last[i % len(kinds)] = service.submit(service.parse(kinds[i % len(kinds)]))
-        assert job.future.result(30).state == "done" and job.alone
-    after = [service.predict(service.parse(k), service.parse(k).options) for k in kinds]
-    for i, (kind, old, new) in enumerate(zip(kinds, before, after, strict=True)):
-        measured = last[i].finished - last[i].started
-        assert abs(new - measured) < min(0.1 * measured, abs(old - measured)), (kind, old, new, measured)
-    service.close()
-
-
 def test_the_pace_corrects_predictions_from_finished_work():
     # Predicted 1 ms a row; every engine call really takes at least 10 ms: the machine is slower
     # than the cost model says, and the server learns so from the jobs it finishes.

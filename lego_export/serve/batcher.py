@@ -41,7 +41,6 @@ from lego_export.arrays import NumpyArrays
 from lego_export.errors import LegoError
 from lego_export.manifest import EngineSpec, Manifest
 from lego_export.runtime.backends import Backend
-from lego_export.runtime.cores import cores_left_to_caller, pin_this_thread, thread_cpus
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
 from lego_export.serve.calibrate import best_chunk
@@ -175,17 +174,12 @@ class CallBatcher:
         ticks that run beside others (None: every tick uses backend's runners). pace: the service's."""
         config = config or ServeConfig(calibrate=False)
         self.manifest, self.backend, self.config = manifest, backend, config
+        self.pace = pace or Pace()
         if config.streams < 1:  # no tick thread: every request would wait forever
             raise LegoError(f"streams must be at least 1, got {config.streams}")
-        self.pace = pace or Pace()
         self.arrays = backend.arrays
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
-        before = thread_cpus()
         self.runners = self._runners(backend)
-        # One tick at a time: the threads that run ticks keep off the cores the engines' own pinned
-        # workers are on (cores.py; the service pins its job threads with pin_caller).
-        pin = config.streams == 1 and "pinning" not in config.switched_off
-        self.caller_cpus = cores_left_to_caller(before) if pin else None
         self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
         if self.config.calibrate:
             for spec in manifest.engines:
@@ -222,10 +216,6 @@ class CallBatcher:
         self._numbers = itertools.count()
         self._closing = False
         self._stats_lock = threading.Lock()  # ticks of several streams count into the same stats
-
-    def pin_caller(self) -> None:
-        """Keep the calling thread, one that may run ticks, off the engines' pinned workers' cores."""
-        pin_this_thread(self.caller_cpus)
 
     def _runners(self, backend) -> dict[str, EngineRunner]:
         return {  # a latent decoder runs on host arrays on every backend

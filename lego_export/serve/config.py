@@ -12,10 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from lego_export.options import MAX_IMAGES, MAX_SIDE, MAX_STEPS, OptionError
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
-from lego_export.serve.validation import Limits
 
 ORDERS = ("slack", "merge")
-MECHANISMS = ("pace", "headroom", "refit", "pinning")  # what --without may switch off (docs/serving.md)
+MECHANISMS = ("headroom",)  # what --without may switch off, to measure what it buys (docs/serving.md)
 MAX_DRAIN_S = 86_400.0
 
 
@@ -126,6 +125,16 @@ class ServeConfig:
         """Every setting by name, the request limits as one object (GET /healthz)."""
         limits = asdict(self.limits)
         return {**{k: v for k, v in asdict(self).items() if k not in limits}, "limits": limits}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a server (checked before anything is allocated); by default
+    lego-serve's, which admit every documented recipe (the LEGO authors' FID recipe samples 256 steps)."""
+
+    max_resolution: int = ServeConfig.max_resolution  # largest canvas side, pixels
+    max_steps: int = ServeConfig.max_steps
+    max_images: int = ServeConfig.max_images
 
 
 def parse_slo(text: str) -> tuple[str, float] | None:

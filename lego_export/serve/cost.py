@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections import deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -113,22 +112,15 @@ class CostModel:
 
 
 MAX_PRICES = 4096  # predictions remembered (request kinds)
-REFIT_RUNS = 32  # the latest jobs that ran alone, which the host terms are refitted on
-REFIT_EVERY = 8  # refit after this many more
 
 
 class Prices:
-    """The server's one cost model, and what keeps it current: predictions memoised per (options,
-    canvas, images) for the model they were made with, and the host terms fitted again on the jobs
-    that ran alone (every REFIT_EVERY of them, on the latest REFIT_RUNS with the startup runs), as
-    the startup runs can be slower than the same work later. Read by the service (admission) and the
-    batcher (progress, merging) alike."""
+    """The server's one cost model, with its predictions memoised per (options, canvas, images) for
+    the model they were made with. Read by the service (admission) and the batcher (progress,
+    merging) alike."""
 
-    def __init__(self, model: CostModel | None, refit: bool = True):
-        self._model, self.refit = model, refit
-        self.startup: list[tuple[list[dict[str, int]], float]] = []
-        self.alone: deque[tuple[list[dict[str, int]], float]] = deque(maxlen=REFIT_RUNS)
-        self._since_refit = 0
+    def __init__(self, model: CostModel | None):
+        self._model = model
         self._memo: dict[tuple, float] = {}
 
     @property
@@ -140,11 +132,6 @@ class Prices:
         self._model = model
         self._memo.clear()  # predictions of the model before
 
-    def fit(self, runs: list[tuple[list[dict[str, int]], float]]) -> None:
-        """The host terms from the startup runs [(work, seconds)]."""
-        self.startup = runs
-        self.model = self.model.fit_host(runs)
-
     def seconds(self, key: tuple, work) -> float:
         """A request's seconds alone; key: what determines it, work: a callable giving its engine work."""
         if self.model is None:
@@ -154,14 +141,6 @@ class Prices:
                 self._memo.clear()
             self._memo[key] = self.model.seconds(work())
         return self._memo[key]
-
-    def learn(self, work: list[dict[str, int]], seconds: float) -> None:
-        """A job that ran alone took this long."""
-        self.alone.append((work, seconds))
-        self._since_refit += 1
-        if self.refit and self._since_refit >= REFIT_EVERY:
-            self._since_refit = 0
-            self.model = self.model.fit_host(self.startup + list(self.alone))
 
     def call_done_s(self, engine: str, rows: int) -> float:
         """Predicted seconds of one engine call with its share of host time: a job's progress."""

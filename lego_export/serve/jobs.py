@@ -44,7 +44,6 @@ class Job:
     order_by: float = math.inf  # the deadline the order uses (a job without one still ages)
     steps_done: int = 0
     started: float | None = None  # when it got its slot
-    alone: bool = False  # no other job ran at any time while it did (its time refits the cost model)
     expired_in: str | None = None  # where it was when its deadline passed (EXPIRED_IN)
 
     @property

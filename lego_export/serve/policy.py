@@ -134,7 +134,7 @@ class Headroom:
     from outcomes: each job lost (refused or expired) lowers it by HEADROOM_STEP, each in time raises
     it by a step sized so that it settles where LOSS_TARGET of the jobs are lost (a stochastic
     approximation). A server that loses jobs runs more at cheaper rungs, leaving room for the next.
-    learn=False keeps it at HEADROOM."""
+    learn=False (``--without headroom``) keeps it at HEADROOM."""
 
     learn: bool = True
     share: float = HEADROOM
@@ -151,10 +151,9 @@ class Headroom:
 @dataclass
 class Pace:
     """Wall seconds the machine takes, while busy, per second of predicted work: it corrects the cost
-    model for what a run alone does not show (contention, the machine's drift). An exponential
-    average over windows of PACE_EVERY_S predicted seconds, within [0.5, 3]. learn=False keeps 1."""
+    model for what a run alone does not show (contention, the machine's drift, a startup fit's bias).
+    An exponential average over windows of PACE_EVERY_S predicted seconds, within [0.5, 3]."""
 
-    learn: bool = True
     value: float = 1.0
     busy_s: float = 0.0
     work_s: float = 0.0
@@ -162,7 +161,7 @@ class Pace:
     def update(self, busy_s: float, work_s: float) -> None:
         self.busy_s += busy_s
         self.work_s += work_s
-        if self.learn and self.work_s >= PACE_EVERY_S:
+        if self.work_s >= PACE_EVERY_S:
             measured = min(3.0, max(0.5, self.busy_s / self.work_s))
             self.value = 0.7 * self.value + 0.3 * measured
             self.busy_s = self.work_s = 0.0

@@ -35,7 +35,7 @@ from lego_export.serve.batcher import CallBatcher, EngineFailed, RequestCancelle
 from lego_export.serve.config import ServeConfig, parse_slo
 from lego_export.serve.jobs import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Job, JobStore
 from lego_export.serve.metrics import ServiceMetrics, render
-from lego_export.serve.policy import Choice, Headroom, Pace, Work, choose, urgency
+from lego_export.serve.policy import SPARE, Choice, Headroom, Pace, Work, choose, urgency
 from lego_export.serve.validation import ImageRequest, RequestError, parse_image_request
 
 log = logging.getLogger("lego_serve")
@@ -89,14 +89,12 @@ class ImageService:
         self.backend = backend
         self.files_precision = files_precision(self.manifest, backend.name, backend.precision)
         self.slo = parse_slo(config.slo)
-        off = config.switched_off
-        self.pace = Pace(learn="pace" not in off)
-        self.headroom = Headroom(learn="headroom" not in off)
+        self.headroom = Headroom(learn="headroom" not in config.switched_off)
+        self.pace = Pace()
         self.batcher = CallBatcher(self.manifest, backend, config, self.pace, narrow_backend=narrow)
         self.prices = self.batcher.prices
-        self.prices.refit = "refit" not in off
         if self.prices.model is not None:
-            self.prices.fit(self._startup_runs())
+            self.prices.model = self.prices.model.fit_host(self._startup_runs())
         self.ladder = serving_ladder(self.manifest)
         self.metrics = ServiceMetrics()
         self.lock = threading.Condition()
@@ -105,13 +103,10 @@ class ImageService:
         self._accepting = True
         self.closed = False
         self.instance = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (replicas)
-        self._last_event = time.monotonic()
         # Jobs sample in pooled threads: a runner keeps per-thread state (OpenVINO's infer requests),
-        # which a thread per job would build again for every request. They may run ticks, so each
-        # keeps off the engines' pinned cores (cores.py).
-        self._workers = ThreadPoolExecutor(
-            max_workers=config.max_active, thread_name_prefix="lego-job", initializer=self.batcher.pin_caller
-        )
+        # which a thread per job would build again for every request.
+        self._workers = ThreadPoolExecutor(max_workers=config.max_active, thread_name_prefix="lego-job")
+        self._last_event = time.monotonic()
         self._reaper = threading.Thread(target=self._expire_loop, name="lego-deadlines", daemon=True)
         self._reaper.start()
 
@@ -191,16 +186,17 @@ class ImageService:
         """429 for a job no choice fits: worth retrying when the work ahead is what stands in the way;
         when the request alone would not make it, a message that names the deadline it needs."""
         cheapest = job.choices[-1]
-        alone = choose(replace(job.work(), seconds=cheapest.predicted_s), [cheapest], [], now, self.pace.value, 1.0, 1)
+        pace = self.pace.value
+        alone = choose(replace(job.work(), seconds=cheapest.predicted_s), [cheapest], [], now, pace, 1.0, 1)
         if alone is None:
-            needed = math.ceil(100 * self.pace.value * cheapest.predicted_s / 0.9) / 100
+            needed = math.ceil(100 * pace * cheapest.predicted_s / SPARE) / 100
             return ServiceUnavailable(
                 429,
                 f"cannot finish within its deadline of {budget:.3g} s even alone on this server: its cheapest "
-                f"allowed setting takes about {self.pace.value * cheapest.predicted_s:.3g} s; give a deadline_s "
-                f"of at least {needed:.3g} (retrying will not help)",
+                f"allowed setting takes about {pace * cheapest.predicted_s:.3g} s; give a deadline_s of at least "
+                f"{needed:.3g} (retrying will not help)",
             )
-        backlog = sum(w.seconds for w in self._live_work(exclude=job)) * self.pace.value
+        backlog = pace * sum(w.seconds for w in self._live_work(exclude=job))
         return ServiceUnavailable(
             429,
             f"cannot finish within its deadline of {budget:.3g} s behind about {backlog:.2g} s of work ahead, "
@@ -342,13 +338,9 @@ class ImageService:
             except RequestCancelled:
                 self._end_locked(job, CANCELLED, None, "the server is shutting down", 503)
                 continue
-            self._account_locked()  # busy time is counted from here when the machine was idle
             job.slot, job.state, job.started = slot, RUNNING, time.monotonic()
+            self._account_locked()  # busy time is counted from here when the machine was idle
             self.metrics.count_rung(choice.rung, choice.tuned)
-            job.alone = self._active == 0
-            if not job.alone:
-                for other in self.store.live():
-                    other.alone = False
             self._active += 1
             self._workers.submit(self._work, job, slot)
 
@@ -398,10 +390,6 @@ class ImageService:
         with self.lock:
             self._account_locked(slot.done_s)
             self._active -= 1
-            if state == DONE and job.alone and self.prices.model is not None:  # before its answer goes out
-                model, request = self.manifest.model, job.request
-                work = engine_work(job.choice.options, model, request.canvas(model), request.num)
-                self.prices.learn(work, time.monotonic() - job.started)
             self._end_locked(job, state, body, error, status, where)
             self._dispatch_locked()
 

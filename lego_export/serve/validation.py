@@ -30,6 +30,7 @@ from lego_export.options import (
 )
 from lego_export.plan import plan
 from lego_export.points import point_names, resolve_quality
+from lego_export.serve.config import Limits
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes; anything this large is not one
 RESPONSE_FORMATS = {"png": "image/png", "npz": "application/octet-stream"}
@@ -57,16 +58,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-@dataclass
-class Limits:
-    """What one request may ask of this server (checked before anything is allocated); the defaults
-    admit every documented recipe (the LEGO authors' FID recipe samples 256 steps)."""
-
-    max_resolution: int = 256  # largest canvas side, pixels
-    max_steps: int = 1000
-    max_images: int = 64
 
 
 @dataclass
