@@ -105,40 +105,48 @@ def test_wide_canvas_cells_and_seam_ratio():
 
 def test_serve_load_targets_follow_the_rows():
     """Each target line says met or not met from the measured rows, naming the worst cell."""
-    from serve_load import targets
+    from serve_load import targets, variant_lines
 
-    def row(server, quality, load, p99, within=1.0, refused=0.0, expired=0.0, rungs=None, fid=9.0, over=2.0):
+    def row(server, quality, load, p99, within=1.0, refused=0.0, expired=0.0, degraded=0, fid=9.0, over=2.0):
         return {
             "server": server, "quality": quality, "load": load, "within_deadline": within, "refused": refused,
-            "expired": expired, "p99_a": p99, "p99_b": p99, "p99_all": p99, "rungs": rungs or {"0": 10},
-            "fid_served": fid, "p99_over_alone_b": over,
+            "expired": expired, "p99_a": p99, "p99_b": p99, "p99_all": p99, "degraded": degraded,
+            "fid_served": fid, "fid_as_asked": 8.0, "p99_over_alone_b": over,
+            "served_at": {"tuned": 0.5, "untuned": 0.0, "own": 0.5},
         }  # fmt: skip
 
     rows = [
         row("baseline", "-", 1.0, 0.20),
         row("lego-serve", "exact", 1.0, 0.204),  # 1.02x: within 5%
         row("lego-serve", "elastic", 1.0, 0.22),  # 1.10x: not
-        row("lego-serve", "elastic", 2.0, 0.3, within=0.99, expired=0.01, rungs={"0": 8, "1": 2}, fid=9.9, over=5.5),
-        row("lego-serve", "elastic", 3.0, 0.4, within=0.94),
+        row("lego-serve", "elastic", 2.0, 0.3, within=0.99, expired=0.01, degraded=2, fid=9.9, over=5.5),
+        row("lego-serve", "elastic", 3.0, 0.4, within=0.95, refused=0.05),
     ]
-    lines = targets(rows, ("a", "b"), 0.02, 9.0, paced=0.12)
+    variant = {**row("lego-serve", "elastic", 2.0, 0.6, within=0.5, fid=12.0), "variant": "v", "variant_options": "-x"}
+    lines = targets([*rows, variant], ("a", "b"), 0.02, paced=0.12)  # a variant's rows are no server's
     assert lines[0].endswith(": met") and "1.02x" in lines[0]
     assert lines[1].endswith("**not met**") and "1.10x" in lines[1]
     # No request degraded at <= 1x: exact and elastic are two runs of the same work, how far apart they land.
     assert "elastic / exact 1.08x (a at 1x)" in lines[2] and "exact / elastic 0.93x" in lines[2]
-    assert "FID served 1.100x" in lines[3] and lines[3].endswith(": met")
-    assert "94.0%" in lines[4] and lines[4].endswith("**not met**")
+    assert "99.0% (>= 99%)" in lines[3] and "expired 1.0% (<= 1%)" in lines[3] and lines[3].endswith(": met")
+    assert "FID served 9.90 (as asked 8.00)" in lines[3] and "tuned rung 50%" in lines[3]
+    assert "95.0% (>= 95%)" in lines[4] and lines[4].endswith(": met")  # at 3x losses are stated, not bounded
     assert "5.5x" in lines[5] and lines[5].endswith("**not met**")
     assert lines[-2] == "- cost model median error 2.0% (<= 10%): met"
     assert lines[-1].endswith("12.0% (<= 10%): **not met**")
+    rows[3]["expired"] = 0.02
+    assert targets(rows, ("a", "b"), 0.02)[3].endswith("**not met**")
+    rows[4]["within_deadline"] = 0.94
+    assert targets(rows, ("a", "b"), 0.02)[4].endswith("**not met**")
     # One degraded request at <= 1x: the two ran different work, and the resolution line is left out.
-    rows[2]["rungs"] = {"0": 9, "1": 1}
-    lines = targets(rows, ("a", "b"), 0.02, 9.0)
+    rows[2]["degraded"] = 1
+    lines = targets(rows, ("a", "b"), 0.02)
     assert "1 requests degraded" in lines[1] and not any("resolution" in line for line in lines)
-    # Rung None: a request's own options (not the recommended setting), never a degraded one.
-    rows[2]["rungs"] = {"None": 10}
-    lines = targets(rows, ("a", "b"), 0.02, 9.0)
-    assert "0 requests degraded" in lines[1] and "resolution" in lines[2]
+    # A variant against the elastic server at the same load.
+    assert variant_lines([*rows, variant]) == [
+        "- v (`-x`) against elastic: at 2x within deadline -49.0 pt, refused + expired -2.0 pt, p99 2.00x, "
+        "FID served +2.10"
+    ]
 
 
 def test_served_fid_scores_the_mix_of_rungs_as_one_set(tmp_path):
@@ -152,7 +160,7 @@ def test_served_fid_scores_the_mix_of_rungs_as_one_set(tmp_path):
     good = rng.normal(size=(10, 4))
     features = np.stack([good, good + 3.0])  # rung 1: the same noise, shifted features
     np.savez(tmp_path / "f.npz", features=features, test_mu=np.zeros(4), test_sigma=np.eye(4))
-    images = LadderImages(tmp_path / "f.npz")
+    images = LadderImages(tmp_path / "f.npz", ["0", "1"])  # the rows' settings
     test = FeatureStats(np.zeros(4), np.eye(4))
 
     def fid(rows):
@@ -476,23 +484,115 @@ def test_serve_starts_a_load_pattern_only_if_it_can_end_in_time():
     assert pattern_fits([0.0] * 3, 0.0, 1.0)  # the first saturation run: nothing known yet, run it
 
 
+def write_ladder(prefix: Path, engines: Path, settings: list[str], images: int = 40) -> None:
+    """A ladder.py result for these settings: random features, each setting's shifted by its row number."""
+    from lego_export.manifest import Manifest
+
+    rng = np.random.default_rng(0)
+    features = np.stack([rng.normal(size=(images, 4)) + 0.3 * i for i in range(len(settings))])
+    np.savez(f"{prefix}.features.npz", features=features, test_mu=np.zeros(4), test_sigma=np.eye(4))
+    rows = [{"setting": s, "rung": None, "fid": 1.0, "class_accuracy": 0.5, "brick_flops_vs_reference": 1.0}
+            for s in settings]  # fmt: skip
+    sha = Manifest.read(engines).source["sha256"]
+    Path(f"{prefix}.json").write_text(json.dumps({"rows": rows, "checkpoint_sha256": sha}))
+
+
+def tiny_settings() -> list[str]:
+    """What the tiny engines may serve the workload of --mix both: their serving ladder, Heun 12 and 18."""
+    from lego_export.ladder import serving_ladder
+    from lego_export.manifest import Manifest
+
+    rungs = serving_ladder(Manifest.read(TINY_ENGINES)).rungs
+    return [o.describe() for o in rungs] + ["heun, 12 steps, full chain", "heun, 18 steps, full chain"]
+
+
 def test_serve_load_on_the_tiny_engines(tmp_path, committed_untouched):
-    out = tmp_path / "serve-load"
-    args = ["--engines", TINY_ENGINES, "--small", "--requests", 3, "--rounds", 1, "--c-fifo", 1, "--loads", 1]
-    args += ["--servers", "baseline,exact", "--ladder", tmp_path / "no-ladder.json", "--out", out]
-    proc = ok(bench("serve_load.py", *args, cwd=tmp_path))
+    """Both kinds of request, the baseline, the elastic server and a variant of it, the FID served
+    and as asked from the settings each answered; --rescore scores the run again with another ladder."""
+    out, ladder = tmp_path / "serve-load", tmp_path / "ladder"
+    write_ladder(ladder, TINY_ENGINES, tiny_settings())
+    args = ["--engines", TINY_ENGINES, "--small", "--requests", 4, "--rounds", 1, "--c-fifo", 1, "--loads", 1]
+    args += ["--mix", "both", "--servers", "baseline,elastic", "--variant", "s2=--streams 2"]
+    proc = ok(bench("serve_load.py", *args, "--ladder", f"{ladder}.json", "--out", out, cwd=tmp_path))
     data = results(out)
-    assert data["c_fifo_requests_per_s"] == 1.0 and data["cost_model_error"]["requests"] == 3
+    assert data["c_fifo_requests_per_s"] == 1.0 and data["cost_model_error"]["requests"] == 4
+    assert sum("steps" in b for b in data["workload"]) == 2 and data["ladder_tuned"] is False
+    assert {b.get("steps") for b in data["workload"]} <= {None, 12, 18}
     rows = data["rows"]
-    assert [(r["server"], r["quality"], r["load"]) for r in rows] == [
-        ("baseline", "-", 1.0),
-        ("lego-serve", "exact", 1.0),
+    assert [(r["server"], r["quality"], r["load"], r.get("variant")) for r in rows] == [
+        ("baseline", "-", 1.0, None),
+        ("lego-serve", "elastic", 1.0, None),
+        ("lego-serve", "elastic", 1.0, "s2"),
     ]
     for r in rows:
         assert r["other_errors"] == 0 and r["within_deadline"] + r["refused"] + r["expired"] <= 1.0 + 1e-9
-        assert len(r["requests"]["status"]) == 3
-    assert sum(rows[0]["rungs"].values()) == 3  # the baseline answers every request, late or not
+        assert len(r["requests"]["status"]) == 4 and r["unscored"] == []
+        answered = sum(r["rungs"].values())
+        assert sum(r["settings"].values()) == sum(r["settings_as_asked"].values()) == answered
+        assert abs(sum(r["served_at"].values()) - 1) < 1e-9 and r["fid_served"] > 0 and r["fid_as_asked"] > 0
+    base = rows[0]
+    assert sum(base["rungs"].values()) == 4  # the baseline answers every request, late or not
+    assert base["settings"] == base["settings_as_asked"] and base["fid_served"] == base["fid_as_asked"]
+    assert base["served_at"] == {"tuned": 0.0, "untuned": 0.5, "own": 0.5}  # rung 0 of an untuned ladder
     assert "C_FIFO = **1.000 requests/s**" in proc.stdout
+    assert "- s2 (`--streams 2`) against elastic: at 1x" in proc.stdout
+
+    # Another ladder file (every setting's images moved): the same run scores anew, nothing else changes.
+    write_ladder(ladder, TINY_ENGINES, tiny_settings()[::-1])
+    ok(bench("serve_load.py", "--rescore", "--ladder", f"{ladder}.json", "--out", out, cwd=tmp_path))
+    again = results(out)
+    assert [r["requests"] for r in again["rows"]] == [r["requests"] for r in rows]
+    assert again["rows"][0]["fid_served"] != base["fid_served"]
+
+
+def test_serve_load_names_the_ladder_rows_it_lacks_before_it_starts(tmp_path):
+    """A setting the workload asks for that ladder.py did not measure: one line naming it and the
+    ladder.py --setting that adds it, before any server starts."""
+    from click.testing import CliRunner
+    from serve_load import main
+
+    ladder = tmp_path / "ladder"
+    write_ladder(ladder, TINY_ENGINES, [s for s in tiny_settings() if "18 steps" not in s])
+    args = ["--engines", str(TINY_ENGINES), "--small", "--requests", "8", "--ladder", f"{ladder}.json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "no row for 'heun, 18 steps, full chain'" in result.output
+    assert """--setting '{"steps": 18}'""" in result.output
+    result = CliRunner().invoke(main, [*args[:-2], "--mix", "recommended", "--ladder", f"{ladder}.json",
+                                       "--variant", "x=--no-such-option"])  # fmt: skip
+    assert result.exit_code == 2 and "--variant" in result.output and "no-such-option" in result.output
+
+
+def test_serve_load_names_a_served_setting_the_ladder_lacks_and_how_to_score_it(tmp_path):
+    """A setting served that ladder.py did not measure (a degraded request's own guidance kept, say):
+    the run is kept, its rows unscored, and the failure names the setting, the --setting that
+    measures it and the --rescore that scores the run after."""
+    import click
+    from serve_load import LadderResults, check_scored, score
+
+    from lego_export.options import SamplingOptions
+
+    write_ladder(tmp_path / "ladder", TINY_ENGINES, ["heun, 12 steps, full chain"])
+    ladder = LadderResults(tmp_path / "ladder.json")
+    odd = SamplingOptions(sampler="dpm2m", steps=5)
+    row = {"requests": {"setting": ["heun, 12 steps, full chain", odd.describe(), None]},
+           "served_options": {odd.describe(): odd.to_dict()}}  # fmt: skip
+    score(row, ["heun, 12 steps, full chain"] * 3, ladder)
+    assert row["unscored"] == [odd.describe()] and row["fid_served"] is None and row["fid_as_asked"] > 0
+    with pytest.raises(click.ClickException) as e:
+        check_scored({"rows": [row], "out": "runs/x"}, ladder)
+    message = e.value.message
+    assert "no row for 'dpm2m, 5 steps, full chain' (served)" in message and "--rescore --out runs/x" in message
+    assert """--setting '{"sampler": "dpm2m", "steps": 5}'""" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("variant", ["no-equals", "=--streams 2", "baseline=--streams 2", "a=", "a b=--streams 2"])
+def test_serve_load_refuses_a_variant_it_cannot_name(variant):
+    from click.testing import CliRunner
+    from serve_load import main
+
+    result = CliRunner().invoke(main, ["--engines", "/nonexistent", "--variant", variant])
+    assert result.exit_code == 2 and "Invalid value for '--variant'" in result.output, result.output
 
 
 def test_gpu_check_on_a_gpu(tmp_path, committed_untouched):

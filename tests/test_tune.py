@@ -406,28 +406,55 @@ def test_the_ladder_benchmark_has_help_and_a_quick_mode_that_writes_only_where_t
     import subprocess
     import sys
 
+    from lego_export.ladder import serving_ladder
+
     engines, _, reference = tuned_folder
     classifier = write_features(tmp_path / "classifier.onnx", classes=10)
-    assert CliRunner().invoke(export_main, tune_args(engines, classifier, reference)).exit_code == 0
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder.py"
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0 and "--quick" in helped.stdout
-    out = tmp_path / "ladder"
-    ran = subprocess.run(
-        [sys.executable, str(script), "--quick", "--engines", str(engines), "--features", str(classifier),
-         "--reference", str(reference), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    assert helped.returncode == 0 and "--quick" in helped.stdout and "--setting" in helped.stdout
+
+    def run(out: Path, *settings: str) -> dict:
+        args = [sys.executable, str(script), "--quick", "--engines", str(engines), "--features", str(classifier),
+                "--reference", str(reference), "--out", str(out)]  # fmt: skip
+        for setting in settings:
+            args += ["--setting", setting]
+        ran = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        return json.loads(out.with_suffix(".json").read_text())
+
+    # Untuned: the default ladder derived from the model, and the settings asked for besides
+    written = run(tmp_path / "plain", '{"steps": 3}', '{"steps": 50}')  # Heun 50: rung 0 already, one row
+    ladder = serving_ladder(Manifest.read(engines))
+    assert not ladder.tuned and written["tuned"] is False
+    rows = written["rows"]
+    assert [r["setting"] for r in rows] == [o.describe() for o in ladder.rungs] + ["heun, 3 steps, full chain"]
+    assert [r["rung"] for r in rows] == [*range(len(ladder.rungs)), None]
+    assert [r["tuned"] for r in rows] == [False] * len(ladder.rungs) + [None]
+    assert np.load(tmp_path / "plain.features.npz")["features"].shape[:2] == (len(rows), 24)
+
+    # Tuned: the tuner's rungs (rung 0: the recommended setting), the named points that are no rung
+    from lego_export.manifest import Recommended, Rung
+
+    top, cheaper = SamplingOptions(sampler="dpm2m", steps=4), SamplingOptions(sampler="dpm2m", steps=3)
+    other = SamplingOptions(sampler="euler", steps=5)
+    manifest = Manifest.read(engines)
+    manifest.recommended = Recommended(
+        top, manifest.source["sha256"], {"fid": 1.0}, [Rung(cheaper, {"fid": 2.0})],
+        {"best": Rung(top), "balanced": Rung(top), "fast": Rung(cheaper), "other": Rung(other)},
     )  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
-    written = json.loads(out.with_suffix(".json").read_text())
-    rows, points = written["rows"], written["points"]
-    tuned = Manifest.read(engines).recommended
-    assert [r["setting"] for r in rows] == [o.describe() for o in tuned.rungs]  # what serve_load.py reads
-    assert [r["rung"] for r in rows] == list(range(len(tuned.rungs))) and all(r["rung"] is None for r in points)
-    assert {name for r in rows + points for name in r["points"]} == {"best", "balanced", "fast"}
-    assert all(0 <= r["class_accuracy"] <= 1 and r["fid"] >= 0 for r in rows + points)
-    features = np.load(out.with_suffix(".features.npz"))
-    assert features["features"].shape[:2] == (len(rows), 24)
+    manifest.write(engines)
+    written = run(tmp_path / "ladder", '{"sampler": "dpm2m", "steps": 3}', '{"steps": 3}')  # a rung; a new one
+    rows = written["rows"]
+    assert [(r["setting"], r["rung"], r["tuned"], r["points"]) for r in rows] == [
+        (top.describe(), 0, True, ["best", "balanced"]),
+        (cheaper.describe(), 1, True, ["fast"]),
+        (other.describe(), None, None, ["other"]),
+        ("heun, 3 steps, full chain", None, None, []),
+    ]
+    assert written["tuned"] is True and [r["tuner"] for r in rows] == [{"fid": 1.0}, {"fid": 2.0}, {}, {}]
+    assert all(0 <= r["class_accuracy"] <= 1 and r["fid"] >= 0 for r in rows)
+    assert np.load(tmp_path / "ladder.features.npz")["features"].shape[:2] == (len(rows), 24)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ladder")) == [
         "ladder.features.npz", "ladder.json", "ladder.md"
     ]  # fmt: skip
