@@ -116,14 +116,16 @@ def parse_variants(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 
 
 def check_variant_options(variants: dict[str, str], engines: str) -> None:
-    """Each variant's options as lego-serve's command line reads them, before any server starts."""
+    """Each variant's options as lego-serve reads and checks them, before any server starts."""
     from lego_export.serve.cli import main as lego_serve
+    from lego_export.serve.cli import make_config
 
     for name, options in variants.items():
         try:
             words = shlex.split(options)
-            lego_serve.make_context("lego-serve", ["--engines", engines, *words])
-        except (ValueError, click.ClickException) as e:
+            params = lego_serve.make_context("lego-serve", ["--engines", engines, *words]).params
+            make_config(**{k: v for k, v in params.items() if k not in ("host", "port", "log_level")})
+        except (ValueError, LegoError, click.ClickException) as e:
             message = e.format_message() if isinstance(e, click.ClickException) else str(e)
             raise click.BadParameter(f"{name}={options}: {message}", param_hint="--variant") from None
 

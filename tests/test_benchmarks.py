@@ -558,9 +558,10 @@ def test_serve_load_names_the_ladder_rows_it_lacks_before_it_starts(tmp_path):
     assert result.exit_code == 1, result.output
     assert "no row for 'heun, 18 steps, full chain'" in result.output
     assert """--setting '{"steps": 18}'""" in result.output
-    result = CliRunner().invoke(main, [*args[:-2], "--mix", "recommended", "--ladder", f"{ladder}.json",
-                                       "--variant", "x=--no-such-option"])  # fmt: skip
-    assert result.exit_code == 2 and "--variant" in result.output and "no-such-option" in result.output
+    for variant, named in (("x=--no-such-option", "no-such-option"), ("x=--without no-such-part", "no-such-part")):
+        result = CliRunner().invoke(main, [*args[:-2], "--mix", "recommended", "--ladder", f"{ladder}.json",
+                                           "--variant", variant])  # fmt: skip
+        assert result.exit_code == 2 and "--variant" in result.output and named in result.output, result.output
 
 
 def test_serve_load_names_a_served_setting_the_ladder_lacks_and_how_to_score_it(tmp_path):
