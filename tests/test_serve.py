@@ -584,6 +584,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_health(http: httpx.Client, server: subprocess.Popen) -> dict:
+    """A lego-serve process's /healthz, {} while it does not answer yet (failing if it exited)."""
+    try:
+        return http.get("/healthz").json()
+    except httpx.TransportError:
+        assert server.poll() is None, server.stdout.read()
+        return {}
+
+
 def test_sigterm_finishes_short_work_fails_long_work_and_exits():
     port = free_port()
     cmd = [sys.executable, "-m", "lego_export.serve.cli", "--engines", str(TINY), "--port", str(port)]
@@ -594,11 +603,7 @@ def test_sigterm_finishes_short_work_fails_long_work_and_exits():
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as http:
 
             def health():
-                try:
-                    return http.get("/healthz").json()
-                except httpx.TransportError:
-                    assert server.poll() is None, server.stdout.read()
-                    return {}
+                return server_health(http, server)
 
             wait_for(lambda: health().get("status") == "ok", 30, "lego-serve to start")
 
@@ -657,11 +662,7 @@ def test_sigterm_exits_within_the_drain_timeout_while_one_engine_call_is_long():
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, trust_env=False) as http:
 
             def health():
-                try:
-                    return http.get("/healthz").json()
-                except httpx.TransportError:
-                    assert server.poll() is None, server.stdout.read()
-                    return {}
+                return server_health(http, server)
 
             wait_for(lambda: health().get("status") == "ok", 30, "lego-serve to start")
             body = {"steps": 4, "num": 64, "resolution": "512x512", "format": "npz"}
