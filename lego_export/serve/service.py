@@ -146,7 +146,7 @@ class ImageService:
     def parse(self, data: dict) -> ImageRequest:
         """Validate a request body (RequestError with a 4xx status on any bad field)."""
         try:
-            return parse_image_request(data, self.manifest, self.config.limits)
+            return parse_image_request(data, self.manifest, self.config.limits, rungs=len(self.ladder.rungs))
         except RequestError:
             self.metrics.count("invalid")
             raise

@@ -252,9 +252,10 @@ def _bool(data: dict, name: str, default: bool) -> bool:
     return value
 
 
-def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> ImageRequest:
+def parse_image_request(data: dict, manifest: Manifest, limits: Limits, rungs: int | None = None) -> ImageRequest:
     """Validate a request body against the model and this server's limits: 400 for a bad field, 413
-    for one over a limit, each message naming the field."""
+    for one over a limit, each message naming the field. rungs: how many rungs the serving ladder has
+    (a server knows; else derived from the manifest, which plans every default rung)."""
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise RequestError(400, f"unknown field {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}")
@@ -264,7 +265,8 @@ def parse_image_request(data: dict, manifest: Manifest, limits: Limits) -> Image
     tuned = manifest.recommended if _bool(data, "recommended", True) else None
     model = manifest.model
     names = {**JSON_NAMES, "classes": "class"} if "class" in data else JSON_NAMES
-    quality = _quality(data, len(serving_ladder(manifest).rungs), point_names(manifest.recommended))
+    rungs = len(serving_ladder(manifest).rungs) if rungs is None else rungs
+    quality = _quality(data, rungs, point_names(manifest.recommended))
     point = quality if isinstance(quality, str) and quality not in QUALITIES else None
     try:
         if point is not None:  # a named point: its setting, run as asked (never degraded)
