@@ -52,7 +52,6 @@ from common import machine, markdown_table, one_line_errors, out_option, save_fi
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.runtime.pipeline import LegoPipeline  # noqa: E402
 from lego_export.serve.cli import make_config  # noqa: E402
-from lego_export.serve.config import ORDERS  # noqa: E402
 from lego_export.serve.validation import Limits, RequestError, parse_body, parse_image_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,8 +454,6 @@ def report(data: dict) -> str:
 @click.option("--mix", type=click.Choice(["mixed", "single"]), default="mixed", show_default=True)
 @click.option("--check", default=4, show_default=True, help="Compare the first CHECK requests with offline images.")
 @click.option("--max-active", default=16, show_default=True, help="lego-serve's --max-active.")
-@click.option("--order", type=click.Choice(ORDERS), default="slack", show_default=True, help="lego-serve's --order.")
-@click.option("--align/--no-align", default=True, show_default=True, help="lego-serve's --align (with --order merge).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True, help="lego-serve's --calibrate.")
 @click.option(
     "--time-limit",
@@ -469,13 +466,13 @@ def report(data: dict) -> str:
 @out_option("benchmarks/results/serve")
 @one_line_errors
 def main(
-    engines, backend, threads, n, rates, mix, check, max_active, order, align, calibrate, time_limit, seed, small, out
+    engines, backend, threads, n, rates, mix, check, max_active, calibrate, time_limit, seed, small, out
 ) -> None:
     """Throughput and latency of lego-serve against a one-request-at-a-time server, same load."""
     from lego_export.manifest import Manifest
 
     try:  # lego-serve's own check of its options, before any server starts
-        make_config(order=order, align=align)
+        make_config(max_active=max_active)
     except LegoError as e:
         raise click.UsageError(str(e)) from None
     deadline = time.monotonic() + time_limit
@@ -486,7 +483,6 @@ def main(
     print(f"{n} requests, {images_total} images; offline reference for {min(check, n)} ...", flush=True)
     reference = offline_reference(engines, backend, threads, bodies[:check])
     lego_options = ["--max-active", str(max_active), "--max-queue", str(max(64, n))]
-    lego_options += ["--order", order, "--align" if align else "--no-align"]
     lego_options += ["--calibrate" if calibrate else "--no-calibrate"]
     lego_options += ["--drain-timeout", "5"]
 

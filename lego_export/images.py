@@ -47,18 +47,27 @@ def run_text(record: dict) -> dict[str, str]:
     return {"Software": "lego-export", "lego-export": json.dumps(record, sort_keys=True)}
 
 
-def save_image(pixels: np.ndarray, path: str | Path, text: dict[str, str] | None = None) -> None:
-    """Write an (H, W, C) uint8 picture atomically, as PNG or JPEG by the file's suffix; text goes
-    into a PNG's text chunks (what made the picture), JPEG has none."""
+def picture_bytes(pixels: np.ndarray, fmt: str = "PNG", text: dict[str, str] | None = None) -> bytes:
+    """An (H, W, C) uint8 picture as PNG or JPEG bytes; text goes into a PNG's text chunks (what made
+    the picture), JPEG has none."""
+    import io
+
     from PIL import Image, PngImagePlugin
 
     picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    fmt = image_format(path)
     extra: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {}
     if text and fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
         extra["pnginfo"] = info
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, **extra)
+    return buffer.getvalue()
+
+
+def save_image(pixels: np.ndarray, path: str | Path, text: dict[str, str] | None = None) -> None:
+    """Write an (H, W, C) uint8 picture atomically, as PNG or JPEG by the file's suffix (picture_bytes)."""
+    data = picture_bytes(pixels, image_format(path), text)
     with atomic_write(path) as f:
-        picture.save(f, format=fmt, **extra)
+        f.write(data)

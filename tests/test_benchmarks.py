@@ -210,8 +210,8 @@ def test_serve_benchmark_refuses_lego_serve_options_lego_serve_would_refuse():
     from click.testing import CliRunner
     from serve import main
 
-    result = CliRunner().invoke(main, ["--engines", "/nonexistent", "--no-align"])
-    assert result.exit_code == 2 and "align applies to order merge only" in result.output, result.output
+    result = CliRunner().invoke(main, ["--engines", "/nonexistent", "--max-active", "0"])
+    assert result.exit_code == 2 and "--max-active must be an integer from 1 to 4096" in result.output, result.output
 
 
 # -- every script: --help, a smoke run on tiny engines, files only where --out says, one-line failures --

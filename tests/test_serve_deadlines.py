@@ -110,8 +110,8 @@ def test_predictions_follow_the_work_of_each_request():
         service.close(5)
 
 
-def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
-    def classes_of_embedder_calls(order: str, deadline_s: float | None = None) -> list[int]:
+def test_the_most_urgent_request_runs_first():
+    def classes_of_embedder_calls(deadline_s: float | None = None) -> list[int]:
         seen: list[int] = []
         release = threading.Event()
 
@@ -122,7 +122,7 @@ def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
                     release.wait(30)
             time.sleep(0.002)
 
-        service, _ = service_with(hook, order=order)
+        service, _ = service_with(hook)
         with running(service) as http:
             due = {} if deadline_s is None else {"deadline_s": deadline_s}
             long = http.post("/v1/images", json={"steps": 30, "class": 0, "async": True, **due}).json()["id"]
@@ -135,16 +135,14 @@ def test_the_most_urgent_request_runs_first_and_merge_order_mixes_them():
 
     # No deadlines: each is ordered as if due at ten times its own predicted time (about 1.3 s for
     # the long one, 0.03 s for the short one), so arrival order would make the short one late.
-    slack = classes_of_embedder_calls("slack")
+    slack = classes_of_embedder_calls()
     short_calls = [i for i, c in enumerate(slack) if c == [1]]
     assert len(short_calls) == 3 and short_calls == list(range(short_calls[0], short_calls[0] + 3)), slack
     assert short_calls[-1] < len(slack) - 1  # ahead of the long one's last calls
     assert [0, 1] not in slack  # never merged: on these engines a merged call costs as much as two
     # A minute to spare for both: arrival order keeps both in time, so the short one waits its turn.
-    patient = classes_of_embedder_calls("slack", deadline_s=60)
+    patient = classes_of_embedder_calls(deadline_s=60)
     assert patient[-3:] == [[1]] * 3 and [1] not in patient[:-3], patient
-    merged = classes_of_embedder_calls("merge")
-    assert [0, 1] in merged, merged  # the old order puts both requests' rows in one call
 
 
 def test_only_the_requests_arrival_order_would_make_late_move_ahead():
@@ -181,35 +179,26 @@ def test_the_head_of_the_order_runs_without_waiting_for_the_others_host_work():
         with batcher._cond:
             assert not batcher._ready()
 
-    def check(order: str) -> None:
-        batcher = CallBatcher(backend.manifest, backend, ServeConfig(order=order, calibrate=False))
-        try:
-            head, busy = batcher.join(), batcher.join()  # busy: joined, still on host work, no call yet
-            result: dict = {}
-            worker = sample(batcher, head, result)
-            if order == "slack":  # its calls run at once, every one of them, while busy never calls
-                worker.join(30)
-                assert "r" in result and result["r"].images.shape[0] == 1
-            else:  # the merge order waits for every active request, so that their calls merge
-                held(batcher, "the head's first call")
-            batcher.leave(busy)
-            worker.join(30)
-            assert "r" in result
-            batcher.leave(head)
-            # A request later in the order waits while the head is on its host work.
-            late, first = batcher.join(), batcher.join(priority=1)
-            later: dict = {}
-            thread = sample(batcher, late, later)
-            held(batcher, "the later request's call")
-            batcher.leave(first)
-            thread.join(30)
-            assert "r" in later
-            batcher.leave(late)
-        finally:
-            batcher.close()
-
-    check("slack")
-    check("merge")
+    batcher = CallBatcher(backend.manifest, backend, ServeConfig(calibrate=False))
+    try:
+        head, busy = batcher.join(), batcher.join()  # busy: joined, still on host work, no call yet
+        result: dict = {}
+        worker = sample(batcher, head, result)
+        worker.join(30)  # its calls run at once, every one of them, while busy never calls
+        assert "r" in result and result["r"].images.shape[0] == 1
+        batcher.leave(busy)
+        batcher.leave(head)
+        # A request later in the order waits while the head is on its host work.
+        late, first = batcher.join(), batcher.join(priority=1)
+        later: dict = {}
+        thread = sample(batcher, late, later)
+        held(batcher, "the later request's call")
+        batcher.leave(first)
+        thread.join(30)
+        assert "r" in later
+        batcher.leave(late)
+    finally:
+        batcher.close()
 
 
 def test_a_request_waiting_behind_the_head_is_not_woken_by_the_heads_calls():

@@ -1,16 +1,7 @@
-"""The HTTP API of lego-serve (FastAPI), over one :class:`ImageService`.
-
-    POST   /v1/images              JSON request -> PNG grid or npz bytes; {"async": true} -> 202 and the job;
-                                   {"stream": true} -> the job's server-sent events (its result at /v1/jobs/{id}/result)
-    GET    /v1/jobs/{id}           the job as JSON, always: status, queue position, progress, what runs
-    GET    /v1/jobs/{id}/result    its image bytes once done (409 before; its error after a failure)
-    GET    /v1/jobs/{id}/events    server-sent events: the job's JSON at every step, until it ends
-    DELETE /v1/jobs/{id}           cancel (frees the slot)
-    POST   /v1/plan                the brick plan of a request (the same JSON, checked the same way); nothing runs
-    GET    /v1/model               the model: classes, canvas, limits, the quality ladder and its named points
-    GET    /                       the playground page (off with ui=False)
-    GET    /healthz                liveness and load
-    GET    /metrics                Prometheus text
+"""The HTTP API of lego-serve (FastAPI), over one :class:`ImageService`: POST /v1/images (answered at once,
+as a job or as a stream of its events), a job's status, result, events and DELETE under /v1/jobs/{id},
+POST /v1/plan (nothing runs), GET /v1/model, the playground page at /, /healthz, /metrics, and the
+OpenAPI document at /openapi.json with its page at /docs.
 
 Every error is one line of JSON, ``{"error": "..."}``, with a 4xx or 5xx status.
 """
@@ -42,18 +33,19 @@ EVENTS = "text/event-stream"
 EVENTS_POLL_S = 0.05  # how often an event stream looks for progress
 MAX_EVENTS_S = 3600.0  # an event stream ends after this long whatever the job does
 
+ERROR = {"description": "one line of JSON naming the problem", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}  # fmt: skip
+OBJECT = {"application/json": {"schema": {"type": "object"}}}
+PLAN = {"description": "per step: the bricks that run, cached and guided; brick runs, guided steps, FLOPs saved",
+        "content": OBJECT}  # fmt: skip
+JOB = {"description": "the job's JSON (status, queue_position, progress, run, result, error)", "content": OBJECT}
+IMAGES = {"description": "the images: a PNG grid, or an npz (format); with stream, the job's events",
+          "content": {"image/png": {}, "application/octet-stream": {}, "text/event-stream": {}}}  # fmt: skip
+
 
 def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-ERROR = {"description": "one line of JSON naming the problem", "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}  # fmt: skip
-PLAN = {"description": "per step: the bricks that run, cached and guided; brick runs, guided steps, FLOPs saved",
-        "content": {"application/json": {"schema": {"type": "object"}}}}  # fmt: skip
-JOB = {"description": "the job's JSON (status, queue_position, progress, run, result, error)",
-       "content": {"application/json": {"schema": {"type": "object"}}}}  # fmt: skip
 
 
 def create_app(
@@ -63,14 +55,13 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app. service: the service, or a callable returning it (looked up per request, so
     a Ray replica can build its service after the app exists; config then gives its settings).
-    on_shutdown runs (in a worker thread) when the server stops: lego-serve drains the service
-    there. config.docs: serve the OpenAPI document at /openapi.json and its browser view at /docs,
-    the request schema stating the limits; config.ui: serve the playground page at /."""
+    on_shutdown runs (in a worker thread) when the server stops. config.docs: serve /openapi.json
+    and its page at /docs; config.ui: serve the playground page at /."""
     current = service if callable(service) and not isinstance(service, ImageService) else lambda: service
     known = service if isinstance(service, ImageService) else None
     config = known.config if known is not None else config or ServeConfig()
-    docs, ui = config.docs, config.ui
-    body_schema = request_schema(config.limits, known.manifest if known is not None else None)
+    schema = request_schema(config.limits, known.manifest if known is not None else None)
+    body = {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -83,9 +74,14 @@ def create_app(
         summary="LEGO brick engines over HTTP: deadlines, least-slack-first order, a quality ladder under load",
         docs_url=None,  # FastAPI's Swagger UI loads its scripts from a CDN: /docs is our own page (below)
         redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
+        openapi_url="/openapi.json" if config.docs else None,
         lifespan=lifespan,
     )
+
+    @app.exception_handler(RequestError)
+    @app.exception_handler(ServiceUnavailable)
+    async def refused(_request: Request, exc: RequestError | ServiceUnavailable) -> JSONResponse:
+        return error(exc.status, exc.message, getattr(exc, "retry_after", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -95,33 +91,23 @@ def create_app(
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
         return error(500, f"internal error: {type(exc).__name__}")
 
+    def find(job_id: str) -> Job:
+        job = current().get(job_id)
+        if job is None:
+            raise RequestError(404, f"no job {job_id!r} (unknown, or its result has expired)")
+        return job
+
     @app.post(
         "/v1/images",
-        openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": body_schema}}}},
-        responses={
-            200: {
-                "description": "the images: a PNG grid, or an npz (format); with stream, the job's events",
-                "content": {"image/png": {}, "application/octet-stream": {}, "text/event-stream": {}},
-            },  # fmt: skip
-            202: JOB,
-            **{code: ERROR for code in (400, 413, 429, 500, 503, 504)},
-        },
+        openapi_extra=body,
+        responses={200: IMAGES, 202: JOB, **dict.fromkeys((400, 413, 429, 500, 503, 504), ERROR)},
     )
     async def images(request: Request) -> Response:
         """Sample images; with "async": true, a job to poll, stream or fetch."""
         received = time.monotonic()  # its deadline runs from here: reading and checking the body count
         svc = current()
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return error(413, f"request body over {MAX_BODY_BYTES} bytes")
-        try:
-            body = await read_body(request)
-            req = svc.parse(parse_body(body))
-            job = svc.submit(req, received)
-        except RequestError as e:
-            return error(e.status, e.message)
-        except ServiceUnavailable as e:
-            return error(e.status, e.message, e.retry_after)
+        req = await read_request(svc, request)
+        job = svc.submit(req, received)
         location = {"Location": f"/v1/jobs/{job.id}"}
         if req.is_async:
             return JSONResponse(job.describe(svc.position(job)), status_code=202, headers=location)
@@ -135,22 +121,16 @@ def create_app(
             svc.forget(job)
         return job_response(job)
 
-    def find(job_id: str) -> Job | JSONResponse:
-        job = current().get(job_id)
-        return job if job is not None else error(404, f"no job {job_id!r} (unknown, or its result has expired)")
-
     @app.get("/v1/jobs/{job_id}", responses={200: JOB, 404: ERROR})
     async def job_status(job_id: str) -> Response:
         """A job's status as JSON, always."""
         job = find(job_id)
-        return job if isinstance(job, Response) else JSONResponse(job.describe(current().position(job)))
+        return JSONResponse(job.describe(current().position(job)))
 
-    @app.get("/v1/jobs/{job_id}/result", responses={**{c: ERROR for c in (404, 409, 410, 500, 503, 504)}})
+    @app.get("/v1/jobs/{job_id}/result", responses=dict.fromkeys((404, 409, 410, 500, 503, 504), ERROR))
     async def job_result(job_id: str) -> Response:
         """A finished job's image bytes (or its error)."""
         job = find(job_id)
-        if isinstance(job, Response):
-            return job
         if not job.terminal:
             return error(409, f"job {job_id} is {job.state}, not done: GET /v1/jobs/{job_id} for its progress")
         return job_response(job)
@@ -158,56 +138,44 @@ def create_app(
     @app.get("/v1/jobs/{job_id}/events", responses={404: ERROR})
     async def job_events(job_id: str) -> Response:
         """Server-sent events: the job's JSON on every change, until it ends."""
-        job = find(job_id)
-        if isinstance(job, Response):
-            return job
-        return StreamingResponse(events(current(), job), media_type=EVENTS)
+        return StreamingResponse(events(current(), find(job_id)), media_type=EVENTS)
 
     @app.delete("/v1/jobs/{job_id}", responses={200: JOB, 404: ERROR})
     async def cancel_job(job_id: str) -> Response:
         """Cancel a job (or drop a finished one's result)."""
-        svc = current()
-        job = svc.get(job_id)
-        if job is None:
-            return error(404, f"no job {job_id!r} (unknown, or its result has expired)")
-        if not job.terminal:
-            svc.cancel(job, "cancelled by the client")
+        svc, job = current(), find(job_id)
+        if job.terminal:
+            svc.forget(job)
         else:
-            svc.forget(job)  # a finished job's result is dropped
+            svc.cancel(job, "cancelled by the client")
         return JSONResponse({"id": job.id, "status": job.state})
 
-    @app.post(
-        "/v1/plan",
-        openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": body_schema}}}},
-        responses={200: PLAN, **{code: ERROR for code in (400, 413)}},
-    )
+    @app.post("/v1/plan", openapi_extra=body, responses={200: PLAN, **dict.fromkeys((400, 413), ERROR)})
     async def plan_request(request: Request) -> Response:
         """The brick plan of a request (the JSON of POST /v1/images), refused as generation refuses it; runs nothing."""
         svc = current()
-        try:
-            req = svc.parse(parse_body(await read_body(request)))
-        except RequestError as e:
-            return error(e.status, e.message)
-        return JSONResponse(describe_plan(svc, req))
+        return JSONResponse(describe_plan(svc, await read_request(svc, request)))
 
     @app.get("/v1/model")
     async def model_info() -> Response:
         """The model and what a request may ask of it: classes, canvas, limits, the quality ladder."""
         return JSONResponse(describe_model(current()))
 
-    if ui:
-        from lego_export.serve.ui import page_files
+    if config.ui:
+        from lego_export.serve.ui import CONTENT_SECURITY_POLICY, page_files
 
+        headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"}
         for path, (content, media_type) in page_files().items():
-            app.add_api_route(path, static_page(content, media_type), methods=["GET"], include_in_schema=False)
+            app.add_api_route(path, static_page(content, media_type, headers), methods=["GET"], include_in_schema=False)
 
-    if docs:
-        from lego_export.serve.docs_page import CONTENT_SECURITY_POLICY, docs_html
+    if config.docs:
+        from lego_export.serve.docs_page import CONTENT_SECURITY_POLICY as DOCS_POLICY
+        from lego_export.serve.docs_page import docs_html
 
         @app.get("/docs", include_in_schema=False)
         async def docs_page() -> Response:
-            page = docs_html(app.openapi())  # the same document as /openapi.json; nothing loaded from elsewhere
-            return Response(page, media_type="text/html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+            page = docs_html(app.openapi())  # the same document as /openapi.json
+            return Response(page, media_type="text/html", headers={"Content-Security-Policy": DOCS_POLICY})
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -233,15 +201,18 @@ def create_app(
     return app
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, refused as soon as it grows past MAX_BODY_BYTES (whatever Content-Length said)."""
-    chunks, size = [], 0
+async def read_request(svc: ImageService, request: Request) -> ImageRequest:
+    """The request a body asks for, checked; a body over MAX_BODY_BYTES is refused unread when its
+    Content-Length says so, else as soon as it grows past."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    body = b""
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            break  # parse_body refuses it
+    return svc.parse(parse_body(body))
 
 
 async def wait_or_disconnect(job: Job, request: Request) -> None:
@@ -249,16 +220,13 @@ async def wait_or_disconnect(job: Job, request: Request) -> None:
     done = asyncio.wrap_future(job.future)
     while True:
         finished, _ = await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
-        if finished:
-            return
-        if await request.is_disconnected():
+        if finished or await request.is_disconnected():
             return
 
 
 async def events(svc: ImageService, job: Job, cancel_on_exit: bool = False):
     """Server-sent events: the job's JSON whenever its status, queue position or progress changes,
-    the last one when it ends. cancel_on_exit: cancel the job if the stream stops before it ends
-    (its client left)."""
+    the last one when it ends. cancel_on_exit: cancel the job if the stream stops first (its client left)."""
     last, loop = None, asyncio.get_running_loop()
     deadline = loop.time() + MAX_EVENTS_S
     try:
@@ -295,12 +263,8 @@ def job_response(job: Job) -> Response:
     return JSONResponse({"error": job.error or "cancelled", "id": job.id, "status": CANCELLED}, status_code=status)
 
 
-def static_page(content: bytes, media_type: str) -> Callable:
-    """A GET handler answering one file of the page; the policy header keeps the browser from
-    loading anything from another host."""
-    from lego_export.serve.ui import CONTENT_SECURITY_POLICY
-
-    headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"}
+def static_page(content: bytes, media_type: str, headers: dict[str, str]) -> Callable:
+    """A GET handler answering one file of the page."""
 
     async def page() -> Response:
         return Response(content, media_type=media_type, headers=headers)
@@ -309,25 +273,18 @@ def static_page(content: bytes, media_type: str) -> Callable:
 
 
 def describe_plan(svc: ImageService, req: ImageRequest) -> dict:
-    """What a request would run as asked, without running it: per step the bricks that run (the
-    rest skipped), those that take their cache, and whether it is guided (its bricks run twice);
-    in all, brick runs of the full chain's, and the share of brick FLOPs saved (plan.py)."""
+    """What a request would run, without running it: per step the bricks that run, those that take
+    their cache and whether it is guided; in all, brick runs and the share of brick FLOPs saved."""
     model = svc.manifest.model
     canvas = req.canvas(model)
     steps = plan(req.options, model, canvas, req.seed)
     bricks = len(model.bricks)
     saved = flop_fraction_saved(steps, model_brick_flops(model))
     rows: list[dict[str, Any]] = [
-        {
-            "step": p.step,
-            "sigma": round(p.sigma, 6),
-            "runs": [k for k in range(bricks) if p.runs(k)],
-            "cached": list(p.cached),
-            "guided": p.guided,
-            "halves": p.halves,
-        }
+        {"step": p.step, "sigma": round(p.sigma, 6), "runs": [k for k in range(bricks) if p.runs(k)],
+         "cached": list(p.cached), "guided": p.guided, "halves": p.halves}
         for p in steps
-    ]
+    ]  # fmt: skip
     predicted = svc.predict(req, req.options)
     return {
         "options": req.options.to_dict(),
@@ -348,29 +305,25 @@ def describe_plan(svc: ImageService, req: ImageRequest) -> dict:
 
 
 def describe_model(svc: ImageService) -> dict:
-    """The model a request samples from and the choices it offers: class names, training canvas and
-    the multiple every canvas side must be, this server's limits, the recommended setting, the
-    rungs of its quality ladder (0: the recommended setting, or the model's default; each with
-    whether the tuner measured it, its brick FLOPs and its predicted time for one image at the
-    training canvas) and its named points."""
+    """The model and the choices it offers: classes, canvas, this server's limits, the rungs of its
+    quality ladder (0: the recommended setting, or the model's default) and its named points."""
     manifest, model, ladder = svc.manifest, svc.manifest.model, svc.ladder
     recommended = manifest.recommended
     side = model.img_resolution
-    one = ImageRequest(num=1, resolution=(side, side))
+    one = ImageRequest(num=1, resolution=(side, side))  # a rung's predicted time: one image, training canvas
 
     def setting(options, measured: dict) -> dict:
         return {"options": options.to_dict(), "description": options.describe(), "measured": measured}
 
     rungs = []
     for i, options in enumerate(ladder.rungs):
-        rung = setting(options, ladder.measured[i] if i < len(ladder.measured) else {})
         predicted = svc.predict(one, options)
-        rung.update(
-            tuned=ladder.tuned,
-            full_chain_evaluations=round(full_chain_evaluations(options, model), 4),
-            predicted_s=round(predicted, 4) if predicted else None,
-        )
-        rungs.append(rung)
+        rungs.append({
+            **setting(options, ladder.measured[i] if i < len(ladder.measured) else {}),
+            "tuned": ladder.tuned,
+            "full_chain_evaluations": round(full_chain_evaluations(options, model), 4),
+            "predicted_s": round(predicted, 4) if predicted else None,
+        })  # fmt: skip
     points = {}
     if recommended is not None:
         points = {name: setting(r.options, r.measured) for name, r in recommended.points.items()}

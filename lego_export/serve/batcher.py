@@ -1,30 +1,20 @@
-"""The call batcher: engine calls of every request in flight, merged tick by tick.
+"""The call batcher: the engine calls of every request in flight, run tick by tick.
 
-Every in-flight request samples with its own :class:`~lego_export.runtime.pipeline.LegoPipeline`,
-in its own thread: its own plan, sampler state and noise, exactly the offline code path. Its
-pipeline runs over a :class:`BatchingBackend` whose runners run nothing: ``infer(feeds)`` hands the
-call to the :class:`CallBatcher` and blocks until the batcher returns that call's rows.
+Every in-flight request samples with its own :class:`~lego_export.runtime.pipeline.LegoPipeline` in
+its own thread (its own plan, sampler state and noise: the offline code path), over a
+:class:`BatchingBackend` whose runners hand each engine call to the :class:`CallBatcher` and block
+until it returns that call's rows.
 
-The batcher works in ticks. When every active request is blocked on an engine call (or has left),
-or, in the slack order, the request at the head of the order is, it takes the pending calls, groups
-them by engine, concatenates each group's feeds along N (a tile carries its own conditioning row,
-so tiles of different requests, steps, canvas sizes, skip plans and guidance halves fit one call),
-runs the real engine in chunks within its N range, and hands each request its rows. A tick runs
-in the thread of a waiting request, usually the one whose call it runs; with several streams,
-several ticks run at once, on engines that each use a share of the threads (a request alone runs
-on all of them). Requests join and leave between ticks. Engine outputs do not depend on what
-else is in the batch (each tile is computed on its own), so every request gets the images it
-would get offline.
-
-Which calls a tick runs is the batcher's order:
-  - ``slack`` (the default): the call of the request at the head of the policy's order
-    (policy.in_order: by arrival while that keeps every request in time, else the ones it would
-    make late first). Calls of other requests join it only where one merged call is measurably
-    cheaper than separate ones (on a CPU a tile costs about the same in any batch, so merging
-    mostly makes short requests wait on long ones). When a request's deadline passes, the service
-    ends it (``expire``): its pending call fails with RequestExpired instead of taking the engines.
-  - ``merge``: every request's calls merged, the earliest engine of the chain first (``align``), so
-    that requests fall into step and later engines see them all in one call.
+A tick runs the pending call of the request at the head of the policy's order (policy.in_order: by
+arrival while that keeps every request in time, else the ones it would make late first). Calls of
+other requests for the same engine join it where the cost model says one call is cheaper than two: a
+tile carries its own conditioning row, so tiles of different requests, steps, canvases and plans fit
+one call, and engine outputs do not depend on what else is in it (every request gets its offline
+images). On a CPU a tile costs about the same in any batch, so calls rarely merge there. A tick runs
+in the thread of a waiting request, usually the one whose call it runs. With several streams,
+several ticks run at once, each on engines with a share of the threads; a request alone runs on all
+of them. When a request's deadline passes, the service ends it (``expire``): its pending call fails
+with RequestExpired instead of taking the engines.
 """
 
 from __future__ import annotations
@@ -43,13 +33,12 @@ from lego_export.manifest import EngineSpec, Manifest
 from lego_export.runtime.backends import Backend
 from lego_export.runtime.pipeline import LegoPipeline
 from lego_export.runtime.runner import EngineRunner
-from lego_export.serve.calibrate import best_chunk
 from lego_export.serve.config import ServeConfig
-from lego_export.serve.cost import CostModel, Prices
+from lego_export.serve.cost import CostModel, Prices, best_chunk
+from lego_export.serve.metrics import TILE_BUCKETS, Histogram
 from lego_export.serve.policy import Pace, Work, in_order
 
-# A request hands its whole evaluation to the batcher at once (its pipeline calls engines with any
-# N); the batcher cuts merged calls to the real engine's range.
+# A request hands its whole evaluation to the batcher at once; the batcher cuts calls to the engine's range.
 UNBOUNDED_N = 2**62
 
 
@@ -71,16 +60,16 @@ class EngineFailed(Exception):
 
 @dataclass
 class EngineStats:
-    """Counters of one engine, written by the batcher's streams (under its stats lock)."""
+    """Counters of one engine (written under the batcher's stats lock)."""
 
     calls: int = 0
     tiles: int = 0
     capacity: int = 0  # sum over calls of the chunk size aimed at: tiles / capacity is the fill ratio
     seconds: float = 0.0
     failures: int = 0
-    groups: int = 0  # merged groups run (one per engine per tick), each cut into one or more calls
-    group_requests: int = 0  # requests served by those groups: / groups = requests sharing a call
-    tiles_per_call: dict[int, int] = field(default_factory=dict)  # histogram by bucket upper bound
+    groups: int = 0  # calls as the requests submitted them merged into one, each cut into chunks
+    group_requests: int = 0  # requests served by those groups
+    tiles_per_call: Histogram = field(default_factory=lambda: Histogram(TILE_BUCKETS))
 
 
 @dataclass
@@ -97,14 +86,6 @@ class BatcherStats:
     def overhead_fraction(self) -> float:
         """Share of tick time spent merging and scattering rather than in engines."""
         return max(0.0, 1.0 - self.engine_seconds / self.tick_seconds) if self.tick_seconds else 0.0
-
-
-TILE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def tile_bucket(n: int) -> int:
-    """The histogram bucket (upper bound) of a call of n tiles; larger than every bucket: n itself."""
-    return next((b for b in TILE_BUCKETS if n <= b), n)
 
 
 class Slot:
@@ -148,7 +129,6 @@ class EngineCall:
     done: threading.Event = field(default_factory=threading.Event)
     outputs: dict | None = None
     error: BaseException | None = None
-    waited: int = 0  # ticks this call was passed over
 
     @property
     def key(self) -> tuple:
@@ -158,20 +138,19 @@ class EngineCall:
 
 
 class CallBatcher:
-    """Owns one real backend and runs every request's engine calls in merged, chunked batches."""
+    """Owns one real backend and runs every request's engine calls, most urgent first, in chunks."""
 
     def __init__(
         self,
         manifest: Manifest,
-        backend,
+        backend: Backend,
         config: ServeConfig | None = None,
         pace: Pace | None = None,
-        narrow_backend=None,
+        narrow_backend: Backend | None = None,
     ):
-        """backend: a runtime backend (lego_export.runtime.backends) whose runners do the work, with
-        all the engine threads; config: the server's (max_batch_tiles, calibrate, order, align,
-        streams, without). narrow_backend: the same engines on a 1/streams share of the threads, for
-        ticks that run beside others (None: every tick uses backend's runners). pace: the service's."""
+        """backend: whose runners do the work, on all the engine threads; config: the server's
+        (max_batch_tiles, calibrate, streams); pace: the service's; narrow_backend: the same engines
+        on a 1/streams share of the threads, for ticks that run beside others."""
         config = config or ServeConfig(calibrate=False)
         self.manifest, self.backend, self.config = manifest, backend, config
         self.pace = pace or Pace()
@@ -181,32 +160,26 @@ class CallBatcher:
         self.limits = {spec.name: self._limit(spec) for spec in manifest.engines}
         self.runners = self._runners(backend)
         self.calibration: dict[str, dict[int, float]] = {}  # seconds per row at each N measured
-        if self.config.calibrate:
+        if config.calibrate:
             for spec in manifest.engines:
                 runner = self.runners[spec.name]
                 runner.max_rows, self.calibration[spec.name] = best_chunk(
                     runner, spec, self.limits[spec.name], runner.arrays
                 )
-        # A request alone runs on all the threads (intra-op parallelism is all there is to use);
-        # requests side by side each run on their share, which serves more of them per second.
+        # A request alone runs on all the threads; requests side by side each on their share.
         self.narrow_runners = self.runners
-        if narrow_backend is not None and self.config.streams > 1:
+        if narrow_backend is not None and config.streams > 1:
             self.narrow_runners = self._runners(narrow_backend)
             for name, runner in self.narrow_runners.items():
                 runner.max_rows = self.runners[name].max_rows
-        # Prices engine calls for the slack order and the service's predictions (no model: uncalibrated,
-        # then requests are taken in arrival order and calls are never merged in the slack order).
+        # Without calibration no cost model: requests run in arrival order and calls never merge.
         self.prices = Prices(CostModel.from_calibration(self.calibration, self.chunks) if self.calibration else None)
-        # Chain order: embedder, bricks, then a latent model's decoder.
-        chain = [manifest.embedder, *manifest.bricks] + [e for e in manifest.engines if e.role == "decoder"]
-        self._order = {spec.name: i for i, spec in enumerate(chain)}
-        self.max_wait_ticks = len(chain)  # with align, a call waits at most a chain's length of ticks
         self.stats = BatcherStats()
         for spec in manifest.engines:  # every key exists from the start: readers never see one added
             self.stats.engines[spec.name] = EngineStats()
-        # One lock; each request's thread waits on its slot's own condition and is woken only when
-        # its call is done or it should lead the next tick: a thread woken for nothing competes with
-        # the engine's threads for the cores.
+        # One lock; each request's thread waits on its slot's own condition and is woken only when its
+        # call is done or it should lead the next tick: a thread woken for nothing takes a core from
+        # the engine's threads.
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # close() waits here for the ticks to end
         self._pending: list[EngineCall] = []
@@ -217,7 +190,7 @@ class CallBatcher:
         self._closing = False
         self._stats_lock = threading.Lock()  # ticks of several streams count into the same stats
 
-    def _runners(self, backend) -> dict[str, EngineRunner]:
+    def _runners(self, backend: Backend) -> dict[str, EngineRunner]:
         return {  # a latent decoder runs on host arrays on every backend
             spec.name: EngineRunner(
                 spec,
@@ -240,8 +213,7 @@ class CallBatcher:
     # -- requests' side ---------------------------------------------------------------------------
 
     def join(self, **order) -> Slot:
-        """A slot for a new request (order: Slot's keywords); it counts as running until it submits
-        its first call."""
+        """A slot for a new request (order: Slot's keywords); it counts as running until its first call."""
         with self._cond:
             if self._closing:
                 raise RequestCancelled("the batcher is shutting down")
@@ -252,7 +224,7 @@ class CallBatcher:
             return slot
 
     def leave(self, slot: Slot) -> None:
-        """The request is done (or failed): the next tick no longer waits for it."""
+        """The request is done (or failed): no tick waits for it any more."""
         with self._cond:
             if slot in self._active:
                 self._active.discard(slot)
@@ -261,7 +233,7 @@ class CallBatcher:
                 self._nudge_locked()
 
     def pipeline(self, slot: Slot) -> LegoPipeline:
-        """A pipeline for one request whose engine calls go through this scheduler."""
+        """A pipeline for one request whose engine calls go through this batcher."""
         return LegoPipeline(self.manifest, BatchingBackend(self, slot), max_rows=UNBOUNDED_N)
 
     def cancel(self, slot: Slot) -> None:
@@ -292,10 +264,8 @@ class CallBatcher:
             slot.call, slot.blocked = call, True
             self._running -= 1
             self._pending.append(call)
-            # Wait until the call is done, running any tick that may start on the way. The tick
-            # of a call usually becomes ready as its own request submits it, so it runs in that
-            # request's thread, with no hand-over between threads (a dedicated tick thread would
-            # add a thread switch to every call).
+            # Wait, running any tick that may start on the way: a call's tick usually becomes ready as
+            # its own request submits it, and runs in that thread with no hand-over between threads.
             while not call.done.is_set():
                 taken = self._take()
                 if taken is None:
@@ -327,13 +297,13 @@ class CallBatcher:
 
     @property
     def pending(self) -> int:
-        """Engine calls waiting for the next tick."""
+        """Engine calls waiting for a tick."""
         with self._cond:
             return len(self._pending)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel every request still in the batcher, wait up to timeout seconds for the ticks that
-        run, then close the engines."""
+        """Cancel every request still in the batcher, wait up to timeout seconds for the running
+        ticks (they stop at their next chunk), then close the engines."""
         with self._cond:
             self._closing = True
             for slot in list(self._active):
@@ -347,31 +317,26 @@ class CallBatcher:
             for runner in {*self.runners.values(), *self.narrow_runners.values()}:
                 runner.close()
 
-    def _take(self) -> tuple[list[list[EngineCall]], dict[str, EngineRunner]] | None:
-        """The groups of the next tick if one may start now (taken off the pending list, the tick
-        counted as running), and the runners it runs them on: all the threads' for a request alone,
-        the narrow ones while other requests are in flight; else None. Called with the lock held."""
+    def _take(self) -> tuple[list[EngineCall], dict[str, EngineRunner]] | None:
+        """The calls of the next tick, if one may start now (taken off the pending list, the tick
+        counted as running), and the runners it runs on: all the threads' for a request alone, the
+        narrow ones beside other requests; else None. Called with the lock held."""
         if not self._stream_free():
             return None
-        slack = self.config.order == "slack"
-        order, rescued = self._in_order() if slack else (None, False)  # once per look
+        order, rescued = self._in_order()
         if not self._ready(order):
             return None
         self.stats.slack_ticks += rescued
-        groups = self._most_urgent(self._pending, order) if slack else self._aligned(self._pending)
-        chosen = {id(c) for group in groups for c in group}
-        self._pending = [c for c in self._pending if id(c) not in chosen]
-        for other in self._pending:
-            other.waited += 1
+        group = self._most_urgent(order)
+        self._pending = [c for c in self._pending if c not in group]
         alone = self._ticking == 0 and len(self._active) <= 1
         self._ticking += 1
-        return groups, self.runners if alone else self.narrow_runners
+        return group, self.runners if alone else self.narrow_runners
 
     def _nudge_locked(self, but: Slot | None = None) -> None:
-        """If a tick may start now, wake one request waiting on a pending call (not but's) to lead
-        it (any waiting thread may run any call). Only then: a thread woken for nothing takes a core
-        from the engine call running beside it, and every change that may let a tick start (a call
-        submitted or done, a request leaving, cancelled or expired) looks again."""
+        """If a tick may start now, wake one request waiting on a pending call (not but's) to lead it
+        (any waiting thread may run any call). Only then: a thread woken for nothing takes a core
+        from the engine call running beside it."""
         if not (self._stream_free() and self._ready()):
             return
         waiting = next((c.slot for c in self._pending if c.slot is not but), None)
@@ -383,109 +348,84 @@ class CallBatcher:
         return not self._closing and self._ticking < self.config.streams and bool(self._pending)
 
     def _ready(self, order: list[Slot] | None = None) -> bool:
-        """Whether a tick may start: every active request waits on a call (the batch then holds all
-        the work there is; with several streams, a request whose call another stream runs counts as
-        waiting), or, in the slack order, the request at the head of the order does: the tick runs
-        its call first anyway, so it must not wait for the others' host work between their calls.
-        With several streams, in the slack order, any pending call may start a tick on a free stream:
-        the head's next call then waits at most for one call of another stream.
-        order: the slack order of the active requests, when already known."""
-        if self._running <= 0:
+        """Whether a tick may start: every active request waits on a call, or the request at the head
+        of the order does (its call runs first anyway: it must not wait for the others' host work
+        between their calls); with several streams any pending call may take a free one (the head's
+        next call then waits at most for one call of another stream). order: when already known."""
+        if self._running <= 0 or self.config.streams > 1:
             return True
-        if self.config.order != "slack":
-            return False
-        if self.config.streams > 1:
-            return bool(self._pending)
         head = (order or self._in_order()[0])[0]
         return head.blocked and head.call in self._pending
 
-    def _most_urgent(self, calls: list[EngineCall], order: list[Slot]) -> list[list[EngineCall]]:
+    def _most_urgent(self, order: list[Slot]) -> list[EngineCall]:
         """The call of the first request in order that has one pending, with the calls that are
-        cheaper merged into it than run apart (same engine and row shapes, within the engine's
-        limit)."""
+        cheaper merged into it than run apart (same engine and row shapes, within the engine's limit)."""
         rank = {id(slot): i for i, slot in enumerate(order)}
-        live = sorted(calls, key=lambda c: rank.get(id(c.slot), len(rank)))
-        group, rows = [live[0]], live[0].n
-        cost = self.prices.model
-        if cost is not None:
-            for call in live[1:]:
-                fits = rows + call.n <= self.limits[call.engine]
-                if call.key == group[0].key and fits and cost.merge_pays(call.engine, rows, call.n):
-                    group.append(call)
-                    rows += call.n
-        return [group]
+        live = sorted(self._pending, key=lambda c: rank.get(id(c.slot), len(rank)))
+        group, rows, cost = [live[0]], live[0].n, self.prices.model
+        for call in live[1:] if cost is not None else ():
+            fits = rows + call.n <= self.limits[call.engine]
+            if call.key == group[0].key and fits and cost.merge_pays(call.engine, rows, call.n):
+                group.append(call)
+                rows += call.n
+        return group
 
     def _in_order(self) -> tuple[list[Slot], bool]:
-        """The active requests in the policy's order (policy.in_order, at the service's pace), and
-        whether it differs from arrival order."""
+        """The active requests in the policy's order at the service's pace, and whether it differs
+        from arrival order."""
         order, rescued = in_order([slot.work() for slot in self._active], time.monotonic(), self.pace.value)
         return [w.key for w in order], rescued  # type: ignore[misc]  # the keys are the slots
 
-    def _aligned(self, calls: list[EngineCall]) -> list[list[EngineCall]]:
-        """The groups this tick runs: the engine earliest in the chain, and any call kept waiting
-        for max_wait_ticks. Requests ahead in the chain wait for those behind, so the requests
-        in flight fall into step and later engines see them all in one call; the age limit keeps a
-        request from waiting on others forever (one that skips a brick never catches up)."""
-        groups: dict[tuple, list[EngineCall]] = defaultdict(list)
-        for call in calls:
-            groups[call.key].append(call)
-        if not self.config.align:
-            return list(groups.values())
-        first = min(groups, key=lambda key: self._order.get(key[0], len(self._order)))
-        return [g for key, g in groups.items() if key == first or max(c.waited for c in g) >= self.max_wait_ticks]
-
-    def _tick(self, groups: list[list[EngineCall]], runners: dict[str, EngineRunner]) -> None:
+    def _tick(self, group: list[EngineCall], runners: dict[str, EngineRunner]) -> None:
+        """One engine over the concatenated rows of several calls, in chunks; rows go back per call.
+        When the merged call fails, each call runs alone, so that a bad request fails only itself."""
         start = time.perf_counter()
-        for group in groups:
-            self._run_group(group, runners)
-        with self._stats_lock:
-            self.stats.ticks += 1
-            self.stats.narrow_ticks += runners is not self.runners
-            self.stats.tick_seconds += time.perf_counter() - start
-
-    def _run_group(self, group: list[EngineCall], runners: dict[str, EngineRunner]) -> None:
-        """One engine over the concatenated rows of several calls, in chunks; rows go back per call."""
         live = [c for c in group if not c.slot.cancelled]
         for call in group:
             if call.slot.cancelled:
                 self._finish(call, None, RequestCancelled("cancelled"))
-        if not live:
-            return
-        stats = self.stats.engines[live[0].engine]
+        try:
+            if live:
+                self._run(live, runners)
+        finally:
+            with self._stats_lock:
+                self.stats.ticks += 1
+                self.stats.narrow_ticks += runners is not self.runners
+                self.stats.tick_seconds += time.perf_counter() - start
+
+    def _run(self, calls: list[EngineCall], runners: dict[str, EngineRunner]) -> None:
+        stats = self.stats.engines[calls[0].engine]
         with self._stats_lock:
             stats.groups += 1
-            stats.group_requests += len(live)
+            stats.group_requests += len(calls)
         try:
-            outputs = self._run_rows(live, runners)
+            outputs = self._run_rows(calls, runners)
         except RequestCancelled as e:  # every request in the call was cancelled while it ran
-            for call in live:
+            for call in calls:
                 self._finish(call, None, e)
             return
         except Exception:
-            # Find the culprit: each call alone, so a bad request fails only itself.
-            for call in live:
+            for call in calls:
                 try:
                     self._finish(call, self._run_rows([call], runners), None)
                 except Exception as e:  # noqa: BLE001 - any engine error becomes this request's failure
                     with self._stats_lock:
-                        self.stats.engines[call.engine].failures += 1
+                        stats.failures += 1
                     self._finish(call, None, EngineFailed(call.engine, str(e).splitlines()[0] if str(e) else repr(e)))
             return
         offset = 0
-        for call in live:
+        for call in calls:
             self._finish(call, {k: v[offset : offset + call.n] for k, v in outputs.items()}, None)
             offset += call.n
 
     def _run_rows(self, calls: list[EngineCall], runners: dict[str, EngineRunner]) -> dict:
         """The engine over all rows of calls, in near-equal chunks of at most its chunk size (the
-        runner's max_rows); outputs concatenated."""
+        runner's max_rows); between chunks, a call whose every request was cancelled stops."""
         runner = runners[calls[0].engine]
         if len(calls) == 1:
             merged = calls[0].feeds
         else:
             merged = {k: runner.arrays.concat([c.feeds[k] for c in calls]) for k in calls[0].feeds}
-        # Between chunks, a call whose every request was cancelled stops: a shutdown does not wait
-        # for the rest of a large call.
         stop = lambda: all(c.slot.cancelled for c in calls)  # noqa: E731
         return runner.infer(merged, _Counted(self.stats, runner.max_rows, self._stats_lock, stop))
 
@@ -530,21 +470,19 @@ class _BatchingRunner:
 
 
 class _Counted:
-    """Reports each chunk an EngineRunner runs into the batcher's counters."""
+    """Counts each chunk an EngineRunner runs into the batcher's stats; stops a cancelled call."""
 
     def __init__(self, stats: BatcherStats, chunk_rows: int, lock: threading.Lock, stop: Callable[[], bool]):
         self.stats, self.chunk_rows, self.lock, self.stop = stats, chunk_rows, lock, stop
 
     def add(self, name: str, seconds: float | None, rows: int) -> None:
         stats = self.stats.engines[name]
-        seconds = seconds or 0.0
-        bucket = tile_bucket(rows)
         with self.lock:
             stats.calls += 1
             stats.tiles += rows
             stats.capacity += self.chunk_rows
-            stats.seconds += seconds
-            stats.tiles_per_call[bucket] = stats.tiles_per_call.get(bucket, 0) + 1
-            self.stats.engine_seconds += seconds
+            stats.seconds += seconds or 0.0
+            stats.tiles_per_call.observe(rows)
+            self.stats.engine_seconds += seconds or 0.0
         if self.stop():
             raise RequestCancelled("cancelled")

@@ -1,10 +1,5 @@
-"""lego-serve: an HTTP server that batches the brick tiles of every request in flight.
-
-lego-serve --engines engines/                      # http://127.0.0.1:8000, one process
-curl -s localhost:8000/v1/images -d '{"class": 7, "num": 8, "steps": 18}' -o grid.png
-
-Its options are ServeConfig's fields (config.py), with the process's own: host, port, log level.
-"""
+"""lego-serve: an HTTP server that batches the brick tiles of every request in flight. Its options
+are ServeConfig's fields (config.py) and the process's own: host, port, log level."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import click
 
@@ -75,18 +70,23 @@ def main(host: str, port: int, log_level: str, **settings) -> None:
 
 def make_config(**settings) -> ServeConfig:
     """A checked ServeConfig; an error names the setting by its flag."""
-    try:
+    with named_by_flag():
         return ServeConfig(**settings).check()
-    except OptionError as e:
-        raise e.renamed({f.name: flag(f.name) for f in config_fields()}) from None
 
 
 def load_service(config: ServeConfig):
     """Read the manifest, check and load every engine, start the batcher."""
     from lego_export.serve.service import ImageService
 
-    try:
+    with named_by_flag():
         return ImageService(config)
+
+
+@contextlib.contextmanager
+def named_by_flag() -> Iterator[None]:
+    """An OptionError about a setting, as lego-serve names it: by its flag."""
+    try:
+        yield
     except OptionError as e:
         raise e.renamed({f.name: flag(f.name) for f in config_fields()}) from None
 
@@ -104,8 +104,7 @@ def serve(service, host: str, port: int, log_level: str = "info", sockets=None) 
     drain_timeout = service.config.drain_timeout
     closer = threading.Thread(target=service.close, args=(drain_timeout,), name="lego-drain", daemon=True)
 
-    def drain() -> None:
-        # After uvicorn stopped: the drain started at the signal (or now, if none came) must end.
+    def drain() -> None:  # uvicorn has stopped: the drain the signal started (or one started now) must end
         if not closer.is_alive() and not service.closed:
             closer.start()
         if closer.ident is not None:
@@ -113,8 +112,8 @@ def serve(service, host: str, port: int, log_level: str = "info", sockets=None) 
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            # Refuse new work at once; running requests get drain_timeout seconds, then fail with
-            # 503, so that every open connection has its answer before uvicorn closes it.
+            # New work is refused at once and running requests get drain_timeout seconds (then a
+            # 503), so every open connection has its answer before uvicorn closes it.
             service.stop_accepting()
             if not closer.is_alive() and not service.closed:
                 closer.start()
@@ -136,14 +135,12 @@ def serve(service, host: str, port: int, log_level: str = "info", sockets=None) 
 
 @contextlib.contextmanager
 def exit_normally_after_signals(server):
-    """Exit status 0 after a graceful shutdown on SIGTERM or Ctrl-C.
+    """Exit status 0 after a drain on SIGTERM or Ctrl-C.
 
-    uvicorn handles SIGTERM / SIGINT while it runs and, once it has shut down, raises the same
-    signal again with the previous handlers back in place: with the default ones the process then
-    dies by SIGTERM (status 143 in a shell) or, on Ctrl-C, click prints "Aborted!" and exits 1,
-    although the drain went as designed. The handlers installed here stand in as "previous": they
-    hand a signal to the server (a signal that comes before uvicorn listens still stops it cleanly),
-    so the re-raised one ends nothing and lego-serve returns normally."""
+    Once shut down, uvicorn raises the signal again under the handlers it found, and the default ones
+    would end the process by SIGTERM (status 143) or, on Ctrl-C, make click exit 1 with "Aborted!".
+    These handlers stand in for them: they hand a signal to the server (so one that comes before
+    uvicorn listens still stops it cleanly), and the raised-again one ends nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only; uvicorn does not install handlers either
         return

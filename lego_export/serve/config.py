@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from lego_export.options import MAX_IMAGES, MAX_SIDE, MAX_STEPS, OptionError
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
 
-ORDERS = ("slack", "merge")
 MECHANISMS = ("headroom",)  # what --without may switch off, to measure what it buys (docs/serving.md)
 MAX_DRAIN_S = 86_400.0
 
@@ -45,19 +44,10 @@ class ServeConfig:
     max_batch_tiles: int = setting(0, "Most tiles per engine call (0: the manifest's N range).", range=(0, 2**31 - 1))
     max_active: int = setting(16, "Requests sampling at once.", range=(1, 4096))
     max_queue: int = setting(64, "Requests waiting for a slot; more get 429.", range=(0, 1_000_000))
-    order: str = setting(
-        "slack",
-        "Which engine call runs next. slack: by arrival while that keeps every request in time, else the ones "
-        "it would make late first; merge: every request's calls merged into one call per engine.",
-        choices=ORDERS,
-    )
-    align: bool = setting(
-        True, "With --order merge: run the earliest engine of the chain first, so requests fall into step."
-    )
     calibrate: bool = setting(
         True,
         "Time each engine at startup: the cost model that prices requests (deadlines, the ladder) and the "
-        "chunk size of merged calls. Without it, requests run in arrival order and only deadline_s applies.",
+        "chunk size of engine calls. Without it, requests run in arrival order and only deadline_s applies.",
     )
     slo: str = setting(
         "none",
@@ -113,8 +103,6 @@ class ServeConfig:
                 raise OptionError(f.name, f"must be {what}, got {value!r}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise OptionError(f.name, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
-        if not self.align and self.order != "merge":  # the slack order never aligns: the option would do nothing
-            raise OptionError("align", f"applies to order merge only; order is {self.order!r}")
         unknown = sorted(self.switched_off - set(MECHANISMS))
         if unknown:
             raise OptionError("without", f"names {unknown[0]!r}; it may name {', '.join(MECHANISMS)}")

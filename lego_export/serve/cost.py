@@ -1,8 +1,10 @@
 """What a request costs, known when it arrives: its plan's engine calls priced by startup measurements.
 
 A request's work is a list of denoiser evaluations, each a few engine calls of known row counts
-(plan.engine_work). Each engine's time per call size was measured at startup (calibrate.py); a call
-is cut into the same near-equal chunks the runner cuts it into, and each chunk is priced by linear
+(plan.engine_work). Each engine is timed at startup at N = 1, 2, 4, ... (:func:`best_chunk`), which
+also picks the rows per call the batcher aims at: on a CPU the time per tile stops falling after a
+modest N and rises again for large calls, on a GPU the fastest N is usually the largest. A call is
+cut into the same near-equal chunks the runner cuts it into, and each chunk is priced by linear
 interpolation between the sizes measured. What happens between engine calls (tiling, the sampler,
 thread hand-offs) is priced per request, per evaluation and per tile of the first brick (which
 grows with images times canvas pixels, as the host's array work does), fitted at startup on three
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import bisect
 import functools
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lego_export.manifest import EngineSpec
 from lego_export.runtime.runner import balanced_chunks
 
 HOST_ROWS = "brick0"  # its tiles count images x canvas pixels: the host's work per evaluation follows them
+TOLERANCE = 1.05  # any N within 5% of the best time per row is as good; the largest such N wins (fewer calls)
 
 
 @dataclass(frozen=True)
@@ -147,3 +152,45 @@ class Prices:
         if self.model is None:
             return 0.0
         return self.model.call_seconds(engine, rows) + self.model.host_share(engine, rows)
+
+
+def calibration_sizes(limit: int) -> list[int]:
+    """N = 1, 2, 4, ... up to limit, and limit itself."""
+    sizes, n = [], 1
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, limit]
+
+
+def zero_feeds(spec: EngineSpec, n: int, arrays) -> dict | None:
+    """Inputs of the engine's shapes at batch n (values do not change the work); None when a shape
+    is not fixed apart from N (a decoder's latent size)."""
+    feeds = {}
+    for t in spec.inputs:
+        if any(not isinstance(d, int) for d in t.shape if d != "N"):
+            return None
+        shape = [n if d == "N" else int(d) for d in t.shape]
+        feeds[t.name] = arrays.from_numpy(np.zeros(shape, dtype=np.float32))
+    return feeds
+
+
+def best_chunk(runner, spec: EngineSpec, limit: int, arrays, reps: int = 3) -> tuple[int, dict[int, float]]:
+    """The largest N (up to limit) whose time per row is within TOLERANCE of the fastest, and the
+    measured seconds per row for each N tried. Engines whose shapes vary by request keep limit."""
+    per_row: dict[int, float] = {}
+    for n in calibration_sizes(limit):
+        feeds = zero_feeds(spec, n, arrays)
+        if feeds is None:
+            return limit, {}
+        runner.infer(feeds)  # warm-up: the first call at a new N allocates
+        arrays.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            runner.infer(feeds)
+            arrays.synchronize()
+            best = min(best, time.perf_counter() - start)
+        per_row[n] = best / n
+    fastest = min(per_row.values())
+    return max(n for n, t in per_row.items() if t <= TOLERANCE * fastest), per_row

@@ -1,9 +1,7 @@
-"""lego-serve's /docs: the OpenAPI document as one self-contained HTML page.
+"""lego-serve's /docs: the OpenAPI document (/openapi.json) as one self-contained HTML page.
 
-FastAPI's own /docs loads Swagger UI's scripts and styles from a public CDN, so it is blank on a
-machine without internet access. This page is rendered on the server from the same document
-(/openapi.json): every route, and every field of a request body with its type, limits and default.
-It loads nothing: no script, no stylesheet, no image, no other host.
+FastAPI's own /docs loads Swagger UI from a public CDN, so it is blank without internet access. This
+page lists every route, and every request field with its type, limits and default; it loads nothing.
 """
 
 from __future__ import annotations
@@ -25,64 +23,58 @@ def docs_html(openapi: dict) -> str:
     """The page for an OpenAPI document: its routes, then each request body's fields."""
     info = openapi.get("info", {})
     title = html.escape(str(info.get("title", "API")))
+    operations = [(path, method, op) for path, ops in openapi.get("paths", {}).items() for method, op in ops.items()]
+    routes = [_route(*operation) for operation in operations]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}: API</title><style>{STYLE}</style>",
         f"</head><body><h1>{title} {html.escape(str(info.get('version', '')))}</h1>",
         f"<p>{html.escape(str(info.get('summary') or info.get('description') or ''))}</p>",
         "<p>The machine-readable document: <a href='/openapi.json'>/openapi.json</a>. Every error answers one "
-        "line of JSON, <code>{\"error\": \"...\"}</code>.</p>",
-        _routes_table(openapi.get("paths", {})),
+        'line of JSON, <code>{"error": "..."}</code>.</p>',
+        "<h2>Routes</h2>" + _table(("method", "path", "what it does", "answers"), routes, code=1),
     ]
-    for path, methods in openapi.get("paths", {}).items():
-        for method, operation in methods.items():
-            schema = _body_schema(operation)
-            if schema:
-                parts.append(f"<h2>{method.upper()} {html.escape(path)}: request fields</h2>")
-                parts.append(_fields_table(schema))
+    for path, method, op in operations:
+        schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+        if schema:
+            parts.append(f"<h2>{method.upper()} {html.escape(path)}: request fields</h2>")
+            fields = [_field(name, prop) for name, prop in schema.get("properties", {}).items()]
+            parts.append(_table(("field", "type", "limits", "default", "meaning"), fields, code=0))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _routes_table(paths: dict) -> str:
-    rows = ["<h2>Routes</h2><table><tr><th>method</th><th>path</th><th>what it does</th><th>answers</th></tr>"]
-    for path, methods in paths.items():
-        for method, operation in methods.items():
-            what = operation.get("description") or operation.get("summary") or ""
-            codes = ", ".join(sorted(operation.get("responses", {})))
-            rows.append(
-                f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td>"
-                f"<td>{html.escape(what)}</td><td>{html.escape(codes)}</td></tr>"
-            )
-    return "".join(rows) + "</table>"
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]], code: int) -> str:
+    """An HTML table of the rows' text, escaped; the cells of column `code` set as code."""
+
+    def cell(i: int, text: str) -> str:
+        text = html.escape(text)
+        return f"<td><code>{text}</code></td>" if i == code else f"<td>{text}</td>"
+
+    lines = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    lines += ["<tr>" + "".join(cell(i, text) for i, text in enumerate(row)) + "</tr>" for row in rows]
+    return "<table>" + "".join(lines) + "</table>"
 
 
-def _body_schema(operation: dict) -> dict | None:
-    content = operation.get("requestBody", {}).get("content", {})
-    return content.get("application/json", {}).get("schema")
+def _route(path: str, method: str, op: dict) -> tuple[str, ...]:
+    """A route's row: method, path, what it does, the statuses it answers."""
+    what = op.get("description") or op.get("summary") or ""
+    return method.upper(), path, what, ", ".join(sorted(op.get("responses", {})))
 
 
-def _fields_table(schema: dict) -> str:
-    rows = ["<table><tr><th>field</th><th>type</th><th>limits</th><th>default</th><th>meaning</th></tr>"]
-    for name, prop in schema.get("properties", {}).items():
-        limits = "; ".join(filter(None, (_limits(p) for p in [prop, *prop.get("oneOf", [])])))
-        default = json.dumps(prop["default"]) if "default" in prop else ""
-        rows.append(
-            f"<tr><td><code>{html.escape(name)}</code></td><td>{html.escape(_type(prop))}</td>"
-            f"<td>{html.escape(limits)}</td><td>{html.escape(default)}</td>"
-            f"<td>{html.escape(str(prop.get('description', '')))}</td></tr>"
-        )
-    return "".join(rows) + "</table>"
+def _field(name: str, prop: dict) -> tuple[str, ...]:
+    """A request field's row: name, type, limits (with its alternatives'), default, meaning."""
+    limits = "; ".join(filter(None, map(_limits, [prop, *prop.get("oneOf", [])])))
+    default = json.dumps(prop["default"]) if "default" in prop else ""
+    return name, _type(prop), limits, default, str(prop.get("description", ""))
 
 
 def _limits(prop: dict) -> str:
     """A schema's own limits in words: 'minimum 1, maximum 64', or its allowed values."""
     if "enum" in prop:
         return ", ".join(json.dumps(v) for v in prop["enum"])
-    return ", ".join(f"{k} {_number(prop[k])}" for k in LIMIT_KEYS if k in prop)
-
-
-def _number(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return ", ".join(
+        f"{k} {prop[k]:g}" if isinstance(prop[k], float) else f"{k} {prop[k]}" for k in LIMIT_KEYS if k in prop
+    )
 
 
 def _type(prop: dict) -> str:

@@ -2,12 +2,11 @@
 
     serve run lego_export.serve.ray_app:build_app engines=/abs/path/engines max_replicas=4
 
-Each replica is one lego-serve process in all but the socket: it loads the engines itself, runs
-its own batcher (tiles of the requests routed to it share engine calls) and answers through the
-FastAPI app of app.py. Ray Serve counts each replica's ongoing requests (queued + sampling) and adds
-replicas while that stays above ``target_ongoing_requests``. Asynchronous jobs may be asked for on
-any replica: the replica that ran a job publishes its outcome to a small job directory actor, and a
-cancel that reaches another replica is passed on through it.
+Each replica is a whole lego-serve but for the socket: its own engines, batcher (the tiles of the
+requests routed to it share engine calls) and FastAPI app (app.py). Ray Serve adds replicas while
+their ongoing requests (queued + sampling) stay above ``target_ongoing_requests``. An asynchronous
+job can be read or cancelled through any replica: the one that runs it publishes it to a job
+directory actor, through which cancels sent to other replicas reach it.
 """
 
 from __future__ import annotations
@@ -20,19 +19,20 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lego_export.errors import LegoError
-from lego_export.options import OptionError
 from lego_export.serve.config import ServeConfig, config_fields
 from lego_export.serve.jobs import LIVE, Job, JobStore
 from lego_export.serve.validation import ImageRequest
 
 DIRECTORY_NAME = "lego-serve-jobs"
 CANCEL_POLL_S = 0.5  # how often a replica looks for cancels of its jobs sent to other replicas
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+KINDS = {bool: "true or false", int: "an integer", float: "a number"}  # what an error says a value must be
 
 
 @dataclass
 class RayOptions:
-    """The deployment: what every replica serves (a ServeConfig, from the same keys as lego-serve's
-    options: threads 0 means the replica's num_cpus), and how many replicas."""
+    """The deployment: what every replica serves (lego-serve's settings, by the same keys; threads 0
+    means the replica's num_cpus), and how many replicas."""
 
     serve: ServeConfig = field(default_factory=ServeConfig)
     num_cpus: float = 2.0  # cores reserved per replica (its engines' threads)
@@ -44,26 +44,13 @@ class RayOptions:
     def from_args(cls, args: dict) -> RayOptions:
         """From `serve run ... key=value` arguments (strings) or a dict of values; every lego-serve
         setting checked as lego-serve checks it, named by its key."""
-        serve_fields = {f.name: f for f in config_fields()}
-        own = {f.name: f for f in fields(cls) if f.name != "serve"}
-        unknown = sorted(set(args) - set(serve_fields) - set(own))
+        own = {f.name: f.default for f in fields(cls) if f.name != "serve"}
+        known = {**{f.name: f.default for f in config_fields()}, **own}
+        unknown = sorted(set(args) - set(known))
         if unknown:
-            raise LegoError(
-                f"unknown lego-serve Ray option {unknown[0]!r}; known: {', '.join(sorted({**serve_fields, **own}))}"
-            )
-        typed = {
-            key: _typed(key, value, type((serve_fields.get(key) or own[key]).default)) for key, value in args.items()
-        }
-        try:
-            config = ServeConfig(**{k: v for k, v in typed.items() if k in serve_fields})
-            options = cls(serve=config, **{k: v for k, v in typed.items() if k in own})
-            options.serve = replace(
-                config,
-                engines=str(Path(config.engines).resolve()),  # replicas may start elsewhere
-                threads=config.threads or max(1, int(options.num_cpus)) if math.isfinite(options.num_cpus) else 1,
-            ).check()
-        except OptionError as e:
-            raise LegoError(str(e)) from None
+            raise LegoError(f"unknown lego-serve Ray option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        typed = {key: _typed(key, value, type(known[key])) for key, value in args.items()}
+        options = cls(**{k: v for k, v in typed.items() if k in own})
         if not (math.isfinite(options.num_cpus) and options.num_cpus > 0):
             raise LegoError(f"num_cpus must be a positive number, got {options.num_cpus}")
         if not (math.isfinite(options.target_ongoing_requests) and options.target_ongoing_requests >= 0):
@@ -72,37 +59,40 @@ class RayOptions:
             raise LegoError(
                 f"replicas: need 1 <= min_replicas <= max_replicas, got {options.min_replicas}, {options.max_replicas}"
             )
+        config = ServeConfig(**{k: v for k, v in typed.items() if k not in own})
+        options.serve = replace(
+            config,
+            engines=str(Path(config.engines).resolve()),  # replicas may start in another folder
+            threads=config.threads or max(1, int(options.num_cpus)),
+        ).check()  # an OptionError names the key
         return options
 
 
 def _typed(key: str, value, kind: type):
-    """A `key=value` argument as its field's type (values already typed pass through)."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-            return str(value).lower() in ("true", "1", "yes")
-        raise LegoError(f"{key} must be true or false, got {value!r}")
-    converter = {int: int, float: float}.get(kind, str)
-    if converter is int and isinstance(value, bool | float):
-        raise LegoError(f"{key} must be an integer, got {value!r}")
-    try:
-        return converter(value)
-    except ValueError:
-        raise LegoError(f"{key} must be {'an integer' if converter is int else 'a number'}, got {value!r}") from None
+    """A `key=value` argument as its field's type (values already of that type pass through)."""
+    if kind is bool and str(value).lower() in BOOLS:
+        return BOOLS[str(value).lower()]
+    if kind is int and not isinstance(value, bool | float):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    if kind is float:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if kind in KINDS:
+        raise LegoError(f"{key} must be {KINDS[kind]}, got {value!r}")
+    return str(value)
 
 
 class SharedJobStore(JobStore):
-    """A job store whose asynchronous jobs can be read and cancelled from any replica: the replica
-    that runs a job publishes it to the directory actor; a cancel sent to another replica reaches
-    it through the directory, which this replica polls (start())."""
+    """A job store whose asynchronous jobs any replica can read and cancel: the replica that runs a
+    job publishes it to the directory actor; a cancel sent to another replica reaches it through the
+    directory, which this replica polls (start())."""
 
     def __init__(self, keep: int, ttl_s: float, directory):
         super().__init__(keep, ttl_s)
         self.directory = directory
-        # job id -> its last record written to the directory; a job this replica says has ended is
-        # answered only once the directory says so too, so no later read through another replica
-        # sees it still running
+        # job id -> its last write to the directory: a job this replica says has ended is answered
+        # only once that write is done, so no later read through another replica sees it running
         self._written: dict[str, object] = {}
 
     def start(self, service) -> None:
@@ -112,8 +102,12 @@ class SharedJobStore(JobStore):
 
     def add(self, job: Job) -> None:
         super().add(job)
+        self.changed(job)
+
+    def changed(self, job: Job) -> None:
+        # Sent under the lock that changed the job, so no read sees the change before the write is sent.
         if job.request.is_async:
-            self.changed(job)
+            self._written[job.id] = self.directory.put.remote(job.id, _record(job))
 
     def settled(self, job_id: str, job: Job | None) -> Job | None:
         if job is not None:
@@ -131,11 +125,6 @@ class SharedJobStore(JobStore):
         _ray().get(self.directory.cancel.remote(job.id))
         return True
 
-    def changed(self, job: Job) -> None:
-        # Sent under the lock that changed the job, so no read sees the change before the write is sent.
-        if job.request.is_async:
-            self._written[job.id] = self.directory.put.remote(job.id, _record(job))
-
     def forget(self, job: Job) -> None:
         super().forget(job)
         if job.request.is_async:
@@ -144,8 +133,9 @@ class SharedJobStore(JobStore):
 
     def evict(self) -> None:
         super().evict()
-        for job_id in [j for j in self._written if j not in self.jobs]:
-            del self._written[job_id]
+        for job_id in list(self._written):  # a copy: settled() pops without the service's lock
+            if job_id not in self.jobs:
+                self._written.pop(job_id, None)
 
     def _poll_cancels(self) -> None:
         while not self.service.closed:
@@ -167,16 +157,11 @@ def _ray():
     return ray
 
 
+RECORDED = ("state", "body", "error", "status", "expired_in")  # a job's outcome, as its owner last wrote it
+
+
 def _record(job: Job) -> dict:
-    return {
-        "state": job.state,
-        "body": job.body,
-        "error": job.error,
-        "status": job.status,
-        "expired_in": job.expired_in,
-        "format": job.request.format,
-        "info": job.describe(),
-    }
+    return {**{key: getattr(job, key) for key in RECORDED}, "format": job.request.format, "info": job.describe()}
 
 
 class RemoteJob(Job):
@@ -190,8 +175,8 @@ class RemoteJob(Job):
 
 def _remote_job(job_id: str, record: dict) -> Job:
     job = RemoteJob(job_id, ImageRequest(format=record["format"], is_async=True))
-    job.state, job.body, job.error, job.status = record["state"], record["body"], record["error"], record["status"]
-    job.expired_in, job.info = record["expired_in"], record["info"]
+    for key in (*RECORDED, "info"):
+        setattr(job, key, record[key])
     return job
 
 
@@ -228,8 +213,7 @@ class JobDirectory:
 
 def job_directory():
     """The one directory actor of this Ray namespace (created on first use, detached)."""
-    ray = _ray()
-    actor = ray.remote(num_cpus=0)(JobDirectory)
+    actor = _ray().remote(num_cpus=0)(JobDirectory)
     return actor.options(name=DIRECTORY_NAME, lifetime="detached", get_if_exists=True).remote()
 
 
@@ -303,15 +287,11 @@ def local_deployment(engines: str, port: int = 8000, cluster_cpus: int = 2, **op
 def _wait_ready(url: str, timeout: float) -> None:
     import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for 127.0.0.1
     deadline = time.monotonic() + timeout
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while True:
-        try:
-            with opener.open(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise LegoError(f"the Ray Serve deployment did not answer {url} within {timeout:.0f} s")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), opener.open(url, timeout=5) as answer:
+            if answer.status == 200:
+                return
         time.sleep(0.5)
+    raise LegoError(f"the Ray Serve deployment did not answer {url} within {timeout:.0f} s")

@@ -380,13 +380,11 @@ class ImageService:
             state, status, body, where = EXPIRED, EXPIRED_STATUS, None, "answer"
             error = f"finished {time.monotonic() - job.deadline:.3g} s after its deadline"
         if log.isEnabledFor(logging.DEBUG):  # why a job was late, for whoever reads --log-level debug
-            end = time.monotonic()
-            left = "no deadline" if job.deadline is None else f"{job.deadline - end:+.3f} s to its deadline"
-            log.debug(
-                "job %s %s: rung %s, predicted %.3f s x pace %.2f, queued %.3f s, in its slot %.3f s, %s",
-                job.id, state, job.choice.rung, job.choice.predicted_s, job.run["pace"], job.started - job.created,
-                end - job.started, left,
-            )  # fmt: skip
+            end, choice = time.monotonic(), job.choice
+            due = "no deadline" if job.deadline is None else f"{job.deadline - end:+.3f} s to its deadline"
+            log.debug("job %s %s: rung %s, predicted %.3f s x pace %.2f, queued %.3f s, in its slot %.3f s, %s",
+                      job.id, state, choice.rung, choice.predicted_s, job.run["pace"], job.started - job.created,
+                      end - job.started, due)  # fmt: skip
         with self.lock:
             self._account_locked(slot.done_s)
             self._active -= 1
@@ -419,14 +417,8 @@ class ImageService:
                 for job in [j for j in self.store.queue if j.deadline is not None and j.deadline < now]:
                     self._end_locked(job, EXPIRED, None, "deadline passed while queued", EXPIRED_STATUS, "queue")
                 for job in self.store.live():
-                    slot = job.slot
-                    if (
-                        job.state == RUNNING
-                        and job.deadline is not None
-                        and job.deadline < now
-                        and slot
-                        and not slot.expired
-                    ):
+                    slot, due = job.slot, job.deadline
+                    if job.state == RUNNING and due is not None and due < now and slot and not slot.expired:
                         self.batcher.expire(slot)
                 upcoming = [j.deadline for j in self.store.live() if j.deadline is not None and j.deadline >= now]
                 self.lock.wait(timeout=min([1.0, *(d - now + 1e-3 for d in upcoming)]))
@@ -463,20 +455,14 @@ class ImageService:
 def encode(result: SampleResult, request: ImageRequest, record: dict | None = None) -> bytes:
     """The answer's bytes: a PNG grid (with the run record as text), or an npz of float32 images in
     [-1, 1] (and labels)."""
+    from lego_export.images import make_grid, picture_bytes, run_text
+
+    if request.format == "png":
+        grid = make_grid(result.images, columns=min(request.columns, len(result.images)))
+        return picture_bytes(grid, "PNG", run_text(record) if record is not None else None)
     buffer = io.BytesIO()
-    if request.format == "npz":
-        if result.labels is None:
-            np.savez(buffer, images=result.images)
-        else:
-            np.savez(buffer, images=result.images, labels=result.labels)
-        return buffer.getvalue()
-    from PIL import Image, PngImagePlugin
-
-    from lego_export.images import make_grid, run_text
-
-    grid = make_grid(result.images, columns=min(request.columns, len(result.images)))
-    info = PngImagePlugin.PngInfo()
-    for key, value in (run_text(record) if record is not None else {}).items():
-        info.add_text(key, value)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG", pnginfo=info)
+    if result.labels is None:
+        np.savez(buffer, images=result.images)
+    else:
+        np.savez(buffer, images=result.images, labels=result.labels)
     return buffer.getvalue()
