@@ -25,7 +25,7 @@ from lego_export.ladder import full_chain_evaluations
 from lego_export.plan import describe_saving, flop_fraction_saved, plan
 from lego_export.serve.config import ServeConfig
 from lego_export.serve.jobs import CANCELLED, DONE, EXPIRED, FAILED, Job
-from lego_export.serve.service import ImageService, ServiceUnavailable
+from lego_export.serve.service import ImageService
 from lego_export.serve.validation import MAX_BODY_BYTES, ImageRequest, RequestError, parse_body, request_schema
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
@@ -78,10 +78,9 @@ def create_app(
         lifespan=lifespan,
     )
 
-    @app.exception_handler(RequestError)
-    @app.exception_handler(ServiceUnavailable)
-    async def refused(_request: Request, exc: RequestError | ServiceUnavailable) -> JSONResponse:
-        return error(exc.status, exc.message, getattr(exc, "retry_after", None))
+    @app.exception_handler(RequestError)  # ServiceUnavailable too
+    async def refused(_request: Request, exc: RequestError) -> JSONResponse:
+        return error(exc.status, exc.message, exc.retry_after)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -48,13 +48,8 @@ EXPIRED_STATUS = 504
 CLOSE_GRACE_S = 2.0  # after the drain, cancelled jobs stop within one engine chunk; waited for this long
 
 
-class ServiceUnavailable(Exception):
-    """The request was not admitted: queue full or no way to meet its deadline (429), or shutting
-    down (503). retry_after: seconds, for the Retry-After header (None: retrying cannot help)."""
-
-    def __init__(self, status: int, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.retry_after = status, message, retry_after
+class ServiceUnavailable(RequestError):
+    """The request was not admitted: queue full or no way to meet its deadline (429), or shutting down (503)."""
 
 
 def default_streams(backend, threads: int = 0) -> int:

@@ -47,11 +47,12 @@ FIELDS = OPTION_FIELDS | REQUEST_FIELDS
 
 
 class RequestError(Exception):
-    """A refused request: HTTP status and a one-line message."""
+    """A refused request: HTTP status, a one-line message, and seconds for Retry-After (None: retrying
+    as it is cannot help)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 @dataclass
