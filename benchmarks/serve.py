@@ -465,9 +465,7 @@ def report(data: dict) -> str:
 @click.option("--small", is_flag=True, help="16-pixel canvases (the tiny test engines).")
 @out_option("benchmarks/results/serve")
 @one_line_errors
-def main(
-    engines, backend, threads, n, rates, mix, check, max_active, calibrate, time_limit, seed, small, out
-) -> None:
+def main(engines, backend, threads, n, rates, mix, check, max_active, calibrate, time_limit, seed, small, out) -> None:
     """Throughput and latency of lego-serve against a one-request-at-a-time server, same load."""
     from lego_export.manifest import Manifest
 

@@ -15,7 +15,7 @@ same arrival times, to these servers, each alone on the machine while loaded:
   lego-serve     elastic (the default): as exact, and a request that would be late runs at the
                  highest rung of the model's serving ladder that finishes in time;
   each --variant NAME=OPTIONS: another lego-serve, started with these extra options, loaded elastic
-                 (e.g. "no-pace=--without pace": what that mechanism changes, side by side).
+                 (e.g. "streams-2=--streams 2": what that option changes, side by side).
 
 Each load's requests are sent in --rounds consecutive blocks, each block to every server in turn
 (the order rotating from block to block), and a server's answers at a load are pooled over the
@@ -108,7 +108,7 @@ def parse_variants(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
         name, sep, options = text.partition("=")
         name = name.strip()
         if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name) or not options.strip():
-            raise click.BadParameter(f"{text!r}: write NAME=OPTIONS, e.g. 'no-pace=--without pace'")
+            raise click.BadParameter(f"{text!r}: write NAME=OPTIONS, e.g. 'streams-2=--streams 2'")
         if name in out or name in ("baseline", "exact", "elastic"):
             raise click.BadParameter(f"{text!r}: the name {name!r} is taken (by another variant or a server)")
         out[name] = options.strip()
@@ -733,7 +733,7 @@ def check_scored(data: dict, ladder: LadderResults | None) -> None:
 )  # fmt: skip
 @click.option(
     "--variant", "variants", multiple=True, callback=parse_variants, metavar="NAME=OPTIONS",
-    help="Also load, elastic, a lego-serve started with these extra options (e.g. 'no-pace=--without pace'). "
+    help="Also load, elastic, a lego-serve started with these extra options (e.g. 'streams-2=--streams 2'). "
     "Repeatable.",
 )  # fmt: skip
 @out_option("benchmarks/results/serve-load")

@@ -558,7 +558,7 @@ def test_serve_load_names_the_ladder_rows_it_lacks_before_it_starts(tmp_path):
     assert result.exit_code == 1, result.output
     assert "no row for 'heun, 18 steps, full chain'" in result.output
     assert """--setting '{"steps": 18}'""" in result.output
-    for variant, named in (("x=--no-such-option", "no-such-option"), ("x=--without no-such-part", "no-such-part")):
+    for variant, named in (("x=--no-such-option", "no-such-option"), ("x=--streams 65", "streams")):
         result = CliRunner().invoke(main, [*args[:-2], "--mix", "recommended", "--ladder", f"{ladder}.json",
                                            "--variant", variant])  # fmt: skip
         assert result.exit_code == 2 and "--variant" in result.output and named in result.output, result.output

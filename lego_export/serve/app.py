@@ -187,7 +187,6 @@ def create_app(
             "in_flight": svc.in_flight,
             "queued": svc.queued,
             "pace": round(svc.pace.value, 4),  # wall seconds per predicted second of work, while busy
-            "headroom": round(svc.headroom.share, 4),  # share of its time a request may take at a rung
             "instance": svc.instance,
             "config": svc.describe_config(),
         }

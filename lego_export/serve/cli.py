@@ -37,8 +37,7 @@ def config_options(command: Callable) -> Callable:
             kind = click.FloatRange(*meta["range"])
         declaration = f"{flag(f.name)}/--no-{f.name.replace('_', '-')}" if isinstance(default, bool) else flag(f.name)
         command = click.option(
-            declaration, f.name, default=default, type=kind, show_default=default is not None, help=meta["help"],
-            hidden=meta.get("hidden", False),
+            declaration, f.name, default=default, type=kind, show_default=default is not None, help=meta["help"]
         )(command)  # fmt: skip
     return command
 

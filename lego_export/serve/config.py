@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from lego_export.options import MAX_IMAGES, MAX_SIDE, MAX_STEPS, OptionError
 from lego_export.runtime.backends import BACKENDS, COMPUTE_PRECISIONS, MAX_THREADS
 
-MECHANISMS = ("headroom",)  # what --without may switch off, to measure what it buys (docs/serving.md)
 MAX_DRAIN_S = 86_400.0
 
 
@@ -68,19 +67,10 @@ class ServeConfig:
     )
     docs: bool = setting(True, "Serve the OpenAPI document at /openapi.json and its page at /docs.")
     ui: bool = setting(True, "Serve the playground page at /.")
-    without: str = setting(
-        "",
-        f"For measuring the scheduler: switch mechanisms off, comma-separated ({', '.join(MECHANISMS)}).",
-        hidden=True,
-    )
 
     @property
     def limits(self) -> Limits:
         return Limits(max_resolution=self.max_resolution, max_steps=self.max_steps, max_images=self.max_images)
-
-    @property
-    def switched_off(self) -> set[str]:
-        return {name.strip() for name in self.without.split(",") if name.strip()}
 
     def check(self) -> ServeConfig:
         """Every field against its type, range or choices, and the rules between them; returns self."""
@@ -103,9 +93,6 @@ class ServeConfig:
                 raise OptionError(f.name, f"must be {what}, got {value!r}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise OptionError(f.name, f"must be one of {', '.join(meta['choices'])}, got {value!r}")
-        unknown = sorted(self.switched_off - set(MECHANISMS))
-        if unknown:
-            raise OptionError("without", f"names {unknown[0]!r}; it may name {', '.join(MECHANISMS)}")
         parse_slo(self.slo)
         return self
 

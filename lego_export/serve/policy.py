@@ -19,10 +19,7 @@ from dataclasses import dataclass, replace
 from lego_export.options import SamplingOptions
 
 SPARE = 0.9  # a finish within this share of the time left counts as in time
-HEADROOM = 0.8  # a job runs as asked only if that leaves a fifth of its time to spare...
-HEADROOM_MIN = 0.3  # ...while requests are not lost; after losses, down to this (Headroom)
-HEADROOM_STEP = 0.02  # per request lost
-LOSS_TARGET = 0.01  # the share of requests lost at which the headroom settles
+HEADROOM = 0.8  # a job runs as asked only if that leaves a fifth of its time to spare
 PACE_EVERY_S = 0.5  # the pace is updated once this much predicted work has finished (seconds)
 
 
@@ -102,7 +99,13 @@ def in_order(jobs: Sequence[Work], now: float, pace: float) -> tuple[list[Work],
 
 
 def choose(
-    job: Work, choices: Sequence[Choice], live: Sequence[Work], now: float, pace: float, headroom: float, slots: int
+    job: Work,
+    choices: Sequence[Choice],
+    live: Sequence[Work],
+    now: float,
+    pace: float,
+    slots: int,
+    headroom: float = HEADROOM,
 ) -> Choice | None:
     """How a job runs: the first (most expensive) of its choices that finishes within `headroom` of
     the time to its deadline, else the cheapest that finishes in time, else None; never taking a
@@ -126,26 +129,6 @@ def choose(
                 return choice
             in_time = choice
     return in_time
-
-
-@dataclass
-class Headroom:
-    """The share of the time to its deadline a job may take before a cheaper rung is taken, learnt
-    from outcomes: each job lost (refused or expired) lowers it by HEADROOM_STEP, each in time raises
-    it by a step sized so that it settles where LOSS_TARGET of the jobs are lost (a stochastic
-    approximation). A server that loses jobs runs more at cheaper rungs, leaving room for the next.
-    learn=False (``--without headroom``) keeps it at HEADROOM."""
-
-    learn: bool = True
-    share: float = HEADROOM
-
-    def update(self, lost: bool) -> None:
-        if not self.learn:
-            return
-        if lost:
-            self.share = max(HEADROOM_MIN, self.share - HEADROOM_STEP)
-        else:
-            self.share = min(HEADROOM, self.share + HEADROOM_STEP * LOSS_TARGET / (1 - LOSS_TARGET))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from lego_export.serve.batcher import CallBatcher, EngineFailed, RequestCancelle
 from lego_export.serve.config import ServeConfig, parse_slo
 from lego_export.serve.jobs import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Job, JobStore
 from lego_export.serve.metrics import ServiceMetrics, render
-from lego_export.serve.policy import SPARE, Choice, Headroom, Pace, Work, choose, urgency
+from lego_export.serve.policy import SPARE, Choice, Pace, Work, choose, urgency
 from lego_export.serve.validation import ImageRequest, RequestError, parse_image_request
 
 log = logging.getLogger("lego_serve")
@@ -84,7 +84,6 @@ class ImageService:
         self.backend = backend
         self.files_precision = files_precision(self.manifest, backend.name, backend.precision)
         self.slo = parse_slo(config.slo)
-        self.headroom = Headroom(learn="headroom" not in config.switched_off)
         self.pace = Pace()
         self.batcher = CallBatcher(self.manifest, backend, config, self.pace, narrow_backend=narrow)
         self.prices = self.batcher.prices
@@ -170,7 +169,6 @@ class ImageService:
             job.choice = self._choose_locked(job, now)
             if job.choice is None:
                 self.metrics.count("refused")
-                self.headroom.update(lost=True)
                 raise self._refusal(job, budget, now)
             self.store.add(job)
             self._dispatch_locked(planned=job)
@@ -182,7 +180,7 @@ class ImageService:
         when the request alone would not make it, a message that names the deadline it needs."""
         cheapest = job.choices[-1]
         pace = self.pace.value
-        alone = choose(replace(job.work(), seconds=cheapest.predicted_s), [cheapest], [], now, pace, 1.0, 1)
+        alone = choose(replace(job.work(), seconds=cheapest.predicted_s), [cheapest], [], now, pace, 1, headroom=1.0)
         if alone is None:
             needed = math.ceil(100 * pace * cheapest.predicted_s / SPARE) / 100
             return ServiceUnavailable(
@@ -237,7 +235,7 @@ class ImageService:
     def _choose_locked(self, job: Job, now: float) -> Choice | None:
         """The policy's choice for a job, among the live jobs (policy.choose)."""
         live = self._live_work(exclude=job)
-        return choose(job.work(), job.choices, live, now, self.pace.value, self.headroom.share, self.config.max_active)
+        return choose(job.work(), job.choices, live, now, self.pace.value, self.config.max_active)
 
     # -- jobs -------------------------------------------------------------------------------------
 
@@ -396,8 +394,6 @@ class ImageService:
         self, job: Job, state: str, body: bytes | None, error: str | None, status: int, where: str | None = None
     ) -> None:
         self.store.end(job, state, body, error, status, where)
-        if job.deadline is not None and job.state in (DONE, EXPIRED):  # DONE with a deadline: in time
-            self.headroom.update(lost=job.state == EXPIRED)
         if job.state == DONE:
             self.metrics.finished(job.request.num, job.finished - job.created)
         else:
