@@ -23,7 +23,6 @@ server served.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from lego_export.atomic import atomic_write  # noqa: E402
 from lego_export.edm import evaluations  # noqa: E402
 from lego_export.errors import LegoError  # noqa: E402
 from lego_export.fid import FeatureStats, frechet_distance  # noqa: E402
+from lego_export.jsonio import loads_strict  # noqa: E402
 from lego_export.ladder import Ladder, serving_ladder  # noqa: E402
 from lego_export.manifest import Recommended  # noqa: E402
 from lego_export.options import SamplingOptions, resolve  # noqa: E402
@@ -55,7 +55,7 @@ def parse_settings(ctx, param, values: tuple[str, ...]) -> list[SamplingOptions]
     out = []
     for text in values:
         try:
-            given = json.loads(text)
+            given = loads_strict(text)  # refuses NaN and Infinity
             if not isinstance(given, dict):
                 raise ValueError("not a JSON object")
             out.append(resolve(given)[0])
@@ -101,8 +101,8 @@ def measured_by_tuner(ladder: Ladder, recommended: Recommended | None, rung: int
 @click.option("--reference", default=str(CLASSIFIER / "fmnist-test.ref.npz"), show_default=True)
 @click.option(
     "--setting", "settings", multiple=True, callback=parse_settings, metavar="JSON",
-    help='A setting to measure besides the ladder: sampling option fields over their defaults, as a request '
-    'gives them (\'{"steps": 12}\': Heun 12). Repeatable.',
+    help='A setting to measure besides the ladder: SamplingOptions fields over their defaults (guidance, not '
+    'the API\'s cfg; \'{"steps": 12}\': Heun 12). Repeatable.',
 )  # fmt: skip
 @click.option("--out", default=None, help="Writes OUT.json, OUT.md and OUT.features.npz [default: print only].")
 @click.option("--quick", is_flag=True, help=f"A smoke run: {QUICK_NUM} images a row unless --num is given.")

@@ -204,6 +204,20 @@ def test_serve_load_refuses_rates_it_cannot_offer_in_one_line(args):
     assert result.exit_code == 2 and f"Invalid value for '{args[0].split('=')[0]}'" in result.output, result.output
 
 
+@pytest.mark.parametrize(
+    "setting, named",
+    [('{"t_break": NaN}', "NaN"), ('{"steps": Infinity}', "Infinity"), ("[1]", "not a JSON object"),
+     ('{"cfg": 2}', "cfg is not a sampling option"), ("{", "JSONDecodeError")],
+)  # fmt: skip
+def test_ladder_benchmark_refuses_a_bad_setting_in_one_line_before_loading_anything(setting, named):
+    from click.testing import CliRunner
+    from ladder import main
+
+    result = CliRunner().invoke(main, ["--engines", "/nonexistent", "--setting", setting])
+    assert result.exit_code == 2 and "--setting" in result.output and named in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_serve_benchmark_refuses_lego_serve_options_lego_serve_would_refuse():
     """Checked by lego-serve's own make_config before any server starts, not as a server that
     does not come up."""
